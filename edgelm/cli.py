@@ -1,0 +1,178 @@
+"""`edgelm` command line: a thin layer over the Python API. Imports nothing heavy until a command runs."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import re
+import sys
+from typing import Any, Callable, Sequence
+
+from edgelm import __version__
+from edgelm.errors import EdgelmError
+
+log = logging.getLogger("edgelm")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage goes to --help)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """The comment after each dataclass field is its help text."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def add_dataclass_args(p: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """One flag per field of ``cls``: --name-with-dashes, typed from the annotation."""
+    helps = _field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        ann = str(f.type)
+        default = f.default
+        h = helps.get(f.name, "")
+        if ann == "bool":
+            if default:
+                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=h)
+            else:
+                p.add_argument(flag, action="store_true", help=h)
+        elif ann.startswith("tuple"):
+            p.add_argument(flag, nargs="+", default=list(default), metavar="X", help=h)
+        else:
+            typ: Callable[[str], Any] = int if ann.startswith("int") else float if ann.startswith("float") else str
+            p.add_argument(flag, type=typ, default=default, help=f"{h} (default: {default})")
+
+
+def _from_args(cls: type, args: argparse.Namespace) -> Any:
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    for f in dataclasses.fields(cls):
+        if str(f.type).startswith("tuple") and f.name in kw:
+            kw[f.name] = tuple(kw[f.name])
+    return cls(**kw)
+
+
+# --- commands ---------------------------------------------------------------------------------------------------
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from edgelm.api import distill
+    from edgelm.distill.config import DistillConfig
+
+    res = distill(_from_args(DistillConfig, args))
+    print(f"student: {res.student_dir}")
+    print(f"val perplexity: student {res.val_student.ppl:.3f}, teacher {res.val_teacher.ppl:.3f} "
+          f"({res.tokens_seen:,} tokens, {res.steps} steps)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from edgelm.api import evaluate
+
+    res = evaluate(args.model, data=tuple(args.data), text_field=args.text_field, split=args.split,
+                   seq_len=args.seq_len, max_seqs=args.max_seqs, batch_size=args.batch_size, threads=args.threads)
+    if args.json:
+        print(json.dumps(res.as_dict(), indent=2))
+    else:
+        s = res.score
+        print(f"{res.model}: {res.split} perplexity {s.ppl:.4f}, top-1 accuracy {s.top1:.4f} "
+              f"({s.tokens:,} predicted tokens, {res.seqs} x {res.seq_len})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edgelm.demo import DemoConfig, run_demo
+
+    res = run_demo(_from_args(DemoConfig, args))
+    print(f"student: {res['student']}")
+    print(f"report:  {res['report']}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from edgelm.registry import KD_LOSSES, STUDENT_ZOO, TEACHERS
+
+    what = args.what
+    if what in ("teachers", "all"):
+        print("teachers (built-in):")
+        for name, t in TEACHERS.items():
+            print(f"  {name:24s} {t.description}; {t.license}; {t.pip}")
+    if what in ("students", "all"):
+        print("students (zoo; or prune the teacher with --layers / --intermediate-size):")
+        for name, s in STUDENT_ZOO.items():
+            print(f"  {name:24s} {s.description}")
+    if what in ("losses", "all"):
+        print("KD losses:")
+        for name, fn in KD_LOSSES.items():
+            doc = (fn.__doc__ or "").strip().splitlines()[0]
+            print(f"  {name:24s} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edgelm.distill.config import DistillConfig
+
+    p = _Parser(prog="edgelm", description="Distill, quantize, export and run small LMs on edge devices.")
+    p.add_argument("--version", action="version", version=f"edgelm {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    d = sub.add_parser("distill", help="train a student from a teacher with logit KD")
+    add_dataclass_args(d, DistillConfig)
+    d.set_defaults(func=cmd_distill)
+
+    e = sub.add_parser("eval", help="perplexity and top-1 accuracy of a model on a corpus split")
+    e.add_argument("model", help="HF folder, .gguf, built-in name or hub id")
+    e.add_argument("--data", nargs="+", default=[], help="files, folders, globs, .jsonl (default: the stdlib source)")
+    e.add_argument("--text-field", default="text", help="text field of .jsonl records")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"], help="corpus split (default: test)")
+    e.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    e.add_argument("--max-seqs", type=int, default=64, help="sequences to score (default: 64)")
+    e.add_argument("--batch-size", type=int, default=4, help="sequences per forward (default: 4)")
+    e.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=cmd_eval)
+
+    from edgelm.demo import DemoConfig
+
+    m = sub.add_parser("demo", help="the whole pipeline on the embedded teacher, with a report")
+    add_dataclass_args(m, DemoConfig)
+    m.set_defaults(func=cmd_demo)
+
+    ls = sub.add_parser("list", help="list built-in teachers, student shapes and KD losses")
+    ls.add_argument("what", nargs="?", default="all", choices=["all", "teachers", "students", "losses"])
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        return args.func(args)
+    except EdgelmError as e:
+        print(f"edgelm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("edgelm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1

@@ -1,0 +1,1 @@
+"""Logit knowledge distillation: losses (registry) and the trainer."""

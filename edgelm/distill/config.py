@@ -1,0 +1,109 @@
+"""DistillConfig: every `edgelm distill` flag is a field here (the CLI is generated from it)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from edgelm.errors import EdgelmError
+
+# Fields that may change between a run and its --resume without changing the weights it produces.
+RESUME_FREE = {"resume", "force", "progress", "threads", "ckpt_every", "keep_ckpts", "out"}
+
+
+@dataclass
+class DistillConfig:
+    # --- models ---
+    teacher: str = "smollm2-135m-instruct"  # HF folder, .gguf file, built-in name or hub id
+    student: str | None = None  # existing HF folder to keep distilling (must share the teacher's tokenizer)
+    zoo: str | None = None  # named student shape (random init) instead of pruning; see `edgelm list students`
+    layers: int | None = None  # pruned student: decoder blocks to keep (by block importance)
+    intermediate_size: int | None = None  # pruned student: MLP width (multiple of 32; 256 suits K-quants)
+    init: str = "prune"  # "prune" keeps the teacher's weights; "random" uses the pruned shape with fresh weights
+    calib_seqs: int = 8  # train-split sequences used to score layers and neurons
+    # --- data ---
+    data: tuple[str, ...] = ()  # files, folders, globs, .jsonl; empty = the stdlib's source
+    text_field: str = "text"  # field of .jsonl records that holds the text
+    seq_len: int = 256  # tokens per packed sequence
+    # --- loss ---
+    loss: str = "forward_kl"  # KD loss name; see `edgelm list losses`
+    alpha: float = 1.0  # weight of KD; (1 - alpha) goes to cross-entropy on the data
+    temperature: float = 1.0  # softens both distributions before the KD loss
+    beta: float = 0.5  # JSD interpolation (loss "jsd" only)
+    # --- optimization ---
+    batch_size: int = 4  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int | None = None  # optimizer steps; or set max_tokens
+    max_tokens: int | None = None  # token budget, turned into steps
+    lr: float = 5e-4  # peak AdamW learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    warmup_steps: int = 10  # linear warmup steps
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    seed: int = 0  # init, data order and everything random
+    compile: bool = False  # torch.compile the student
+    fsdp: bool = False  # under torchrun: FSDP instead of DDP
+    device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda"
+    threads: int | None = None  # CPU threads for torch (default: torch's)
+    # --- evaluation, checkpoints, output ---
+    eval_every: int = 50  # steps between val evaluations (0 = only at start and end)
+    eval_seqs: int = 16  # val sequences scored
+    ckpt_every: int = 50  # steps between checkpoints (0 = only on Ctrl-C)
+    keep_ckpts: int = 2  # checkpoints kept on disk
+    out: str = "runs/distill"  # run folder: checkpoints/, metrics.jsonl, student/
+    resume: bool = False  # continue from the latest checkpoint in `out`
+    force: bool = False  # overwrite an existing run in `out`
+    progress: bool = True  # progress bar on stderr
+
+    def validate(self) -> None:
+        def need(ok: bool, flag: str, what: str, got: Any) -> None:
+            if not ok:
+                raise EdgelmError(f"--{flag.replace('_', '-')} must be {what}, got {got!r}")
+
+        need(0.0 <= self.alpha <= 1.0, "alpha", "between 0 and 1", self.alpha)
+        need(self.temperature > 0, "temperature", "positive", self.temperature)
+        need(0.0 < self.beta < 1.0, "beta", "strictly between 0 and 1", self.beta)
+        need(self.seq_len >= 8, "seq_len", "at least 8", self.seq_len)
+        need(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
+        need(self.grad_accum >= 1, "grad_accum", "at least 1", self.grad_accum)
+        need(self.lr > 0, "lr", "positive", self.lr)
+        need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "between 0 and 1", self.min_lr_ratio)
+        need(self.warmup_steps >= 0, "warmup_steps", "0 or more", self.warmup_steps)
+        need(self.weight_decay >= 0, "weight_decay", "0 or more", self.weight_decay)
+        need(self.grad_clip >= 0, "grad_clip", "0 or more", self.grad_clip)
+        need(self.eval_every >= 0, "eval_every", "0 or more", self.eval_every)
+        need(self.eval_seqs >= 1, "eval_seqs", "at least 1", self.eval_seqs)
+        need(self.ckpt_every >= 0, "ckpt_every", "0 or more", self.ckpt_every)
+        need(self.keep_ckpts >= 1, "keep_ckpts", "at least 1", self.keep_ckpts)
+        need(self.calib_seqs >= 1, "calib_seqs", "at least 1", self.calib_seqs)
+        need(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", self.device)
+        need(self.threads is None or self.threads >= 1, "threads", "at least 1", self.threads)
+        if self.max_steps is None and self.max_tokens is None:
+            raise EdgelmError("set a budget: --max-steps N or --max-tokens N")
+        need(self.max_steps is None or self.max_steps >= 1, "max_steps", "at least 1", self.max_steps)
+        need(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "at least 1", self.max_tokens)
+        if self.student and (self.zoo or self.layers or self.intermediate_size):
+            raise EdgelmError("--student continues an existing model; drop --zoo/--layers/--intermediate-size")
+        from edgelm.registry import KD_LOSSES
+
+        KD_LOSSES.get(self.loss)  # unknown name -> error listing the known ones
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["data"] = list(self.data)
+        return d
+
+    def diff(self, other: dict[str, Any]) -> list[str]:
+        """Fields that differ from a saved config (ignoring RESUME_FREE), as 'name: saved -> now'."""
+        mine = self.as_dict()
+        return [
+            f"{k}: {other.get(k)!r} -> {mine[k]!r}"
+            for k in sorted(set(mine) | set(other))
+            if k not in RESUME_FREE and mine.get(k) != other.get(k)
+        ]
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(DistillConfig))
+
+

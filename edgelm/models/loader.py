@@ -1,0 +1,142 @@
+"""Load a causal LM and its tokenizer from any of: an HF folder, a GGUF file, a built-in name, or a hub id.
+
+GGUF models are dequantized by transformers (slow), so the result is cached as a plain HF folder.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgelm.errors import EdgelmError
+from edgelm.fsutil import atomic_dir, cache_dir, sha256_file
+from edgelm.registry import TEACHERS
+
+log = logging.getLogger(__name__)
+
+# Architectures whose block layout prune.py and the exporters understand (HF model_type values).
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class ModelSource:
+    spec: str  # what the user passed
+    kind: str  # "folder" | "gguf" | "builtin" | "hub"
+    path: str  # folder to load from (after GGUF caching), or the hub id
+    sha256: str | None = None  # of the GGUF file, or of the safetensors in a folder
+    info: dict[str, Any] = field(default_factory=dict)  # license etc. for built-ins
+
+
+def _builtin_gguf(name: str) -> Path:
+    entry = TEACHERS.get(name)
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise EdgelmError(f"built-in model {name!r} needs the package {entry.package}; install it with: {entry.pip}")
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
+    if not path.is_file():
+        raise EdgelmError(f"{entry.package} is installed but has no {entry.filename}; reinstall it with: {entry.pip}")
+    return path
+
+
+def _gguf_to_folder(gguf: Path) -> tuple[Path, str]:
+    """Dequantize a GGUF once into the cache as an HF folder; return (folder, sha256 of the GGUF)."""
+    digest = sha256_file(gguf)
+    folder = cache_dir() / "gguf" / f"{gguf.stem}-{digest[:16]}"
+    if (folder / "config.json").is_file():
+        return folder, digest
+    log.info("dequantizing %s into %s (once)", gguf.name, folder)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:
+        raise EdgelmError(f"could not read GGUF {gguf}: {_one_line(e)}; the file may be truncated or corrupt") from None
+    # save_pretrained refuses a GGUF-loaded model, so copy the weights into a fresh one built from the config.
+    cfg_dict = model.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**cfg_dict)
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    with atomic_dir(folder, overwrite=True) as tmp:
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return folder, digest
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def resolve(spec: str | os.PathLike) -> ModelSource:
+    """Work out what ``spec`` names and make it loadable from a folder (or the hub)."""
+    s = str(spec)
+    p = Path(s).expanduser()
+    if s in TEACHERS:
+        gguf = _builtin_gguf(s)
+        folder, digest = _gguf_to_folder(gguf)
+        entry = TEACHERS.get(s)
+        return ModelSource(s, "builtin", str(folder), digest, {"gguf": str(gguf), "license": entry.license})
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise EdgelmError(f"{p} is a file but not a .gguf; pass a model folder, a .gguf file, or a built-in name")
+        folder, digest = _gguf_to_folder(p)
+        return ModelSource(s, "gguf", str(folder), digest, {"gguf": str(p.resolve())})
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise EdgelmError(f"{p} has no config.json; it is not a Hugging Face model folder")
+        weights = sorted(p.glob("*.safetensors"))
+        digest = sha256_file(weights[0]) if len(weights) == 1 else None
+        return ModelSource(s, "folder", str(p), digest)
+    looks_like_hub = s.count("/") == 1 and not s.startswith((".", "/", "~")) and " " not in s
+    if looks_like_hub:
+        return ModelSource(s, "hub", s)
+    raise EdgelmError(
+        f"model {s!r} not found: not a folder, a .gguf file, a hub id (org/name), or a built-in name "
+        f"({', '.join(TEACHERS.names())})"
+    )
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.path)
+    except Exception as e:
+        raise EdgelmError(f"could not load the tokenizer of {source.spec}: {_one_line(e)}") from None
+
+
+def load_model(spec: str | os.PathLike, *, dtype: str = "float32"):
+    """Return (model, tokenizer, source). The model is in eval mode on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = resolve(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=getattr(torch, dtype))
+    except OSError as e:
+        if source.kind == "hub":
+            raise EdgelmError(f"could not fetch {source.spec!r} from the hub ({_one_line(e)}); check the id and your network") from None
+        raise EdgelmError(f"could not load {source.spec}: {_one_line(e)}; the checkpoint may be corrupt") from None
+    except Exception as e:
+        raise EdgelmError(f"could not load {source.spec}: {_one_line(e)}; the checkpoint may be corrupt") from None
+    arch = model.config.model_type
+    if arch not in SUPPORTED_ARCHS:
+        raise EdgelmError(f"{source.spec} is a {arch!r} model; supported architectures: {', '.join(SUPPORTED_ARCHS)}")
+    model.eval()
+    return model, load_tokenizer(source), source
+
+
+def check_same_tokenizer(teacher_tok, student_tok, student_name: str) -> None:
+    """Logit KD needs the same vocabulary in the same order."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv != sv:
+        diff = len(set(tv.items()) ^ set(sv.items()))
+        raise EdgelmError(
+            f"tokenizer mismatch: {student_name} has {len(sv)} tokens, the teacher {len(tv)} "
+            f"({diff} entries differ); logit KD needs the teacher's tokenizer, so build the student from the teacher"
+        )

@@ -1,0 +1,127 @@
+"""Markdown reports with tables and plots, shared by `edgelm demo` and the benchmarks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from edgelm.fsutil import atomic_write_text
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(series: dict[str, list[dict[str, Any]]], key: str, path: Path, *, ylabel: str,
+                hline: tuple[str, float] | None = None, logy: bool = False, event: str = "eval") -> Path:
+    """One line per run: ``key`` against tokens seen, from metrics.jsonl records."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for name, recs in series.items():
+        pts = [(r["tokens"], r[key]) for r in recs if r.get("event") == event and key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if event == "eval" else None, markersize=3, label=name)
+    if hline:
+        ax.axhline(hline[1], color="gray", linestyle="--", label=hline[0])
+    ax.set_xlabel("training tokens seen")
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_importance(scores: list[float], kept: list[int], path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3))
+    colors = ["tab:blue" if i in kept else "tab:gray" for i in range(len(scores))]
+    ax.bar(range(len(scores)), scores, color=colors)
+    ax.set_xlabel("teacher layer (blue = kept)")
+    ax.set_ylabel("block influence (1 - cos)")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_distill_report(run: Path, res, test: dict[str, Any], *, wall_s: float) -> Path:
+    """report.md for a distillation run (used by `edgelm demo`)."""
+    run = Path(run)
+    m = res.manifest
+    recs = read_metrics(res.metrics_path)
+    stu = m["student"]
+    plots = {
+        "val_ppl.png": plot_curves({"student": recs}, "val_ppl", run / "val_ppl.png", ylabel="val perplexity",
+                                   hline=("teacher", res.val_teacher.ppl), logy=True),
+        "train_loss.png": plot_curves({"student": recs}, "loss", run / "train_loss.png", ylabel="training loss (KD)",
+                                      event="train"),
+    }
+    if "layer_importance" in stu:
+        plots["layers.png"] = plot_layer_importance(stu["layer_importance"], stu["kept_layers"], run / "layers.png")
+    splits = m["data"]["splits"]
+    t, s = test["teacher"].score, test["student"].score
+    cfg = m["training"]["config"]
+    train_recs = [r for r in recs if r.get("event") == "train"]
+    mean_tps = sum(r["tok_s"] for r in train_recs) / max(1, len(train_recs))
+    text = f"""# edgelm demo report
+
+Teacher `{m['source']['teacher']}` ({m['source'].get('license', 'license: see source')}) distilled into a pruned
+student on `{m['data']['corpus']}`. Total wall time {wall_s / 60:.1f} min.
+
+## Models on the test split ({test['student'].seqs} x {test['student'].seq_len} tokens)
+
+{md_table(["model", "params", "layers", "MLP width", "test ppl", "test top-1", "val ppl"], [
+        ["teacher", stu["teacher_params"], len(stu.get("layer_importance", [])) or "-", "-", t.ppl, t.top1,
+         res.val_teacher.ppl],
+        ["student", stu["params"], stu["layers"], stu["intermediate_size"], s.ppl, s.top1, res.val_student.ppl],
+    ])}
+## Training
+
+{md_table(["loss", "alpha", "T", "steps", "tokens seen", "seq len", "batch", "peak lr", "mean tok/s"], [[
+        cfg["loss"], cfg["alpha"], cfg["temperature"], res.steps, res.tokens_seen, cfg["seq_len"], cfg["batch_size"],
+        cfg["lr"], mean_tps]])}
+![val perplexity](val_ppl.png)
+
+![training loss](train_loss.png)
+
+## Student construction
+
+Layers kept (by block influence, highest kept): `{stu.get('kept_layers')}`; init: {stu['init']}.
+
+{'![layer importance](layers.png)' if 'layers.png' in plots else ''}
+
+## Corpus splits (deterministic by file)
+
+{md_table(["split", "documents", "bytes", "tokens"], [[k, v["docs"], v["bytes"], v["tokens"]] for k, v in splits.items()])}
+Student folder: `{res.student_dir}` (manifest `edgelm.json`). Metrics: `{res.metrics_path}`.
+"""
+    out = run / "report.md"
+    atomic_write_text(out, text)
+    return out
