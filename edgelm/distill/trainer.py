@@ -306,9 +306,9 @@ def distill(cfg: DistillConfig) -> DistillResult:
                         kd = torch.zeros((), device=device)
                     loss = cfg.alpha * kd + (1 - cfg.alpha) * ce
                     (loss / cfg.grad_accum).backward()
-                loss_sum += float(loss) / cfg.grad_accum
-                kd_sum += float(kd) / cfg.grad_accum
-                ce_sum += float(ce) / cfg.grad_accum
+                loss_sum += float(loss.detach()) / cfg.grad_accum
+                kd_sum += float(kd.detach()) / cfg.grad_accum
+                ce_sum += float(ce.detach()) / cfg.grad_accum
             loss_all = dist.all_sum(loss_sum) / dist.world
             grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or float("inf")))
             if not (math.isfinite(loss_all) and math.isfinite(grad_norm)):

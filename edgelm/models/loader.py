@@ -47,7 +47,7 @@ def _gguf_to_folder(gguf: Path) -> tuple[Path, str]:
     folder = cache_dir() / "gguf" / f"{gguf.stem}-{digest[:16]}"
     if (folder / "config.json").is_file():
         return folder, digest
-    log.info("dequantizing %s into %s (once)", gguf.name, folder)
+    log.info("dequantizing %s into %s (once, about a minute)", gguf.name, folder)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -115,6 +115,9 @@ def load_model(spec: str | os.PathLike, *, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # edgelm shows its own progress
     source = resolve(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=getattr(torch, dtype))

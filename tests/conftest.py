@@ -1,0 +1,90 @@
+"""Shared fixtures: a tiny tokenizer, tiny Llama teacher and tiny corpus, all built locally in seconds."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small, readable stdlib modules for the tiny corpus: enough files for every split.
+STDLIB_FILES = 160
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m edgelm ARGS` and capture its output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "edgelm", *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    from edgelm.data.corpus import stdlib_root
+
+    out = tmp_path_factory.mktemp("corpus")
+    files = sorted(p for p in stdlib_root().glob("*.py") if 2_000 < p.stat().st_size < 40_000)[:STDLIB_FILES]
+    for p in files:
+        shutil.copy(p, out / p.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory, tiny_corpus) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(p) for p in sorted(tiny_corpus.glob("*.py"))], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|im_start|>",
+                                   pad_token="<|endoftext|>")
+    out = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(out)
+    return out
+
+
+def make_tiny_llama(out: Path, tokenizer_dir: Path, *, layers: int = 4, hidden: int = 64, inter: int = 256,
+                    seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, tiny_tokenizer_dir, tiny_corpus) -> Path:
+    """A tiny Llama trained briefly (CE) on the tiny corpus, so it is better than chance and worth distilling."""
+    from edgelm.api import distill
+
+    base = make_tiny_llama(tmp_path_factory.mktemp("tiny-init"), tiny_tokenizer_dir)
+    run = tmp_path_factory.mktemp("tiny-teacher-run")
+    res = distill(teacher=str(base), student=str(base), alpha=0.0, data=(str(tiny_corpus),), seq_len=64,
+                  batch_size=8, max_steps=150, lr=3e-3, warmup_steps=10, eval_every=0, ckpt_every=0,
+                  out=str(run), force=True, progress=False, eval_seqs=8)
+    return res.student_dir

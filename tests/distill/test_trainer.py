@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edgelm.api import distill
+from edgelm.errors import EdgelmError, TrainingDiverged
+from edgelm.manifest import read_manifest
+from tests.conftest import run_cli
+
+
+def _args(teacher, corpus, out, **kw) -> dict:
+    base = dict(teacher=str(teacher), data=(str(corpus),), layers=2, intermediate_size=128, seq_len=64, batch_size=4,
+                max_steps=12, lr=2e-3, warmup_steps=2, eval_every=4, ckpt_every=4, eval_seqs=8, out=str(out),
+                progress=False, threads=1)
+    base.update(kw)
+    return base
+
+
+def _cli_args(d: dict) -> list[str]:
+    out = []
+    for k, v in d.items():
+        flag = "--" + k.replace("_", "-")
+        if k == "progress":
+            out += [] if v else ["--no-progress"]
+        elif isinstance(v, bool):
+            out += [flag] if v else []
+        elif isinstance(v, tuple):
+            out += [flag, *v]
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def test_distill_improves_the_student_and_writes_a_manifest(tiny_teacher, tiny_corpus, tmp_path):
+    res = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "run"))
+    recs = [json.loads(ln) for ln in res.metrics_path.read_text().splitlines()]
+    evals = [r for r in recs if r["event"] == "eval"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 12
+    assert evals[-1]["val_ppl"] < evals[0]["val_ppl"], "KD should improve the pruned student"
+    assert res.val_student.ppl == pytest.approx(evals[-1]["val_ppl"])
+    m = read_manifest(res.student_dir)
+    assert m["kind"] == "student"
+    assert m["training"]["steps"] == 12 and m["training"]["tokens_seen"] == 12 * 4 * 64
+    assert m["val"]["teacher"]["ppl"] == pytest.approx(res.val_teacher.ppl)
+    assert m["student"]["layers"] == 2 and len(m["student"]["kept_layers"]) == 2
+    assert set(m["data"]["splits"]) == {"train", "val", "test"}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(m["files"])
+    assert not list(res.run_dir.glob(".*tmp*")), "no temp folders left behind"
+
+
+def test_kill_and_resume_gives_the_same_weights(tiny_teacher, tiny_corpus, tmp_path):
+    """A run SIGKILLed after its first checkpoint, then resumed, ends bit-identical to an uninterrupted run."""
+    full = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "full"))
+    args = _cli_args(_args(tiny_teacher, tiny_corpus, tmp_path / "killed"))
+    proc = subprocess.Popen([sys.executable, "-m", "edgelm", "distill", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoints" / "step-0000004"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "student").exists()
+    r = run_cli("distill", *args, "--resume")
+    assert r.returncode == 0, r.stderr
+    a = load_file(full.student_dir / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "student" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(ln)["event"] == "train"]
+    assert steps == list(range(1, 13)), "metrics keep one record per step after resume"
+
+
+def test_resume_with_a_different_config_is_refused(tiny_teacher, tiny_corpus, tmp_path):
+    distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "r", max_steps=6))  # checkpoint at step 4
+    with pytest.raises(EdgelmError, match=r"different config \(lr: 0.002 -> 0.001; seq_len: 64 -> 32\)"):
+        distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "r", max_steps=6, lr=1e-3, seq_len=32, resume=True))
+
+
+def test_existing_run_needs_resume_or_force(tiny_teacher, tiny_corpus, tmp_path):
+    distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "r", max_steps=4))
+    before = (tmp_path / "r" / "student" / "model.safetensors").read_bytes()
+    with pytest.raises(EdgelmError, match="already holds a run"):
+        distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "r", max_steps=4))
+    assert (tmp_path / "r" / "student" / "model.safetensors").read_bytes() == before
+    distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "r", max_steps=4, force=True, seed=1))
+    assert (tmp_path / "r" / "student" / "model.safetensors").read_bytes() != before
+
+
+def test_resume_without_checkpoint_is_refused(tiny_teacher, tiny_corpus, tmp_path):
+    with pytest.raises(EdgelmError, match="no checkpoint"):
+        distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "r", resume=True))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_teacher, tiny_corpus, tmp_path):
+    out = tmp_path / "r"
+    with pytest.raises(TrainingDiverged, match=r"the last good checkpoint is .*step-\d{7}") as e:
+        distill(**_args(tiny_teacher, tiny_corpus, out, max_steps=40, lr=1e6, warmup_steps=0, grad_clip=0,
+                        ckpt_every=1, eval_every=0, loss="reverse_kl"))
+    assert not (out / "student").exists()
+    ckpts = sorted((out / "checkpoints").iterdir())
+    bad_step = int(str(e.value).split(" at step ")[1].split(";")[0])
+    assert ckpts and ckpts[-1].name == f"step-{bad_step - 1:07d}", "the checkpoint just before the divergence is kept"
+    state = torch.load(ckpts[-1] / "state.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_nan_via_cli_is_one_line_with_exit_code(tiny_teacher, tiny_corpus, tmp_path):
+    args = _cli_args(_args(tiny_teacher, tiny_corpus, tmp_path / "r", max_steps=40, lr=1e6, warmup_steps=0,
+                           grad_clip=0, eval_every=0, loss="reverse_kl"))
+    r = run_cli("distill", *args)
+    assert r.returncode == 3
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("edgelm: error: loss became")
+
+
+def test_ctrl_c_writes_a_checkpoint(tiny_teacher, tiny_corpus, tmp_path):
+    args = _cli_args(_args(tiny_teacher, tiny_corpus, tmp_path / "r", max_steps=100000, ckpt_every=0, eval_every=0))
+    proc = subprocess.Popen([sys.executable, "-m", "edgelm", "distill", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and '"event": "train"' in metrics.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with --resume" in err.strip().splitlines()[-1]
+    assert list((tmp_path / "r" / "checkpoints").glob("step-*"))
+
+
+def test_cross_entropy_only_needs_no_teacher_forward(tiny_teacher, tiny_corpus, tmp_path):
+    res = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "ce", alpha=0.0, max_steps=4))
+    recs = [json.loads(ln) for ln in res.metrics_path.read_text().splitlines() if '"train"' in ln]
+    assert all(r["kd"] == 0.0 and r["loss"] == pytest.approx(r["ce"]) for r in recs)
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd"])
+def test_each_loss_trains(tiny_teacher, tiny_corpus, tmp_path, loss):
+    res = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / loss, loss=loss, max_steps=6, temperature=2.0,
+                          eval_every=0, ckpt_every=0))
+    first = json.loads(res.metrics_path.read_text().splitlines()[1])
+    assert first["event"] == "eval" and res.val_student.ppl < first["val_ppl"]
+
+
+def test_token_budget_and_grad_accum(tiny_teacher, tiny_corpus, tmp_path):
+    res = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "r", max_steps=None, max_tokens=2000, grad_accum=2,
+                          eval_every=0, ckpt_every=0))
+    assert res.steps == 4  # ceil(2000 / (4 * 2 * 64))
+    assert res.tokens_seen == 4 * 512
+
+
+def test_continue_from_a_student_folder_checks_tokenizer(tiny_teacher, tiny_corpus, tmp_path):
+    res = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "a", max_steps=2, eval_every=0, ckpt_every=0))
+    args = _args(tiny_teacher, tiny_corpus, tmp_path / "b", max_steps=2, eval_every=0, ckpt_every=0,
+                 student=str(res.student_dir))
+    del args["layers"], args["intermediate_size"]
+    res2 = distill(**args)
+    assert read_manifest(res2.student_dir)["student"]["init"] == "continued"
