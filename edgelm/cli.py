@@ -71,6 +71,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from edgelm.distill.config import DistillConfig
 
     res = distill(_from_args(DistillConfig, args))
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     print(f"student: {res.student_dir}")
     print(f"val perplexity: student {res.val_student.ppl:.3f}, teacher {res.val_teacher.ppl:.3f} "
           f"({res.tokens_seen:,} tokens, {res.steps} steps)")
@@ -163,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    quiet = args.quiet or os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 talks
+    level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:

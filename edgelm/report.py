@@ -125,3 +125,18 @@ Student folder: `{res.student_dir}` (manifest `edgelm.json`). Metrics: `{res.met
     out = run / "report.md"
     atomic_write_text(out, text)
     return out
+
+
+def update_section(path: str | Path, name: str, body: str) -> Path:
+    """Replace (or append) the block between <!-- BEGIN name --> and <!-- END name --> in a Markdown file."""
+    path = Path(path)
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# edgelm results\n\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    atomic_write_text(path, text)
+    return path

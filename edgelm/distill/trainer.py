@@ -179,7 +179,10 @@ def distill(cfg: DistillConfig) -> DistillResult:
 
         scfg = AutoConfig.for_model(**state["student_config"])
         student = AutoModelForCausalLM.from_config(scfg)
-        student.load_state_dict(state["model"])
+        missing, unexpected = student.load_state_dict(state["model"], strict=False)
+        if unexpected or set(missing) - ({"lm_head.weight"} if scfg.tie_word_embeddings else set()):
+            raise EdgelmError(f"checkpoint {ckpts[-1]} does not fit its student config (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}); start without --resume")
         build_info = state["build_info"]
     elif cfg.student:
         student, stok, _ = load_model(cfg.student)
@@ -389,6 +392,8 @@ def _full_state(student, opt, fsdp: bool) -> tuple[dict, dict | None]:
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(student, options=opts)
+    if getattr(student.config, "tie_word_embeddings", False):
+        model_sd.pop("lm_head.weight", None)  # gathered twice; it is the embedding
     return model_sd, (get_optimizer_state_dict(student, opt, options=opts) if opt is not None else None)
 
 
