@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--test-seqs", type=int, default=32)
+    p.add_argument("--test-seqs", type=int, default=64)
     p.add_argument("--out", default="runs/bench-distill")
     p.add_argument("--docs", default=str(ROOT / "docs"))
     a = p.parse_args()
@@ -78,7 +78,8 @@ def main() -> None:
 Command: `{cmd.strip()}` on {platform.machine()}, {platform.processor() or 'CPU'}, torch default threads,
 {(time.perf_counter() - t0) / 60:.0f} min in all. Teacher `{a.teacher}`; student {a.layers} layers, MLP width
 {a.intermediate_size}; {a.max_tokens:,} training tokens each, batch {a.batch_size} x {a.seq_len}, peak lr {a.lr};
-stdlib corpus, val = first {results[next(iter(RUNS))][0].manifest['val']['seqs']} val sequences, test = {a.test_seqs} test sequences.
+stdlib corpus; val = {results[next(iter(RUNS))][0].manifest['val']['seqs']} and test = {a.test_seqs} sequences of {a.seq_len} tokens,
+one window per file first (`eval_sequences`), from files no training sequence comes from.
 
 {md_table(["model", "tokens seen", "val ppl", "val top-1", "test ppl", "test top-1"], rows)}
 Val perplexity against tokens seen:

@@ -53,7 +53,7 @@ def evaluate(
             raise EdgelmError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
     import torch
 
-    from edgelm.data.corpus import Corpus, CorpusSpec, TokenStream
+    from edgelm.data.corpus import Corpus, CorpusSpec, eval_sequences
     from edgelm.manifest import read_manifest
     from edgelm.metrics import score_lm
     from edgelm.models.loader import load_model
@@ -64,7 +64,7 @@ def evaluate(
         read_manifest(model)  # refuses a folder whose files don't match its manifest
     lm, tok, _ = load_model(model)
     corpus = Corpus(CorpusSpec(tuple(data), text_field=text_field))
-    seqs = TokenStream(corpus, tok, split, seq_len).take(max_seqs)
+    seqs = eval_sequences(corpus, tok, split, seq_len, max_seqs)
     if len(seqs) == 0:
         raise EdgelmError(f"the {split} split has no full {seq_len}-token sequence; add data or lower --seq-len")
     return EvalResult(str(model), split, seq_len, len(seqs), score_lm(lm, seqs, batch_size=batch_size))

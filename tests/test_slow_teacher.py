@@ -22,9 +22,9 @@ def teacher():
 
 @pytest.fixture(scope="module")
 def test_seqs(teacher):
-    from edgelm.data.corpus import Corpus, TokenStream
+    from edgelm.data.corpus import Corpus, eval_sequences
 
-    return TokenStream(Corpus(), teacher[1], "test", 256).take(8)
+    return eval_sequences(Corpus(), teacher[1], "test", 256, 8)
 
 
 def test_builtin_teacher_is_the_real_pretrained_model(teacher, test_seqs):
@@ -83,4 +83,4 @@ def test_cli_eval_of_the_builtin_teacher():
     r = run_cli("eval", TEACHER, "--max-seqs", "2", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
-    assert out["split"] == "test" and out["seqs"] == 2 and 1 < out["ppl"] < 12
+    assert out["split"] == "test" and out["seqs"] == 2 and 1 < out["ppl"] < 20  # random: ~49k

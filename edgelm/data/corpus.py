@@ -271,3 +271,28 @@ def split_stats(corpus: Corpus, tokenizer, *, batch_docs: int = 64) -> dict[str,
             tokens += flush()
         out[split] = {"docs": docs, "bytes": nbytes, "tokens": tokens}
     return out
+
+
+def eval_sequences(corpus: Corpus, tokenizer, split: str, seq_len: int, n: int) -> np.ndarray:
+    """``n`` evaluation sequences [n, T] spread over documents: pass k takes window k of every document.
+
+    A packed prefix of a split would come from one or two files; this samples many. Splits whose documents
+    are all shorter than ``seq_len`` fall back to packed sequences.
+    """
+    windows: list[list[list[int]]] = []
+    out: list[list[int]] = []
+    for text in corpus.texts(split):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        w = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+        if w:
+            windows.append(w)
+            out.append(w[0])
+            if len(out) == n:
+                return np.asarray(out, dtype=np.int64)
+    k = 1
+    while len(out) < n and any(len(w) > k for w in windows):
+        out += [w[k] for w in windows if len(w) > k][: n - len(out)]
+        k += 1
+    if not out:
+        return TokenStream(corpus, tokenizer, split, seq_len).take(n)
+    return np.asarray(out, dtype=np.int64)

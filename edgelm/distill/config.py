@@ -47,7 +47,7 @@ class DistillConfig:
     threads: int | None = None  # CPU threads for torch (default: torch's)
     # --- evaluation, checkpoints, output ---
     eval_every: int = 50  # steps between val evaluations (0 = only at start and end)
-    eval_seqs: int = 16  # val sequences scored
+    eval_seqs: int = 32  # val sequences scored (spread over documents)
     ckpt_every: int = 50  # steps between checkpoints (0 = only on Ctrl-C)
     keep_ckpts: int = 2  # checkpoints kept on disk
     out: str = "runs/distill"  # run folder: checkpoints/, metrics.jsonl, student/

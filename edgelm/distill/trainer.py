@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgelm.data.corpus import Corpus, CorpusSpec, TokenStream, split_stats
+from edgelm.data.corpus import Corpus, CorpusSpec, TokenStream, eval_sequences, split_stats
 from edgelm.distill.config import DistillConfig
 from edgelm.errors import EdgelmError, Interrupted, TrainingDiverged
 from edgelm.fsutil import atomic_dir, atomic_write_text
@@ -160,7 +160,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
     if max_pos and cfg.seq_len > max_pos:
         raise EdgelmError(f"--seq-len must be at most the teacher's context {max_pos}, got {cfg.seq_len}")
 
-    val = TokenStream(corpus, tok, "val", cfg.seq_len).take(cfg.eval_seqs)  # [N, T]
+    val = eval_sequences(corpus, tok, "val", cfg.seq_len, cfg.eval_seqs)  # [N, T]
     if len(val) == 0:
         raise EdgelmError(f"the val split has less than one {cfg.seq_len}-token sequence; add data or lower --seq-len")
     counts = split_stats(corpus, tok) if dist.main and state is None else (state or {}).get("split_stats", {})

@@ -118,3 +118,19 @@ def test_split_stats_counts_tokens(tiny_corpus, tok):
     val_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in c.texts("val"))
     assert st["val"]["tokens"] == val_tokens
     assert st["train"]["docs"] == len(c.docs("train"))
+
+
+def test_eval_sequences_spread_over_documents(tmp_path, tok):
+    from edgelm.data.corpus import eval_sequences
+
+    docs = {f"m{i}.py": f"value_{i} = {i}\n" * (30 + 10 * i) for i in range(4)}
+    for name, text in docs.items():
+        (tmp_path / name).write_text(text)
+    c = Corpus(CorpusSpec((str(tmp_path),), val_frac=0.0, test_frac=0.0))
+    order = list(c.texts("train"))
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in order]
+    seqs = eval_sequences(c, tok, "train", 8, 6)
+    assert seqs.shape == (6, 8)
+    # pass 0: the first window of each document; pass 1 starts again with the first document
+    expected = [d[:8] for d in ids] + [ids[0][8:16], ids[1][8:16]]
+    assert seqs.tolist() == expected
