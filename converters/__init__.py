@@ -1,0 +1,1 @@
+"""Export targets (GGUF, ONNX, TVM), installed as edgelm.converters. Built in issue 3."""
