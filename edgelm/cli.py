@@ -113,7 +113,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if what in ("students", "all"):
         print("students (zoo; or prune the teacher with --layers / --intermediate-size):")
         for name, s in STUDENT_ZOO.items():
-            print(f"  {name:24s} {s.description}")
+            print(f"  {name:24s} {s.description}; {s.params(49152) / 1e6:.1f}M params with SmolLM2's 49,152 vocab")
     if what in ("losses", "all"):
         print("KD losses:")
         for name, fn in KD_LOSSES.items():

@@ -18,6 +18,13 @@ class StudentShape:
     num_key_value_heads: int  # KV heads (GQA)
     description: str  # one line for `edgelm list students`
 
+    def params(self, vocab: int) -> int:
+        """Parameter count with tied embeddings (Llama block: attention, gated MLP, two norms)."""
+        h, hd = self.hidden_size, self.hidden_size // self.num_attention_heads
+        attn = 2 * h * h + 2 * h * self.num_key_value_heads * hd
+        block = attn + 3 * h * self.intermediate_size + 2 * h
+        return vocab * h + self.num_hidden_layers * block + h
+
     def overrides(self) -> dict[str, int]:
         return {
             "num_hidden_layers": self.num_hidden_layers,
@@ -30,8 +37,8 @@ class StudentShape:
 
 
 for _name, _shape in {
-    "nano": StudentShape(4, 256, 768, 4, 2, "4 layers x 256 wide, ~14M params with a 49k vocab"),
-    "micro": StudentShape(8, 512, 1536, 8, 4, "8 layers x 512 wide, ~46M params with a 49k vocab"),
-    "small": StudentShape(12, 768, 2048, 12, 4, "12 layers x 768 wide, ~120M params with a 49k vocab"),
+    "nano": StudentShape(4, 256, 768, 4, 2, "4 layers x 256 wide, MLP 768"),
+    "micro": StudentShape(8, 512, 1536, 8, 4, "8 layers x 512 wide, MLP 1536"),
+    "small": StudentShape(12, 768, 2048, 12, 4, "12 layers x 768 wide, MLP 2048"),
 }.items():
     STUDENT_ZOO.register(_name, _shape)

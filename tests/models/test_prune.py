@@ -74,6 +74,9 @@ def test_build_student_variants(teacher_and_calib):
     assert not torch.equal(r.model.layers[0].mlp.up_proj.weight, s.model.layers[0].mlp.up_proj.weight)
     z, info_z = build_student(teacher, StudentSpec(zoo="nano"), calib)
     assert z.config.hidden_size == 256 and z.config.vocab_size == teacher.config.vocab_size
+    from edgelm.registry import STUDENT_ZOO
+
+    assert count_params(z) == STUDENT_ZOO.get("nano").params(teacher.config.vocab_size)
 
 
 @pytest.mark.parametrize("spec, msg", [
