@@ -26,7 +26,7 @@ from edgelm.distill.config import DistillConfig
 from edgelm.errors import EdgelmError, Interrupted, TrainingDiverged
 from edgelm.fsutil import atomic_dir, atomic_write_text
 from edgelm.manifest import write_manifest
-from edgelm.metrics import LMScore, score_lm, tokens_per_second, train_flops_per_token
+from edgelm.metrics import LMScore, mfu, score_lm, tokens_per_second, train_flops_per_token
 from edgelm.models.loader import check_same_tokenizer, load_model
 from edgelm.models.prune import StudentSpec, build_student, count_params
 from edgelm.registry import KD_LOSSES
@@ -333,7 +333,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
             rec = dict(event="train", step=step, tokens=step * tokens_per_step, loss=loss_all, kd=kd_sum, ce=ce_sum,
                        lr=sched.get_last_lr()[0], grad_norm=grad_norm, tok_s=tps)
             if device.type == "cuda":
-                rec["mfu"] = tps * train_flops_per_token(n_student, n_teacher if cfg.alpha > 0 else 0) / _peak_flops()
+                rec["mfu"] = mfu(tps, train_flops_per_token(n_student, n_teacher if cfg.alpha > 0 else 0), _peak_flops())
             metrics.write(**rec)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_all:.3f}", tok_s=f"{tps:,.0f}")
