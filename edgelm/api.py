@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgelm.metrics import LMScore
+
+if TYPE_CHECKING:  # keep `import edgelm` free of torch
+    from edgelm.distill.config import DistillConfig
+    from edgelm.distill.trainer import DistillResult
 
 
 def distill(config: "DistillConfig | None" = None, **kwargs: Any) -> "DistillResult":

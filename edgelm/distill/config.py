@@ -102,8 +102,3 @@ class DistillConfig:
             if k not in RESUME_FREE and mine.get(k) != other.get(k)
         ]
 
-
-def config_fields() -> list[dataclasses.Field]:
-    return list(dataclasses.fields(DistillConfig))
-
-

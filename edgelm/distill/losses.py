@@ -35,7 +35,7 @@ def reverse_kl(student: torch.Tensor, teacher: torch.Tensor, *, temperature: flo
 def jsd(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
     """Generalized JSD(beta) (GKD, Agarwal et al. 2024): beta*KL(T||M) + (1-beta)*KL(S||M), M = beta*T + (1-beta)*S.
 
-    beta -> 0 approaches forward KL, beta -> 1 reverse KL (up to scale).
+    Bounded, and symmetric at beta = 0.5; beta trades the mode-covering and mode-seeking behaviours.
     """
     t = temperature
     if not 0.0 < beta < 1.0:
