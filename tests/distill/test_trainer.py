@@ -170,3 +170,14 @@ def test_continue_from_a_student_folder_checks_tokenizer(tiny_teacher, tiny_corp
     del args["layers"], args["intermediate_size"]
     res2 = distill(**args)
     assert read_manifest(res2.student_dir)["student"]["init"] == "continued"
+
+
+def test_torch_compile_trains_and_saves_plain_names(tiny_teacher, tiny_corpus, tmp_path):
+    eager = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "eager", max_steps=3, eval_every=0, ckpt_every=0))
+    comp = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "compiled", max_steps=3, eval_every=0, ckpt_every=0,
+                           compile=True))
+    a = load_file(eager.student_dir / "model.safetensors")
+    b = load_file(comp.student_dir / "model.safetensors")
+    assert a.keys() == b.keys()  # no _orig_mod. prefixes
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
