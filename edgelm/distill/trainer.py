@@ -7,6 +7,7 @@ Run folder layout (``cfg.out``):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -294,7 +295,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
                 glob = np.stack([next(stream) for _ in range(cfg.batch_size * dist.world)])  # [B*W, T]
                 ids = torch.as_tensor(glob[dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size], device=device)
                 sync = micro == cfg.grad_accum - 1 or dist.world == 1 or cfg.fsdp
-                ctx = model.no_sync() if not sync and hasattr(model, "no_sync") else _null()
+                ctx = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
                 with ctx:
                     with autocast:
                         s_logits = model(input_ids=ids).logits[:, :-1]  # [B, T-1, V]
@@ -374,14 +375,6 @@ def distill(cfg: DistillConfig) -> DistillResult:
         log.info("student written to %s (val ppl %.3f, teacher %.3f)", student_dir, val_student.ppl, teacher_val.ppl)
     dist.barrier()
     return DistillResult(student_dir, run, step, step * tokens_per_step, val_student, teacher_val, manifest)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
 
 
 def _full_state(student, opt, fsdp: bool) -> tuple[dict, dict | None]:
