@@ -164,8 +164,9 @@ def distill(cfg: DistillConfig) -> DistillResult:
     val = eval_sequences(corpus, tok, "val", cfg.seq_len, cfg.eval_seqs)  # [N, T]
     if len(val) == 0:
         raise EdgelmError(f"the val split has less than one {cfg.seq_len}-token sequence; add data or lower --seq-len")
-    counts = split_stats(corpus, tok) if dist.main and state is None else (state or {}).get("split_stats", {})
+    counts = state["split_stats"] if state is not None else {}  # per-split docs/bytes/tokens, main process only
     if dist.main and state is None:
+        counts = split_stats(corpus, tok)
         skipped = corpus.read_stats["train"]
         log.info("corpus %s: %s", corpus.spec.describe(),
                  ", ".join(f"{s} {c['docs']} docs / {c['tokens']:,} tokens" for s, c in counts.items()))
