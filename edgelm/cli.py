@@ -26,11 +26,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _field_help(cls: type) -> dict[str, str]:
     """The comment after each dataclass field is its help text."""
-    out = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
-        if m:
-            out[m.group(1)] = m.group(2)
+    out: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # subclasses override
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+            if m:
+                out[m.group(1)] = m.group(2)
     return out
 
 
@@ -102,8 +103,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from edgelm.export.api import quantize
+    from edgelm.export.config import QuantizeConfig
+
+    res = quantize(_from_args(QuantizeConfig, args))
+    q = res.quality
+    print(f"quantized: {res.out} ({res.preset.name}, {res.preset.bits_per_weight:.2f} bits/weight, {res.seconds:.1f} s)")
+    if q:
+        print(f"val perplexity {q['ppl']:.4f} (fp32 {q['ppl_ref']:.4f}, +{q['dppl']:.4f}), KLD {q['kld']:.5f}, "
+              f"top-1 agreement {q['top1_agree']:.4f}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from edgelm.export.api import export
+    from edgelm.export.config import ExportConfig
+
+    res = export(_from_args(ExportConfig, args))
+    m = res.manifest
+    print(f"exported: {res.out} ({res.target}, {res.preset}, {m['total_bytes'] / 2**20:.1f} MiB)")
+    par = m.get("parity", {})
+    if par.get("skipped"):
+        print("check: skipped (--no-check)")
+    else:
+        line = (f"check: passed; val ppl {par['ppl']:.4f} (fp32 {par['ppl_ref']:.4f}), KLD {par['kld']:.5f}, "
+                f"top-1 agreement {par['top1_agree']:.4f}, max |dlogit| {par['max_abs_logit_diff']:.3g}")
+        if "greedy_identical" in par:
+            line += f", greedy identical {par['greedy_identical']}/{par['greedy_prompts']}"
+        print(line)
+    if m.get("fallback_tensors"):
+        print(f"warning: llama.cpp fell back on {len(m['fallback_tensors'])} tensors (listed in edgelm.json)")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    from edgelm.registry import KD_LOSSES, STUDENT_ZOO, TEACHERS
+    from edgelm.registry import KD_LOSSES, QUANTS, STUDENT_ZOO, TARGETS, TEACHERS
 
     what = args.what
     if what in ("teachers", "all"):
@@ -118,6 +153,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("KD losses:")
         for name, fn in KD_LOSSES.items():
             doc = (fn.__doc__ or "").strip().splitlines()[0]
+            print(f"  {name:24s} {doc}")
+    if what in ("quants", "all"):
+        print("quant presets (bits/weight; targets):")
+        for name, q in QUANTS.items():
+            print(f"  {name:24s} {q.bits_per_weight:5.2f}  {','.join(q.targets):10s} {q.summary}")
+    if what in ("targets", "all"):
+        print("export targets:")
+        for name, t in TARGETS.items():
+            doc = (type(t).__doc__ or "").strip().splitlines()[0]
             print(f"  {name:24s} {doc}")
     return 0
 
@@ -147,14 +191,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_eval)
 
+    from edgelm.export.config import ExportConfig, QuantizeConfig
+
+    q = sub.add_parser("quantize", help="quantize with a preset (RTN, GPTQ) into a GPTQ-format checkpoint")
+    q.add_argument("model", help="HF folder, .gguf, built-in name or hub id")
+    add_dataclass_args(q, QuantizeConfig, skip=("model",))
+    q.set_defaults(func=cmd_quantize)
+
+    x = sub.add_parser("export", help="export to GGUF or ONNX (quantizing first if the preset says so), checked against PyTorch")
+    x.add_argument("model", help="HF folder, .gguf, built-in name, hub id, or an `edgelm quantize` folder")
+    add_dataclass_args(x, ExportConfig, skip=("model",))
+    x.set_defaults(func=cmd_export)
+
     from edgelm.demo import DemoConfig
 
     m = sub.add_parser("demo", help="the whole pipeline on the embedded teacher, with a report")
     add_dataclass_args(m, DemoConfig)
     m.set_defaults(func=cmd_demo)
 
-    ls = sub.add_parser("list", help="list built-in teachers, student shapes and KD losses")
-    ls.add_argument("what", nargs="?", default="all", choices=["all", "teachers", "students", "losses"])
+    ls = sub.add_parser("list", help="list built-in teachers, student shapes, KD losses, quant presets and targets")
+    ls.add_argument("what", nargs="?", default="all", choices=["all", "teachers", "students", "losses", "quants", "targets"])
     ls.set_defaults(func=cmd_list)
     return p
 

@@ -69,3 +69,23 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgelm"
     )
     return Path(root)
+
+
+@contextlib.contextmanager
+def capture_fds(log_path: str | os.PathLike) -> Iterator[None]:
+    """Send this process's C-level stdout/stderr (e.g. llama.cpp's logging) to ``log_path`` for the block."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])

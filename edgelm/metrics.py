@@ -83,3 +83,41 @@ def train_flops_per_token(student_params: int, teacher_params: int = 0) -> float
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
     return tokens_per_s * flops_per_token / peak_flops
+
+
+@dataclass(frozen=True)
+class QualityDelta:
+    """A candidate model (quantized or exported) against its fp32 reference on the same sequences."""
+
+    ppl_ref: float  # perplexity of the reference
+    ppl: float  # perplexity of the candidate
+    kld: float  # mean KL(reference || candidate) per token, nats
+    top1_agree: float  # share of positions where both pick the same next token
+    max_abs_logit_diff: float  # largest |logit difference| seen
+    tokens: int  # positions scored
+
+    @property
+    def dppl(self) -> float:
+        return self.ppl - self.ppl_ref
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "dppl": self.dppl}
+
+
+def compare_logits(pairs) -> QualityDelta:
+    """Aggregate over ``pairs`` of (ids [T], ref_logits [T, V], cand_logits [T, V]) tensors."""
+    nll_r = nll_c = kld = agree = max_diff = 0.0
+    preds = positions = 0
+    for ids, ref, cand in pairs:
+        ids, ref, cand = ids[None], ref[None].float(), cand[None].float()  # [1, T], [1, T, V]
+        a, _, k = next_token_stats(ref, ids)
+        b, _, _ = next_token_stats(cand, ids)
+        nll_r, nll_c, preds = nll_r + a, nll_c + b, preds + k
+        t = ref.shape[1]
+        kld += kl_divergence(ref, cand) * t
+        agree += top1_agreement(ref, cand) * t
+        max_diff = max(max_diff, float((ref - cand).abs().max()))
+        positions += t
+    n = max(positions, 1)
+    return QualityDelta(ppl_ref=perplexity(nll_r, preds), ppl=perplexity(nll_c, preds), kld=kld / n,
+                        top1_agree=agree / n, max_abs_logit_diff=max_diff, tokens=positions)

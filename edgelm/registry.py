@@ -83,3 +83,5 @@ class Registry(Generic[T]):
 KD_LOSSES: Registry = Registry("KD loss", builtins="edgelm.distill.losses")
 STUDENT_ZOO: Registry = Registry("student config", builtins="edgelm.models.zoo")
 TEACHERS: Registry = Registry("built-in teacher", builtins="edgelm.models.builtin")
+QUANTS: Registry = Registry("quant preset", builtins="edgelm.quant.presets")
+TARGETS: Registry = Registry("export target", builtins="edgelm.export.targets")

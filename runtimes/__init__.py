@@ -1,1 +1,2 @@
-"""Runtime backends (PyTorch, ONNX Runtime, llama.cpp, TVM), installed as edgelm.runtimes. Built in issue 4."""
+"""Runtime backends, installed as edgelm.runtimes: llama.cpp (GGUF) and ONNX Runtime. Each exposes
+``logits(ids)`` and ``greedy(ids, n)``; the full runtime API (sampling, streaming, bench) is issue 4."""

@@ -62,14 +62,14 @@ def tiny_tokenizer_dir(tmp_path_factory, tiny_corpus) -> Path:
 
 
 def make_tiny_llama(out: Path, tokenizer_dir: Path, *, layers: int = 4, hidden: int = 64, inter: int = 256,
-                    seed: int = 0) -> Path:
+                    seed: int = 0, heads: int = 4, kv_heads: int = 2) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)
@@ -86,5 +86,19 @@ def tiny_teacher(tmp_path_factory, tiny_tokenizer_dir, tiny_corpus) -> Path:
     run = tmp_path_factory.mktemp("tiny-teacher-run")
     res = distill(teacher=str(base), student=str(base), alpha=0.0, data=(str(tiny_corpus),), seq_len=64,
                   batch_size=8, max_steps=150, lr=3e-3, warmup_steps=10, eval_every=0, ckpt_every=0,
+                  out=str(run), force=True, progress=False, eval_seqs=8)
+    return res.student_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_q_model(tmp_path_factory, tiny_tokenizer_dir, tiny_corpus) -> Path:
+    """A tiny Llama whose rows fit every block size (hidden 256: llama.cpp K-quants need multiples of 256),
+    trained briefly so that quantization error shows in perplexity."""
+    from edgelm.api import distill
+
+    base = make_tiny_llama(tmp_path_factory.mktemp("tinyq-init"), tiny_tokenizer_dir, layers=2, hidden=256, inter=512)
+    run = tmp_path_factory.mktemp("tinyq-run")
+    res = distill(teacher=str(base), student=str(base), alpha=0.0, data=(str(tiny_corpus),), seq_len=64,
+                  batch_size=8, max_steps=120, lr=2e-3, warmup_steps=10, eval_every=0, ckpt_every=0,
                   out=str(run), force=True, progress=False, eval_seqs=8)
     return res.student_dir

@@ -5,6 +5,7 @@ GGUF models are dequantized by transformers (slow), so the result is cached as a
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -110,6 +111,15 @@ def load_tokenizer(source: ModelSource):
         raise EdgelmError(f"could not load the tokenizer of {source.spec}: {_one_line(e)}") from None
 
 
+def _is_gptq_folder(folder: Path) -> bool:
+    """A GPTQ-format checkpoint: edgelm loads it dequantized to float, with no quantized kernels needed."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (cfg.get("quantization_config") or {}).get("quant_method") == "gptq"
+
+
 def load_model(spec: str | os.PathLike, *, dtype: str = "float32"):
     """Return (model, tokenizer, source). The model is in eval mode on the CPU."""
     import torch
@@ -119,6 +129,11 @@ def load_model(spec: str | os.PathLike, *, dtype: str = "float32"):
 
     hf_logging.disable_progress_bar()  # edgelm shows its own progress
     source = resolve(spec)
+    if source.kind == "folder" and _is_gptq_folder(Path(source.path)):
+        from edgelm.quant.qformat import load_quantized_model
+
+        model = load_quantized_model(source.path).to(getattr(torch, dtype))
+        return model, load_tokenizer(source), source
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=getattr(torch, dtype))
     except OSError as e:

@@ -1,0 +1,45 @@
+"""ONNX through onnxruntime-genai's model builder (GroupQueryAttention, KV cache, MatMulNBits).
+
+optimum-onnx pins transformers < 4.58, so it is not used. The builder reads GPTQ-format checkpoints and re-exports
+their codes and scales into MatMulNBits unchanged; ``-p`` then applies only to what the checkpoint left float.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgelm.errors import EdgelmError
+
+
+def build_onnx(src: Path, out: Path, precision: str, work: Path, extra: dict[str, Any] | None = None) -> None:
+    """Run the builder in a child process (it prints a lot and holds the model twice); raise with its last line."""
+    log_path = work / "onnx_builder.log"
+    args = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", precision,
+            "-e", "cpu", "-c", str(work / "builder-cache")]
+    if extra:
+        args += ["--extra_options", *(f"{k}={v}" for k, v in extra.items())]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w", encoding="utf-8") as logf:
+        rc = subprocess.run(args, stdout=logf, stderr=subprocess.STDOUT, env=env).returncode
+    if rc != 0 or not (out / "model.onnx").is_file():
+        lines = [ln for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        if any("No module named 'onnxruntime_genai'" in ln or "No module named 'onnx_ir'" in ln for ln in lines):
+            raise EdgelmError("onnxruntime-genai (with onnx_ir) is not installed; pip install 'edgelm[onnx]'")
+        raise EdgelmError(f"the ONNX builder failed (exit {rc}): {lines[-1][:300] if lines else 'no output'}")
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    """Operator histogram of an ONNX graph; a truncated or corrupt file is a clear error."""
+    import onnx
+
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise EdgelmError(f"{path} is not a readable ONNX model ({type(e).__name__}); it may be truncated") from None
+    out: dict[str, int] = {}
+    for n in m.graph.node:
+        out[n.op_type] = out.get(n.op_type, 0) + 1
+    return dict(sorted(out.items()))

@@ -1,0 +1,1 @@
+"""Export: GGUF (llama.cpp) and ONNX (ONNX Runtime) artifacts, each checked against PyTorch."""

@@ -1,0 +1,145 @@
+"""`edgelm export`: quantize if needed, convert, check against PyTorch, and write the artifact atomically."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edgelm.errors import EdgelmError
+from edgelm.export.config import ExportConfig, QuantizeConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path  # the artifact folder
+    target: str  # gguf | onnx | ...
+    preset: str  # preset name
+    manifest: dict[str, Any] = field(default_factory=dict)  # what edgelm.json holds
+
+
+def _config(cls, config, kwargs):
+    if config is None:
+        if isinstance(kwargs.get("data"), (str, os.PathLike)):
+            kwargs["data"] = (str(kwargs["data"]),)
+        for k in ("model", "out"):
+            if k in kwargs:
+                kwargs[k] = str(kwargs[k])
+        return cls(**kwargs)
+    if kwargs:
+        return replace(config, **kwargs)
+    return config
+
+
+def quantize(config: QuantizeConfig | None = None, **kwargs: Any):
+    """Quantize a model with a preset into a GPTQ-format folder. Keyword arguments are QuantizeConfig fields."""
+    from edgelm.quant.api import quantize as _quantize
+
+    c = _config(QuantizeConfig, config, kwargs)
+    if not c.model or not c.out:
+        raise EdgelmError("quantize needs a model and --out")
+    return _quantize(c.model, c.quant, c.out, data=c.data, text_field=c.text_field, calib_samples=c.calib_samples,
+                     calib_seqlen=c.calib_seqlen, seed=c.seed, eval_seqs=c.eval_seqs, eval_seqlen=c.eval_seqlen,
+                     force=c.force, act_order=c.act_order or None, sym=False if c.asym else None, damp=c.damp)
+
+
+def _existing_quantized(model: str) -> dict[str, Any] | None:
+    from edgelm.manifest import read_manifest
+
+    if not os.path.isdir(model):
+        return None
+    m = read_manifest(model)
+    return m if m and m.get("kind") == "quantized" else None
+
+
+def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
+    """Export a model to a target with a preset. Keyword arguments are :class:`ExportConfig` fields."""
+    from edgelm.export.check import check_artifact
+    from edgelm.fsutil import atomic_dir
+    from edgelm.manifest import read_manifest, write_manifest
+    from edgelm.models.loader import resolve
+    from edgelm.quant.api import quantize_to_folder, resolve_preset
+    from edgelm.registry import TARGETS
+
+    import tempfile
+
+    c = _config(ExportConfig, config, kwargs)
+    if not c.model or not c.out:
+        raise EdgelmError("export needs a model and --out")
+    target = TARGETS.get(c.target)
+    preset = resolve_preset(c.quant, act_order=c.act_order or None, sym=False if c.asym else None, damp=c.damp)
+    if c.target not in preset.targets:
+        ok = [n for n, p in _presets() if c.target in p.targets]
+        raise EdgelmError(f"preset {preset.name} cannot be exported to {c.target}; presets for {c.target}: {', '.join(ok)}")
+    if Path(c.out).exists() and not c.force:
+        raise EdgelmError(f"{c.out} already exists; remove it or pass --force")
+    t0 = time.perf_counter()
+    prior = _existing_quantized(c.model)
+    with tempfile.TemporaryDirectory(prefix="edgelm-export-") as work_s, atomic_dir(c.out, overwrite=c.force) as tmp:
+        work = Path(work_s)
+        ref_spec = c.model
+        source: dict[str, Any]
+        if prior is not None:  # an `edgelm quantize` folder: export its exact values
+            if prior["preset"]["name"] != preset.name:
+                raise EdgelmError(f"{c.model} was quantized with {prior['preset']['name']}; export it with --quant "
+                                  f"{prior['preset']['name']}, or export the fp32 model with --quant {preset.name}")
+            src = Path(c.model)
+            ref_spec = prior["source"]["spec"]
+            source = {**prior["source"], "quantized_folder": str(Path(c.model).resolve())}
+        else:
+            if os.path.isdir(c.model):
+                read_manifest(c.model)  # refuses a folder whose files don't match its manifest
+            resolved = resolve(c.model)
+            source = {"spec": resolved.spec, "kind": resolved.kind, "sha256": resolved.sha256}
+            if preset.method in ("rtn", "gptq"):
+                src = work / "quantized"
+                src.mkdir()
+                fields = quantize_to_folder(c.model, preset, src, data=c.data, text_field=c.text_field,
+                                            calib_samples=c.calib_samples, calib_seqlen=c.calib_seqlen, seed=c.seed)
+                source.update({k: v for k, v in fields.items() if k == "calibration"})
+            else:
+                src = Path(resolved.path)
+        log.info("exporting %s -> %s (%s)", c.model, c.target, preset.name)
+        fields = target.export(src, preset, tmp, work)
+        fields_time = time.perf_counter() - t0
+        if c.check:
+            rt = target.open(tmp, threads=c.threads)
+            try:
+                parity = check_artifact(rt, preset, ref_spec, logit_atol=target.logit_atol, data=c.data,
+                                        text_field=c.text_field, eval_seqs=c.eval_seqs, eval_seqlen=c.eval_seqlen,
+                                        prompts=c.prompts, new_tokens=c.new_tokens)
+            finally:
+                close = getattr(rt, "close", None)
+                if close:
+                    close()
+        else:
+            log.warning("--no-check: the artifact was not compared with PyTorch; its manifest says so")
+            parity = {"skipped": True}
+        manifest = write_manifest(tmp, f"export-{c.target}", target=c.target, runtime=target.runtime,
+                                  preset=preset.as_dict(), source=source, parity=parity,
+                                  export_seconds=round(fields_time, 2), **fields)
+    return ExportResult(Path(c.out), c.target, preset.name, manifest)
+
+
+def _presets():
+    from edgelm.registry import QUANTS
+
+    return QUANTS.items()
+
+
+def open_artifact(folder: str | os.PathLike, *, threads: int = 1):
+    """Open an exported artifact with its target's runtime, after checking its manifest (sha256, schema)."""
+    from edgelm.manifest import read_manifest
+    from edgelm.registry import TARGETS
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EdgelmError(f"{folder} is not an artifact folder")
+    m = read_manifest(folder)
+    if m is None or not str(m.get("kind", "")).startswith("export-"):
+        raise EdgelmError(f"{folder} has no export manifest (edgelm.json); export it with `edgelm export`")
+    return TARGETS.get(m["target"]).open(folder, threads=threads)

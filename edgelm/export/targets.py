@@ -1,0 +1,111 @@
+"""Export targets, one registry: built-ins and plugins register an instance the same way,
+``TARGETS.register("name", MyTarget())``.
+
+A target turns a source folder (float HF or GPTQ-format) into artifact files, and opens an artifact for the check.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from edgelm.errors import EdgelmError
+from edgelm.quant.presets import QuantPreset
+from edgelm.registry import TARGETS
+
+log = logging.getLogger(__name__)
+
+
+class Target:
+    name = ""  # registry name
+    runtime = ""  # the runtime that runs its artifacts
+    logit_atol = 0.0  # fp32 artifacts: max |logit - PyTorch logit| allowed
+
+    def export(self, src: Path, preset: QuantPreset, tmp: Path, work: Path) -> dict[str, Any]:
+        """Write the artifact into ``tmp``; return manifest fields. ``work`` is scratch space."""
+        raise NotImplementedError
+
+    def open(self, folder: Path, *, threads: int = 1):
+        """A runtime model with ``logits(ids)`` and ``greedy(ids, n)``."""
+        raise NotImplementedError
+
+
+class GgufTarget(Target):
+    """llama.cpp GGUF: exact Q4_0/Q4_1/Q8_0 blocks from rtn/gptq presets, or llama.cpp's own quantizer."""
+
+    name, runtime, logit_atol = "gguf", "llamacpp", 0.05
+    FILE = "model.gguf"
+
+    def export(self, src: Path, preset: QuantPreset, tmp: Path, work: Path) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        from edgelm.converters.gguf import find_fallbacks, llamacpp_quantize, read_types, write_gguf
+        from edgelm.export.weights import read_source
+        from edgelm.fsutil import capture_fds
+
+        weights = read_source(src)
+        tok = AutoTokenizer.from_pretrained(src)
+        out = tmp / self.FILE
+        fields: dict[str, Any] = {"file": self.FILE}
+        if preset.method == "llamacpp":
+            base = work / "f32.gguf"
+            write_gguf(weights, tok, base, float_type="F32")
+            del weights
+            with capture_fds(work / "llama_quantize.log"):
+                llamacpp_quantize(base, out, preset.gguf_type or "", threads=os.cpu_count() or 1)
+            fallbacks = find_fallbacks(out, preset.gguf_type or "")
+            if fallbacks:
+                log.warning("llama.cpp fell back from %s on %d tensors (rows not a multiple of its block), e.g. %s -> %s",
+                            preset.gguf_type, len(fallbacks), fallbacks[0]["tensor"], fallbacks[0]["type"])
+            fields["fallback_tensors"] = fallbacks
+        else:
+            write_gguf(weights, tok, out, float_type="F16" if preset.method == "cast" else "F32")
+            fields["fallback_tensors"] = []
+        types = read_types(out)
+        fields["tensor_types"] = _count(v["type"] for v in types.values())
+        tok.save_pretrained(tmp)  # runtimes detokenize with the HF tokenizer
+        return fields
+
+    def open(self, folder: Path, *, threads: int = 1):
+        from edgelm.runtimes.llamacpp import LlamaCppModel
+
+        return LlamaCppModel(folder / self.FILE, threads=threads)
+
+
+class OnnxTarget(Target):
+    """ONNX Runtime through onnxruntime-genai's model builder: GQA + KV cache, MatMulNBits for int4/int8."""
+
+    name, runtime, logit_atol = "onnx", "onnxruntime", 1e-3
+
+    def precision(self, preset: QuantPreset) -> str:
+        if preset.method == "none":
+            return "fp32"
+        if preset.method == "cast":
+            return "fp16"
+        # A GPTQ-format source keeps its linears as they are; "int8" applies to what the checkpoint left float (lm_head).
+        return "int8"
+
+    def export(self, src: Path, preset: QuantPreset, tmp: Path, work: Path) -> dict[str, Any]:
+        from edgelm.converters.onnx import build_onnx, op_counts
+
+        precision = self.precision(preset)
+        build_onnx(src, tmp, precision, work)
+        return {"file": "model.onnx", "builder": "onnxruntime-genai", "precision": precision,
+                "ops": op_counts(tmp / "model.onnx")}
+
+    def open(self, folder: Path, *, threads: int = 1):
+        from edgelm.runtimes.onnxrt import OnnxModel
+
+        return OnnxModel(folder, threads=threads)
+
+
+TARGETS.register("gguf", GgufTarget())
+TARGETS.register("onnx", OnnxTarget())
+
+
+def _count(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i in items:
+        out[i] = out.get(i, 0) + 1
+    return dict(sorted(out.items()))

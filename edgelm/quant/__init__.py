@@ -1,0 +1,1 @@
+"""Quantization: named presets (RTN, GPTQ, llama.cpp types) and the GPTQ-format checkpoint they produce."""

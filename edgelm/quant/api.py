@@ -1,0 +1,128 @@
+"""`edgelm quantize`: turn a model into a quantized checkpoint folder with its measured quality loss."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgelm.errors import EdgelmError
+from edgelm.quant.presets import QuantPreset, get_preset
+
+log = logging.getLogger(__name__)
+MIN_CALIB_SAMPLES = 4
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    out: Path  # the quantized checkpoint folder
+    preset: QuantPreset  # what was applied
+    quality: dict[str, Any] = field(default_factory=dict)  # ppl/KLD/top-1 against the fp32 source on val
+    seconds: float = 0.0  # wall time of quantization itself
+
+
+def resolve_preset(quant: str | QuantPreset, **opts: Any) -> QuantPreset:
+    preset = quant if isinstance(quant, QuantPreset) else get_preset(quant)
+    return preset.with_options(**opts)
+
+
+def calibration_set(source_tok, data: tuple[str, ...], text_field: str, samples: int, seqlen: int, seed: int):
+    """[samples, seqlen] token ids from the *train* split, never val/test."""
+    from edgelm.data.corpus import Corpus, CorpusSpec, TokenStream
+
+    if samples < MIN_CALIB_SAMPLES:
+        raise EdgelmError(f"--calib-samples must be at least {MIN_CALIB_SAMPLES}, got {samples}")
+    if seqlen < 16:
+        raise EdgelmError(f"--calib-seqlen must be at least 16, got {seqlen}")
+    corpus = Corpus(CorpusSpec(tuple(data), text_field=text_field))
+    seqs = TokenStream(corpus, source_tok, "train", seqlen, seed=seed, loop=False).take(samples)
+    if len(seqs) < samples:
+        raise EdgelmError(f"the calibration set (train split of {corpus.spec.describe()}) gives {len(seqs)} sequences of "
+                          f"{seqlen} tokens, {samples} asked; add data or lower --calib-samples/--calib-seqlen")
+    return seqs
+
+
+def quantize_to_folder(model_spec: str, preset: QuantPreset, tmp: Path, *, data: tuple[str, ...] = (),
+                       text_field: str = "text", calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
+                       device: str | None = None) -> dict[str, Any]:
+    """Write the quantized checkpoint of ``model_spec`` into the (empty) folder ``tmp``; return manifest fields."""
+    import torch
+
+    from edgelm.models.loader import load_model, resolve
+    from edgelm.quant.qformat import quantized_linears, rtn_quantize, save_quantized
+
+    if preset.method == "llamacpp":
+        raise EdgelmError(f"{preset.name} is llama.cpp's own quantizer and applies at export: "
+                          f"edgelm export MODEL --target gguf --quant {preset.name}")
+    model, tok, source = load_model(model_spec)
+    fields: dict[str, Any] = {"source": {"spec": source.spec, "kind": source.kind, "sha256": source.sha256},
+                              "preset": preset.as_dict()}
+    if preset.method in ("none", "cast"):
+        model.to(torch.float16 if preset.method == "cast" else torch.float32).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        return fields
+    names = quantized_linears(model)
+    gs = preset.group_size
+    for n in names:
+        in_f = model.get_submodule(n).weight.shape[1]
+        if gs > 0 and in_f % gs:
+            raise EdgelmError(f"{n} has {in_f} input columns, not a multiple of {preset.name}'s group size {gs}; "
+                              "pick a preset with a group size that divides it")
+    qcfg = {"bits": preset.bits, "group_size": gs, "sym": preset.sym, "desc_act": preset.act_order}
+    if preset.method == "rtn":
+        qlinears = {n: rtn_quantize(model.get_submodule(n).weight.data, preset.bits, gs, preset.sym) for n in names}
+    else:
+        qlinears = _gptq(source, tok, preset, tmp, data=data, text_field=text_field, samples=calib_samples,
+                         seqlen=calib_seqlen, seed=seed, device=device)
+        fields["calibration"] = {"split": "train", "samples": calib_samples, "seqlen": calib_seqlen, "seed": seed}
+        missing = set(names) - set(qlinears)
+        if missing:
+            raise EdgelmError(f"GPTQ left {len(missing)} linear layers unquantized (e.g. {sorted(missing)[0]})")
+    save_quantized(tmp, model, tok, qlinears, qcfg)
+    return fields
+
+
+def _gptq(source, tok, preset: QuantPreset, tmp: Path, *, data, text_field, samples, seqlen, seed, device):
+    import numpy as np
+    import torch
+
+    from edgelm.quant.gptq import run_gptq
+    from edgelm.quant.qformat import read_quantized
+
+    calib = calibration_set(tok, data, text_field, samples, seqlen, seed)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory(prefix="edgelm-gptq-") as work:
+        work_p = Path(work)
+        np.save(work_p / "calib.npy", calib)
+        log_path = tmp / "gptq.log"
+        log.info("GPTQ %s on %s: %d x %d calibration tokens (log: %s)", preset.name, device, samples, seqlen, log_path)
+        run_gptq(source.path, work_p / "calib.npy", work_p / "out", bits=preset.bits, group_size=preset.group_size,
+                 sym=preset.sym, act_order=preset.act_order, damp=preset.damp, device=device, log_path=log_path)
+        _, _, qlinears = read_quantized(work_p / "out")
+    return qlinears
+
+
+def quantize(model: str | os.PathLike, quant: str | QuantPreset, out: str | os.PathLike, *, data: tuple[str, ...] = (),
+             text_field: str = "text", calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
+             eval_seqs: int = 32, eval_seqlen: int = 256, force: bool = False, device: str | None = None,
+             act_order: bool | None = None, sym: bool | None = None, damp: float | None = None) -> QuantizeResult:
+    """Quantize ``model`` with a preset into ``out`` (a GPTQ-format HF folder), measuring its quality loss on val."""
+    from edgelm.fsutil import atomic_dir
+    from edgelm.manifest import write_manifest
+    from edgelm.export.check import quality_vs_reference
+
+    preset = resolve_preset(quant, act_order=act_order, sym=sym, damp=damp)
+    t0 = time.perf_counter()
+    with atomic_dir(out, overwrite=force) as tmp:
+        fields = quantize_to_folder(str(model), preset, tmp, data=data, text_field=text_field,
+                                    calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, device=device)
+        seconds = time.perf_counter() - t0
+        quality = {}
+        if eval_seqs > 0:
+            quality = quality_vs_reference(str(model), tmp, data=data, text_field=text_field, n=eval_seqs,
+                                           seq_len=eval_seqlen).as_dict()
+        write_manifest(tmp, "quantized", **fields, quality=quality, quantize_seconds=round(seconds, 2))
+    return QuantizeResult(Path(out), preset, quality, seconds)

@@ -1,0 +1,91 @@
+"""Named, frozen quantization presets in one registry (`edgelm list quants`).
+
+Weight-only presets (RTN, GPTQ) produce a GPTQ-format checkpoint (codes, fp16 scales, zeros) that every target
+packs without re-rounding. ``llamacpp-*`` presets hand an f32 GGUF to llama.cpp's own quantizer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from edgelm.errors import EdgelmError
+from edgelm.registry import QUANTS
+
+
+@dataclass(frozen=True)
+class QuantPreset:
+    name: str  # registry name, e.g. "gptq-int4-g32"
+    method: str  # "none" (keep fp32), "cast" (fp16), "rtn", "gptq" or "llamacpp"
+    bits: int = 16  # bits per weight code (32/16 for none/cast)
+    group_size: int = -1  # input columns sharing one scale; -1 = one scale per output row
+    sym: bool = True  # symmetric (zero point fixed at 2^(bits-1)) or asymmetric (a zero per group)
+    act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal (static groups kept)
+    damp: float = 0.05  # GPTQ: dampening added to the Hessian diagonal, as a fraction of its mean (GPTQModel default)
+    gguf_type: str | None = None  # llama.cpp file type for method "llamacpp", e.g. "Q4_K_M"
+    targets: tuple[str, ...] = ("gguf", "onnx")  # export targets that can hold this preset
+    max_kld: float = 0.0  # export check fails above this mean KL(fp32 || artifact), nats (fp32: greedy parity instead)
+    summary: str = ""  # one line for `edgelm list quants`
+
+    @property
+    def quantized(self) -> bool:
+        return self.method in ("rtn", "gptq", "llamacpp")
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage per weight of the quantized matrices, scales and zeros included."""
+        if self.method == "llamacpp":
+            return LLAMACPP_BPW[self.gguf_type or ""]
+        if self.method in ("none", "cast"):
+            return float(self.bits)
+        if self.group_size <= 0:
+            return float(self.bits)  # per-row scale: negligible
+        return self.bits + 16 / self.group_size + (0 if self.sym else self.bits / self.group_size)
+
+    def with_options(self, **opts: Any) -> "QuantPreset":
+        """A variant with GPTQ/RTN options changed (act_order, sym, damp); the name records the change."""
+        opts = {k: v for k, v in opts.items() if v is not None and getattr(self, k) != v}
+        if not opts:
+            return self
+        bad = set(opts) - {"act_order", "sym", "damp"}
+        if bad:
+            raise EdgelmError(f"unknown preset option(s) {sorted(bad)}; known: act_order, sym, damp")
+        if self.method not in ("rtn", "gptq"):
+            raise EdgelmError(f"preset {self.name} takes no options ({', '.join(sorted(opts))}); only rtn/gptq presets do")
+        if "act_order" in opts and self.method != "gptq":
+            raise EdgelmError("--act-order applies to GPTQ presets only")
+        if "damp" in opts and not 0 < opts["damp"] < 1:
+            raise EdgelmError(f"--damp must be in (0, 1), got {opts['damp']}")
+        tag = "".join(f"+{k}={v}" for k, v in sorted(opts.items()))
+        return replace(self, name=self.name + tag, **opts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "method": self.method, "bits": self.bits, "group_size": self.group_size,
+                "sym": self.sym, "act_order": self.act_order, "damp": self.damp, "gguf_type": self.gguf_type,
+                "bits_per_weight": round(self.bits_per_weight, 4)}
+
+
+# Nominal bits per weight of llama.cpp types (from ggml's block layouts; _M mixes are approximate).
+LLAMACPP_BPW = {"Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K_M": 5.69, "Q4_K_M": 4.89, "Q4_0": 4.5, "Q4_1": 5.0}
+# llama.cpp's LLAMA_FTYPE_MOSTLY_* values (include/llama.h).
+LLAMACPP_FTYPE = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+
+_PRESETS = [
+    QuantPreset("fp32", "none", 32, max_kld=0.0, summary="unquantized float32"),
+    QuantPreset("fp16", "cast", 16, max_kld=1e-3, summary="float16 weights"),
+    QuantPreset("int8", "rtn", 8, -1, max_kld=0.02, summary="8-bit round-to-nearest, one scale per output row"),
+    QuantPreset("int4-g32", "rtn", 4, 32, max_kld=0.5, summary="4-bit round-to-nearest, groups of 32"),
+    QuantPreset("int4-g128", "rtn", 4, 128, max_kld=0.8, summary="4-bit round-to-nearest, groups of 128"),
+    QuantPreset("gptq-int4-g32", "gptq", 4, 32, max_kld=0.5, summary="GPTQ 4-bit, groups of 32 (-> GGUF Q4_0 exactly)"),
+    QuantPreset("gptq-int4-g128", "gptq", 4, 128, max_kld=0.8, summary="GPTQ 4-bit, groups of 128"),
+    QuantPreset("gptq-int8", "gptq", 8, 32, max_kld=0.02, summary="GPTQ 8-bit, groups of 32 (-> GGUF Q8_0 exactly)"),
+] + [
+    QuantPreset(f"llamacpp-{t.lower()}", "llamacpp", 0, gguf_type=t, targets=("gguf",),
+                max_kld={"Q8_0": 0.02, "Q6_K": 0.05}.get(t, 0.8), summary=f"llama.cpp's own {t} quantizer")
+    for t in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
+]
+for _p in _PRESETS:
+    QUANTS.register(_p.name, _p)
+
+
+def get_preset(name: str) -> QuantPreset:
+    return QUANTS.get(name)

@@ -1,0 +1,205 @@
+"""The GPTQ checkpoint format (v1, as GPTQModel, transformers and onnxruntime-genai read it) and round-to-nearest.
+
+A quantized linear layer holds integer codes q, fp16 scales s and integer zeros z per group; its weight is
+``W[o, i] = s[o, g(i)] * (q[o, i] - z[o, g(i)])``. On disk (v1): qweight int32 [in*bits/32, out] packs codes along
+the input axis, qzeros int32 [G, out*bits/32] packs ``z - 1`` along the output axis, scales fp16 [G, out],
+g_idx int32 [in]. Every exporter reads :class:`QLinear` and packs these exact values.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgelm.errors import EdgelmError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+WEIGHTS = "model.safetensors"
+# Linear layers that weight-only presets quantize (Llama family names); lm_head and embeddings stay float.
+QUANT_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class QLinear:
+    codes: "torch.Tensor"  # uint8 [out, in], 0 .. 2^bits-1
+    scales: "torch.Tensor"  # float16 [out, G]
+    zeros: "torch.Tensor"  # uint8 [out, G]
+    g_idx: "torch.Tensor"  # int32 [in], group of each input column
+    bits: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def dequantize(self) -> "torch.Tensor":
+        """float32 [out, in]; the fp16 scale is widened first, as ggml and ONNX Runtime do."""
+        g = self.g_idx.long()
+        s = self.scales.float()[:, g]  # [out, in]
+        z = self.zeros.float()[:, g]
+        return s * (self.codes.float() - z)
+
+    def contiguous_groups(self) -> int | None:
+        """The group size if every group is a contiguous run of columns (what block formats need), else None."""
+        import torch
+
+        n_in, n_groups = self.codes.shape[1], self.scales.shape[1]
+        if n_in % n_groups:
+            return None
+        gs = n_in // n_groups
+        return gs if torch.equal(self.g_idx.long(), torch.arange(n_in) // gs) else None
+
+
+def rtn_quantize(w: "torch.Tensor", bits: int, group_size: int, sym: bool) -> QLinear:
+    """Round-to-nearest with the stored (fp16) scale, in GPTQ's parametrisation. w: [out, in]."""
+    import torch
+
+    out_f, in_f = w.shape
+    gs = in_f if group_size <= 0 else group_size
+    if in_f % gs:
+        raise EdgelmError(f"a weight with {in_f} input columns does not split into groups of {gs}; "
+                          "pick a preset whose group size divides the hidden sizes")
+    maxq = 2**bits - 1
+    wg = w.float().reshape(out_f, in_f // gs, gs)  # [out, G, gs]
+    if sym:
+        amax = wg.abs().amax(-1)  # [out, G]
+        scale = 2 * amax / maxq
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+        scale = (hi - lo) / maxq
+        zero = None
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale).half().float()  # round the scale first
+    if zero is None:
+        zero = torch.round(-lo / scale).clamp(0, maxq)
+    q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, maxq)  # [out, G, gs]
+    return QLinear(q.reshape(out_f, in_f).to(torch.uint8), scale.half(), zero.to(torch.uint8),
+                   (torch.arange(in_f) // gs).to(torch.int32), bits)
+
+
+def _pack(values: "torch.Tensor", bits: int) -> "torch.Tensor":
+    """Pack non-negative ints along dim 0: [n, m] -> int32 [n*bits/32, m]."""
+    import torch
+
+    per = 32 // bits
+    v = values.to(torch.int64).reshape(-1, per, values.shape[1])  # [n/per, per, m]
+    shifts = (torch.arange(per, dtype=torch.int64) * bits)[None, :, None]
+    packed = (v << shifts).sum(1)  # [n/per, m], fits in uint32
+    return (packed - (packed >= 2**31).long() * 2**32).to(torch.int32)
+
+
+def _unpack(packed: "torch.Tensor", bits: int) -> "torch.Tensor":
+    """Inverse of :func:`_pack`: int32 [n, m] -> int64 [n*32/bits, m]."""
+    import torch
+
+    per = 32 // bits
+    p = packed.to(torch.int64) & 0xFFFFFFFF  # [n, m]
+    shifts = (torch.arange(per, dtype=torch.int64) * bits)[None, :, None]
+    v = (p[:, None, :] >> shifts) & (2**bits - 1)  # [n, per, m]
+    return v.reshape(-1, packed.shape[1])
+
+
+def pack_gptq(ql: QLinear) -> dict[str, "torch.Tensor"]:
+    """QLinear -> GPTQ v1 tensors (zeros stored minus one)."""
+    if ql.bits not in (4, 8):
+        raise EdgelmError(f"GPTQ packing supports 4 and 8 bits, got {ql.bits}")
+    stored_zeros = (ql.zeros.long() - 1) & (2**ql.bits - 1)
+    return {"qweight": _pack(ql.codes.T.contiguous(), ql.bits), "qzeros": _pack_zeros(stored_zeros, ql.bits),
+            "scales": ql.scales.T.contiguous(), "g_idx": ql.g_idx}
+
+
+def _pack_zeros(z: "torch.Tensor", bits: int) -> "torch.Tensor":
+    # z: [out, G] -> int32 [G, out*bits/32], packed along the output axis
+    return _pack(z, bits).T.contiguous()
+
+
+def unpack_gptq(t: dict[str, "torch.Tensor"], bits: int, *, v1: bool = True) -> QLinear:
+    """GPTQ tensors (qweight, qzeros, scales, g_idx) -> QLinear. ``v1``: zeros are stored minus one."""
+    import torch
+
+    codes = _unpack(t["qweight"], bits).T.contiguous()  # [out, in]
+    zeros = _unpack(t["qzeros"].T.contiguous(), bits).contiguous()  # [out, G]
+    if v1:
+        zeros = (zeros + 1) & (2**bits - 1)
+    out_f = t["scales"].shape[1]
+    return QLinear(codes[:out_f].to(torch.uint8), t["scales"].T.contiguous().half(), zeros[:out_f].to(torch.uint8),
+                   t["g_idx"].to(torch.int32), bits)
+
+
+def quantized_linears(model) -> list[str]:
+    """Module names of the linear layers weight-only presets quantize, in model order."""
+    return [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in QUANT_LINEARS and hasattr(m, "weight")]
+
+
+def save_quantized(folder: Path, model, tokenizer, qlinears: dict[str, QLinear], qcfg: dict[str, Any]) -> None:
+    """Write a GPTQ-format HF folder: float tensors as in ``model``, quantized linears packed."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    for name, ql in qlinears.items():
+        sd.pop(f"{name}.weight")
+        for k, v in pack_gptq(ql).items():
+            sd[f"{name}.{k}"] = v
+    save_file(sd, str(folder / WEIGHTS), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = {"quant_method": "gptq", "checkpoint_format": "gptq", "lm_head": False,
+                                  "desc_act": False, **qcfg}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, default=str), encoding="utf-8")
+    tokenizer.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def read_quantized(folder: str | Path) -> tuple[dict, dict[str, "torch.Tensor"], dict[str, QLinear]]:
+    """(config dict, float tensors, QLinear per module) of a GPTQ-format folder."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    q = cfg.get("quantization_config") or {}
+    if q.get("quant_method") != "gptq":
+        raise EdgelmError(f"{folder} is not a GPTQ-format checkpoint (quantization_config.quant_method != 'gptq')")
+    bits, v1 = int(q["bits"]), q.get("checkpoint_format", "gptq") == "gptq"
+    tensors: dict[str, Any] = {}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise EdgelmError(f"{folder} has no .safetensors weights")
+    try:
+        for f in files:
+            with safe_open(str(f), "pt") as sf:
+                for k in sf.keys():
+                    tensors[k] = sf.get_tensor(k)
+    except Exception as e:
+        raise EdgelmError(f"{folder}: could not read the weights ({type(e).__name__}: {e}); the checkpoint may be corrupt") from None
+    qlinears: dict[str, QLinear] = {}
+    for k in [k for k in tensors if k.endswith(".qweight")]:
+        name = k[: -len(".qweight")]
+        parts = {p: tensors.pop(f"{name}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx")}
+        qlinears[name] = unpack_gptq(parts, bits, v1=v1)
+    return cfg, tensors, qlinears
+
+
+def load_quantized_model(folder: str | Path):
+    """A float32 HF model whose quantized linears hold their dequantized values (for evaluation and export)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg, tensors, qlinears = read_quantized(folder)
+    cfg.pop("quantization_config", None)
+    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("transformers_version",)})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    sd.update({f"{n}.weight": ql.dequantize() for n, ql in qlinears.items()})
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise EdgelmError(f"{folder}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()

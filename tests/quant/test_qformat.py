@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgelm.quant.qformat import pack_gptq, rtn_quantize, unpack_gptq
+
+
+@pytest.mark.parametrize("bits, group, sym", [(4, 32, True), (4, 128, False), (8, -1, True), (8, 32, False)])
+def test_pack_unpack_roundtrip(bits, group, sym):
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(bits + group))
+    ql = rtn_quantize(w, bits, group, sym)
+    back = unpack_gptq(pack_gptq(ql), bits)
+    assert torch.equal(back.codes, ql.codes) and torch.equal(back.zeros, ql.zeros) and torch.equal(back.scales, ql.scales)
+    assert torch.equal(back.dequantize(), ql.dequantize())
+
+
+def test_pack_layout_is_gptq_v1():
+    # qweight packs 8 input rows per int32 (row 0 in the low nibble); qzeros store zero - 1
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    ql = rtn_quantize(w, 4, 32, True)
+    t = pack_gptq(ql)
+    assert t["qweight"].shape == (4, 8) and t["qzeros"].shape == (1, 1) and t["scales"].shape == (1, 8)
+    assert int(t["qweight"][0, 0]) & 0xF == int(ql.codes[0, 0])
+    assert (int(t["qzeros"][0, 0]) & 0xFFFFFFFF) == 0x77777777  # symmetric zero 8, stored as 7
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rtn_error_is_within_half_a_step(bits):
+    # the symmetric grid tops out at zero + 2^(b-1) - 1 steps, half a step below amax; the fp16 scale adds a hair
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(1))
+    ql = rtn_quantize(w, bits, 32, True)
+    step = ql.scales.float().repeat_interleave(32, 1)
+    ratio = (ql.dequantize() - w).abs() / step
+    assert ratio.max() <= 0.5 + 2 ** (bits - 1) * 2**-11 and ratio.median() < 0.3  # fp16 scale: 2^-11 relative
+
+
+def test_more_bits_less_error():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
+    errs = [(rtn_quantize(w, b, g, True).dequantize() - w).pow(2).mean() for b, g in ((4, 128), (4, 32), (8, 32))]
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_group_must_divide_columns():
+    from edgelm.errors import EdgelmError
+
+    with pytest.raises(EdgelmError, match="does not split into groups of 128"):
+        rtn_quantize(torch.randn(4, 96), 4, 128, True)
