@@ -77,10 +77,12 @@ def _pre_tokenizer(tokenizer) -> str:
     return PRE_TOKENIZERS[key]
 
 
-def add_tokenizer(writer, tokenizer, folder: Path) -> None:
+def add_tokenizer(writer, tokenizer, folder: Path, n_vocab: int) -> None:
+    """Token list of the model's vocab size; rows past the tokenizer's (padding) become UNUSED [PADi] tokens."""
     import gguf
 
-    n_vocab = len(tokenizer)
+    if n_vocab < len(tokenizer):
+        raise EdgelmError(f"the tokenizer has {len(tokenizer)} tokens but the model only {n_vocab} embedding rows")
     vocab = tokenizer.get_vocab()
     rev = {i: t for t, i in vocab.items()}
     added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
@@ -225,7 +227,7 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
     file_type = {"F32": 0, "F16": 1}[float_type] if not exact else {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}[exact]
     writer = gguf.GGUFWriter(str(path), "llama")
     add_hparams(writer, cfg, name, file_type)
-    add_tokenizer(writer, tokenizer, src.folder)
+    add_tokenizer(writer, tokenizer, src.folder, int(cfg["vocab_size"]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for p in plan:
         raw = None if p.qtype in ("F32", "F16") else gguf.GGMLQuantizationType[p.qtype]

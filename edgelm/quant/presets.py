@@ -71,7 +71,9 @@ LLAMACPP_FTYPE = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "
 
 _PRESETS = [
     QuantPreset("fp32", "none", 32, max_kld=0.0, summary="unquantized float32"),
-    QuantPreset("fp16", "cast", 16, max_kld=1e-3, summary="float16 weights"),
+    # ONNX fp16 is left out: onnxruntime-genai 0.18 builds it for GPU EPs, and its CPU generation loop fails on it
+    # ("Shape mismatch attempting to re-use buffer" in repeat_kv); fp32, int8 and int4 ONNX run on CPU.
+    QuantPreset("fp16", "cast", 16, targets=("gguf",), max_kld=1e-3, summary="float16 weights (GGUF F16)"),
     QuantPreset("int8", "rtn", 8, -1, max_kld=0.02, summary="8-bit round-to-nearest, one scale per output row"),
     QuantPreset("int4-g32", "rtn", 4, 32, max_kld=0.5, summary="4-bit round-to-nearest, groups of 32"),
     QuantPreset("int4-g128", "rtn", 4, 128, max_kld=0.8, summary="4-bit round-to-nearest, groups of 128"),

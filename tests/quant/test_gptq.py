@@ -8,26 +8,9 @@ import torch
 
 from edgelm.manifest import read_manifest
 from edgelm.quant.api import calibration_set, quantize
+
+from tests.conftest import CALIB
 from edgelm.quant.qformat import read_quantized, rtn_quantize
-
-CALIB = dict(calib_samples=16, calib_seqlen=128, eval_seqs=8, eval_seqlen=128)
-
-
-@pytest.fixture(scope="session")
-def quantized(tmp_path_factory, tiny_q_model, tiny_corpus):
-    """preset -> (folder, QuantizeResult), each quantized once per session."""
-    out = {}
-    root = tmp_path_factory.mktemp("quantized")
-
-    def get(preset: str, **opts):
-        key = (preset, tuple(sorted(opts.items())))
-        if key not in out:
-            folder = root / f"{preset}{len(out)}"
-            out[key] = (folder, quantize(tiny_q_model, preset, folder, data=(str(tiny_corpus),), **CALIB, **opts))
-        return out[key]
-
-    return get
-
 
 def test_gptq_beats_rtn_on_perplexity_and_kld(quantized):
     _, gptq = quantized("gptq-int4-g32")

@@ -1,0 +1,98 @@
+"""GGUF converter: GPTQ codes land in Q4_0/Q4_1/Q8_0 blocks without re-rounding; tokenizer; llama.cpp fallbacks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgelm.converters.gguf import _rope_permute, find_fallbacks, llamacpp_quantize, read_types, write_gguf
+from edgelm.errors import EdgelmError
+from edgelm.export.weights import read_source
+
+
+def _write(folder, path):
+    from transformers import AutoTokenizer
+
+    src = read_source(folder)
+    write_gguf(src, AutoTokenizer.from_pretrained(folder), path, float_type="F32")
+    return src
+
+
+def _gguf_weights(path) -> dict[str, np.ndarray]:
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    return {t.name: (gguf.quants.dequantize(t.data, t.tensor_type), t.tensor_type.name) for t in r.tensors}
+
+
+@pytest.mark.parametrize("preset, opts, qtype", [
+    ("gptq-int4-g32", {}, "Q4_0"),
+    ("gptq-int4-g128", {}, "Q4_0"),  # one scale repeated over 4 blocks
+    ("gptq-int8", {}, "Q8_0"),
+    ("int4-g32", {"sym": False}, "Q4_1"),
+])
+def test_gptq_weights_are_packed_without_rerounding(preset, opts, qtype, quantized, tmp_path):
+    from edgelm.converters.gguf import gguf_name
+
+    folder, _ = quantized(preset, **opts)
+    src = _write(folder, tmp_path / "m.gguf")
+    got = _gguf_weights(tmp_path / "m.gguf")
+    heads = {"attn_q": src.config["num_attention_heads"], "attn_k": src.config["num_key_value_heads"]}
+    for name, ql in src.qlinears.items():
+        gname = gguf_name(name + ".weight")
+        w, t = got[gname]
+        assert t == qtype
+        ref = ql.dequantize().numpy()  # what PyTorch computes with, [out, in]
+        kind = gname.split(".")[2]
+        if kind in heads:
+            ref = _rope_permute(ref, heads[kind])
+        if qtype == "Q4_1":  # d*q + m, with m = -d*z stored in fp16
+            np.testing.assert_allclose(w, ref, rtol=0, atol=float(np.abs(ref).max()) * 2**-10)
+        else:
+            assert np.array_equal(w, ref), f"{gname}: GGUF values differ from GPTQ's"
+
+
+def test_tokenization_matches_hf(tiny_q_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from edgelm.runtimes.llamacpp import LlamaCppModel
+
+    _write(tiny_q_model, tmp_path / "m.gguf")
+    tok = AutoTokenizer.from_pretrained(tiny_q_model)
+    rt = LlamaCppModel(tmp_path / "m.gguf", n_ctx=512)
+    texts = [
+        "def f(x):\n    return x  +  1\n",  # code; a whitespace run before '+'
+        "if a:\n        b()\n\n\n    c = {'k': [1, 2]}\t# tab\r\n",
+        "naïve café — 日本語 🙂 Ωμέγα",  # multi-byte
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",  # special tokens
+        "   leading and trailing   ",
+        "x" * 300,
+    ]
+    for t in texts:
+        assert rt.tokenize(t) == tok.encode(t, add_special_tokens=False), repr(t)
+    assert rt.llm.token_eos() == tok.eos_token_id
+
+
+def test_llamacpp_fallback_is_detected(tiny_teacher, tmp_path):
+    """Rows of 64 don't fit K-quant blocks of 256: llama.cpp falls back silently; we list every such tensor."""
+    _write(tiny_teacher, tmp_path / "f32.gguf")
+    llamacpp_quantize(tmp_path / "f32.gguf", tmp_path / "q.gguf", "Q4_K_M")
+    fb = find_fallbacks(tmp_path / "q.gguf", "Q4_K_M")
+    assert fb and all(f["type"] not in ("Q4_K", "Q6_K") for f in fb)
+    attn_q = [f for f in fb if f["tensor"].endswith("attn_q.weight")]
+    assert len(attn_q) == 4 and attn_q[0]["row"] == 64  # every layer's q projection
+    # Q8_0 has 32-element blocks: no fallback at hidden 64
+    llamacpp_quantize(tmp_path / "f32.gguf", tmp_path / "q8.gguf", "Q8_0")
+    assert find_fallbacks(tmp_path / "q8.gguf", "Q8_0") == []
+
+
+def test_truncated_gguf_is_a_clear_error(tiny_q_model, tmp_path):
+    from edgelm.runtimes.llamacpp import LlamaCppModel
+
+    p = tmp_path / "m.gguf"
+    _write(tiny_q_model, p)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EdgelmError, match="truncated"):
+        read_types(p)
+    with pytest.raises(EdgelmError, match="corrupt or truncated"):
+        LlamaCppModel(p)
