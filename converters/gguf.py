@@ -202,27 +202,29 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
             plan.append(_Planned(gname, (ql.shape[0], nbytes_row), exact, ql.shape[0] * nbytes_row,
                                  lambda ql=ql, perm=perm: pack_exact(ql, exact, perm)))
             continue
-        t = src.tensors[hf]
-        if t.ndim == 1:
-            plan.append(_Planned(gname, tuple(t.shape), "F32", t.numel() * 4, lambda t=t: t.numpy().astype(np.float32)))
+        shape = src.shape(hf)
+        if len(shape) == 1:
+            plan.append(_Planned(gname, shape, "F32", shape[0] * 4,
+                                 lambda hf=hf: src.tensors[hf].numpy().astype(np.float32, copy=False)))
             continue
         qtype = float_type
-        if exact and gname == "token_embd.weight" and t.shape[1] % BLOCK == 0:
-            qtype = "Q8_0"  # quantized presets keep the embedding at 8 bits, as llama.cpp keeps its output tensor
+        if exact and gname in ("token_embd.weight", "output.weight") and shape[1] % BLOCK == 0:
+            qtype = "Q8_0"  # quantized presets keep embedding/output at 8 bits, as llama.cpp keeps its output tensor
 
-        def make(t=t, perm=perm, qtype=qtype):
-            a = t.numpy().astype(np.float32)
+        def make(hf=hf, perm=perm, qtype=qtype):
+            a = src.tensors[hf].numpy()  # read now: one tensor in memory at a time
             if perm:
                 a = _rope_permute(a, perm)
             if qtype == "F32":
-                return a
+                return np.ascontiguousarray(a, dtype=np.float32)
             if qtype == "F16":
                 return a.astype(np.float16)
             return gguf.quants.quantize(a, gguf.GGMLQuantizationType[qtype])
 
-        nbytes = {"F32": 4 * t.numel(), "F16": 2 * t.numel(), "Q8_0": t.numel() // BLOCK * 34}[qtype]
-        shape = tuple(t.shape) if qtype in ("F32", "F16") else (t.shape[0], t.shape[1] // BLOCK * 34)
-        plan.append(_Planned(gname, shape, qtype, nbytes, make))
+        numel = shape[0] * shape[1]
+        nbytes = {"F32": 4 * numel, "F16": 2 * numel, "Q8_0": numel // BLOCK * 34}[qtype]
+        pshape = shape if qtype in ("F32", "F16") else (shape[0], shape[1] // BLOCK * 34)
+        plan.append(_Planned(gname, pshape, qtype, nbytes, make))
 
     file_type = {"F32": 0, "F16": 1}[float_type] if not exact else {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}[exact]
     writer = gguf.GGUFWriter(str(path), "llama")

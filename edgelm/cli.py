@@ -15,6 +15,7 @@ from edgelm import __version__
 from edgelm.errors import EdgelmError
 
 log = logging.getLogger("edgelm")
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "gguf", "gguf.gguf_writer", "gguf.vocab")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -224,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = args.quiet or os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 talks
     level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    for noisy in NOISY_LOGGERS:  # third-party import-time chatter (e.g. torchao's missing CUDA kernels)
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return args.func(args)

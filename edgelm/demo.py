@@ -1,5 +1,6 @@
 """`edgelm demo`: the main job on the embedded default. Prunes SmolLM2-135M-Instruct into a student, distills it
-on the stdlib's source, evaluates both on the test split, and writes a report with tables and plots.
+on the stdlib's source, evaluates both on the test split, quantizes and exports the student to GGUF and ONNX (each
+artifact checked against PyTorch), and writes a report with tables and plots.
 """
 from __future__ import annotations
 
@@ -26,17 +27,23 @@ class DemoConfig:
     test_seqs: int = 64  # test-split sequences for the final comparison (one per file first)
     threads: int | None = None  # CPU threads (default: torch's)
     resume: bool = False  # continue an interrupted demo instead of starting over
+    export: bool = True  # quantize and export the student (--no-export stops after distillation)
+    quant: str = "gptq-int4-g32"  # preset of the deployable artifacts (GGUF Q4_0 and ONNX MatMulNBits)
+    calib_samples: int = 64  # GPTQ calibration sequences from the train split
+    calib_seqlen: int = 512  # tokens per calibration sequence
+    check_seqs: int = 16  # val sequences (of seq_len tokens) in each artifact's quality check
     progress: bool = True  # progress bars
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from edgelm.api import distill, evaluate
     from edgelm.distill.config import DistillConfig
+    from edgelm.export.suite import export_suite
     from edgelm.report import write_distill_report
 
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    log.info("[1/3] distill: %s -> %d layers, MLP %d, %s tokens", cfg.teacher, cfg.layers, cfg.intermediate_size,
+    log.info("[1/4] distill: %s -> %d layers, MLP %d, %s tokens", cfg.teacher, cfg.layers, cfg.intermediate_size,
              f"{cfg.max_tokens:,}")
     dcfg = DistillConfig(
         teacher=cfg.teacher, layers=cfg.layers, intermediate_size=cfg.intermediate_size, max_tokens=cfg.max_tokens,
@@ -44,12 +51,51 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         out=str(out), threads=cfg.threads, resume=cfg.resume, force=not cfg.resume, progress=cfg.progress,
     )
     res = distill(dcfg)
-    log.info("[2/3] evaluate teacher and student on the test split (%d x %d tokens)", cfg.test_seqs, cfg.seq_len)
+    log.info("[2/4] evaluate teacher and student on the test split (%d x %d tokens)", cfg.test_seqs, cfg.seq_len)
     test = {
         name: evaluate(model, split="test", seq_len=cfg.seq_len, max_seqs=cfg.test_seqs, batch_size=cfg.batch_size,
                        threads=cfg.threads)
         for name, model in (("teacher", cfg.teacher), ("student", str(res.student_dir)))
     }
-    log.info("[3/3] report")
+    rows = []
+    if cfg.export:
+        plan = demo_plan(cfg.quant)
+        log.info("[3/4] quantize (%s) and export the student: %d artifacts, each checked against PyTorch", cfg.quant,
+                 len(plan))
+        rows = export_suite(str(res.student_dir), plan, out / "export", calib_samples=cfg.calib_samples,
+                            calib_seqlen=cfg.calib_seqlen, eval_seqs=cfg.check_seqs, eval_seqlen=cfg.seq_len,
+                            label="student")
+    log.info("[4/4] report")
     report = write_distill_report(out, res, test, wall_s=time.perf_counter() - t0)
-    return {"student": str(res.student_dir), "report": str(report), "test": {k: v.as_dict() for k, v in test.items()}}
+    if rows:
+        write_export_section(report, rows, out)
+    return {"student": str(res.student_dir), "report": str(report), "test": {k: v.as_dict() for k, v in test.items()},
+            "artifacts": [r.as_dict() for r in rows]}
+
+
+def demo_plan(quant: str) -> list[tuple[str, str]]:
+    """The artifacts `edgelm demo` exports: fp32 references, the chosen preset, and llama.cpp's own 4-bit types."""
+    return [("fp32", "gguf"), ("fp32", "onnx"), (quant, "gguf"), (quant, "onnx"), ("llamacpp-q4_0", "gguf"),
+            ("llamacpp-q4_k_m", "gguf")]
+
+
+def write_export_section(report: Path, rows, out: Path) -> None:
+    from edgelm.report import plot_quant, quant_table, update_section
+
+    plot = plot_quant(rows, out / "quant.png")
+    fallbacks = [r for r in rows if r.fallbacks]
+    note = ""
+    if fallbacks:
+        note = (f"\nllama.cpp fell back to other types on {', '.join(f'{r.fallbacks} tensors of {r.preset}' for r in fallbacks)}"
+                " (the student keeps the teacher's hidden size 576, not a multiple of K-quants' 256); "
+                "each artifact's edgelm.json lists them.\n")
+    body = f"""## Deployable artifacts
+
+Each artifact was checked against the fp32 PyTorch student in its own runtime (llama.cpp for GGUF, ONNX Runtime
+for ONNX) on the val split; fp32 artifacts also had to match PyTorch's greedy tokens. Folders: `{out / 'export'}`.
+
+{quant_table(rows)}
+{note}
+![ΔPPL vs size]({plot.name})
+"""
+    update_section(report, "export", body)

@@ -140,3 +140,40 @@ def update_section(path: str | Path, name: str, body: str) -> Path:
         text = text.rstrip("\n") + "\n\n" + block
     atomic_write_text(path, text)
     return path
+
+
+def quant_table(rows) -> str:
+    """Markdown table of ArtifactRows: size, bits/weight and quality against fp32."""
+    def f(v, spec):
+        return "n/a" if v != v else format(v, spec)  # NaN -> n/a
+
+    body = []
+    for r in rows:
+        if r.error:
+            body.append([r.model, r.preset, r.target, "failed", "", "", "", "", "", r.error[:80]])
+            continue
+        body.append([r.model, r.preset, r.target, f(r.model_mib, ".1f"), f(r.bpw, ".2f"), f(r.ppl, ".3f"),
+                     f(r.dppl, "+.3f"), f(r.kld, ".4f"), f(r.top1_agree, ".3f"), r.fallbacks or ""])
+    return md_table(["model", "preset", "target", "MiB", "bits/w", "val ppl", "ΔPPL", "KLD", "top-1 agree",
+                     "fallbacks"], body)
+
+
+def plot_quant(rows, path: Path) -> Path:
+    """ΔPPL against file size, one point per artifact, per model."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in dict.fromkeys(r.model for r in rows):
+        pts = [r for r in rows if r.model == model and not r.error and r.preset != "fp32"]
+        ax.scatter([r.model_mib for r in pts], [max(r.dppl, 1e-3) for r in pts], label=model)
+        for r in pts:
+            ax.annotate(f"{r.preset}/{r.target.split()[0]}", (r.model_mib, max(r.dppl, 1e-3)), fontsize=6,
+                        xytext=(3, 2), textcoords="offset points")
+    ax.set_xlabel("model file size (MiB)")
+    ax.set_ylabel("ΔPPL vs fp32 (val, log scale)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

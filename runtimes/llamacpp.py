@@ -32,6 +32,13 @@ class LlamaCppModel:
             raise EdgelmError(f"llama.cpp could not load {self.path} ({type(e).__name__}: {e}); "
                               "the file may be corrupt or truncated") from None
 
+    def close(self) -> None:
+        """Free llama.cpp's model and context now (its __del__ can fail at interpreter exit)."""
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.close()
+            self.llm = None
+
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 

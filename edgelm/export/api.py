@@ -44,7 +44,8 @@ def quantize(config: QuantizeConfig | None = None, **kwargs: Any):
         raise EdgelmError("quantize needs a model and --out")
     return _quantize(c.model, c.quant, c.out, data=c.data, text_field=c.text_field, calib_samples=c.calib_samples,
                      calib_seqlen=c.calib_seqlen, seed=c.seed, eval_seqs=c.eval_seqs, eval_seqlen=c.eval_seqlen,
-                     force=c.force, act_order=c.act_order or None, sym=False if c.asym else None, damp=c.damp)
+                     force=c.force, act_order=c.act_order or None, sym=False if c.asym else None, damp=c.damp,
+                     mse=c.mse)
 
 
 def _existing_quantized(model: str) -> dict[str, Any] | None:
@@ -61,7 +62,7 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
     from edgelm.export.check import check_artifact
     from edgelm.fsutil import atomic_dir
     from edgelm.manifest import read_manifest, write_manifest
-    from edgelm.models.loader import resolve
+    from edgelm.models.loader import check_arch, resolve
     from edgelm.quant.api import quantize_to_folder, resolve_preset
     from edgelm.registry import TARGETS
 
@@ -71,7 +72,8 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
     if not c.model or not c.out:
         raise EdgelmError("export needs a model and --out")
     target = TARGETS.get(c.target)
-    preset = resolve_preset(c.quant, act_order=c.act_order or None, sym=False if c.asym else None, damp=c.damp)
+    preset = resolve_preset(c.quant, act_order=c.act_order or None, sym=False if c.asym else None, damp=c.damp,
+                            mse=c.mse)
     if c.target not in preset.targets:
         ok = [n for n, p in _presets() if c.target in p.targets]
         raise EdgelmError(f"preset {preset.name} cannot be exported to {c.target}; presets for {c.target}: {', '.join(ok)}")
@@ -94,6 +96,9 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
             if os.path.isdir(c.model):
                 read_manifest(c.model)  # refuses a folder whose files don't match its manifest
             resolved = resolve(c.model)
+            if resolved.kind == "hub":
+                resolved = replace(resolved, path=_hub_snapshot(resolved.spec))
+            check_arch(resolved.path)
             source = {"spec": resolved.spec, "kind": resolved.kind, "sha256": resolved.sha256}
             if preset.method in ("rtn", "gptq"):
                 src = work / "quantized"
@@ -123,6 +128,16 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
                                   preset=preset.as_dict(), source=source, parity=parity,
                                   export_seconds=round(fields_time, 2), **fields)
     return ExportResult(Path(c.out), c.target, preset.name, manifest)
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    """Download a hub model's files (config, safetensors, tokenizer) once; converters read local folders."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:
+        raise EdgelmError(f"could not fetch {repo_id!r} from the hub ({type(e).__name__}); check the id and your network") from None
 
 
 def _presets():

@@ -21,6 +21,7 @@ class QuantizeConfig:
     act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal (static groups)
     asym: bool = False  # asymmetric codes (a zero point per group) instead of symmetric
     damp: float | None = None  # GPTQ: Hessian dampening fraction (default: the preset's)
+    mse: float | None = None  # GPTQ: Lp norm of a per-group scale search, e.g. 2.4 (default: the preset's)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -111,6 +111,17 @@ def load_tokenizer(source: ModelSource):
         raise EdgelmError(f"could not load the tokenizer of {source.spec}: {_one_line(e)}") from None
 
 
+def check_arch(folder: str | os.PathLike) -> str:
+    """The model_type of an HF folder, refused unless edgelm supports it."""
+    try:
+        arch = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError) as e:
+        raise EdgelmError(f"{folder}/config.json is unreadable ({type(e).__name__}); the checkpoint may be corrupt") from None
+    if arch not in SUPPORTED_ARCHS:
+        raise EdgelmError(f"{folder} is a {arch!r} model; supported architectures: {', '.join(SUPPORTED_ARCHS)}")
+    return arch
+
+
 def _is_gptq_folder(folder: Path) -> bool:
     """A GPTQ-format checkpoint: edgelm loads it dequantized to float, with no quantized kernels needed."""
     try:

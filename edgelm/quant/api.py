@@ -100,7 +100,8 @@ def _gptq(source, tok, preset: QuantPreset, tmp: Path, *, data, text_field, samp
         log_path = tmp / "gptq.log"
         log.info("GPTQ %s on %s: %d x %d calibration tokens (log: %s)", preset.name, device, samples, seqlen, log_path)
         run_gptq(source.path, work_p / "calib.npy", work_p / "out", bits=preset.bits, group_size=preset.group_size,
-                 sym=preset.sym, act_order=preset.act_order, damp=preset.damp, device=device, log_path=log_path)
+                 sym=preset.sym, act_order=preset.act_order, damp=preset.damp, mse=preset.mse, device=device,
+                 log_path=log_path)
         _, _, qlinears = read_quantized(work_p / "out")
     return qlinears
 
@@ -108,13 +109,14 @@ def _gptq(source, tok, preset: QuantPreset, tmp: Path, *, data, text_field, samp
 def quantize(model: str | os.PathLike, quant: str | QuantPreset, out: str | os.PathLike, *, data: tuple[str, ...] = (),
              text_field: str = "text", calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
              eval_seqs: int = 32, eval_seqlen: int = 256, force: bool = False, device: str | None = None,
-             act_order: bool | None = None, sym: bool | None = None, damp: float | None = None) -> QuantizeResult:
+             act_order: bool | None = None, sym: bool | None = None, damp: float | None = None,
+             mse: float | None = None) -> QuantizeResult:
     """Quantize ``model`` with a preset into ``out`` (a GPTQ-format HF folder), measuring its quality loss on val."""
     from edgelm.fsutil import atomic_dir
     from edgelm.manifest import write_manifest
     from edgelm.export.check import quality_vs_reference
 
-    preset = resolve_preset(quant, act_order=act_order, sym=sym, damp=damp)
+    preset = resolve_preset(quant, act_order=act_order, sym=sym, damp=damp, mse=mse)
     t0 = time.perf_counter()
     with atomic_dir(out, overwrite=force) as tmp:
         fields = quantize_to_folder(str(model), preset, tmp, data=data, text_field=text_field,

@@ -21,6 +21,7 @@ class QuantPreset:
     sym: bool = True  # symmetric (zero point fixed at 2^(bits-1)) or asymmetric (a zero per group)
     act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal (static groups kept)
     damp: float = 0.05  # GPTQ: dampening added to the Hessian diagonal, as a fraction of its mean (GPTQModel default)
+    mse: float = 0.0  # GPTQ: Lp norm of a per-group scale search that shrinks the range; 0 = min/max scales
     gguf_type: str | None = None  # llama.cpp file type for method "llamacpp", e.g. "Q4_K_M"
     targets: tuple[str, ...] = ("gguf", "onnx")  # export targets that can hold this preset
     max_kld: float = 0.0  # export check fails above this mean KL(fp32 || artifact), nats (fp32: greedy parity instead)
@@ -46,13 +47,14 @@ class QuantPreset:
         opts = {k: v for k, v in opts.items() if v is not None and getattr(self, k) != v}
         if not opts:
             return self
-        bad = set(opts) - {"act_order", "sym", "damp"}
+        bad = set(opts) - {"act_order", "sym", "damp", "mse"}
         if bad:
-            raise EdgelmError(f"unknown preset option(s) {sorted(bad)}; known: act_order, sym, damp")
+            raise EdgelmError(f"unknown preset option(s) {sorted(bad)}; known: act_order, sym, damp, mse")
         if self.method not in ("rtn", "gptq"):
             raise EdgelmError(f"preset {self.name} takes no options ({', '.join(sorted(opts))}); only rtn/gptq presets do")
-        if "act_order" in opts and self.method != "gptq":
-            raise EdgelmError("--act-order applies to GPTQ presets only")
+        for k in ("act_order", "mse"):
+            if k in opts and self.method != "gptq":
+                raise EdgelmError(f"--{k.replace('_', '-')} applies to GPTQ presets only")
         if "damp" in opts and not 0 < opts["damp"] < 1:
             raise EdgelmError(f"--damp must be in (0, 1), got {opts['damp']}")
         tag = "".join(f"+{k}={v}" for k, v in sorted(opts.items()))
@@ -60,7 +62,7 @@ class QuantPreset:
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "method": self.method, "bits": self.bits, "group_size": self.group_size,
-                "sym": self.sym, "act_order": self.act_order, "damp": self.damp, "gguf_type": self.gguf_type,
+                "sym": self.sym, "act_order": self.act_order, "damp": self.damp, "mse": self.mse, "gguf_type": self.gguf_type,
                 "bits_per_weight": round(self.bits_per_weight, 4)}
 
 
@@ -77,9 +79,9 @@ _PRESETS = [
     QuantPreset("int8", "rtn", 8, -1, max_kld=0.02, summary="8-bit round-to-nearest, one scale per output row"),
     QuantPreset("int4-g32", "rtn", 4, 32, max_kld=0.5, summary="4-bit round-to-nearest, groups of 32"),
     QuantPreset("int4-g128", "rtn", 4, 128, max_kld=0.8, summary="4-bit round-to-nearest, groups of 128"),
-    QuantPreset("gptq-int4-g32", "gptq", 4, 32, max_kld=0.5, summary="GPTQ 4-bit, groups of 32 (-> GGUF Q4_0 exactly)"),
-    QuantPreset("gptq-int4-g128", "gptq", 4, 128, max_kld=0.8, summary="GPTQ 4-bit, groups of 128"),
-    QuantPreset("gptq-int8", "gptq", 8, 32, max_kld=0.02, summary="GPTQ 8-bit, groups of 32 (-> GGUF Q8_0 exactly)"),
+    QuantPreset("gptq-int4-g32", "gptq", 4, 32, mse=2.4, max_kld=0.5, summary="GPTQ 4-bit, groups of 32 (-> GGUF Q4_0 exactly)"),
+    QuantPreset("gptq-int4-g128", "gptq", 4, 128, mse=2.4, max_kld=0.8, summary="GPTQ 4-bit, groups of 128"),
+    QuantPreset("gptq-int8", "gptq", 8, 32, mse=2.4, max_kld=0.02, summary="GPTQ 8-bit, groups of 32 (-> GGUF Q8_0 exactly)"),
 ] + [
     QuantPreset(f"llamacpp-{t.lower()}", "llamacpp", 0, gguf_type=t, targets=("gguf",),
                 max_kld={"Q8_0": 0.02, "Q6_K": 0.05}.get(t, 0.8), summary=f"llama.cpp's own {t} quantizer")
