@@ -1,2 +1,2 @@
 """Format converters, installed as edgelm.converters: GGUF (gguf-py + llama.cpp's quantizer) and ONNX
-(onnxruntime-genai's model builder). edgelm.export.targets wires them into the target registry."""
+(onnxruntime-genai's model builder). edgelm.artifact.targets wires them into the target registry."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from edgelm.errors import EdgelmError
-from edgelm.export.weights import SourceWeights
+from edgelm.artifact.weights import SourceWeights
 
 if TYPE_CHECKING:
     import numpy as np

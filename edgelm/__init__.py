@@ -17,6 +17,11 @@ _LAZY = {
     "run_demo": "edgelm.demo",
     "DemoConfig": "edgelm.demo",
     "EdgelmError": "edgelm.errors",
+    "quantize": "edgelm.artifact.api",
+    "export": "edgelm.artifact.api",
+    "open_artifact": "edgelm.artifact.api",
+    "QuantizeConfig": "edgelm.artifact.config",
+    "ExportConfig": "edgelm.artifact.config",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -105,8 +105,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from edgelm.export.api import quantize
-    from edgelm.export.config import QuantizeConfig
+    from edgelm.artifact.api import quantize
+    from edgelm.artifact.config import QuantizeConfig
 
     res = quantize(_from_args(QuantizeConfig, args))
     q = res.quality
@@ -118,8 +118,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from edgelm.export.api import export
-    from edgelm.export.config import ExportConfig
+    from edgelm.artifact.api import export
+    from edgelm.artifact.config import ExportConfig
 
     res = export(_from_args(ExportConfig, args))
     m = res.manifest
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_eval)
 
-    from edgelm.export.config import ExportConfig, QuantizeConfig
+    from edgelm.artifact.config import ExportConfig, QuantizeConfig
 
     q = sub.add_parser("quantize", help="quantize with a preset (RTN, GPTQ) into a GPTQ-format checkpoint")
     q.add_argument("model", help="HF folder, .gguf, built-in name or hub id")

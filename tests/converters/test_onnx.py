@@ -9,9 +9,9 @@ from edgelm.errors import EdgelmError
 
 def test_matmulnbits_holds_gptq_values(quantized, tmp_path):
     import onnx
+    from edgelm.converters.onnx import build_onnx
     from onnx import numpy_helper
 
-    from edgelm.converters.onnx import build_onnx
     from edgelm.quant.qformat import read_quantized
 
     folder, _ = quantized("gptq-int4-g32")

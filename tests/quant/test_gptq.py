@@ -8,9 +8,8 @@ import torch
 
 from edgelm.manifest import read_manifest
 from edgelm.quant.api import calibration_set, quantize
-
-from tests.conftest import CALIB
 from edgelm.quant.qformat import read_quantized, rtn_quantize
+
 
 def test_gptq_beats_rtn_on_perplexity_and_kld(quantized):
     _, gptq = quantized("gptq-int4-g32")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import EdgelmError
-from edgelm.export.config import ExportConfig, QuantizeConfig
+from edgelm.artifact.config import ExportConfig, QuantizeConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,14 @@ def _existing_quantized(model: str) -> dict[str, Any] | None:
 
 def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
     """Export a model to a target with a preset. Keyword arguments are :class:`ExportConfig` fields."""
-    from edgelm.export.check import check_artifact
+    import tempfile
+
+    from edgelm.artifact.check import check_artifact
     from edgelm.fsutil import atomic_dir
     from edgelm.manifest import read_manifest, write_manifest
     from edgelm.models.loader import check_arch, resolve
     from edgelm.quant.api import quantize_to_folder, resolve_preset
     from edgelm.registry import TARGETS
-
-    import tempfile
 
     c = _config(ExportConfig, config, kwargs)
     if not c.model or not c.out:

@@ -45,7 +45,7 @@ def export_suite(model: str, plan: Sequence[tuple[str, str]], out_root: str | Pa
                  threads: int = 1, label: str | None = None) -> list[ArtifactRow]:
     """Export ``model`` for every (preset, target) in ``plan`` under ``out_root``; a failed pair becomes an error row."""
     from edgelm.errors import EdgelmError
-    from edgelm.export.api import export
+    from edgelm.artifact.api import export
     from edgelm.quant.api import quantize
     from edgelm.quant.presets import get_preset
 
@@ -85,7 +85,7 @@ def gguf_file_row(path: str | Path, ref_model: str, label: str, preset: str, *, 
                   eval_seqs: int = 32, eval_seqlen: int = 256, threads: int = 1) -> ArtifactRow:
     """A row for a GGUF file made elsewhere (e.g. the teacher's GGUF as shipped), measured like our artifacts."""
     from edgelm.converters.gguf import read_types
-    from edgelm.export.check import quality_vs_reference
+    from edgelm.artifact.check import quality_vs_reference
     from edgelm.runtimes.llamacpp import LlamaCppModel
 
     t0 = time.perf_counter()

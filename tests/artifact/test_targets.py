@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from edgelm.errors import EdgelmError
-from edgelm.export.api import export, open_artifact
+from edgelm.artifact.api import export, open_artifact
 from edgelm.manifest import read_manifest
 from edgelm.quant.presets import get_preset
 from edgelm.registry import QUANTS, TARGETS
@@ -97,3 +97,12 @@ def test_parity_check_catches_a_broken_export(tmp_path, tiny_tokenizer_dir, tiny
     ok = run_cli("export", str(model), "--target", "gguf", "--out", str(tmp_path / "g"), "--data", str(tiny_corpus),
                  "--eval-seqs", "2", "--eval-seqlen", "32")
     assert ok.returncode == 0, ok.stderr  # the same model is fine through GGUF
+
+
+def test_top_level_api_is_lazy_and_callable():
+    import subprocess
+    import sys
+
+    code = ("import sys, edgelm; assert callable(edgelm.export) and callable(edgelm.quantize); "
+            "assert 'torch' not in sys.modules; import edgelm.artifact.api; assert callable(edgelm.export)")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edgelm.errors import EdgelmError
 from edgelm.quant.presets import QuantPreset
 from edgelm.registry import TARGETS
 
@@ -40,8 +39,13 @@ class GgufTarget(Target):
     def export(self, src: Path, preset: QuantPreset, tmp: Path, work: Path) -> dict[str, Any]:
         from transformers import AutoTokenizer
 
-        from edgelm.converters.gguf import find_fallbacks, llamacpp_quantize, read_types, write_gguf
-        from edgelm.export.weights import read_source
+        from edgelm.converters.gguf import (
+            find_fallbacks,
+            llamacpp_quantize,
+            read_types,
+            write_gguf,
+        )
+        from edgelm.artifact.weights import read_source
         from edgelm.fsutil import capture_fds
 
         weights = read_source(src)
