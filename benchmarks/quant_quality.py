@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--teacher-gguf", nargs="+", default=TEACHER_GGUF, help="presets exported to GGUF for the teacher")
     p.add_argument("--teacher-onnx", nargs="*", default=[], help="presets exported to ONNX for the teacher")
     p.add_argument("--threads", type=int, default=2, help="runtime threads while measuring (quality only)")
+    p.add_argument("--reuse", action="store_true", help="keep checked artifacts already under --out")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--eval-seqs", type=int, default=32)
@@ -87,7 +88,8 @@ def main() -> None:
         plan = [(q, "gguf") for q in gguf] + [(q, "onnx") for q in onnx]
         out = Path(a.out) / name
         rows += export_suite(MODELS[name], plan, out, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen,
-                             eval_seqs=a.eval_seqs, eval_seqlen=a.eval_seqlen, threads=a.threads, label=name)
+                             eval_seqs=a.eval_seqs, eval_seqlen=a.eval_seqlen, threads=a.threads, label=name,
+                             reuse=a.reuse)
         if name == "teacher":
             from edgelm.models.loader import resolve
 

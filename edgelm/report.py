@@ -150,7 +150,7 @@ def quant_table(rows) -> str:
     body = []
     for r in rows:
         if r.error:
-            body.append([r.model, r.preset, r.target, "failed", "", "", "", "", "", r.error[:80]])
+            body.append([r.model, r.preset, r.target, "failed", "", "", "", "", "", r.error.replace("|", "")[:90]])
             continue
         body.append([r.model, r.preset, r.target, f(r.model_mib, ".1f"), f(r.bpw, ".2f"), f(r.ppl, ".3f"),
                      f(r.dppl, "+.3f"), f(r.kld, ".4f"), f(r.top1_agree, ".3f"), r.fallbacks or ""])

@@ -19,7 +19,7 @@ def test_help_imports_no_heavy_modules():
 def test_help_lists_commands():
     r = run_cli("--help")
     assert r.returncode == 0
-    for cmd in ("distill", "eval", "demo", "list"):
+    for cmd in ("distill", "eval", "quantize", "export", "demo", "list"):
         assert cmd in r.stdout
 
 
@@ -35,11 +35,27 @@ def test_every_distill_flag_is_an_api_argument():
     assert dests == {f.name for f in dataclasses.fields(DistillConfig)}
 
 
+def test_every_quantize_and_export_flag_is_an_api_argument():
+    import dataclasses
+
+    from edgelm.artifact.config import ExportConfig, QuantizeConfig
+    from edgelm.cli import build_parser
+
+    choices = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for cmd, cls in (("quantize", QuantizeConfig), ("export", ExportConfig)):
+        dests = {a.dest for a in choices[cmd]._actions} - {"help"}
+        assert dests == {f.name for f in dataclasses.fields(cls)}, cmd
+        assert all(a.help for a in choices[cmd]._actions), cmd  # every flag documented from its field comment
+
+
 def test_list_shows_registries():
     r = run_cli("list")
     assert r.returncode == 0
-    for name in ("smollm2-135m-instruct", "forward_kl", "reverse_kl", "jsd", "nano"):
+    for name in ("smollm2-135m-instruct", "forward_kl", "reverse_kl", "jsd", "nano", "gptq-int4-g32", "llamacpp-q4_k_m",
+                 "gguf", "onnx"):
         assert name in r.stdout
+    q = run_cli("list", "quants")
+    assert q.returncode == 0 and "4.50  gguf,onnx" in q.stdout and "forward_kl" not in q.stdout
 
 
 def _one_line_error(r: subprocess.CompletedProcess) -> str:

@@ -68,7 +68,7 @@ def test_demo_writes_a_report(tmp_path):
 
     r = run_cli("demo", "--out", str(tmp_path / "demo"), "--max-tokens", "1024", "--test-seqs", "2",
                 "--eval-every", "1", "--no-progress", "--calib-samples", "4", "--calib-seqlen", "64",
-                "--check-seqs", "2")
+                "--check-seqs", "2", timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"report:  {tmp_path / 'demo' / 'report.md'}" in r.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
@@ -76,13 +76,21 @@ def test_demo_writes_a_report(tmp_path):
         assert f"({png})" in report and (tmp_path / "demo" / png).stat().st_size > 1000
     row = re.search(r"\| student \| ([\d,]+) \| 16 \| 1,024 \| ([\d.,]+) \|", report)
     assert row, report
-    # step 3: every artifact exported and checked; llama.cpp's K-quant fallback on rows of 576 is reported
+    # step 3: every artifact exported and checked. fp32 conversions must pass; this 1k-token student is far from
+    # trained, so a 4-bit artifact may fail its quality gate, which the report must then say in its row.
     for preset, target in (("fp32", "gguf"), ("fp32", "onnx"), ("gptq-int4-g32", "gguf"), ("gptq-int4-g32", "onnx"),
                            ("llamacpp-q4_0", "gguf"), ("llamacpp-q4_k_m", "gguf")):
-        assert re.search(rf"\| student \| {preset} \| {target} \| [\d.]+ \|", report), (preset, target)
-        m = json.loads((tmp_path / "demo" / "export" / f"{target}-{preset}" / "edgelm.json").read_text())
-        assert m["parity"]["passed"]
-    assert "llama.cpp fell back" in report and "(quant.png)" in report
+        row = re.search(rf"\| student \| {preset} \| {target} \| ([^|]+) \|.*\| ([^|]*) \|\n", report)
+        assert row, (preset, target)
+        folder = tmp_path / "demo" / "export" / f"{target}-{preset}"
+        if preset == "fp32" or row.group(1).strip() != "failed":
+            assert json.loads((folder / "edgelm.json").read_text())["parity"]["passed"], (preset, target)
+        else:
+            assert "quality check failed: KL divergence" in row.group(2) and not folder.exists()
+    assert "(quant.png)" in report and (tmp_path / "demo" / "quant.png").stat().st_size > 1000
+    q4km = tmp_path / "demo" / "export" / "gguf-llamacpp-q4_k_m" / "edgelm.json"
+    if q4km.exists():  # rows of 576 don't fit K-quant blocks: reported in the manifest and the report
+        assert json.loads(q4km.read_text())["fallback_tensors"] and "llama.cpp fell back" in report
 
 
 def test_cli_eval_of_the_builtin_teacher():

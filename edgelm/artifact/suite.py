@@ -40,12 +40,24 @@ def _model_bytes(folder: Path, manifest: dict[str, Any]) -> int:
                if name.endswith((".gguf", ".onnx", ".onnx.data", ".safetensors")))
 
 
+def _row(label: str, preset, target: str, out: Path, m: dict[str, Any], seconds: float) -> ArtifactRow:
+    par = m["parity"]
+    return ArtifactRow(label, preset.name, target, str(out), _model_bytes(out, m) / 2**20, preset.bits_per_weight,
+                       par["ppl"], par["ppl_ref"], par["kld"], par["top1_agree"], len(m.get("fallback_tensors") or []),
+                       seconds)
+
+
 def export_suite(model: str, plan: Sequence[tuple[str, str]], out_root: str | Path, *, data: tuple[str, ...] = (),
                  calib_samples: int = 128, calib_seqlen: int = 512, eval_seqs: int = 32, eval_seqlen: int = 256,
-                 threads: int = 1, label: str | None = None) -> list[ArtifactRow]:
-    """Export ``model`` for every (preset, target) in ``plan`` under ``out_root``; a failed pair becomes an error row."""
-    from edgelm.errors import EdgelmError
+                 threads: int = 1, label: str | None = None, reuse: bool = False) -> list[ArtifactRow]:
+    """Export ``model`` for every (preset, target) in ``plan`` under ``out_root``; a failed pair becomes an error row.
+
+    ``reuse``: keep an artifact already in ``out_root`` whose manifest (sha256 checked) has this preset and a
+    passed check, instead of exporting it again.
+    """
     from edgelm.artifact.api import export
+    from edgelm.errors import EdgelmError
+    from edgelm.manifest import read_manifest
     from edgelm.quant.api import quantize
     from edgelm.quant.presets import get_preset
 
@@ -56,10 +68,20 @@ def export_suite(model: str, plan: Sequence[tuple[str, str]], out_root: str | Pa
         preset = get_preset(preset_name)
         t0 = time.perf_counter()
         src, q_seconds = model, 0.0
+        done = out_root / f"{target}-{preset_name}"
+        if reuse and (done / "edgelm.json").is_file():
+            m = read_manifest(done)
+            if m and m["preset"]["name"] == preset_name and m["parity"].get("passed"):
+                log.info("== %s: %s -> %s (reused)", label or model, preset_name, target)
+                rows.append(_row(label or model, preset, target, done, m, float(m.get("export_seconds", 0))))
+                continue
         try:
             if preset.method in ("rtn", "gptq"):
+                folder = out_root / f"quantized-{preset_name}"
+                prior = read_manifest(folder) if reuse and (folder / "edgelm.json").is_file() else None
+                if prior and prior["preset"]["name"] == preset_name and preset_name not in quantized:
+                    quantized[preset_name] = (folder, float(prior.get("quantize_seconds", 0)))
                 if preset_name not in quantized:
-                    folder = out_root / f"quantized-{preset_name}"
                     res = quantize(model, preset, folder, data=data, calib_samples=calib_samples,
                                    calib_seqlen=calib_seqlen, eval_seqs=0, force=True)
                     quantized[preset_name] = (folder, res.seconds)
@@ -68,11 +90,7 @@ def export_suite(model: str, plan: Sequence[tuple[str, str]], out_root: str | Pa
             log.info("== %s: %s -> %s", label or model, preset_name, target)
             r = export(model=src, target=target, quant=preset_name, out=out, force=True, data=data,
                        eval_seqs=eval_seqs, eval_seqlen=eval_seqlen, threads=threads)
-            par = r.manifest["parity"]
-            rows.append(ArtifactRow(label or model, preset_name, target, str(out), _model_bytes(out, r.manifest) / 2**20,
-                                    preset.bits_per_weight, par["ppl"], par["ppl_ref"], par["kld"], par["top1_agree"],
-                                    len(r.manifest.get("fallback_tensors") or []),
-                                    time.perf_counter() - t0 + q_seconds))
+            rows.append(_row(label or model, preset, target, out, r.manifest, time.perf_counter() - t0 + q_seconds))
         except EdgelmError as e:
             log.warning("%s -> %s failed: %s", preset_name, target, e)
             nan = float("nan")

@@ -125,3 +125,13 @@ def test_open_artifact_refuses_a_changed_or_newer_artifact(tmp_path, tiny_q_mode
     (out / "edgelm.json").write_text(json.dumps(m))
     with pytest.raises(EdgelmError, match="schema version 99"):
         open_artifact(out)
+
+
+def test_onnx_refuses_a_per_row_block_that_is_not_a_power_of_two(tmp_path, tiny_tokenizer_dir):
+    """int8 is one scale per row; rows of 96 columns are not a MatMulNBits block: refused before building."""
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "m", tiny_tokenizer_dir, layers=1, hidden=96, inter=192, heads=2, kv_heads=1)
+    r = run_cli("export", str(model), "--target", "onnx", "--quant", "int8", "--out", str(tmp_path / "o"))
+    _fails(r, "power-of-two blocks", "blocks of 96")
+    assert not (tmp_path / "o").exists()
