@@ -34,15 +34,16 @@ TEACHER_GGUF = ["fp32", "int4-g32", "gptq-int4-g32", "llamacpp-q8_0", "llamacpp-
 MODELS = {"student": str(ROOT / "runs/demo/student"), "teacher": "smollm2-135m-instruct"}
 
 
+# VmHWM (this process's peak RSS, in kB), not ru_maxrss, which a child inherits from a large parent at fork.
 RSS_PROBE = """
-import logging, resource, sys
+import sys
 import numpy, torch, transformers  # the baseline a Python exporter pays before touching weights
 from edgelm.artifact.api import export
-from edgelm.models.loader import resolve
-resolve(sys.argv[1])  # the teacher's one-time GGUF dequantization is not export work
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+base = hwm()
 export(model=sys.argv[1], target="gguf", quant="fp32", out=sys.argv[2], force=True, check=False)
-print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(base, hwm())
 """
 
 
@@ -50,7 +51,7 @@ def export_peak_rss(model: str, out: Path) -> tuple[float, float, float]:
     """(peak RSS MiB, RSS MiB after imports, fp32 model MiB) of an fp32 GGUF export (no check) in a fresh process."""
     from edgelm.models.loader import resolve
 
-    folder = Path(resolve(model).path)
+    folder = Path(resolve(model).path)  # also the teacher's one-time GGUF dequantization, before the probe
     fp32_mib = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
     r = subprocess.run([sys.executable, "-c", RSS_PROBE, model, str(out)], capture_output=True, text=True, check=True,
                        cwd=ROOT)
