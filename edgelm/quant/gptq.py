@@ -23,11 +23,15 @@ def run_gptq(src: str, calib_path: Path, out: Path, *, bits: int, group_size: in
              damp: float, mse: float, device: str, log_path: Path) -> None:
     """Quantize ``src`` (an HF folder) with GPTQModel in a child process; raise with the child's last line on failure."""
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1))),
-           "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "edgelm.quant.gptq", src, str(calib_path), str(out), str(bits), str(group_size),
+           "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))}
+    # cwd: GPTQModel writes a ./logs folder; keep it inside the temporary work folder, not the user's cwd.
+    src = src if not Path(src).exists() else str(Path(src).resolve())
+    args = [sys.executable, "-m", "edgelm.quant.gptq", src, str(calib_path.resolve()), str(out.resolve()), str(bits), str(group_size),
             str(int(sym)), str(int(act_order)), str(damp), str(mse), device]
     with open(log_path, "w", encoding="utf-8") as logf:
-        rc = subprocess.run(args, stdout=logf, stderr=subprocess.STDOUT, env=env).returncode
+        rc = subprocess.run(args, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                            cwd=log_path.resolve().parent).returncode
     if rc != 0:
         lines = [ln.strip() for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
         raise EdgelmError(f"GPTQ failed (exit {rc}): {lines[-1][:300] if lines else 'no output'} (full log: {log_path})")
