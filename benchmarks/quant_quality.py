@@ -34,16 +34,15 @@ TEACHER_GGUF = ["fp32", "int4-g32", "gptq-int4-g32", "llamacpp-q8_0", "llamacpp-
 MODELS = {"student": str(ROOT / "runs/demo/student"), "teacher": "smollm2-135m-instruct"}
 
 
-# VmHWM (this process's peak RSS, in kB), not ru_maxrss, which a child inherits from a large parent at fork.
+# edgelm.metrics.peak_rss_bytes: VmHWM, not ru_maxrss, which a child inherits from a large parent at fork.
 RSS_PROBE = """
 import sys
 import numpy, torch, transformers  # the baseline a Python exporter pays before touching weights
 from edgelm.artifact.api import export
-def hwm():
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-base = hwm()
+from edgelm.metrics import peak_rss_bytes
+base = peak_rss_bytes() // 1024
 export(model=sys.argv[1], target="gguf", quant="fp32", out=sys.argv[2], force=True, check=False)
-print(base, hwm())
+print(base, peak_rss_bytes() // 1024)
 """
 
 

@@ -258,12 +258,9 @@ def llamacpp_quantize(src_gguf: Path, dst: Path, gguf_type: str, *, threads: int
 
 
 def require_llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        raise EdgelmError("llama-cpp-python is not installed; pip install 'edgelm[llamacpp]' "
-                          "(it builds llama.cpp from source, about 16 minutes)") from None
-    return llama_cpp
+    from edgelm.errors import require
+
+    return require("llama_cpp", "llamacpp", " (llama-cpp-python builds llama.cpp from source, about 16 minutes)")
 
 
 # Block types that a llama.cpp file type intends for its 2-D weights; anything else in the output is a fallback.

@@ -22,6 +22,10 @@ _LAZY = {
     "open_artifact": "edgelm.artifact.api",
     "QuantizeConfig": "edgelm.artifact.config",
     "ExportConfig": "edgelm.artifact.config",
+    "load": "edgelm.runtimes.loader",
+    "GenerationConfig": "edgelm.runtimes.sampling",
+    "bench": "edgelm.bench.api",
+    "BenchConfig": "edgelm.bench.config",
 }
 
 __all__ = ["__version__", *_LAZY]

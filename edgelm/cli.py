@@ -52,7 +52,8 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls: type, skip: Sequence[str
             else:
                 p.add_argument(flag, action="store_true", help=h)
         elif ann.startswith("tuple"):
-            p.add_argument(flag, nargs="+", default=list(default), metavar="X", help=h)
+            item: Callable[[str], Any] = int if ann.startswith("tuple[int") else str
+            p.add_argument(flag, nargs="+", type=item, default=list(default), metavar="X", help=h)
         else:
             typ: Callable[[str], Any] = int if ann.startswith("int") else float if ann.startswith("float") else str
             p.add_argument(flag, type=typ, default=default, help=f"{h} (default: {default})")
@@ -61,7 +62,7 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls: type, skip: Sequence[str
 def _from_args(cls: type, args: argparse.Namespace) -> Any:
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     for f in dataclasses.fields(cls):
-        if str(f.type).startswith("tuple") and f.name in kw:
+        if str(f.type).startswith("tuple") and kw.get(f.name) is not None:
             kw[f.name] = tuple(kw[f.name])
     return cls(**kw)
 
@@ -138,8 +139,57 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from edgelm.runtimes.loader import load
+    from edgelm.runtimes.sampling import GenerationConfig
+
+    cfg = _from_args(GenerationConfig, args)
+    cfg = cfg.with_options(stop_ids=tuple(args.stop_ids) if args.stop_ids else None).validate()
+    if args.prompt is None and not args.chat:
+        raise EdgelmError("pass a prompt (or --chat MESSAGE)")
+    with load(args.model, runtime=args.runtime, threads=args.threads, context=args.context) as rt:
+        log.info("%s on %s, %d thread(s), context %d", rt.path, rt.name, rt.threads, rt.context)
+        if args.chat:
+            s = rt.chat([{"role": "user", "content": args.chat}], cfg, stream=True)
+        else:
+            s = rt.generate(args.prompt, cfg, stream=True)
+        for delta in s:
+            if args.stream:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        g = s.result
+        if not args.stream:
+            sys.stdout.write(g.text)
+        sys.stdout.write("\n")
+        log.info("%d prompt + %d new tokens (%s); TTFT %.1f ms, decode %.1f tok/s", g.prompt_tokens, len(g.ids),
+                 g.finish_reason, g.ttft_s * 1e3, g.decode_tokens_per_s)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edgelm.bench.api import bench
+    from edgelm.bench.config import BenchConfig
+
+    cfg = _from_args(BenchConfig, args)
+    res = bench(cfg)
+    if cfg.dry_run:
+        print(f"would run {len(res.rows)} row(s), each in its own process:")
+        for r in res.rows:
+            what = r.get("error") or f"{r['runtime']}, threads {r['threads'] or 'auto'}"
+            print(f"  {r['model']}: {what}")
+        return 0
+    h = res.header
+    print(f"edgelm bench on {h['cpu']} ({h['physical_cores']} cores); prompt {cfg.prompt_len}, gen {cfg.gen_len}, "
+          f"{cfg.repeat} runs per row (mean ± std)\n")
+    print(res.table())
+    for path in (cfg.json, cfg.csv, cfg.plot):
+        if path:
+            print(f"wrote {path}")
+    return 1 if res.rows and all(r.get("error") for r in res.rows) else 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    from edgelm.registry import KD_LOSSES, QUANTS, STUDENT_ZOO, TARGETS, TEACHERS
+    from edgelm.registry import KD_LOSSES, QUANTS, RUNTIMES, STUDENT_ZOO, TARGETS, TEACHERS
 
     what = args.what
     if what in ("teachers", "all"):
@@ -164,6 +214,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name, t in TARGETS.items():
             doc = (type(t).__doc__ or "").strip().splitlines()[0]
             print(f"  {name:24s} {doc}")
+    if what in ("runtimes", "all"):
+        print("runtimes (formats; pip extra):")
+        for name, r in RUNTIMES.items():
+            extra = f"pip install 'edgelm[{r.extra}]'" if r.extra else "included"
+            print(f"  {name:24s} {','.join(r.formats):10s} {extra}")
     return 0
 
 
@@ -210,8 +265,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(m, DemoConfig)
     m.set_defaults(func=cmd_demo)
 
-    ls = sub.add_parser("list", help="list built-in teachers, student shapes, KD losses, quant presets and targets")
-    ls.add_argument("what", nargs="?", default="all", choices=["all", "teachers", "students", "losses", "quants", "targets"])
+    from edgelm.bench.config import BenchConfig
+    from edgelm.runtimes.sampling import GenerationConfig
+
+    g = sub.add_parser("generate", help="generate text with any model or artifact, on any runtime (streams to stdout)")
+    g.add_argument("model", help="artifact folder, HF folder, .gguf, built-in name or hub id")
+    g.add_argument("prompt", nargs="?", default=None, help="prompt text")
+    g.add_argument("--chat", default=None, metavar="MESSAGE", help="a user message, formatted with the chat template")
+    g.add_argument("--runtime", default=None, help="force a runtime (edgelm list runtimes)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's pick, logged)")
+    g.add_argument("--context", type=int, default=None, help="KV cache tokens (default: the runtime's)")
+    g.add_argument("--no-stream", dest="stream", action="store_false", help="print the text at the end")
+    add_dataclass_args(g, GenerationConfig, skip=("stop_ids",))
+    g.add_argument("--stop-ids", type=int, nargs="+", default=None, help="stop token ids (default: end-of-sequence)")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="tok/s, TTFT, memory, size (and quality) of artifacts and runtimes, side by side")
+    b.add_argument("models", nargs="*", help="artifact folders, HF folders or .gguf files")
+    add_dataclass_args(b, BenchConfig, skip=("models",))
+    b.set_defaults(func=cmd_bench)
+
+    ls = sub.add_parser("list", help="list built-in teachers, student shapes, KD losses, quant presets, targets and runtimes")
+    ls.add_argument("what", nargs="?", default="all", choices=["all", "teachers", "students", "losses", "quants", "targets",
+                                                                "runtimes"])
     ls.set_defaults(func=cmd_list)
     return p
 

@@ -25,3 +25,13 @@ class Interrupted(EdgelmError):
     """Ctrl-C during a run; a checkpoint was written to resume from."""
 
     exit_code = 130
+
+
+def require(module: str, extra: str, note: str = ""):
+    """Import an optional dependency, or fail with the pip extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise EdgelmError(f"{module} is not installed; pip install 'edgelm[{extra}]'{note}") from None

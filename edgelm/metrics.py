@@ -41,17 +41,24 @@ def next_token_stats(logits: "torch.Tensor", ids: "torch.Tensor") -> tuple[float
     return float(nll), int(hits), target.numel()
 
 
-def kl_divergence(ref_logits: "torch.Tensor", logits: "torch.Tensor") -> float:
-    """Mean KL(ref || model) per token, in nats. Both [..., V]."""
-    import torch.nn.functional as F
+def as_numpy(x) -> "np.ndarray":
+    """A torch tensor (any device/dtype) or array-like as a numpy array."""
+    import numpy as np
 
-    ref = F.log_softmax(ref_logits.float(), -1)
-    cur = F.log_softmax(logits.float(), -1)
-    return float((ref.exp() * (ref - cur)).sum(-1).mean())
+    return x.detach().float().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
-def top1_agreement(ref_logits: "torch.Tensor", logits: "torch.Tensor") -> float:
-    return float((ref_logits.argmax(-1) == logits.argmax(-1)).float().mean())
+def kl_divergence(ref_logits, logits) -> float:
+    """Mean KL(ref || model) per position, in nats. Both [..., V], numpy or torch."""
+    import numpy as np
+
+    ref, cur = log_softmax_np(as_numpy(ref_logits)), log_softmax_np(as_numpy(logits))
+    return float((np.exp(ref) * (ref - cur)).sum(-1).mean())
+
+
+def top1_agreement(ref_logits, logits) -> float:
+    """Share of positions where both pick the same most likely token."""
+    return float((as_numpy(ref_logits).argmax(-1) == as_numpy(logits).argmax(-1)).mean())
 
 
 def score_lm(model, seqs: "np.ndarray", *, batch_size: int = 4, device: str | None = None) -> LMScore:
@@ -105,19 +112,88 @@ class QualityDelta:
 
 
 def compare_logits(pairs) -> QualityDelta:
-    """Aggregate over ``pairs`` of (ids [T], ref_logits [T, V], cand_logits [T, V]) tensors."""
+    """Aggregate over ``pairs`` of (ids [T], ref_logits [T, V], cand_logits [T, V]), numpy or torch, from any runtime."""
+    import numpy as np
+
     nll_r = nll_c = kld = agree = max_diff = 0.0
     preds = positions = 0
     for ids, ref, cand in pairs:
-        ids, ref, cand = ids[None], ref[None].float(), cand[None].float()  # [1, T], [1, T, V]
-        a, _, k = next_token_stats(ref, ids)
-        b, _, _ = next_token_stats(cand, ids)
-        nll_r, nll_c, preds = nll_r + a, nll_c + b, preds + k
-        t = ref.shape[1]
-        kld += kl_divergence(ref, cand) * t
-        agree += top1_agreement(ref, cand) * t
-        max_diff = max(max_diff, float((ref - cand).abs().max()))
-        positions += t
+        ids, ref, cand = np.asarray(as_numpy(ids)), as_numpy(ref), as_numpy(cand)
+        lr, lc = log_softmax_np(ref), log_softmax_np(cand)  # [T, V] float64
+        rows, target = np.arange(len(ids) - 1), ids[1:]  # position t predicts ids[t + 1]
+        nll_r -= float(lr[rows, target].sum())
+        nll_c -= float(lc[rows, target].sum())
+        preds += len(target)
+        kld += float((np.exp(lr) * (lr - lc)).sum())
+        agree += float((lr.argmax(-1) == lc.argmax(-1)).sum())
+        max_diff = max(max_diff, float(np.abs(ref.astype(np.float64) - cand).max()))
+        positions += len(ids)
     n = max(positions, 1)
     return QualityDelta(ppl_ref=perplexity(nll_r, preds), ppl=perplexity(nll_c, preds), kld=kld / n,
                         top1_agree=agree / n, max_abs_logit_diff=max_diff, tokens=positions)
+
+
+def log_softmax_np(logits: "np.ndarray") -> "np.ndarray":
+    """log-softmax over the last axis of a numpy array [..., V], in float64."""
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def score_logits(pairs) -> LMScore:
+    """LMScore over ``pairs`` of (ids [T], logits [T, V]) from any runtime (numpy; no torch needed)."""
+    import numpy as np
+
+    nll = 0.0
+    hits = n = 0
+    for ids, logits in pairs:
+        ids = np.asarray(ids)
+        lp = log_softmax_np(logits[:-1])  # [T-1, V]
+        target = ids[1:]  # [T-1]
+        nll -= float(lp[np.arange(len(target)), target].sum())
+        hits += int((lp.argmax(-1) == target).sum())
+        n += len(target)
+    return LMScore(nll=nll / n if n else float("nan"), ppl=perplexity(nll, n), top1=hits / n if n else float("nan"), tokens=n)
+
+
+@dataclass(frozen=True)
+class MeanStd:
+    mean: float
+    std: float  # sample standard deviation (0 for one run)
+    n: int
+
+    def fmt(self, digits: int = 1) -> str:
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+def mean_std(values) -> MeanStd:
+    vals = [float(v) for v in values]
+    if not vals:
+        return MeanStd(float("nan"), float("nan"), 0)
+    mean = sum(vals) / len(vals)
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
+    return MeanStd(mean, math.sqrt(var), len(vals))
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process: VmHWM on Linux (ru_maxrss is inherited across fork, so it can report
+    the parent's peak), else ru_maxrss."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def decode_roofline_tokens_per_s(bytes_per_token: float, bandwidth_bytes_per_s: float) -> float:
+    """Upper bound on decode speed when every weight byte is read once per token."""
+    return bandwidth_bytes_per_s / bytes_per_token if bytes_per_token > 0 else float("nan")

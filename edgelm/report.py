@@ -177,3 +177,34 @@ def plot_quant(rows, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_bench(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Decode tok/s against file size, and against ΔPPL when measured; one marker per runtime, one point per row."""
+    plt = _plt()
+    ok = [r for r in rows if not r.get("error") and r.get("tg_tps_mean")]
+    quality = [r for r in ok if r.get("dppl") is not None]
+    fig, axes = plt.subplots(1, 2 if quality else 1, figsize=(11 if quality else 6.4, 4.5), squeeze=False)
+    panels = [("size_bytes", "model file size (MiB)", 2**20, ok)]
+    if quality:
+        panels.append(("dppl", "ΔPPL vs reference (symlog)", 1, quality))
+    for ax, (key, label, scale, pts) in zip(axes[0], panels):
+        for i, rt in enumerate(dict.fromkeys(r["runtime"] for r in pts)):
+            sel = [r for r in pts if r["runtime"] == rt]
+            ax.errorbar([r[key] / scale for r in sel], [r["tg_tps_mean"] for r in sel],
+                        yerr=[r.get("tg_tps_std") or 0 for r in sel], fmt="osD^v"[i % 5], label=rt, capsize=2)
+            for r in sel:
+                ax.annotate(f"{r['model']} ×{r.get('threads')}", (r[key] / scale, r["tg_tps_mean"]), fontsize=6,
+                            xytext=(3, 2), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("decode tok/s")
+        if key == "dppl":
+            ax.set_xscale("symlog", linthresh=0.01)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,2 +1,2 @@
-"""Runtime backends, installed as edgelm.runtimes: llama.cpp (GGUF) and ONNX Runtime. Each exposes
-``logits(ids)`` and ``greedy(ids, n)``; the full runtime API (sampling, streaming, bench) is issue 4."""
+"""Runtime backends, installed as edgelm.runtimes: one API (runtimes/base.py) over PyTorch, ONNX Runtime and
+llama.cpp. ``edgelm.load(path)`` picks the backend from the artifact's manifest."""

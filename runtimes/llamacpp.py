@@ -1,66 +1,133 @@
-"""llama.cpp backend through llama-cpp-python: GGUF artifacts."""
+"""llama.cpp backend through llama-cpp-python 0.3.36: GGUF artifacts, or any .gguf file.
+
+The decode loop talks to llama.cpp's context and batch directly (``llama_decode``, then the logits of the last
+position only), skipping ``Llama.eval``'s per-call copies of every position's logits.
+"""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from edgelm.converters.gguf import require_llama_cpp
 from edgelm.errors import EdgelmError
+from edgelm.runtimes.base import Runtime, check_threads, default_threads
+from edgelm.runtimes.text import TextTokenizer
 
 if TYPE_CHECKING:
     import numpy as np
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CONTEXT = 2048  # KV cache tokens unless asked otherwise (the model's own may be 8k+: memory)
 
-class LlamaCppModel:
-    """One GGUF file, with logits for every position (for perplexity/KLD) and greedy decoding."""
 
-    def __init__(self, path: str | Path, *, threads: int = 1, n_ctx: int = 0) -> None:
-        from edgelm.converters.gguf import require_llama_cpp
+class LlamaCppRuntime(Runtime):
+    name = "llamacpp"
+    extra = "llamacpp"
+    formats = ("gguf",)
 
+    def __init__(self, path: str | Path, *, threads: int | None = None, context: int | None = None) -> None:
         require_llama_cpp()
         from llama_cpp import Llama
 
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise EdgelmError(f"{self.path} does not exist; pass a .gguf file or an artifact folder")
+        check_threads(threads)
+        path = Path(path)
+        file = path / "model.gguf" if path.is_dir() else path
+        if not file.is_file():
+            raise EdgelmError(f"{path} is not a GGUF file or a GGUF artifact folder (model.gguf)")
+        size = file.stat().st_size
+        if threads is None:
+            threads, why = default_threads(size)
+            log.info("llamacpp: %d thread(s) (%s); --threads to change", threads, why)
+        want_ctx = context or DEFAULT_CONTEXT
         try:
-            self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                             logits_all=True, verbose=False, n_batch=512)
+            self.llm = Llama(model_path=str(file), n_ctx=want_ctx, n_threads=threads, n_threads_batch=threads,
+                             logits_all=False, verbose=False, n_batch=512)
         except Exception as e:
-            raise EdgelmError(f"llama.cpp could not load {self.path} ({type(e).__name__}: {e}); "
+            raise EdgelmError(f"llama.cpp could not load {file} ({type(e).__name__}: {e}); "
                               "the file may be corrupt or truncated") from None
+        n_train = self.llm._model.n_ctx_train()
+        if context is None and n_train and n_train < want_ctx:  # don't promise more than the model was trained on
+            want_ctx = n_train
+        tok = TextTokenizer.from_folder(file.parent) if (file.parent / "tokenizer.json").is_file() else self._native_tokenizer()
+        super().__init__(path, tokenizer=tok, threads=threads, context=min(want_ctx, self.llm.n_ctx()), model_bytes=size)
+        self.file = file
+        self.n_vocab = self.llm.n_vocab()
+        self.n_past = 0
 
-    def close(self) -> None:
+    def _native_tokenizer(self) -> TextTokenizer:
+        """llama.cpp's own vocab, for a bare .gguf. Pieces are read with a buffer that fits any token."""
+        import ctypes
+
+        import llama_cpp
+
+        vocab = self.llm._model.vocab
+
+        def piece(t: int) -> bytes:
+            size = 64
+            while True:
+                buf = ctypes.create_string_buffer(size)
+                n = llama_cpp.llama_token_to_piece(vocab, t, buf, size, 0, False)
+                if n >= 0:
+                    return buf.raw[:n]
+                size = -n
+
+        return TextTokenizer(lambda s: self.native_tokenize(s), lambda ids: b"".join(piece(int(t)) for t in ids)
+                             .decode("utf-8", errors="replace"), eos_ids=(int(self.llm.token_eos()),))
+
+    def native_tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """llama.cpp's tokenizer (the artifact's tokenizer.json is what generate uses)."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def _decode(self, ids: Sequence[int], all_logits: bool) -> "np.ndarray":
+        """Run ``ids`` after the cached ones; logits [len(ids) or 1, V]."""
+        import numpy as np
+
+        ctx, batch, nb = self.llm._ctx, self.llm._batch, self.llm.n_batch
+        rows = []
+        for i in range(0, len(ids), nb):
+            chunk = ids[i : i + nb]
+            batch.set_batch(batch=chunk, n_past=self.n_past, logits_all=all_logits)
+            ctx.decode(batch)
+            self.n_past += len(chunk)
+            n = len(chunk) if all_logits else 1
+            if all_logits or i + nb >= len(ids):
+                rows.append(np.ctypeslib.as_array(ctx.get_logits(), shape=(n, self.n_vocab)).copy())  # [n, V]
+        return rows[0] if len(rows) == 1 else np.concatenate(rows)
+
+    def _reset(self) -> None:
+        self.llm._ctx.kv_cache_clear()
+        self.n_past = 0
+
+    def _prefill(self, ids: Sequence[int]) -> "np.ndarray":
+        self._reset()
+        return self._decode(list(ids), False)[-1]
+
+    def _step(self, token: int) -> "np.ndarray":
+        return self._decode([token], False)[-1]
+
+    def logits(self, ids: Sequence[int]) -> "np.ndarray":
+        if len(ids) > self.context:
+            raise EdgelmError(f"{len(ids)} tokens exceed the context of {self.context}")
+        self._reset()
+        return self._decode(list(ids), True).astype("float32", copy=False)
+
+    def native_greedy(self, ids: Sequence[int], n: int) -> list[int]:
+        """Argmax decode on llama.cpp's context with nothing of ours in between (bench's overhead baseline)."""
+        import numpy as np
+
+        self._reset()
+        logits = self._decode(list(ids), False)[-1]
+        out = []
+        for _ in range(n):
+            out.append(int(np.argmax(logits)))
+            logits = self._decode(out[-1:], False)[-1]
+        return out
+
+    def _close(self) -> None:
         """Free llama.cpp's model and context now (its __del__ can fail at interpreter exit)."""
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.close()
             self.llm = None
-
-    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
-
-    def logits(self, ids: Sequence[int]) -> "np.ndarray":
-        """Logits [T, V] (float32) for one sequence, from an empty KV cache."""
-        import numpy as np
-
-        if len(ids) > self.llm.n_ctx():
-            raise EdgelmError(f"{len(ids)} tokens exceed the context of {self.llm.n_ctx()}")
-        self.llm.reset()
-        self.llm.eval(list(ids))
-        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
-
-    def greedy(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
-        """Greedy continuation by argmax over llama.cpp's logits (no sampler in between)."""
-        import numpy as np
-
-        self.llm.reset()
-        self.llm.eval(list(ids))
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            nxt = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-            out.append(nxt)
-            self.llm.eval([nxt])
-        return out

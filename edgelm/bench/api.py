@@ -1,0 +1,230 @@
+"""``edgelm.bench``: plan rows (model x runtime x threads), run each in a fresh process, write table/JSON/CSV/plot.
+
+JSON schema ``edgelm-bench/1`` (docs/bench_schema.md): {"schema", "header": {machine, cpu, cores, memory, python,
+libraries, edgelm_version, created, config}, "rows": [row, ...]}; a row's fields are ROW_FIELDS.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgelm.bench.config import BenchConfig
+from edgelm.errors import EdgelmError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "edgelm-bench/1"
+# Every row has these keys (None where not measured). Units are in the names.
+ROW_FIELDS = ("model", "path", "format", "preset", "runtime", "threads", "size_bytes", "load_s",
+              "pp_tps_mean", "pp_tps_std", "tg_tps_mean", "tg_tps_std", "ttft_ms_mean", "ttft_ms_std",
+              "peak_rss_bytes", "ppl", "ppl_ref", "dppl", "kld", "top1_agree", "overhead_ms_per_token",
+              "overhead_pct", "reference", "error")
+
+
+@dataclass
+class BenchResult:
+    header: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "header": self.header, "rows": self.rows}
+
+    def table(self) -> str:
+        """The rows as a Markdown table (quality and overhead columns only when measured)."""
+        from edgelm.report import md_table
+
+        def f(v: Any, fmt: str) -> str:
+            return "" if v is None else format(v, fmt)
+
+        quality = any(r.get("kld") is not None for r in self.rows)
+        overhead = any(r.get("overhead_pct") is not None for r in self.rows)
+        heads = ["model", "preset", "runtime", "threads", "MiB", "pp t/s", "tg t/s", "TTFT ms", "peak RSS MiB"]
+        heads += ["ppl", "ΔPPL", "KLD", "top-1 agree"] if quality else []
+        heads += ["overhead/token"] if overhead else []
+        heads += ["error"]
+        rows = []
+        for r in self.rows:
+            row = [r["model"], r.get("preset") or "", r.get("runtime") or "", f(r.get("threads"), "d"),
+                   f(r["size_bytes"] / 2**20 if r.get("size_bytes") else None, ".1f"),
+                   _pm(r, "pp_tps", ".1f"), _pm(r, "tg_tps", ".1f"), _pm(r, "ttft_ms", ".1f"),
+                   f(r["peak_rss_bytes"] / 2**20 if r.get("peak_rss_bytes") else None, ".0f")]
+            if quality:
+                row += [f(r.get("ppl"), ".3f"), f(r.get("dppl"), "+.3f"), f(r.get("kld"), ".4f"), f(r.get("top1_agree"), ".3f")]
+            if overhead:
+                row += [f(r.get("overhead_pct"), "+.1f") + ("%" if r.get("overhead_pct") is not None else "")]
+            row += [r.get("error") or ""]
+            rows.append(row)
+        return md_table(heads, rows)
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(ROW_FIELDS), lineterminator="\n")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: r.get(k) for k in ROW_FIELDS})
+        return buf.getvalue()
+
+
+def _pm(r: dict[str, Any], key: str, fmt: str) -> str:
+    m, s = r.get(f"{key}_mean"), r.get(f"{key}_std")
+    return "" if m is None else f"{format(m, fmt)} ± {format(s or 0.0, fmt)}"
+
+
+def machine_info() -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from edgelm import __version__
+    from edgelm.runtimes.base import physical_cores
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model", "Hardware")):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        mem = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        pass
+    libs = {}
+    for name in ("torch", "transformers", "onnxruntime", "onnxruntime-genai", "llama-cpp-python", "numpy"):
+        try:
+            libs[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return {"machine": platform.machine(), "system": platform.platform(), "cpu": cpu, "logical_cores": os.cpu_count(),
+            "physical_cores": physical_cores(), "memory_bytes": mem, "python": platform.python_version(),
+            "libraries": libs, "edgelm_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def plan(config: BenchConfig) -> list[dict[str, Any]]:
+    """One row spec per model x runtime x threads; a model that can't be opened becomes an error row."""
+    from edgelm.registry import RUNTIMES
+    from edgelm.runtimes.loader import DEFAULT_RUNTIME, artifact_format
+
+    rows: list[dict[str, Any]] = []
+    for model in config.models:
+        base = {"model": Path(model).name or model, "path": model}
+        try:
+            fmt, manifest = artifact_format(model)
+        except EdgelmError as e:
+            rows.append({**base, "error": str(e)})
+            continue
+        m = manifest or {}
+        base.update(format=fmt, preset=(m.get("preset") or {}).get("name") or ("fp32" if fmt == "hf" else None),
+                    reference=config.reference or (m.get("parity") or {}).get("reference") or (m.get("source") or {}).get("spec"))
+        if fmt == "hf" and not config.reference:
+            base["reference"] = model
+        names = list(config.runtimes) or [DEFAULT_RUNTIME[fmt]]
+        for name in names:
+            try:
+                cls = RUNTIMES.get(name)
+            except EdgelmError as e:
+                rows.append({**base, "runtime": name, "error": str(e)})
+                continue
+            if fmt not in cls.formats:
+                if not config.runtimes or len(names) == 1:
+                    rows.append({**base, "runtime": name, "error": f"runtime {name} cannot open a {fmt} model"})
+                continue
+            for t in config.threads or (None,):
+                rows.append({**base, "runtime": name, "threads": t})
+    return rows
+
+
+def _run_worker(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
+    """Run one worker process; its result dict, or {"error": ...} with the reason it failed."""
+    fd, spec_path = tempfile.mkstemp(suffix=".json", dir=work)
+    os.close(fd)
+    out_path = spec_path.replace(".json", ".out.json")
+    Path(spec_path).write_text(json.dumps(spec), encoding="utf-8")
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+           "TRANSFORMERS_VERBOSITY": "error"}
+    try:
+        r = subprocess.run([sys.executable, "-m", "edgelm.bench.worker", spec_path, out_path], capture_output=True,
+                           text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s (--timeout)"}
+    if r.returncode != 0 or not Path(out_path).is_file():
+        lines = [ln for ln in (r.stderr or "").splitlines() if ln.strip()]
+        return {"error": f"worker exited {r.returncode}: {lines[-1][:300] if lines else 'no output'}"}
+    return json.loads(Path(out_path).read_text(encoding="utf-8"))
+
+
+def bench(config: BenchConfig | None = None, **kwargs: Any) -> BenchResult:
+    """Benchmark ``config.models``; see BenchConfig for the knobs. Writes --json/--csv/--plot when given."""
+    from dataclasses import replace
+
+    config = replace(config or BenchConfig(), **{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+    config.validate()
+    specs = plan(config)
+    result = BenchResult(header={**machine_info(), "config": config.as_dict()})
+    if config.dry_run:
+        result.rows = [{k: s.get(k) for k in ROW_FIELDS} for s in specs]
+        return result
+    from tqdm import tqdm
+
+    with tempfile.TemporaryDirectory(prefix="edgelm-bench-") as tmp:
+        work = Path(tmp)
+        refs: dict[str, str | dict] = {}
+        if config.quality:
+            for ref in sorted({s["reference"] for s in specs if not s.get("error") and s.get("reference")}):
+                d = work / f"ref-{len(refs)}"
+                d.mkdir()
+                log.info("reference logits: %s (%d x %d tokens, %s split)", ref, config.eval_seqs, config.eval_seqlen,
+                         config.split)
+                res = _run_worker({"kind": "reference", "model": ref, "data": list(config.data), "split": config.split,
+                                   "seqs": config.eval_seqs, "seqlen": config.eval_seqlen, "out": str(d)},
+                                  work, config.timeout)
+                refs[ref] = res if "error" in res else str(d)
+        bar = tqdm(specs, desc="bench", unit="row", disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
+        for s in bar:
+            row = {k: s.get(k) for k in ROW_FIELDS}
+            if s.get("error"):
+                result.rows.append(row)
+                continue
+            bar.set_description(f"{s['model']} / {s['runtime']} / {s['threads'] or 'auto'} thr")
+            spec = {"model": s["path"], "runtime": s["runtime"], "threads": s["threads"], "data": list(config.data),
+                    "split": config.split, "prompt_len": config.prompt_len, "gen_len": config.gen_len,
+                    "repeat": config.repeat, "overhead": config.overhead}
+            ref = refs.get(s.get("reference") or "")
+            if config.quality and isinstance(ref, str):
+                spec["reference_dir"] = ref
+            res = _run_worker(spec, work, config.timeout)
+            if config.quality and isinstance(ref, dict) and "error" not in res:
+                res["error"] = f"quality skipped: reference {s.get('reference')} failed: {ref['error']}"
+            elif config.quality and ref is None and "error" not in res:
+                res["error"] = "quality skipped: no reference in the manifest; pass --reference"
+            row.update({k: v for k, v in res.items() if k in ROW_FIELDS})
+            result.rows.append(row)
+        bar.close()
+    write_outputs(result, config)
+    return result
+
+
+def write_outputs(result: BenchResult, config: BenchConfig) -> None:
+    from edgelm.fsutil import atomic_write_json, atomic_write_text
+
+    if config.json:
+        atomic_write_json(config.json, result.as_dict())
+    if config.csv:
+        atomic_write_text(config.csv, result.csv())
+    if config.plot:
+        from edgelm.report import plot_bench
+
+        plot_bench(result.rows, Path(config.plot))

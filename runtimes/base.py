@@ -1,0 +1,295 @@
+"""The runtime API every backend implements: generate (greedy, sampling, beams, stops, streaming), logits, score.
+
+A backend supplies four small hooks: ``_prefill(ids)`` and ``_step(token)`` (next-token logits with a KV cache),
+``logits(ids)`` (all positions, for perplexity and KLD) and ``_close()``. Sampling, stop handling, streaming and
+timing live here once, so a GenerationConfig means the same thing on every backend.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
+
+from edgelm.errors import EdgelmError
+from edgelm.runtimes.sampling import GenerationConfig, next_token
+from edgelm.runtimes.text import StopMatcher, StreamDecoder, TextTokenizer
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from edgelm.metrics import LMScore
+
+log = logging.getLogger(__name__)
+
+SMALL_MODEL_BYTES = 1 << 30  # below this, one thread decodes fastest on small CPUs (docs/results.md, runtimes)
+
+
+def physical_cores() -> int:
+    """Physical cores (hyperthreads don't help matmul-bound decode)."""
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def default_threads(model_bytes: int) -> tuple[int, str]:
+    """(threads, reason). Small models are bound by per-token sync, not compute: 1 thread wins on few cores."""
+    cores = physical_cores()
+    if model_bytes < SMALL_MODEL_BYTES or cores <= 1:
+        return 1, f"model under {SMALL_MODEL_BYTES >> 20} MiB"
+    return cores, f"{cores} physical cores"
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise EdgelmError(f"threads must be a whole number >= 1, got {threads!r}")
+
+
+@dataclass
+class Generation:
+    """One finished generation, with the timings bench uses."""
+
+    text: str  # generated text (stop string excluded)
+    ids: list[int]  # generated token ids (stop token excluded)
+    prompt_tokens: int  # tokens in the prompt
+    finish_reason: str  # "stop" (stop id or string) or "length"
+    prefill_s: float = 0.0  # prompt in -> first logits out
+    ttft_s: float = 0.0  # call -> first token chosen (includes tokenizing and prefill)
+    decode_s: float = 0.0  # first token -> last token
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        from edgelm.metrics import tokens_per_second
+
+        return tokens_per_second(max(len(self.ids) - 1, 0), self.decode_s)
+
+
+class Stream:
+    """Iterate for text deltas; ``result`` holds the Generation once the iteration ends."""
+
+    def __init__(self, it: Iterator[str | Generation]) -> None:
+        self._it = it
+        self.result: Generation | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for item in self._it:
+            if isinstance(item, Generation):
+                self.result = item
+            elif item:
+                yield item
+
+
+class Runtime:
+    """Base class of the backends registered in ``edgelm.registry.RUNTIMES``."""
+
+    name: ClassVar[str] = ""  # registry name, e.g. "llamacpp"
+    extra: ClassVar[str] = ""  # pip extra that installs it: pip install 'edgelm[<extra>]'
+    formats: ClassVar[tuple[str, ...]] = ()  # artifact formats it opens: "hf", "gguf", "onnx"
+
+    def __init__(self, path: Path, *, tokenizer: TextTokenizer | None, threads: int, context: int,
+                 model_bytes: int) -> None:
+        self.path = Path(path)
+        self.tokenizer = tokenizer
+        self.threads = threads
+        self.context = context  # tokens the KV cache holds (prompt + generated)
+        self.model_bytes = model_bytes  # bytes of the model file(s)
+
+    # --- backend hooks -------------------------------------------------------------------------------------------
+    def _prefill(self, ids: Sequence[int]) -> "np.ndarray":
+        """Reset the KV cache, run ``ids``; return the next-token logits [V]."""
+        raise NotImplementedError
+
+    def _step(self, token: int) -> "np.ndarray":
+        """Append one token; return the next-token logits [V]."""
+        raise NotImplementedError
+
+    def logits(self, ids: Sequence[int]) -> "np.ndarray":
+        """Logits [T, V] (float32) for every position of one sequence, from an empty KV cache."""
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        pass
+
+    def _tokens(self, ids: list[int], cfg: GenerationConfig, stop_ids: tuple[int, ...], rng, clock: dict) -> Iterator[int]:
+        """Yield chosen tokens (stop token included); record prefill time in ``clock``. Backends with a faster
+        native loop for some configs override this and call ``super()._tokens`` otherwise."""
+        t0 = time.perf_counter()
+        logits = self._prefill(ids)
+        clock["prefill"] = time.perf_counter() - t0
+        seen = list(ids)
+        for i in range(cfg.max_new_tokens):
+            banned = stop_ids if i < cfg.min_new_tokens else ()
+            tok = next_token(logits, cfg, seen, rng, banned)
+            yield tok
+            if tok in stop_ids or i + 1 == cfg.max_new_tokens:
+                return
+            seen.append(tok)
+            logits = self._step(tok)
+
+    # --- shared API ------------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self._tok().encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok().decode(ids)
+
+    def _tok(self) -> TextTokenizer:
+        if self.tokenizer is None:
+            raise EdgelmError(f"{self.path} has no tokenizer (tokenizer.json beside the model); pass token ids")
+        return self.tokenizer
+
+    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        return self._tok().apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def chat(self, messages: list[dict[str, str]], config: GenerationConfig | None = None, *, stream: bool = False,
+             **options: Any) -> Generation | Stream:
+        """Generate the assistant's reply to ``messages`` through the model's chat template."""
+        return self.generate(self.apply_chat_template(messages), config, stream=stream, **options)
+
+    def greedy(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        """Exactly ``max_new_tokens`` greedy tokens (end-of-sequence masked), as transformers' min_new_tokens does."""
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+        return self.generate(list(ids), cfg).ids
+
+    def generate(self, prompt: str | Sequence[int], config: GenerationConfig | None = None, *, stream: bool = False,
+                 **options: Any) -> Generation | Stream:
+        """Continue ``prompt`` (text or token ids). ``options`` override fields of ``config``."""
+        cfg = (config or GenerationConfig()).with_options(**options)
+        t_call = time.perf_counter()
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise EdgelmError("the prompt is empty; pass some text or token ids")
+        if len(ids) >= self.context:
+            raise EdgelmError(f"the prompt has {len(ids)} tokens but the context holds {self.context}; shorten it")
+        room = self.context - len(ids)
+        if cfg.max_new_tokens > room:
+            log.warning("max_new_tokens %d capped to %d by the context of %d", cfg.max_new_tokens, room, self.context)
+            cfg = cfg.with_options(max_new_tokens=room, min_new_tokens=min(cfg.min_new_tokens, room))
+        stop_ids = cfg.stop_ids if cfg.stop_ids is not None else (self.tokenizer.eos_ids if self.tokenizer else ())
+        it = self._run(ids, cfg, tuple(stop_ids), t_call)
+        if stream:
+            return Stream(it)
+        for item in it:
+            if isinstance(item, Generation):
+                return item
+        raise AssertionError("generation ended without a result")
+
+    def _run(self, ids: list[int], cfg: GenerationConfig, stop_ids: tuple[int, ...], t_call: float
+             ) -> Iterator[str | Generation]:
+        import numpy as np
+
+        if cfg.num_beams > 1:
+            yield from self._beam_run(ids, cfg, stop_ids, t_call)
+            return
+        rng = np.random.default_rng(cfg.seed)
+        clock: dict[str, float] = {}
+        text_out = StreamDecoder(self.decode) if self.tokenizer is not None else None
+        stops = StopMatcher(cfg.stop)
+        out: list[int] = []
+        finish, t_first, hit = "length", None, False
+        for tok in self._tokens(ids, cfg, stop_ids, rng, clock):
+            if t_first is None:
+                t_first = time.perf_counter()
+            if tok in stop_ids and len(out) >= cfg.min_new_tokens:
+                finish = "stop"
+                break
+            out.append(tok)
+            if text_out is not None:
+                delta, hit = stops.feed(text_out.push(tok))
+                yield delta
+                if hit:
+                    finish = "stop"
+                    break
+        t_end = time.perf_counter()
+        if text_out is not None and not hit:
+            tail, hit = stops.feed(text_out.flush())
+            yield tail
+            if hit:
+                finish = "stop"
+            else:
+                yield stops.finish()
+        text = stops.text if text_out is not None else ""
+        t_first = t_first or t_end
+        yield Generation(text=text, ids=out, prompt_tokens=len(ids), finish_reason=finish,
+                         prefill_s=clock.get("prefill", 0.0), ttft_s=t_first - t_call, decode_s=t_end - t_first)
+
+    def _beam_logits(self, seqs: list[list[int]]) -> "np.ndarray":
+        """Next-token logits [B, V] for each full sequence (backends may batch this)."""
+        import numpy as np
+
+        return np.stack([self.logits(s)[-1] for s in seqs])
+
+    def _beam_run(self, ids: list[int], cfg: GenerationConfig, stop_ids: tuple[int, ...], t_call: float
+                  ) -> Iterator[str | Generation]:
+        """Beam search, scored by mean log-probability per generated token (length_penalty 1), stopping once
+        ``num_beams`` hypotheses have ended. Each step re-reads the whole sequence: exact on every backend."""
+        import numpy as np
+
+        from edgelm.runtimes.sampling import process_logits
+
+        k = cfg.num_beams
+        beams: list[tuple[float, list[int]]] = [(0.0, [])]
+        done: list[tuple[float, list[int], str]] = []
+        t0 = time.perf_counter()
+        for step in range(cfg.max_new_tokens):
+            rows = self._beam_logits([ids + b for _, b in beams])  # [B, V]
+            cands = []
+            for (score, b), row in zip(beams, rows):
+                x = process_logits(row, cfg, ids + b)
+                if step < cfg.min_new_tokens and stop_ids:
+                    x[list(stop_ids)] = -np.inf
+                lp = x - np.logaddexp.reduce(x)  # log-softmax [V]
+                for t in np.argsort(-lp, kind="stable")[: 2 * k]:
+                    cands.append((score + float(lp[t]), b + [int(t)]))
+            cands.sort(key=lambda c: -c[0])
+            beams = []
+            for score, b in cands:
+                if b[-1] in stop_ids:
+                    done.append((score / len(b), b[:-1], "stop"))
+                else:
+                    beams.append((score, b))
+                if len(beams) == k:
+                    break
+            if len(done) >= k:
+                break
+        done += [(s / max(len(b), 1), b, "length") for s, b in beams]
+        _, best, finish = max(done, key=lambda d: d[0])
+        text = self.decode(best) if self.tokenizer is not None else ""
+        if cfg.stop and text:
+            cut = min((i for i in (text.find(s) for s in cfg.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        t_end = time.perf_counter()
+        yield text
+        yield Generation(text=text, ids=best, prompt_tokens=len(ids), finish_reason=finish, ttft_s=t_end - t_call,
+                         decode_s=0.0, timings={"beam_search_s": t_end - t0})
+
+    def score(self, text: str | Sequence[int]) -> "LMScore":
+        """Perplexity and next-token top-1 of ``text`` (or ids) under this runtime."""
+        from edgelm.metrics import score_logits
+
+        ids = self.encode(text) if isinstance(text, str) else [int(t) for t in text]
+        if len(ids) < 2:
+            raise EdgelmError("score needs at least 2 tokens")
+        if len(ids) > self.context:
+            raise EdgelmError(f"{len(ids)} tokens exceed the context of {self.context}; score a shorter text")
+        return score_logits([(ids, self.logits(ids))])
+
+    def info(self) -> dict[str, Any]:
+        return {"runtime": self.name, "path": str(self.path), "threads": self.threads, "context": self.context,
+                "model_bytes": self.model_bytes}
+
+    def close(self) -> None:
+        self._close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,10 @@
+"""Registers the built-in backends in RUNTIMES. Their heavy libraries load only when a model opens."""
+from __future__ import annotations
+
+from edgelm.registry import RUNTIMES
+from edgelm.runtimes.llamacpp import LlamaCppRuntime
+from edgelm.runtimes.onnxrt import OnnxRuntime
+from edgelm.runtimes.pytorch import TorchRuntime
+
+for _cls in (TorchRuntime, OnnxRuntime, LlamaCppRuntime):
+    RUNTIMES.register(_cls.name, _cls)

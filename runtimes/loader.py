@@ -1,0 +1,65 @@
+"""``edgelm.load``: open any model or artifact with the right runtime, after checking its manifest."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from edgelm.errors import EdgelmError
+
+log = logging.getLogger(__name__)
+
+# Manifest kind -> artifact format. Folders without an export manifest are HF folders.
+FORMAT_OF_KIND = {"export-gguf": "gguf", "export-onnx": "onnx"}
+# The backend each format opens with unless --runtime says otherwise.
+DEFAULT_RUNTIME = {"gguf": "llamacpp", "onnx": "onnx", "hf": "torch"}
+
+
+def artifact_format(path: str | os.PathLike) -> tuple[str, dict | None]:
+    """("gguf" | "onnx" | "hf", manifest or None). Verifies the manifest's sha256 and schema when there is one."""
+    from edgelm.manifest import read_manifest
+
+    p = Path(path)
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise EdgelmError(f"{p} is not a model: pass an artifact folder, an HF folder or a .gguf file")
+        return "gguf", None
+    if p.is_dir():
+        m = read_manifest(p)
+        if m is not None and m.get("kind") in FORMAT_OF_KIND:
+            return FORMAT_OF_KIND[m["kind"]], m
+        if (p / "model.onnx").is_file():
+            return "onnx", m
+        if (p / "model.gguf").is_file():
+            return "gguf", m
+        if (p / "config.json").is_file():
+            return "hf", m
+        raise EdgelmError(f"{p} holds no model (edgelm.json, model.gguf, model.onnx or config.json expected)")
+    if str(path).startswith((".", "/", "~")) or os.sep in str(path) and not _looks_like_hub_id(str(path)):
+        raise EdgelmError(f"{path} does not exist; pass an artifact folder, an HF folder, a .gguf file or a hub id")
+    return "hf", None  # a built-in name or hub id: PyTorch
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts)
+
+
+def load(path: str | os.PathLike, *, runtime: str | None = None, threads: int | None = None,
+         context: int | None = None):
+    """Open ``path`` (artifact folder, HF folder, .gguf, built-in name or hub id) with its runtime.
+
+    ``runtime`` forces a backend (edgelm list runtimes); ``threads`` None picks per backend and logs the choice.
+    """
+    from edgelm.registry import RUNTIMES
+
+    fmt, manifest = artifact_format(path)
+    name = runtime or DEFAULT_RUNTIME[fmt]
+    cls = RUNTIMES.get(name)
+    if fmt not in cls.formats:
+        able = [n for n, c in RUNTIMES.items() if fmt in c.formats]
+        raise EdgelmError(f"runtime {name!r} cannot open a {fmt} model ({path}); runtimes that can: {', '.join(able)}")
+    target = Path(path)
+    if fmt == "gguf" and name == "torch" and target.is_dir():
+        target = target / "model.gguf"
+    return cls(target if target.exists() else str(path), threads=threads, context=context)
