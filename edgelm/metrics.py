@@ -45,7 +45,10 @@ def as_numpy(x) -> "np.ndarray":
     """A torch tensor (any device/dtype) or array-like as a numpy array."""
     import numpy as np
 
-    return x.detach().float().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        return (x.float() if x.is_floating_point() else x).numpy()
+    return np.asarray(x)
 
 
 def kl_divergence(ref_logits, logits) -> float:

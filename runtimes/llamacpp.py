@@ -40,16 +40,14 @@ class LlamaCppRuntime(Runtime):
         if threads is None:
             threads, why = default_threads(size)
             log.info("llamacpp: %d thread(s) (%s); --threads to change", threads, why)
-        want_ctx = context or DEFAULT_CONTEXT
+        n_train = _context_length(file)
+        want_ctx = context or min(DEFAULT_CONTEXT, n_train or DEFAULT_CONTEXT)  # no more than the model was trained on
         try:
             self.llm = Llama(model_path=str(file), n_ctx=want_ctx, n_threads=threads, n_threads_batch=threads,
                              logits_all=False, verbose=False, n_batch=512)
         except Exception as e:
             raise EdgelmError(f"llama.cpp could not load {file} ({type(e).__name__}: {e}); "
                               "the file may be corrupt or truncated") from None
-        n_train = self.llm._model.n_ctx_train()
-        if context is None and n_train and n_train < want_ctx:  # don't promise more than the model was trained on
-            want_ctx = n_train
         tok = TextTokenizer.from_folder(file.parent) if (file.parent / "tokenizer.json").is_file() else self._native_tokenizer()
         super().__init__(path, tokenizer=tok, threads=threads, context=min(want_ctx, self.llm.n_ctx()), model_bytes=size)
         self.file = file
@@ -131,3 +129,16 @@ class LlamaCppRuntime(Runtime):
         if llm is not None:
             llm.close()
             self.llm = None
+
+
+def _context_length(file: Path) -> int | None:
+    """``<arch>.context_length`` from the GGUF header, or None."""
+    try:
+        from gguf import GGUFReader
+
+        r = GGUFReader(str(file))
+        arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
+        f = r.fields.get(f"{arch}.context_length")
+        return int(f.parts[-1][0]) if f is not None else None
+    except Exception:  # unreadable here: llama.cpp's own load reports it
+        return None

@@ -68,7 +68,7 @@ class TextTokenizer:
         def raise_exception(msg: str) -> None:
             raise EdgelmError(f"chat template: {msg}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = raise_exception
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:

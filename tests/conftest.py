@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytest_plugins = ["tests.runtime_fixtures"]  # the tiny model on every backend (tests/runtimes, tests/bench)
 
 # Small, readable stdlib modules for the tiny corpus: enough files for every split.
 STDLIB_FILES = 160

@@ -1,0 +1,47 @@
+"""Streaming decode and stop strings, on the tiny tokenizer."""
+from __future__ import annotations
+
+from edgelm.runtimes.text import StopMatcher, StreamDecoder, TextTokenizer
+
+
+def _tok(tiny_tokenizer_dir) -> TextTokenizer:
+    return TextTokenizer.from_folder(tiny_tokenizer_dir)
+
+
+def test_split_character_arrives_whole(tiny_tokenizer_dir):
+    tok = _tok(tiny_tokenizer_dir)
+    ids = tok.encode("a🙂b日本")
+    assert len(ids) > 4  # byte tokens: the characters are split
+    dec = StreamDecoder(tok.decode)
+    deltas = [dec.push(t) for t in ids] + [dec.flush()]
+    assert "".join(deltas) == "a🙂b日本"
+    assert "🙂" in deltas and not any("\ufffd" in d for d in deltas)
+
+
+def test_incomplete_bytes_at_the_end_are_flushed(tiny_tokenizer_dir):
+    tok = _tok(tiny_tokenizer_dir)
+    ids = tok.encode("x🙂")[:-1]  # the emoji's last byte missing
+    dec = StreamDecoder(tok.decode)
+    out = "".join(dec.push(t) for t in ids)
+    assert out == "x"
+    assert dec.flush() == tok.decode(ids)[1:]  # replacement characters, not silence
+
+
+def test_stop_matcher_holds_back_possible_stops():
+    m = StopMatcher(("STOP",))
+    assert m.feed("abc S") == ("abc ", False)  # "S" may start "STOP"
+    assert m.feed("T") == ("", False)
+    assert m.feed("x") == ("STx", False)  # it didn't
+    assert m.feed("yyST") == ("yy", False)
+    assert m.feed("OP and more") == ("", True)
+    assert m.text == "abc STxyy"
+
+
+def test_stop_matcher_without_stops_passes_everything():
+    m = StopMatcher(())
+    assert m.feed("a") == ("a", False) and m.finish() == ""
+
+
+def test_eos_ids_come_from_the_folder(tiny_tokenizer_dir):
+    tok = _tok(tiny_tokenizer_dir)
+    assert tok.eos_ids == (0,) and tok.eos_token == "<|endoftext|>"
