@@ -32,6 +32,8 @@ class DemoConfig:
     calib_samples: int = 64  # GPTQ calibration sequences from the train split
     calib_seqlen: int = 512  # tokens per calibration sequence
     check_seqs: int = 16  # val sequences (of seq_len tokens) in each artifact's quality check
+    bench: bool = True  # benchmark every artifact and the PyTorch student, each in its own process (--no-bench skips)
+    bench_repeat: int = 3  # measured runs per bench row
     progress: bool = True  # progress bars
 
 
@@ -43,7 +45,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    log.info("[1/4] distill: %s -> %d layers, MLP %d, %s tokens", cfg.teacher, cfg.layers, cfg.intermediate_size,
+    log.info("[1/5] distill: %s -> %d layers, MLP %d, %s tokens", cfg.teacher, cfg.layers, cfg.intermediate_size,
              f"{cfg.max_tokens:,}")
     dcfg = DistillConfig(
         teacher=cfg.teacher, layers=cfg.layers, intermediate_size=cfg.intermediate_size, max_tokens=cfg.max_tokens,
@@ -51,7 +53,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         out=str(out), threads=cfg.threads, resume=cfg.resume, force=not cfg.resume, progress=cfg.progress,
     )
     res = distill(dcfg)
-    log.info("[2/4] evaluate teacher and student on the test split (%d x %d tokens)", cfg.test_seqs, cfg.seq_len)
+    log.info("[2/5] evaluate teacher and student on the test split (%d x %d tokens)", cfg.test_seqs, cfg.seq_len)
     test = {
         name: evaluate(model, split="test", seq_len=cfg.seq_len, max_seqs=cfg.test_seqs, batch_size=cfg.batch_size,
                        threads=cfg.threads)
@@ -60,15 +62,20 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     rows = []
     if cfg.export:
         plan = demo_plan(cfg.quant)
-        log.info("[3/4] quantize (%s) and export the student: %d artifacts, each checked against PyTorch", cfg.quant,
+        log.info("[3/5] quantize (%s) and export the student: %d artifacts, each checked against PyTorch", cfg.quant,
                  len(plan))
         rows = export_suite(str(res.student_dir), plan, out / "export", calib_samples=cfg.calib_samples,
                             calib_seqlen=cfg.calib_seqlen, eval_seqs=cfg.check_seqs, eval_seqlen=cfg.seq_len,
                             label="student")
-    log.info("[4/4] report")
+    bench = None
+    if rows and cfg.bench:
+        bench = bench_artifacts(cfg, out, res.student_dir, rows)
+    log.info("[5/5] report")
     report = write_distill_report(out, res, test, wall_s=time.perf_counter() - t0)
     if rows:
         write_export_section(report, rows, out)
+    if bench is not None:
+        write_bench_section(report, bench, out)
     return {"student": str(res.student_dir), "report": str(report), "test": {k: v.as_dict() for k, v in test.items()},
             "artifacts": [r.as_dict() for r in rows]}
 
@@ -99,3 +106,31 @@ for ONNX) on the val split; fp32 artifacts also had to match PyTorch's greedy to
 ![ΔPPL vs size]({plot.name})
 """
     update_section(report, "export", body)
+
+
+def bench_artifacts(cfg: DemoConfig, out: Path, student: Path, rows):
+    """`edgelm bench` of every exported artifact and the PyTorch student (runtime defaults, one process per row)."""
+    from edgelm.bench.api import bench
+    from edgelm.bench.config import BenchConfig
+
+    models = (str(student), *(r.path for r in rows if not r.error))
+    log.info("[4/5] bench: %d models, prompt 128, gen 64, %d runs each", len(models), cfg.bench_repeat)
+    return bench(BenchConfig(models=models, repeat=cfg.bench_repeat, json=str(out / "bench.json"),
+                             plot=str(out / "bench.png"), progress=cfg.progress))
+
+
+def write_bench_section(report: Path, result, out: Path) -> None:
+    from edgelm.report import update_section
+
+    h = result.header
+    libs = ", ".join(f"{k} {v}" for k, v in h["libraries"].items())
+    body = f"""## Runtimes side by side (`edgelm bench`)
+
+{h['cpu']}, {h['physical_cores']} physical cores; each row ran in its own process with its runtime's default thread
+count; prompt {h['config']['prompt_len']} tokens, {h['config']['gen_len']} generated, mean ± std of
+{h['config']['repeat']} runs after a warm-up. {libs}. JSON: `{out / 'bench.json'}`.
+
+{result.table()}
+![decode tok/s vs size](bench.png)
+"""
+    update_section(report, "bench", body)
