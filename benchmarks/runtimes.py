@@ -27,22 +27,60 @@ from edgelm.report import md_table, update_section  # noqa: E402
 STUDENT = ROOT / "runs/demo/student"
 
 
-def read_bandwidth(threads: int, mib: int = 512, repeat: int = 5) -> float:
-    """Bytes/s that ``threads`` threads read from DRAM (numpy sums of disjoint slices; best of ``repeat``)."""
+def _read_worker(args) -> float:
+    """Seconds this process takes to sum its own ``mib`` array (best of ``repeat``), started at a barrier."""
     import numpy as np
 
+    mib, repeat, barrier = args
     a = np.ones(mib * 2**20 // 8)  # far larger than any cache
-    parts = np.array_split(a, threads)
     best = float("inf")
     for _ in range(repeat):
-        ts = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        barrier.wait()
         t0 = time.perf_counter()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
+        a.sum()
         best = min(best, time.perf_counter() - t0)
-    return a.nbytes / best
+    return best
+
+
+def read_bandwidth(workers: int, mib: int = 512, repeat: int = 5) -> float:
+    """Bytes/s that ``workers`` processes read from DRAM together (numpy sums, one array each, in lockstep)."""
+    import multiprocessing as mp
+
+    with mp.Manager() as mgr:
+        barrier = mgr.Barrier(workers)
+        with mp.get_context("fork").Pool(workers) as pool:
+            times = pool.map(_read_worker, [(mib, repeat, barrier)] * workers)
+    return workers * mib * 2**20 / max(times)
+
+
+def bytes_read_per_token(path: str) -> int:
+    """Weight bytes a decode step reads: the model file(s), minus an input embedding table that is only gathered
+    (one row per token) because the output layer has its own matrix. A tied embedding is the lm_head: read whole."""
+    p = Path(path)
+    if (p / "model.onnx").is_file():
+        import numpy as np
+        import onnx
+
+        m = onnx.load(str(p / "model.onnx"), load_external_data=False)
+        inits = {i.name: i for i in m.graph.initializer}
+        uses: dict[str, list[str]] = {}
+        for n in m.graph.node:
+            for i in n.input:
+                uses.setdefault(i, []).append(n.op_type)
+        total = sum(f.stat().st_size for f in p.glob("model.onnx*"))
+        for name, ops in uses.items():
+            if name in inits and set(ops) == {"Gather"}:
+                t = inits[name]
+                total -= int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        return total
+    if (p / "model.gguf").is_file():
+        from gguf import GGUFReader
+
+        r = GGUFReader(str(p / "model.gguf"))
+        sizes = {t.name: int(t.n_bytes) for t in r.tensors}
+        total = (p / "model.gguf").stat().st_size
+        return total - sizes["token_embd.weight"] if "output.weight" in sizes else total
+    return sum(f.stat().st_size for f in p.glob("*.safetensors"))  # tied embeddings (SmolLM2)
 
 
 def main() -> None:
@@ -54,6 +92,7 @@ def main() -> None:
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--out", default=str(ROOT / "runs/bench-runtimes"))
     p.add_argument("--docs", default=str(ROOT / "docs"))
+    p.add_argument("--reuse", action="store_true", help="re-render from --out/bench.json instead of re-running")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not (STUDENT / "config.json").is_file():
@@ -62,22 +101,38 @@ def main() -> None:
                   (d.name.startswith(("gguf-", "onnx-"))))
     if not arts:
         sys.exit(f"benchmarks/runtimes.py: no artifacts under {a.artifacts}; run `make bench-quant` (or pass --artifacts)")
-    bw = {t: read_bandwidth(t) for t in a.threads}
+    bw = {t: max(read_bandwidth(t) for _ in range(3)) for t in a.threads}  # the best seen: a physical limit
     Path(a.out).mkdir(parents=True, exist_ok=True)
     docs = Path(a.docs)
     t0 = time.perf_counter()
-    res = bench(BenchConfig(models=(str(STUDENT), *map(str, arts)), threads=tuple(a.threads), repeat=a.repeat,
-                            prompt_len=a.prompt_len, gen_len=a.gen_len, quality=True, reference=str(STUDENT),
-                            overhead=True, json=str(Path(a.out) / "bench.json"), plot=str(docs / "runtimes.png")))
-    wall = time.perf_counter() - t0
+    if a.reuse:
+        import json
+
+        from edgelm.bench.api import BenchResult
+
+        saved = json.loads((Path(a.out) / "bench.json").read_text())
+        res = BenchResult(saved["header"], saved["rows"])
+        wall = saved["header"].get("wall_s", 5.8 * 60)  # (the first run's, which predates this field)
+    else:
+        res = bench(BenchConfig(models=(str(STUDENT), *map(str, arts)), threads=tuple(a.threads), repeat=a.repeat,
+                                prompt_len=a.prompt_len, gen_len=a.gen_len, quality=True, reference=str(STUDENT),
+                                overhead=True, json=str(Path(a.out) / "bench.json"), plot=str(docs / "runtimes.png")))
+        wall = time.perf_counter() - t0
+        res.header["wall_s"] = wall
+        res.header["bandwidth"] = bw  # bytes/s by thread count
+        from edgelm.bench.api import write_outputs
+
+        write_outputs(res, BenchConfig(json=str(Path(a.out) / "bench.json")))
     ok = [r for r in res.rows if not r.get("error")]
 
-    # roofline: every weight byte read once per token (the tied embedding is the lm_head, so it is read too)
+    # roofline: the weight bytes each decode step must read, over the measured bandwidth
+    per_token = {r["path"]: bytes_read_per_token(r["path"]) for r in ok}
     roof_rows = []
     for r in sorted(ok, key=lambda r: (r["threads"], -r["tg_tps_mean"])):
-        limit = bw[r["threads"]] / r["size_bytes"]
+        limit = bw[r["threads"]] / per_token[r["path"]]
         roof_rows.append([r["model"], r["runtime"], r["threads"], f"{r['size_bytes'] / 2**20:.1f}",
-                          f"{r['tg_tps_mean']:.1f}", f"{limit:.0f}", f"{100 * r['tg_tps_mean'] / limit:.0f}%"])
+                          f"{per_token[r['path']] / 2**20:.1f}", f"{r['tg_tps_mean']:.1f}", f"{limit:.0f}",
+                          f"{100 * r['tg_tps_mean'] / limit:.0f}%"])
 
     lines = []
     for t in a.threads:
@@ -119,10 +174,13 @@ bare greedy loop on the same prompt (negative = within noise). Libraries: {", ".
 {chr(10).join(lines)}
 
 Decode roofline: measured DRAM read bandwidth {", ".join(f"{bw[t] / 1e9:.1f} GB/s at {t} thread(s)" for t in a.threads)}
-(numpy sums over 512 MiB). The physical limit for decode is bandwidth / bytes read per token, taken as the model
-file size (every weight, including the tied embedding used as the lm_head, is read once per token):
+(numpy sums of 512 MiB per process,
+processes in lockstep). The physical limit for decode is bandwidth / weight bytes read per token: the model
+file, less an input embedding that is only gathered (ONNX int4/int8 artifacts keep a separate fp32 embedding next
+to their int8 lm_head; tied embeddings, as in every GGUF here, are the lm_head and are read whole). KV-cache reads
+(under 1 MiB at 192 tokens) are left out.
 
-{md_table(["model", "runtime", "threads", "MiB", "tg t/s", "roofline t/s", "of roofline"], roof_rows)}
+{md_table(["model", "runtime", "threads", "file MiB", "read/token MiB", "tg t/s", "roofline t/s", "of roofline"], roof_rows)}
 ![decode tok/s vs size and ΔPPL](runtimes.png)
 """
     update_section(docs / "results.md", "runtimes", body)

@@ -26,7 +26,7 @@ class DemoConfig:
     eval_every: int = 25  # steps between val evaluations
     test_seqs: int = 64  # test-split sequences for the final comparison (one per file first)
     threads: int | None = None  # CPU threads (default: torch's)
-    resume: bool = False  # continue an interrupted demo instead of starting over
+    resume: bool = False  # continue an interrupted demo (training, then keep artifacts already exported and checked)
     export: bool = True  # quantize and export the student (--no-export stops after distillation)
     quant: str = "gptq-int4-g32"  # preset of the deployable artifacts (GGUF Q4_0 and ONNX MatMulNBits)
     calib_samples: int = 64  # GPTQ calibration sequences from the train split
@@ -66,7 +66,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                  len(plan))
         rows = export_suite(str(res.student_dir), plan, out / "export", calib_samples=cfg.calib_samples,
                             calib_seqlen=cfg.calib_seqlen, eval_seqs=cfg.check_seqs, eval_seqlen=cfg.seq_len,
-                            label="student")
+                            label="student", reuse=cfg.resume)
     bench = None
     if rows and cfg.bench:
         bench = bench_artifacts(cfg, out, res.student_dir, rows)

@@ -68,7 +68,7 @@ def test_demo_writes_a_report(tmp_path):
 
     r = run_cli("demo", "--out", str(tmp_path / "demo"), "--max-tokens", "1024", "--test-seqs", "2",
                 "--eval-every", "1", "--no-progress", "--calib-samples", "4", "--calib-seqlen", "64",
-                "--check-seqs", "2", timeout=1800)
+                "--check-seqs", "2", "--bench-repeat", "1", timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"report:  {tmp_path / 'demo' / 'report.md'}" in r.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
@@ -91,6 +91,15 @@ def test_demo_writes_a_report(tmp_path):
     q4km = tmp_path / "demo" / "export" / "gguf-llamacpp-q4_k_m" / "edgelm.json"
     if q4km.exists():  # rows of 576 don't fit K-quant blocks: reported in the manifest and the report
         assert json.loads(q4km.read_text())["fallback_tensors"] and "llama.cpp fell back" in report
+    # step 4: every artifact that exists, and the PyTorch student, benchmarked in the report
+    bench = json.loads((tmp_path / "demo" / "bench.json").read_text())
+    exported = sorted(p.name for p in (tmp_path / "demo" / "export").glob("*-*") if (p / "edgelm.json").is_file()
+                      and not p.name.startswith("quantized-"))
+    assert sorted(r["model"] for r in bench["rows"]) == sorted(["student", *exported])
+    assert all(not r["error"] and r["tg_tps_mean"] > 0 for r in bench["rows"])
+    assert "## Runtimes side by side" in report and (tmp_path / "demo" / "bench.png").stat().st_size > 1000
+    for r in bench["rows"]:
+        assert f"| {r['model']} | {r['preset']} | {r['runtime']} | 1 |" in report
 
 
 def test_cli_eval_of_the_builtin_teacher():

@@ -88,4 +88,4 @@ def test_generate_cli_streams_the_text(artifacts, rt_model):
 
     r = run_cli("generate", str(artifacts["llamacpp"]), PROMPT, "--max-new-tokens", "24", "--min-new-tokens", "24")
     assert r.returncode == 0, r.stderr
-    assert LONG in r.stdout and "llamacpp: 1 thread(s)" in r.stderr and "24 new tokens (length)" in r.stderr
+    assert LONG in r.stdout and "llamacpp: " in r.stderr and "thread(s)" in r.stderr and "24 new tokens (length)" in r.stderr

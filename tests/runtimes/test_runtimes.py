@@ -146,7 +146,9 @@ def test_default_threads_are_picked_and_logged(artifacts, caplog):
 
     from edgelm.runtimes.loader import load
 
+    from edgelm.runtimes.base import physical_cores
+
     with caplog.at_level(logging.INFO):
         with load(artifacts["llamacpp"]) as rt:
-            assert rt.threads == 1  # a small model
-    assert "llamacpp: 1 thread(s) (model under 1024 MiB)" in caplog.text
+            assert rt.threads == physical_cores()
+    assert f"llamacpp: {rt.threads} thread(s) (" in caplog.text
