@@ -152,3 +152,18 @@ def test_default_threads_are_picked_and_logged(artifacts, caplog):
         with load(artifacts["llamacpp"]) as rt:
             assert rt.threads == physical_cores()
     assert f"llamacpp: {rt.threads} thread(s) (" in caplog.text
+
+
+def test_bare_gguf_reads_long_tokens_from_llamacpp_vocab(artifacts, rt_model, tmp_path):
+    """A .gguf without tokenizer.json uses llama.cpp's vocab; pieces are read with a buffer that fits any token
+    (llama-cpp-python's own detokenize drops tokens over 32 bytes)."""
+    import shutil
+
+    from edgelm.runtimes.loader import load
+
+    shutil.copy(artifacts["llamacpp"] / "model.gguf", tmp_path / "m.gguf")
+    with load(tmp_path / "m.gguf", threads=1) as rt:
+        assert rt.decode([rt_model["long_id"]]) == LONG
+        assert rt.encode(PROMPT) == rt_model["prompt_ids"]
+        g = rt.generate(PROMPT, max_new_tokens=24, min_new_tokens=24)
+        assert g.ids == rt_model["greedy"] and LONG in g.text and EMOJI in g.text
