@@ -188,8 +188,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if res.rows and all(r.get("error") for r in res.rows) else 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from edgelm.coop.api import serve
+    from edgelm.coop.config import ServeConfig
+
+    serve(_from_args(ServeConfig, args))
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    from edgelm.registry import KD_LOSSES, QUANTS, RUNTIMES, STUDENT_ZOO, TARGETS, TEACHERS
+    from edgelm.registry import KD_LOSSES, QUANTS, ROUTERS, RUNTIMES, STUDENT_ZOO, TARGETS, TEACHERS
 
     what = args.what
     if what in ("teachers", "all"):
@@ -219,6 +227,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name, r in RUNTIMES.items():
             extra = f"pip install 'edgelm[{r.extra}]'" if r.extra else "included"
             print(f"  {name:24s} {','.join(r.formats):10s} {extra}")
+    if what in ("routers", "all"):
+        print("routers (edgelm serve --router):")
+        for name, r in ROUTERS.items():
+            print(f"  {name:24s} {(r.__doc__ or '').strip().splitlines()[0]}")
     return 0
 
 
@@ -285,9 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(b, BenchConfig, skip=("models",))
     b.set_defaults(func=cmd_bench)
 
-    ls = sub.add_parser("list", help="list built-in teachers, student shapes, KD losses, quant presets, targets and runtimes")
+    from edgelm.coop.config import ServeConfig
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible server: the device model answers, hard queries go to a cloud")
+    add_dataclass_args(sv, ServeConfig)
+    sv.set_defaults(func=cmd_serve)
+
+    ls = sub.add_parser("list", help="list built-in teachers, student shapes, KD losses, quant presets, targets, runtimes and routers")
     ls.add_argument("what", nargs="?", default="all", choices=["all", "teachers", "students", "losses", "quants", "targets",
-                                                                "runtimes"])
+                                                                "runtimes", "routers"])
     ls.set_defaults(func=cmd_list)
     return p
 

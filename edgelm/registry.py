@@ -86,3 +86,4 @@ TEACHERS: Registry = Registry("built-in teacher", builtins="edgelm.models.builti
 QUANTS: Registry = Registry("quant preset", builtins="edgelm.quant.presets")
 TARGETS: Registry = Registry("export target", builtins="edgelm.artifact.targets")
 RUNTIMES: Registry = Registry("runtime", builtins="edgelm.runtimes.builtin")
+ROUTERS: Registry = Registry("router", builtins="edgelm.coop.routers")

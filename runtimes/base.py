@@ -269,6 +269,24 @@ class Runtime:
         yield Generation(text=text, ids=best, prompt_tokens=len(ids), finish_reason=finish, ttft_s=t_end - t_call,
                          decode_s=0.0, timings={"beam_search_s": t_end - t0})
 
+    def draft(self, ids: Sequence[int], k: int) -> tuple[list[int], float]:
+        """``k`` greedy tokens after ``ids`` (fewer at a stop id) and their mean entropy in nats: how sure the model
+        is of its own start. The cooperative runtime's draft router reuses the tokens when it answers here."""
+        import numpy as np
+
+        from edgelm.metrics import log_softmax_np
+
+        stop = set(self.tokenizer.eos_ids if self.tokenizer else ())
+        logits, out, ent = self._prefill(list(ids)), [], []
+        for i in range(k):
+            lp = log_softmax_np(logits)
+            ent.append(float(-(np.exp(lp) * lp).sum()))
+            out.append(int(np.argmax(logits)))
+            if out[-1] in stop or i + 1 == k:
+                break
+            logits = self._step(out[-1])
+        return out, float(np.mean(ent)) if ent else 0.0
+
     def score(self, text: str | Sequence[int]) -> "LMScore":
         """Perplexity and next-token top-1 of ``text`` (or ids) under this runtime."""
         from edgelm.metrics import score_logits

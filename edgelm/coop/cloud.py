@@ -1,0 +1,247 @@
+"""OpenAI-compatible cloud client: timeouts, bounded retries with backoff on 429/5xx, a circuit breaker and a
+per-request deadline. Every failure is a CloudError with a short reason the cooperative runtime reports.
+
+The API key comes only from an environment variable or a file; it is sent in the Authorization header and never
+appears in logs, errors, metrics or artifacts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from edgelm.errors import EdgelmError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    url: str = ""  # base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8001/v1
+    model: str = ""  # model name sent to the cloud (empty: the server's default)
+    api_key_env: str = "EDGELM_CLOUD_API_KEY"  # environment variable holding the API key
+    api_key_file: str = ""  # or a file holding it (first line)
+    connect_timeout: float = 2.0  # seconds to connect
+    read_timeout: float = 30.0  # seconds between bytes of a response
+    retries: int = 2  # extra attempts on 429/5xx and connection errors, within the deadline
+    backoff: float = 0.2  # seconds before the first retry; doubles each time
+    breaker_failures: int = 3  # consecutive failures that open the circuit breaker
+    breaker_reset: float = 10.0  # seconds the breaker stays open before one trial request
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CloudError(Exception):
+    """The cloud gave no usable answer. ``reason`` is short and safe to show (no key, no body)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _read_key(cfg: CloudConfig) -> str | None:
+    if cfg.api_key_file:
+        p = Path(cfg.api_key_file).expanduser()
+        try:
+            return p.read_text(encoding="utf-8").splitlines()[0].strip() or None
+        except (OSError, IndexError):
+            raise EdgelmError(f"cannot read the API key file {p}; pass an existing file with the key on its first line") from None
+    return os.environ.get(cfg.api_key_env) or None
+
+
+class CloudClient:
+    """Thread-safe; one connection pool. ``chat``/``complete`` return text; ``stream_*`` yield text deltas."""
+
+    def __init__(self, cfg: CloudConfig) -> None:
+        import httpx
+
+        if not cfg.url.startswith(("http://", "https://")):
+            raise EdgelmError(f"cloud URL {cfg.url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8001/v1)")
+        self.cfg = cfg
+        key = _read_key(cfg)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.Client(base_url=cfg.url.rstrip("/") + "/", headers=headers,
+                                  timeout=httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout),
+                                  limits=httpx.Limits(max_connections=32))
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._open_until = 0.0
+        self.calls = 0  # requests sent (attempts included)
+
+    # --- circuit breaker ----------------------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        with self._lock:
+            if self._failures >= self.cfg.breaker_failures and time.monotonic() < self._open_until:
+                raise CloudError("circuit_open")
+            if self._failures >= self.cfg.breaker_failures:  # half-open: let this one try
+                self._open_until = time.monotonic() + self.cfg.breaker_reset
+
+    def _result(self, ok: bool) -> None:
+        with self._lock:
+            if ok:
+                self._failures = 0
+            else:
+                self._failures += 1
+                if self._failures >= self.cfg.breaker_failures:
+                    self._open_until = time.monotonic() + self.cfg.breaker_reset
+
+    @property
+    def breaker_open(self) -> bool:
+        with self._lock:
+            return self._failures >= self.cfg.breaker_failures and time.monotonic() < self._open_until
+
+    # --- requests --------------------------------------------------------------------------------------------------
+    def _body(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return {**({"model": self.cfg.model} if self.cfg.model else {}), **payload}
+
+    def _post(self, path: str, payload: dict[str, Any], deadline: float) -> dict[str, Any]:
+        """POST with retries until ``deadline`` (time.monotonic()); the parsed JSON body."""
+        import httpx
+
+        self._admit()
+        delay, attempt = self.cfg.backoff, 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._result(False)
+                raise CloudError("deadline")
+            try:
+                self.calls += 1
+                r = self._http.post(path, json=self._body(payload),
+                                    timeout=httpx.Timeout(min(left, self.cfg.read_timeout),
+                                                          connect=min(left, self.cfg.connect_timeout)))
+                if r.status_code == 429 or r.status_code >= 500:
+                    raise CloudError(f"http_{r.status_code}")
+                if r.status_code >= 400:
+                    self._result(False)
+                    raise CloudError(f"http_{r.status_code}")
+                try:
+                    body = r.json()
+                except ValueError:
+                    self._result(False)
+                    raise CloudError("malformed_json") from None
+                self._result(True)
+                return body
+            except httpx.TimeoutException:
+                err = CloudError("deadline" if deadline - time.monotonic() <= 0.05 else "timeout")
+            except httpx.TransportError:
+                err = CloudError("unreachable")
+            except CloudError as e:
+                if not e.reason.startswith("http_") or e.reason in ("http_400", "http_401", "http_403", "http_404"):
+                    raise
+                err = e
+            attempt += 1
+            if attempt > self.cfg.retries or deadline - time.monotonic() <= delay:
+                self._result(False)
+                raise err
+            log.debug("cloud: %s, retry %d in %.2f s", err.reason, attempt, delay)
+            time.sleep(delay)
+            delay *= 2
+
+    def chat(self, messages: list[dict[str, str]], *, max_tokens: int, deadline: float, **params: Any) -> str:
+        body = self._post("chat/completions", {"messages": messages, "max_tokens": max_tokens, **params}, deadline)
+        try:
+            return str(body["choices"][0]["message"]["content"] or "")
+        except (KeyError, IndexError, TypeError):
+            raise CloudError("malformed_json") from None
+
+    def complete(self, prompt: str, *, max_tokens: int, deadline: float, **params: Any) -> str:
+        body = self._post("completions", {"prompt": prompt, "max_tokens": max_tokens, **params}, deadline)
+        try:
+            return str(body["choices"][0]["text"] or "")
+        except (KeyError, IndexError, TypeError):
+            raise CloudError("malformed_json") from None
+
+    def stream(self, path: str, payload: dict[str, Any], deadline: float) -> Iterator[str]:
+        """Text deltas of a streamed completion ("chat/completions" or "completions"). Raises CloudError when the
+        stream fails; deltas already yielded stay valid (the caller continues from them). A failure before the first
+        delta (429/5xx, connection) is retried with backoff while the deadline allows."""
+        self._admit()
+        delay, attempt = self.cfg.backoff, 0
+        while True:
+            started = False
+            try:
+                for delta in self._stream_once(path, payload, deadline):
+                    started = True
+                    yield delta
+                self._result(True)
+                return
+            except CloudError as e:
+                retriable = e.reason in ("http_429", "unreachable") or e.reason.startswith("http_5")
+                attempt += 1
+                if started or not retriable or attempt > self.cfg.retries or deadline - time.monotonic() <= delay:
+                    self._result(False)
+                    raise
+                log.debug("cloud: %s, retry %d in %.2f s", e.reason, attempt, delay)
+                time.sleep(delay)
+                delay *= 2
+
+    def _stream_once(self, path: str, payload: dict[str, Any], deadline: float) -> Iterator[str]:
+        """One attempt; the breaker is updated by ``stream``."""
+        import httpx
+
+        chat = path.startswith("chat")
+        done = False
+        try:
+            self.calls += 1
+            left = max(deadline - time.monotonic(), 0.001)
+            with self._http.stream("POST", path, json=self._body({**payload, "stream": True}),
+                                   timeout=httpx.Timeout(min(left, self.cfg.read_timeout),
+                                                         connect=min(left, self.cfg.connect_timeout))) as r:
+                if r.status_code >= 400:
+                    raise CloudError(f"http_{r.status_code}")
+                if "text/event-stream" not in r.headers.get("content-type", ""):
+                    # a server that ignored "stream": one JSON answer, or garbage
+                    try:
+                        choice = json.loads(r.read())["choices"][0]
+                        text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
+                    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                        raise CloudError("malformed_json") from None
+                    if not isinstance(text, str):
+                        raise CloudError("malformed_json")
+                    done = True
+                    if text:
+                        yield text
+                    r.close()
+                for line in ([] if done else r.iter_lines()):
+                    if time.monotonic() > deadline:
+                        raise CloudError("deadline")
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    try:
+                        choice = json.loads(data)["choices"][0]
+                        delta = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                        raise CloudError("malformed_json") from None
+                    if delta:
+                        yield delta
+        except httpx.TimeoutException:
+            raise CloudError("deadline" if deadline - time.monotonic() <= 0.05 else "timeout") from None
+        except httpx.ConnectError:
+            raise CloudError("unreachable") from None
+        except httpx.TransportError:
+            raise CloudError("stream_cut") from None
+        if not done:
+            raise CloudError("stream_cut")
+
+    def reachable(self, timeout: float = 2.0) -> bool:
+        """GET models: is anything answering at the URL?"""
+        import httpx
+
+        try:
+            return self._http.get("models", timeout=timeout).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    def close(self) -> None:
+        self._http.close()

@@ -1,0 +1,29 @@
+"""Options of `edgelm serve`; each field becomes a CLI flag, its comment the help text."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    device: str = ""  # the on-device model: an artifact folder, HF folder or .gguf
+    runtime: str = ""  # force the device runtime (edgelm list runtimes)
+    threads: int | None = None  # device runtime threads (default: its own pick)
+    cloud_url: str = ""  # OpenAI-compatible cloud, e.g. http://127.0.0.1:8001/v1 (none: device only)
+    cloud_model: str = ""  # model name sent to the cloud
+    api_key_env: str = "EDGELM_CLOUD_API_KEY"  # environment variable with the cloud API key
+    api_key_file: str = ""  # or a file with it (never logged)
+    router: str = "confidence"  # router (edgelm list routers)
+    cloud_budget: float = 0.3  # share of calibration queries the threshold sends to the cloud
+    threshold: float | None = None  # a fixed threshold instead of calibrating for --cloud-budget
+    router_file: str = ""  # load the router and threshold saved by an earlier calibration (and save new ones here)
+    data: tuple[str, ...] = ()  # calibration corpus: functions of its val split are the queries (default: stdlib)
+    calib_queries: int = 32  # calibration queries
+    deadline: float = 10.0  # seconds the cloud has per request before the device answers
+    max_queue: int = 8  # device requests waiting or running before 503
+    host: str = "127.0.0.1"  # address to listen on
+    port: int = 8000  # port to listen on
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

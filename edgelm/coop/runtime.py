@@ -1,0 +1,291 @@
+"""CooperativeRuntime: the device answers, hard queries go to the cloud, and the device covers every cloud failure.
+
+    coop = CooperativeRuntime(device=edgelm.load("runs/demo/export/gguf-gptq-int4-g32"),
+                              cloud=CloudClient(CloudConfig(url="http://127.0.0.1:8001/v1")),
+                              router="confidence", threshold=3.2)
+    ans = coop.chat([{"role": "user", "content": "..."}], max_tokens=64)
+    ans.text, ans.routed_to, ans.fallback_reason
+
+Thread-safe: the device model runs one request at a time behind a bounded queue (``Busy`` when full); cloud calls
+run concurrently.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator
+
+from edgelm.coop.cloud import CloudClient, CloudError
+from edgelm.coop.privacy import PrivacyGuard
+from edgelm.errors import EdgelmError
+
+if TYPE_CHECKING:
+    from edgelm.coop.routers import Router
+    from edgelm.runtimes.base import Runtime
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Busy(EdgelmError):
+    """The device queue is full; the server answers 503."""
+
+    exit_code = 75
+
+
+@dataclass
+class Answer:
+    text: str  # the reply
+    routed_to: str  # "device" or "cloud": who produced the text (the device after a cloud failure)
+    router: str  # router name
+    score: float | None  # router score (None when not scored: private, no cloud)
+    threshold: float  # scores above it go to the cloud
+    fallback_reason: str | None = None  # why the device answered a query meant for the cloud, or why it never asked
+    private: list[str] = field(default_factory=list)  # "marked" and/or the detectors that fired
+    device_latency_s: float = 0.0  # device time: routing + generation
+    cloud_latency_s: float = 0.0  # time spent on the cloud, failed attempts included
+    router_latency_s: float = 0.0  # the router's own time
+    prompt_tokens: int = 0  # in the device's tokenizer
+    completion_tokens: int = 0  # device tokens generated (0 for cloud answers)
+    cloud_chars: int = 0  # characters of the text that came from the cloud (all of it, or a cut stream's part)
+    finish_reason: str = "stop"
+
+    def metadata(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("text")
+        for k in ("score", "threshold"):
+            if isinstance(d[k], float) and not math.isfinite(d[k]):
+                d[k] = str(d[k])  # JSON has no inf
+        return d
+
+
+class Metrics:
+    """Counters and latency histograms, exported in Prometheus text format."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[str, int] = {"device": 0, "cloud": 0}
+        self.fallbacks: dict[str, int] = {}
+        self.intended_cloud = 0
+        self.busy = 0
+        self.private = 0
+        self.hist: dict[str, list[int]] = {k: [0] * (len(LATENCY_BUCKETS) + 1) for k in ("request", "device", "cloud")}
+        self.sums: dict[str, float] = {k: 0.0 for k in self.hist}
+
+    def observe(self, ans: Answer, total_s: float) -> None:
+        with self._lock:
+            self.requests[ans.routed_to] += 1
+            if ans.fallback_reason and ans.routed_to == "device" and ans.score is not None:
+                self.fallbacks[ans.fallback_reason] = self.fallbacks.get(ans.fallback_reason, 0) + 1
+            if ans.score is not None and ans.score > ans.threshold:
+                self.intended_cloud += 1
+            self.private += bool(ans.private)
+            for key, v in (("request", total_s), ("device", ans.device_latency_s), ("cloud", ans.cloud_latency_s)):
+                if key != "request" and v <= 0:
+                    continue
+                i = next((i for i, b in enumerate(LATENCY_BUCKETS) if v <= b), len(LATENCY_BUCKETS))
+                self.hist[key][i] += 1
+                self.sums[key] += v
+
+    def prometheus(self) -> str:
+        with self._lock:
+            total = sum(self.requests.values())
+            lines = ["# HELP edgelm_requests_total Answered requests by who produced the answer.",
+                     "# TYPE edgelm_requests_total counter"]
+            lines += [f'edgelm_requests_total{{routed_to="{k}"}} {v}' for k, v in self.requests.items()]
+            lines += ["# HELP edgelm_cloud_share Share of answered requests the router sent to the cloud.",
+                      "# TYPE edgelm_cloud_share gauge", f"edgelm_cloud_share {self.intended_cloud / total if total else 0.0}",
+                      "# HELP edgelm_fallbacks_total Cloud-bound requests the device answered, by reason.",
+                      "# TYPE edgelm_fallbacks_total counter"]
+            lines += [f'edgelm_fallbacks_total{{reason="{k}"}} {v}' for k, v in sorted(self.fallbacks.items())]
+            lines += ["# TYPE edgelm_busy_total counter", f"edgelm_busy_total {self.busy}",
+                      "# TYPE edgelm_private_total counter", f"edgelm_private_total {self.private}"]
+            for key, counts in self.hist.items():
+                name = f"edgelm_{key}_seconds"
+                lines += [f"# TYPE {name} histogram"]
+                acc = 0
+                for b, c in zip((*map(str, LATENCY_BUCKETS), "+Inf"), counts):
+                    acc += c
+                    lines.append(f'{name}_bucket{{le="{b}"}} {acc}')
+                lines += [f"{name}_sum {self.sums[key]:.6f}", f"{name}_count {acc}"]
+            return "\n".join(lines) + "\n"
+
+
+class CoopStream:
+    """Iterate for text deltas; ``answer`` holds the Answer once the iteration ends."""
+
+    def __init__(self, it: Iterator[str | Answer]) -> None:
+        self._it = it
+        self.answer: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for item in self._it:
+            if isinstance(item, Answer):
+                self.answer = item
+            elif item:
+                yield item
+
+
+class CooperativeRuntime:
+    def __init__(self, device: "Runtime", cloud: CloudClient | None, router: "Router | str", *,
+                 threshold: float | None = None, privacy: PrivacyGuard | None = None, deadline: float = 10.0,
+                 max_queue: int = 8) -> None:
+        from edgelm.registry import ROUTERS
+
+        self.device = device
+        self.cloud = cloud
+        self.router = ROUTERS.get(router)() if isinstance(router, str) else router
+        if self.router.needs_cloud and cloud is None:
+            log.warning("router %s has no cloud: every query stays on the device", self.router.name)
+        if threshold is None:
+            if self.router.calibrated:
+                raise EdgelmError(f"router {self.router.name!r} needs a threshold; calibrate it with a cloud budget")
+            threshold = self.router.threshold_for_budget(0.0 if not self.router.needs_cloud else 1.0)
+        self.threshold = threshold
+        self.privacy = privacy or PrivacyGuard()
+        if deadline <= 0:
+            raise EdgelmError(f"deadline must be > 0 seconds, got {deadline}")
+        self.deadline = deadline  # seconds the cloud has per request before the device answers
+        self.max_queue = max_queue  # device requests waiting or running before Busy
+        self._device_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queued = 0
+        self.metrics = Metrics()
+
+    # --- public API ------------------------------------------------------------------------------------------------
+    def chat(self, messages: list[dict[str, str]], *, max_tokens: int = 128, private: bool = False,
+             stream: bool = False, **sampling: Any) -> Answer | CoopStream:
+        prompt = self.device.apply_chat_template(messages)
+        text = "\n".join(str(m.get("content", "")) for m in messages)
+        return self._serve("chat", messages, prompt, text, max_tokens, private, stream, sampling)
+
+    def complete(self, prompt: str, *, max_tokens: int = 128, private: bool = False, stream: bool = False,
+                 **sampling: Any) -> Answer | CoopStream:
+        return self._serve("completion", prompt, prompt, prompt, max_tokens, private, stream, sampling)
+
+    # --- internals -------------------------------------------------------------------------------------------------
+    def _serve(self, kind, request, prompt, text, max_tokens, private, stream, sampling):
+        from edgelm.runtimes.sampling import GenerationConfig
+
+        GenerationConfig(max_new_tokens=max_tokens).with_options(**sampling)  # validate before queueing
+        it = self._run(kind, request, prompt, text, max_tokens, private, sampling)
+        if stream:
+            return CoopStream(it)
+        parts = []
+        for item in it:
+            if isinstance(item, Answer):
+                item.text = "".join(parts)
+                return item
+            parts.append(item)
+        raise AssertionError("no answer")
+
+    def _enter_queue(self) -> None:
+        with self._queue_lock:
+            if self._queued >= self.max_queue:
+                self.metrics.busy += 1
+                raise Busy(f"the device queue is full ({self._queued} requests); retry later")
+            self._queued += 1
+
+    def _leave_queue(self) -> None:
+        with self._queue_lock:
+            self._queued -= 1
+
+    def _run(self, kind, request, prompt, text, max_tokens, private, sampling) -> Iterator[str | Answer]:
+        t0 = time.perf_counter()
+        flags = (["marked"] if private else []) + self.privacy.flags(text)
+        ans = Answer(text="", routed_to="device", router=self.router.name, score=None, threshold=self.threshold,
+                     private=flags)
+        ids = self.device.encode(prompt)
+        ans.prompt_tokens = len(ids)
+        too_long = len(ids) >= self.device.context
+        decision = None
+        if flags:
+            ans.fallback_reason = "private"
+        elif self.cloud is None or not self.router.needs_cloud:
+            ans.fallback_reason = None if not self.router.needs_cloud else "no_cloud"
+        elif too_long:
+            ans.score = math.inf
+            ans.fallback_reason = "prompt_exceeds_device_context"
+        else:
+            self._enter_queue()
+            try:
+                with self._device_lock:
+                    decision = self.router.score(self.device, ids)
+            finally:
+                self._leave_queue()
+            ans.score, ans.router_latency_s = decision.score, decision.seconds
+            ans.device_latency_s += decision.seconds
+        if too_long and (self.cloud is None or flags):
+            raise EdgelmError(f"the prompt has {len(ids)} tokens but the device context holds {self.device.context}")
+        if ans.score is not None and ans.score > self.threshold and self.cloud is not None:
+            sent = []
+            tc = time.perf_counter()
+            try:
+                for delta in self._cloud_stream(kind, request, max_tokens, sampling, t0):
+                    sent.append(delta)
+                    yield delta
+                ans.routed_to, ans.cloud_latency_s = "cloud", time.perf_counter() - tc
+                ans.cloud_chars = sum(map(len, sent))
+                self.metrics.observe(ans, time.perf_counter() - t0)
+                yield ans
+                return
+            except CloudError as e:
+                ans.cloud_latency_s = time.perf_counter() - tc
+                ans.fallback_reason = e.reason
+                log.info("cloud failed (%s) after %.2f s: the device answers", e.reason, ans.cloud_latency_s)
+                ans.cloud_chars = sum(map(len, sent))
+                if sent:  # a cut stream: the device continues the text the client already has
+                    ids = self.device.encode(prompt + "".join(sent))
+                    max_tokens = max(1, max_tokens - len(self.device.encode("".join(sent))))
+                    decision = None
+        yield from self._device_answer(ids, max_tokens, sampling, decision, ans)
+        self.metrics.observe(ans, time.perf_counter() - t0)
+        yield ans
+
+    def _cloud_stream(self, kind, request, max_tokens, sampling, t0) -> Iterator[str]:
+        params = {k: v for k, v in sampling.items() if k in ("temperature", "top_p", "seed", "stop")}
+        if not sampling.get("do_sample", False):
+            params.setdefault("temperature", 0.0)
+        deadline = time.monotonic() + max(0.0, self.deadline - (time.perf_counter() - t0))
+        if kind == "chat":
+            payload = {"messages": request, "max_tokens": max_tokens, **params}
+            yield from self.cloud.stream("chat/completions", payload, deadline)
+        else:
+            payload = {"prompt": request, "max_tokens": max_tokens, **params}
+            yield from self.cloud.stream("completions", payload, deadline)
+
+    def _device_answer(self, ids, max_tokens, sampling, decision, ans: Answer) -> Iterator[str]:
+        from edgelm.runtimes.sampling import GenerationConfig
+
+        cfg = GenerationConfig(max_new_tokens=max_tokens).with_options(**sampling)
+        draft = decision.draft if decision is not None else []
+        stop = set(self.device.tokenizer.eos_ids) if self.device.tokenizer else set()
+        if draft and (cfg.do_sample or "\ufffd" in self.device.decode(draft[-1:]) or cfg.stop):
+            draft = []  # a sampled answer, a split character or stop strings: start over
+        self._enter_queue()
+        try:
+            with self._device_lock:
+                td = time.perf_counter()
+                if draft:
+                    head = [t for t in draft if t not in stop]
+                    yield self.device.decode(head)
+                    rest_n = max_tokens - len(draft)
+                    if len(head) < len(draft) or rest_n <= 0:
+                        ans.completion_tokens = len(head)
+                        ans.finish_reason = "stop" if len(head) < len(draft) else "length"
+                    else:
+                        s = self.device.generate(ids + draft, cfg.with_options(max_new_tokens=rest_n), stream=True)
+                        yield from s
+                        ans.completion_tokens = len(draft) + len(s.result.ids)
+                        ans.finish_reason = s.result.finish_reason
+                else:
+                    s = self.device.generate(ids, cfg, stream=True)
+                    yield from s
+                    ans.completion_tokens, ans.finish_reason = len(s.result.ids), s.result.finish_reason
+                ans.device_latency_s += time.perf_counter() - td
+        finally:
+            self._leave_queue()

@@ -1,0 +1,174 @@
+"""A real cloud on loopback (llama-cpp-python's OpenAI-compatible server on the tiny GGUF) and a test-local proxy
+in front of it that injects faults: refused connections, slow responses, 500s, malformed JSON, cut streams."""
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
+    import httpx
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer in {timeout} s")
+
+
+class CloudServer:
+    """`python -m llama_cpp.server` on 127.0.0.1; counts the completions requests it logged."""
+
+    def __init__(self, model: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1", "--port",
+             str(self.port), "--n_ctx", "512", "--n_threads", "1"],
+            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        wait_http(f"{self.url}/models", proc=self.proc)
+
+    def requests(self) -> int:
+        text = self.log.read_text(errors="replace")
+        return text.count('"POST /v1/chat/completions') + text.count('"POST /v1/completions')
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class FaultProxy:
+    """HTTP proxy to the cloud. ``mode``: pass | 500 | malformed | slow | cut. Counts requests it received."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.mode = "pass"
+        self.delay = 3.0  # seconds, for "slow"
+        self.count = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def log_message(self, *a):  # quiet
+                pass
+
+            def do_GET(self):
+                self._forward(b"")
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                proxy.count += 1
+                mode = proxy.mode
+                if mode == "500":
+                    return self._send(500, b'{"error": "boom"}')
+                if mode == "malformed":
+                    return self._send(200, b'{"choices": [ this is not json')
+                if mode == "slow":
+                    time.sleep(proxy.delay)
+                self._forward(body, cut=mode == "cut")
+
+            def _send(self, code: int, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _forward(self, body: bytes, cut: bool = False) -> None:
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+                headers = {"content-type": "application/json"}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                r = conn.getresponse()
+                self.send_response(r.status)
+                self.send_header("content-type", r.getheader("content-type", "application/json"))
+                self.send_header("connection", "close")
+                self.end_headers()
+                try:
+                    self._copy(r, cut)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (deadline): fine
+                    pass
+                conn.close()
+
+            def _copy(self, r, cut: bool) -> None:
+                events = 0
+                while True:
+                    line = r.readline()
+                    if not line:
+                        break
+                    self.wfile.write(line)
+                    if cut and line.startswith(b"data:"):
+                        events += 1
+                        if events == 3:  # three deltas, then the connection drops
+                            self.wfile.flush()
+                            self.connection.shutdown(socket.SHUT_RDWR)
+                            break
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def cloud(artifacts, tmp_path_factory):
+    srv = CloudServer(artifacts["llamacpp"] / "model.gguf", tmp_path_factory.mktemp("cloud") / "server.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def proxy(cloud):
+    p = FaultProxy(cloud.port)
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="session")
+def device(artifacts):
+    from edgelm.runtimes.loader import load
+
+    rt = load(artifacts["llamacpp"], threads=1)
+    yield rt
+    rt.close()
+
+
+def direct_chat(url: str, messages, max_tokens: int) -> str:
+    import httpx
+
+    r = httpx.post(f"{url}/chat/completions", json={"messages": messages, "max_tokens": max_tokens, "temperature": 0},
+                   timeout=60)
+    return r.json()["choices"][0]["message"]["content"]
+
+
+__all__ = ["free_port", "wait_http", "direct_chat", "json"]

@@ -1,0 +1,184 @@
+"""CooperativeRuntime against a real OpenAI-compatible server on loopback, with faults injected by a proxy."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from edgelm.coop.cloud import CloudClient, CloudConfig
+from edgelm.coop.runtime import Busy, CooperativeRuntime
+from edgelm.errors import EdgelmError
+from edgelm.registry import ROUTERS
+from tests.coop.conftest import direct_chat, free_port
+
+MSGS = [{"role": "user", "content": "def add(a, b):"}]
+
+
+def coop_for(device, url: str | None, router: str = "always-cloud", deadline: float = 5.0, **cloud_kw):
+    cloud = CloudClient(CloudConfig(url=url, retries=1, backoff=0.05, **cloud_kw)) if url else None
+    return CooperativeRuntime(device, cloud, router, deadline=deadline)
+
+
+def test_every_router_is_tested():
+    assert ROUTERS.names() == sorted(["always-cloud", "always-device", "random", "confidence", "confidence-draft"])
+
+
+def test_cloud_answer_is_the_servers_answer(device, cloud, proxy):
+    coop = coop_for(device, proxy.url)
+    ans = coop.chat(MSGS, max_tokens=12)
+    assert ans.routed_to == "cloud" and ans.fallback_reason is None and ans.cloud_latency_s > 0
+    assert ans.text == direct_chat(cloud.url, MSGS, 12) and ans.text
+    assert proxy.count == 1
+
+
+def test_device_answer_is_the_devices_greedy(device, proxy):
+    coop = coop_for(device, proxy.url, router="always-device")
+    ans = coop.chat(MSGS, max_tokens=12)
+    assert ans.routed_to == "device" and ans.fallback_reason is None and ans.score is None
+    assert ans.text == device.chat(MSGS, max_new_tokens=12).text
+    assert proxy.count == 0
+
+
+@pytest.mark.parametrize("mode, reason", [("500", "http_500"), ("malformed", "malformed_json"), ("slow", "deadline"),
+                                          ("refused", "unreachable")])
+@pytest.mark.parametrize("stream", [False, True])
+def test_cloud_faults_end_in_a_device_answer(mode, reason, stream, device, proxy):
+    url = f"http://127.0.0.1:{free_port()}/v1" if mode == "refused" else proxy.url
+    proxy.mode = mode
+    deadline = 1.5
+    coop = coop_for(device, url, deadline=deadline)
+    t0 = time.monotonic()
+    if stream:
+        s = coop.chat(MSGS, max_tokens=12, stream=True)
+        text = "".join(s)
+        ans = s.answer
+    else:
+        ans = coop.chat(MSGS, max_tokens=12)
+        text = ans.text
+    elapsed = time.monotonic() - t0
+    assert ans.routed_to == "device" and ans.fallback_reason == reason
+    assert text == device.chat(MSGS, max_new_tokens=12).text  # the whole answer, nothing lost
+    assert ans.cloud_latency_s <= deadline + 0.5 and elapsed < deadline + 5  # no hang past the deadline
+    if mode == "500":
+        assert proxy.count == 2  # one retry (retries=1), then the device
+
+
+def test_a_stream_cut_midway_is_continued_by_the_device(device, cloud, proxy):
+    proxy.mode = "cut"
+    coop = coop_for(device, proxy.url)
+    s = coop.chat(MSGS, max_tokens=16, stream=True)
+    text = "".join(s)
+    ans = s.answer
+    assert ans.routed_to == "device" and ans.fallback_reason == "stream_cut"
+    partial = text[: ans.cloud_chars]
+    assert partial and len(text) > len(partial)  # the client keeps what the cloud sent; the device adds the rest
+    prompt = device.apply_chat_template(MSGS) + partial
+    rest = device.generate(prompt, max_new_tokens=16 - len(device.encode(partial))).text
+    assert text == partial + rest and ans.completion_tokens > 0
+
+
+def test_circuit_breaker_stops_calling_a_failing_cloud(device, proxy):
+    proxy.mode = "500"
+    coop = coop_for(device, proxy.url, breaker_failures=2, breaker_reset=60)
+    reasons = [coop.chat(MSGS, max_tokens=4).fallback_reason for _ in range(4)]
+    assert reasons == ["http_500", "http_500", "circuit_open", "circuit_open"]
+    assert proxy.count == 4  # 2 requests x (1 + 1 retry), none while open
+    assert 'edgelm_fallbacks_total{reason="circuit_open"} 2' in coop.metrics.prometheus()
+
+
+@pytest.mark.parametrize("msgs, private, flag", [
+    (MSGS, True, "marked"),
+    ([{"role": "user", "content": "mail jane.doe@example.com the results"}], False, "email"),
+    ([{"role": "user", "content": "use key sk-proj-abcdefghijklmnop1234567890 for it"}], False, "api_key"),
+    ([{"role": "user", "content": "card 4111 1111 1111 1111 exp 12/29"}], False, "card"),
+    ([{"role": "user", "content": "call me at +1 415-555-0134"}], False, "phone"),
+])
+def test_private_requests_never_reach_the_cloud(msgs, private, flag, device, cloud, proxy):
+    before = cloud.requests()
+    coop = coop_for(device, proxy.url)
+    for stream in (False, True):
+        out = coop.chat(msgs, max_tokens=4, private=private, stream=stream)
+        ans = out if not stream else (list(out), out.answer)[1]
+        assert ans.routed_to == "device" and ans.fallback_reason == "private" and flag in ans.private
+    assert proxy.count == 0 and cloud.requests() == before  # counted on the server side too
+
+
+def test_privacy_detectors_leave_plain_code_alone():
+    from edgelm.coop.privacy import PrivacyGuard
+
+    g = PrivacyGuard()
+    assert g.flags("def f(x):\n    return x * 1000 + 12345678\n") == []
+    assert g.flags("version 3.11.7, port 8000, 2026-11-22") == []
+    assert g.flags("4111 1111 1111 1112") == []  # fails the Luhn check
+
+
+def test_device_queue_is_bounded(device, proxy):
+    import threading
+
+    coop = CooperativeRuntime(device, None, "always-device", max_queue=1)
+    started = threading.Event()
+    release = threading.Event()
+    orig = device.generate
+
+    def slow_generate(*a, **k):
+        started.set()
+        release.wait(10)
+        return orig(*a, **k)
+
+    device.generate = slow_generate
+    try:
+        t = threading.Thread(target=lambda: coop.chat(MSGS, max_tokens=2))
+        t.start()
+        started.wait(10)
+        with pytest.raises(Busy, match="the device queue is full"):
+            coop.chat(MSGS, max_tokens=2)
+        release.set()
+        t.join(10)
+    finally:
+        del device.generate
+    assert coop.chat(MSGS, max_tokens=2).routed_to == "device"
+    assert "edgelm_busy_total 1" in coop.metrics.prometheus()
+
+
+def test_calibration_hits_the_budget(device):
+    from edgelm.coop.data import function_queries
+    from edgelm.coop.routers import calibrate
+
+    queries = function_queries(n=20)
+    ids = [device.encode(q.prompt) for q in queries]
+    for name in ("confidence", "confidence-draft", "random"):
+        router = ROUTERS.get(name)()
+        state = calibrate(router, device, ids, 0.3)
+        share = sum(router.score(device, i).score > state.threshold for i in ids) / len(ids)
+        assert abs(share - 0.3) <= 0.1, (name, share)
+
+
+def test_draft_router_reuses_its_draft(device, proxy):
+    router = ROUTERS.get("confidence-draft")()
+    coop = CooperativeRuntime(device, CloudClient(CloudConfig(url=proxy.url)), router, threshold=1e9)
+    ans = coop.chat(MSGS, max_tokens=12)
+    assert ans.routed_to == "device" and ans.score is not None and ans.router_latency_s > 0
+    assert ans.text == device.chat(MSGS, max_new_tokens=12).text  # draft + continuation = plain greedy
+    assert proxy.count == 0
+
+
+def test_bad_construction(device):
+    with pytest.raises(EdgelmError, match="needs a threshold"):
+        CooperativeRuntime(device, None, "confidence")
+    with pytest.raises(EdgelmError, match="must start with http"):
+        CloudClient(CloudConfig(url="127.0.0.1:8001"))
+    with pytest.raises(EdgelmError, match="unknown router 'learned'; known: always-cloud"):
+        CooperativeRuntime(device, None, "learned")
+
+
+def test_api_key_comes_from_a_file_and_never_shows(device, proxy, tmp_path, caplog):
+    import logging
+
+    key = "sk-test-SECRET0123456789abcdef"
+    (tmp_path / "key").write_text(key + "\n")
+    proxy.mode = "500"
+    coop = coop_for(device, proxy.url, api_key_file=str(tmp_path / "key"))
+    with caplog.at_level(logging.DEBUG):
+        ans = coop.chat(MSGS, max_tokens=4)
+    assert coop.cloud._http.headers["authorization"] == f"Bearer {key}"
+    assert key not in caplog.text and key not in str(ans.metadata()) and key not in coop.metrics.prometheus()
