@@ -196,6 +196,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    from edgelm.coop.api import route_eval, route_train
+    from edgelm.coop.config import RouteConfig
+
+    cfg = _from_args(RouteConfig, args)
+    if args.route_command == "train":
+        st = route_train(cfg)
+        cal = st.calibration
+        print(f"router: {cfg.out} (learned; threshold {st.threshold:.4g} sends {100 * cal['achieved_share']:.0f}% of "
+              f"{cal['queries']} train queries to the cloud; fit correlation {cal['train_corr']:.2f})")
+    else:
+        res = route_eval(cfg)
+        print(f"device quality {res['device_quality']:.3f}, cloud quality {res['cloud_quality']:.3f}, "
+              f"{res['queries']} test queries\n")
+        print(res["table"])
+        print(f"wrote {cfg.out}/routing.md, routing.png, routing.json")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from edgelm.registry import KD_LOSSES, QUANTS, ROUTERS, RUNTIMES, STUDENT_ZOO, TARGETS, TEACHERS
 
@@ -302,6 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="OpenAI-compatible server: the device model answers, hard queries go to a cloud")
     add_dataclass_args(sv, ServeConfig)
     sv.set_defaults(func=cmd_serve)
+
+    from edgelm.coop.config import RouteConfig
+
+    rt = sub.add_parser("route", help="train the learned router, or judge routers on queries with known answers")
+    rsub = rt.add_subparsers(dest="route_command", metavar="ACTION", parser_class=_Parser, required=True)
+    for action, text in (("train", "fit the learned router on train-split queries (device vs cloud quality)"),
+                         ("eval", "APGR, CPT(50%%)/CPT(80%%) and a quality-vs-share plot for every router")):
+        a = rsub.add_parser(action, help=text)
+        add_dataclass_args(a, RouteConfig)
+        a.set_defaults(func=cmd_route)
 
     ls = sub.add_parser("list", help="list built-in teachers, student shapes, KD losses, quant presets, targets, runtimes and routers")
     ls.add_argument("what", nargs="?", default="all", choices=["all", "teachers", "students", "losses", "quants", "targets",

@@ -99,7 +99,7 @@ def test_demo_writes_a_report(tmp_path):
     assert all(not r["error"] and r["tg_tps_mean"] > 0 for r in bench["rows"])
     assert "## Runtimes side by side" in report and (tmp_path / "demo" / "bench.png").stat().st_size > 1000
     for r in bench["rows"]:
-        assert f"| {r['model']} | {r['preset']} | {r['runtime']} | 1 |" in report
+        assert f"| {r['model']} | {r['preset']} | {r['runtime']} | {r['threads']} |" in report
 
 
 def test_cli_eval_of_the_builtin_teacher():

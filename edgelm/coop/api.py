@@ -16,7 +16,7 @@ def build_runtime(config: ServeConfig | None = None, **kwargs: Any):
 
     from edgelm.coop.cloud import CloudClient, CloudConfig
     from edgelm.coop.data import function_queries
-    from edgelm.coop.routers import RouterState, calibrate, check_budget
+    from edgelm.coop.routers import RouterState, calibrate, check_budget, router_from_state
     from edgelm.coop.runtime import CooperativeRuntime
     from edgelm.registry import ROUTERS
     from edgelm.runtimes.loader import load
@@ -26,7 +26,10 @@ def build_runtime(config: ServeConfig | None = None, **kwargs: Any):
         raise EdgelmError("pass --device: the on-device model (artifact folder, HF folder or .gguf)")
     check_budget(c.cloud_budget)
     state = RouterState.load(c.router_file) if c.router_file and Path(c.router_file).is_file() else None
-    router = ROUTERS.get(state.router if state else c.router)()
+    if state is None and c.router == "learned":
+        raise EdgelmError("the learned router is not trained; run `edgelm route train --out FILE` and pass "
+                          "--router-file FILE")
+    router = router_from_state(state) if state else ROUTERS.get(c.router)()
     if router.needs_cloud and not c.cloud_url:
         raise EdgelmError(f"router {router.name!r} needs a cloud: pass --cloud-url (or --router always-device)")
     if c.max_queue < 1:
@@ -69,3 +72,106 @@ def serve(config: ServeConfig | None = None, **kwargs: Any) -> None:
     coop, _ = build_runtime(c)
     log.info("serving on http://%s:%d/v1 (OpenAI-compatible; /health, /metrics)", c.host, c.port)
     uvicorn.run(create_app(coop), host=c.host, port=c.port, log_level="warning")
+
+
+def _device_and_cloud(c):
+    from edgelm.coop.cloud import CloudClient, CloudConfig
+    from edgelm.runtimes.loader import load
+
+    if not c.device:
+        raise EdgelmError("pass --device: the on-device model (artifact folder, HF folder or .gguf)")
+    if not c.cloud_url:
+        raise EdgelmError("pass --cloud-url: routers are trained and judged against a cloud model")
+    cloud = CloudClient(CloudConfig(url=c.cloud_url, model=c.cloud_model, api_key_env=c.api_key_env,
+                                    api_key_file=c.api_key_file, read_timeout=120, retries=3))
+    if not cloud.reachable():
+        raise EdgelmError(f"the cloud at {c.cloud_url} does not answer; start it or fix --cloud-url")
+    return load(c.device, runtime=c.runtime or None, threads=c.threads), cloud
+
+
+def route_train(config=None, **kwargs: Any):
+    """Fit the learned router on train-split queries; write it, with the threshold for --cloud-budget, to --out."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from edgelm.coop.config import RouteConfig
+    from edgelm.coop.data import function_queries
+    from edgelm.coop.evaluate import judge, save_judged
+    from edgelm.coop.learn import LearnedRouter, features, fit_ridge
+    from edgelm.coop.routers import RouterState, check_budget
+
+    c = replace(config or RouteConfig(), **kwargs)
+    check_budget(c.cloud_budget)
+    if not c.out:
+        raise EdgelmError("pass --out: the router file to write (e.g. runs/router.json)")
+    out = Path(c.out)
+    if out.exists() and not c.force:
+        raise EdgelmError(f"{out} exists; pass --force to replace it")
+    device, cloud = _device_and_cloud(c)
+    queries = function_queries(c.data, "train", c.queries)
+    log.info("route train: %d train-split queries, device and cloud answer each (%d tokens)", len(queries), c.max_tokens)
+    judged = judge(device, cloud, queries, max_tokens=c.max_tokens, progress=c.progress)
+    X = np.stack([features(device, device.encode(q.prompt)) for q in queries])
+    y = np.array([j.cloud - j.device for j in judged])
+    router = LearnedRouter(fit_ridge(X, y))
+    pred = np.array([router.model.predict(x) for x in X])
+    t = float(np.quantile(pred, 1 - c.cloud_budget, method="lower")) if 0 < c.cloud_budget < 1 else (
+        float("inf") if c.cloud_budget <= 0 else float("-inf"))
+    fit_corr = float(np.corrcoef(pred, y)[0, 1]) if y.std() > 0 else float("nan")
+    state = RouterState("learned", t, c.cloud_budget,
+                        {"queries": len(queries), "split": "train", "achieved_share": float((pred > t).mean()),
+                         "train_corr": fit_corr, "device_quality": float(np.mean([j.device for j in judged])),
+                         "cloud_quality": float(np.mean([j.cloud for j in judged]))}, router.state())
+    state.save(out)
+    save_judged(judged, out.with_name(out.stem + ".train-answers.json"))
+    device.close()
+    cloud.close()
+    return state
+
+
+def route_eval(config=None, **kwargs: Any) -> dict[str, Any]:
+    """Judge every router on test-split queries; write table, plot and JSON into --out."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from edgelm.coop.config import RouteConfig
+    from edgelm.coop.data import function_queries
+    from edgelm.coop.evaluate import judge, plot_curves, random_summary, save_judged, summarize
+    from edgelm.coop.routers import RouterState, router_from_state
+    from edgelm.fsutil import atomic_write_json, atomic_write_text
+    from edgelm.registry import ROUTERS
+    from edgelm.report import md_table
+
+    c = replace(config or RouteConfig(), **kwargs)
+    if not c.out:
+        raise EdgelmError("pass --out: a folder for the table, plot and JSON")
+    routers = [ROUTERS.get("confidence")(), ROUTERS.get("confidence-draft")()]
+    if c.router_file:
+        routers.append(router_from_state(RouterState.load(c.router_file)))
+    device, cloud = _device_and_cloud(c)
+    queries = function_queries(c.data, "test", c.queries)
+    log.info("route eval: %d test-split queries, routers %s", len(queries), ", ".join(r.name for r in routers))
+    judged = judge(device, cloud, queries, max_tokens=c.max_tokens, routers=routers, progress=c.progress)
+    out = Path(c.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_judged(judged, out / "answers.json")
+    sums = [random_summary(judged)] + [summarize(judged, r.name, [j.scores[r.name] for j in judged]) for r in routers]
+    oracle = summarize(judged, "oracle", [j.cloud - j.device for j in judged])
+    rows = []
+    for s in sums + [oracle]:
+        lat = [j.seconds.get(s["router"], 0.0) for j in judged]
+        rows.append([s["router"], f"{s['apgr']:.3f}", f"{100 * s['cpt50']:.0f}%", f"{100 * s['cpt80']:.0f}%",
+                     f"{1e3 * float(np.mean(lat)):.1f}" if s["router"] in j.scores else "-"])
+    qd, qc = float(np.mean([j.device for j in judged])), float(np.mean([j.cloud for j in judged]))
+    table = md_table(["router", "APGR", "CPT(50%)", "CPT(80%)", "router ms/query"], rows)
+    plot_curves(sums + [oracle], judged, out / "routing.png")
+    result = {"queries": len(judged), "device_quality": qd, "cloud_quality": qc, "routers": sums + [oracle],
+              "table": table, "config": c.as_dict()}
+    atomic_write_json(out / "routing.json", result)
+    atomic_write_text(out / "routing.md", f"device quality {qd:.3f}, cloud quality {qc:.3f}, {len(judged)} queries\n\n"
+                      + table + "\n![quality vs cloud share](routing.png)\n")
+    device.close()
+    cloud.close()
+    return result

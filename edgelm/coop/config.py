@@ -27,3 +27,25 @@ class ServeConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    device: str = ""  # the on-device model: an artifact folder, HF folder or .gguf
+    runtime: str = ""  # force the device runtime (edgelm list runtimes)
+    threads: int | None = None  # device runtime threads (default: its own pick)
+    cloud_url: str = ""  # OpenAI-compatible cloud, e.g. http://127.0.0.1:8001/v1
+    cloud_model: str = ""  # model name sent to the cloud
+    api_key_env: str = "EDGELM_CLOUD_API_KEY"  # environment variable with the cloud API key
+    api_key_file: str = ""  # or a file with it (never logged)
+    data: tuple[str, ...] = ()  # corpus whose functions are the queries (default: stdlib source)
+    queries: int = 200  # queries (train split for `route train`, test split for `route eval`)
+    max_tokens: int = 48  # tokens each side answers with
+    cloud_budget: float = 0.3  # `route train`: the share of training queries its threshold sends to the cloud
+    router_file: str = ""  # `route eval`: a trained learned router to compare (from `route train`)
+    out: str = ""  # `route train`: the router file to write; `route eval`: a folder for table, plot and JSON
+    force: bool = False  # replace --out if it exists
+    progress: bool = True  # progress bar
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

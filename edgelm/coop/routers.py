@@ -115,6 +115,7 @@ class RouterState:
     threshold: float  # scores above it go to the cloud
     budget: float | None = None  # the cloud share it was calibrated for
     calibration: dict[str, Any] = field(default_factory=dict)  # how: prompts, their count, achieved share
+    params: dict[str, Any] = field(default_factory=dict)  # trained parameters (learned)
 
     def save(self, path: str | Path) -> None:
         from edgelm.fsutil import atomic_write_json
@@ -139,6 +140,7 @@ def calibrate(router: Router, device: "Runtime", prompts: Sequence[Sequence[int]
     import numpy as np
 
     check_budget(budget)
+    params = router.state() if hasattr(router, "state") else {}
     if not router.calibrated:
         return RouterState(router.name, router.threshold_for_budget(budget), budget, {"prompts": 0})
     if not prompts:
@@ -151,4 +153,17 @@ def calibrate(router: Router, device: "Runtime", prompts: Sequence[Sequence[int]
     else:
         t = float(np.quantile(scores, 1.0 - budget, method="lower"))
     share = float((scores > t).mean())
-    return RouterState(router.name, t, budget, {"prompts": len(prompts), "achieved_share": share})
+    return RouterState(router.name, t, budget, {"prompts": len(prompts), "achieved_share": share}, params)
+
+
+def router_from_state(state: RouterState) -> Router:
+    """The router a RouterState names, with its trained parameters (learned)."""
+    cls = ROUTERS.get(state.router)
+    if state.params:
+        return cls.from_state(state.params)
+    if state.router == "learned":
+        raise EdgelmError("the learned router is not trained; run `edgelm route train` and pass --router-file")
+    return cls()
+
+
+from edgelm.coop import learn as _learn  # noqa: E402,F401  (registers "learned")

@@ -1,0 +1,159 @@
+"""`edgelm route train` and `edgelm route eval`: routers judged on queries with known answers.
+
+A query is a function's first lines; its reference is the rest. Device and cloud each answer every query once
+(greedy); an answer's quality is the normalized edit similarity of its first lines to the reference's. A router at
+threshold t sends the queries scoring above t to the cloud, so one pass gives its whole quality-vs-share curve:
+
+  * PGR(share) = (quality(share) - quality_device) / (quality_cloud - quality_device), the gap recovered;
+  * APGR = mean PGR over shares 0..1 (area under the curve); random routing scores 0.5;
+  * CPT(x) = the smallest cloud share with PGR >= x (random needs about x).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from edgelm.errors import EdgelmError
+
+log = logging.getLogger(__name__)
+
+ANSWER_LINES = 3  # lines of an answer compared with the reference
+
+
+def edit_similarity(a: str, b: str) -> float:
+    """1 - Levenshtein(a, b) / max(len): 1 for equal strings, 0 for nothing in common."""
+    if not a and not b:
+        return 1.0
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return 1.0 - prev[-1] / max(len(a), len(b))
+
+
+def answer_quality(answer: str, reference: str, lines: int = ANSWER_LINES) -> float:
+    head = lambda s: "\n".join(s.splitlines()[:lines]).rstrip()  # noqa: E731
+    return edit_similarity(head(answer), head(reference))
+
+
+@dataclass
+class Judged:
+    source: str  # file:line of the function
+    prompt_tokens: int
+    device: float  # quality of the device's answer
+    cloud: float  # quality of the cloud's answer
+    scores: dict[str, float] = field(default_factory=dict)  # router -> score
+    seconds: dict[str, float] = field(default_factory=dict)  # router -> its latency
+
+
+def judge(device, cloud, queries, *, max_tokens: int = 48, routers: Sequence[Any] = (), progress: bool = True
+          ) -> list[Judged]:
+    """Both answers and every router's score for each query (greedy, completion style)."""
+    from tqdm import tqdm
+
+    out = []
+    for q in tqdm(queries, desc="queries", disable=not progress, unit="q"):
+        ids = device.encode(q.prompt)
+        dev = device.generate(ids, max_new_tokens=max_tokens).text
+        cl = cloud.complete(q.prompt, max_tokens=max_tokens, deadline=time.monotonic() + 120, temperature=0.0)
+        j = Judged(q.source, len(ids), answer_quality(dev, q.reference), answer_quality(cl, q.reference))
+        for r in routers:
+            d = r.score(device, ids)
+            j.scores[r.name], j.seconds[r.name] = float(d.score), d.seconds
+        out.append(j)
+    return out
+
+
+def curve(judged: list[Judged], scores: Sequence[float]) -> tuple[list[float], list[float]]:
+    """(cloud shares, mean quality) as the threshold sweeps from all-device to all-cloud, highest scores first."""
+    import numpy as np
+
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
+    dev = np.array([j.device for j in judged])
+    cl = np.array([j.cloud for j in judged])
+    shares, quality = [0.0], [float(dev.mean())]
+    q = dev.copy()
+    for k, i in enumerate(order, 1):
+        q[i] = cl[i]
+        shares.append(k / len(judged))
+        quality.append(float(q.mean()))
+    return shares, quality
+
+
+def pgr(judged: list[Judged], quality: list[float]) -> list[float]:
+    import numpy as np
+
+    qd, qc = float(np.mean([j.device for j in judged])), float(np.mean([j.cloud for j in judged]))
+    if qc <= qd:
+        raise EdgelmError(f"the cloud is not better than the device on these queries (quality {qc:.3f} vs "
+                          f"{qd:.3f}): nothing to route for")
+    return [(x - qd) / (qc - qd) for x in quality]
+
+
+def summarize(judged: list[Judged], name: str, scores: Sequence[float]) -> dict[str, Any]:
+    import numpy as np
+
+    shares, quality = curve(judged, scores)
+    g = pgr(judged, quality)
+
+    def cpt(x: float) -> float:
+        return next(s for s, p in zip(shares, g) if p >= x - 1e-12)
+
+    return {"router": name, "apgr": float(np.trapezoid(g, shares)), "cpt50": cpt(0.5), "cpt80": cpt(0.8),
+            "shares": shares, "quality": quality, "pgr": g}
+
+
+def random_summary(judged: list[Judged], seeds: int = 200) -> dict[str, Any]:
+    """The random router averaged over ``seeds`` orders (its expectation is the straight line)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    runs = [summarize(judged, "random", rng.random(len(judged))) for _ in range(seeds)]
+    mean_q = np.mean([r["quality"] for r in runs], axis=0).tolist()
+    g = pgr(judged, mean_q)
+    shares = runs[0]["shares"]
+    return {"router": "random", "apgr": float(np.mean([r["apgr"] for r in runs])),
+            "cpt50": float(np.mean([r["cpt50"] for r in runs])), "cpt80": float(np.mean([r["cpt80"] for r in runs])),
+            "shares": shares, "quality": mean_q, "pgr": g}
+
+
+def plot_curves(summaries: list[dict[str, Any]], judged: list[Judged], path: Path) -> Path:
+    from edgelm.report import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.5))
+    for s in summaries:
+        ax.plot(s["shares"], s["quality"], label=f"{s['router']} (APGR {s['apgr']:.2f})",
+                linestyle="--" if s["router"] == "random" else "-")
+    import numpy as np
+
+    ax.axhline(float(np.mean([j.device for j in judged])), color="gray", linewidth=0.8)
+    ax.axhline(float(np.mean([j.cloud for j in judged])), color="gray", linewidth=0.8)
+    ax.set_xlabel("share of queries sent to the cloud")
+    ax.set_ylabel(f"mean answer quality (edit similarity, first {ANSWER_LINES} lines)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def save_judged(judged: list[Judged], path: Path) -> None:
+    from edgelm.fsutil import atomic_write_json
+
+    atomic_write_json(path, [asdict(j) for j in judged])
+
+
+def load_judged(path: Path) -> list[Judged]:
+    return [Judged(**d) for d in json.loads(Path(path).read_text(encoding="utf-8"))]

@@ -1,0 +1,99 @@
+"""The `learned` router: a small ridge regression from features the device computes itself to the expected quality
+gap (cloud minus device) of a query. No external embeddings, no API key (RouteLLM's known complaint).
+
+Features of a prompt, from one prefill on the device:
+  * the prompt's mean and spread of per-token NLL, the mean entropy of the next-token distributions, log length;
+  * the pooled final hidden state, read through the tied lm_head (logits = E·h, so a fixed linear map of the mean
+    hidden state) and projected to ``PROJ_DIM`` dims by a seeded random matrix. Every backend exposes logits, so
+    the router works on llama.cpp, ONNX Runtime and PyTorch alike.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+from edgelm.coop.routers import Decision, Router
+from edgelm.errors import EdgelmError
+from edgelm.registry import ROUTERS
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from edgelm.runtimes.base import Runtime
+
+PROJ_DIM = 32  # random projection of the pooled logits
+PROJ_SEED = 1234
+
+
+def features(device: "Runtime", ids: Sequence[int]) -> "np.ndarray":
+    """[4 + PROJ_DIM] features of one prompt."""
+    import numpy as np
+
+    from edgelm.metrics import log_softmax_np
+
+    ids = list(ids)[-min(len(ids), device.context - 1):]
+    logits = device.logits(ids)  # [T, V]
+    lp = log_softmax_np(logits)  # [T, V]
+    nll = -lp[np.arange(len(ids) - 1), ids[1:]] if len(ids) > 1 else np.zeros(1)  # [T-1]
+    ent = -(np.exp(lp) * lp).sum(-1)  # [T]
+    centered = logits - logits.mean(-1, keepdims=True)  # [T, V]; logit shifts carry no information
+    proj = np.random.default_rng(PROJ_SEED).standard_normal((logits.shape[-1], PROJ_DIM)) / np.sqrt(logits.shape[-1])
+    pooled = centered.mean(0) @ proj  # [PROJ_DIM]
+    return np.concatenate([[nll.mean(), nll.std(), ent.mean(), np.log(len(ids))], pooled])
+
+
+@dataclass
+class RidgeModel:
+    mean: list[float]  # feature means
+    std: list[float]  # feature standard deviations
+    weights: list[float]  # on standardized features
+    bias: float
+    l2: float  # ridge penalty it was fit with
+
+    def predict(self, x: "np.ndarray") -> float:
+        import numpy as np
+
+        z = (np.asarray(x) - np.asarray(self.mean)) / np.asarray(self.std)
+        return float(z @ np.asarray(self.weights) + self.bias)
+
+
+def fit_ridge(X: "np.ndarray", y: "np.ndarray", l2: float = 10.0) -> RidgeModel:
+    import numpy as np
+
+    if len(X) < 8:
+        raise EdgelmError(f"the learned router needs at least 8 training queries, got {len(X)}; pass more --queries")
+    mean, std = X.mean(0), X.std(0) + 1e-8
+    Z = (X - mean) / std  # [N, F]
+    b = float(y.mean())
+    w = np.linalg.solve(Z.T @ Z + l2 * np.eye(Z.shape[1]), Z.T @ (y - b))
+    return RidgeModel(mean.tolist(), std.tolist(), w.tolist(), b, l2)
+
+
+@ROUTERS.register("learned")
+class LearnedRouter(Router):
+    """a ridge regression on device-computed features (prompt NLL, entropy, length, pooled hidden state) predicting
+    how much better the cloud answers; trained by `edgelm route train`"""
+
+    name = "learned"
+
+    def __init__(self, model: RidgeModel | None = None) -> None:
+        self.model = model
+
+    def score(self, device, ids):
+        if self.model is None:
+            raise EdgelmError("the learned router is not trained; run `edgelm route train` and pass --router-file")
+        t0 = time.perf_counter()
+        s = self.model.predict(features(device, ids))
+        return Decision(s, seconds=time.perf_counter() - t0)
+
+    def state(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"model": asdict(self.model), "proj_dim": PROJ_DIM, "proj_seed": PROJ_SEED}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "LearnedRouter":
+        if state.get("proj_dim") != PROJ_DIM or state.get("proj_seed") != PROJ_SEED:
+            raise EdgelmError("this router file was trained with other features; retrain it with `edgelm route train`")
+        return cls(RidgeModel(**state["model"]))
