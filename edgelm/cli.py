@@ -15,7 +15,7 @@ from edgelm import __version__
 from edgelm.errors import EdgelmError
 
 log = logging.getLogger("edgelm")
-NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "gguf", "gguf.gguf_writer", "gguf.vocab")
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "gguf", "gguf.gguf_writer", "gguf.vocab", "httpx", "httpcore")
 
 
 class _Parser(argparse.ArgumentParser):

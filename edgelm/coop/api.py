@@ -163,7 +163,7 @@ def route_eval(config=None, **kwargs: Any) -> dict[str, Any]:
     for s in sums + [oracle]:
         lat = [j.seconds.get(s["router"], 0.0) for j in judged]
         rows.append([s["router"], f"{s['apgr']:.3f}", f"{100 * s['cpt50']:.0f}%", f"{100 * s['cpt80']:.0f}%",
-                     f"{1e3 * float(np.mean(lat)):.1f}" if s["router"] in j.scores else "-"])
+                     f"{1e3 * float(np.mean(lat)):.1f}" if s["router"] in judged[0].scores else "-"])
     qd, qc = float(np.mean([j.device for j in judged])), float(np.mean([j.cloud for j in judged]))
     table = md_table(["router", "APGR", "CPT(50%)", "CPT(80%)", "router ms/query"], rows)
     plot_curves(sums + [oracle], judged, out / "routing.png")

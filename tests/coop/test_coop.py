@@ -20,7 +20,8 @@ def coop_for(device, url: str | None, router: str = "always-cloud", deadline: fl
 
 
 def test_every_router_is_tested():
-    assert ROUTERS.names() == sorted(["always-cloud", "always-device", "random", "confidence", "confidence-draft"])
+    assert ROUTERS.names() == sorted(["always-cloud", "always-device", "random", "confidence", "confidence-draft",
+                                   "learned"])  # learned: tests/coop/test_route.py
 
 
 def test_cloud_answer_is_the_servers_answer(device, cloud, proxy):
@@ -167,8 +168,8 @@ def test_bad_construction(device):
         CooperativeRuntime(device, None, "confidence")
     with pytest.raises(EdgelmError, match="must start with http"):
         CloudClient(CloudConfig(url="127.0.0.1:8001"))
-    with pytest.raises(EdgelmError, match="unknown router 'learned'; known: always-cloud"):
-        CooperativeRuntime(device, None, "learned")
+    with pytest.raises(EdgelmError, match="unknown router 'nope'; known: always-cloud"):
+        CooperativeRuntime(device, None, "nope")
 
 
 def test_api_key_comes_from_a_file_and_never_shows(device, proxy, tmp_path, caplog):

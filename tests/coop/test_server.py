@@ -154,8 +154,8 @@ def test_serve_bad_input(artifacts):
                 "--cloud-budget", "1.5")
     assert r.returncode == 2 and "--cloud-budget must be a share between 0 and 1" in r.stderr
     r = run_cli("serve", "--device", str(artifacts["llamacpp"]), "--cloud-url", "http://127.0.0.1:9/v1",
-                "--router", "learned")
-    assert r.returncode == 2 and "unknown router 'learned'" in r.stderr
+                "--router", "nope")
+    assert r.returncode == 2 and "unknown router 'nope'" in r.stderr
     r = run_cli("serve", "--cloud-url", "http://127.0.0.1:9/v1")
     assert r.returncode == 2 and "pass --device" in r.stderr
 

@@ -1,0 +1,109 @@
+"""Routing on the embedded default (issue 5): device = the demo student's GPTQ Q4_0 GGUF, cloud = the teacher (its
+shipped GGUF) behind llama-cpp-python's OpenAI-compatible server on 127.0.0.1.
+
+    python benchmarks/routing.py                 # after `make demo`; ~10 min on 2 cores
+    python benchmarks/routing.py --reuse         # re-render docs from runs/route/eval/routing.json
+
+Trains the learned router on train-split functions, judges every router on test-split functions (prompt = a
+function's first 2 lines, reference = the rest, quality = edit similarity of the first 3 lines), and writes the
+table and plot into docs/results.md (section "routing") and docs/routing.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgelm.report import update_section  # noqa: E402
+
+DEVICE = ROOT / "runs/demo/export/gguf-gptq-int4-g32"
+
+
+def start_cloud(port: int, log: Path) -> subprocess.Popen:
+    import httpx
+
+    from edgelm.models.loader import resolve
+
+    gguf = resolve("smollm2-135m-instruct").info["gguf"]
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
+                             "--port", str(port), "--n_ctx", "1024", "--n_threads", "1"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    for _ in range(120):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    sys.exit(f"benchmarks/routing.py: the cloud server did not start; see {log}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train-queries", type=int, default=200)
+    p.add_argument("--eval-queries", type=int, default=100)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--port", type=int, default=8011)
+    p.add_argument("--out", default=str(ROOT / "runs/route"))
+    p.add_argument("--docs", default=str(ROOT / "docs"))
+    p.add_argument("--reuse", action="store_true")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if not a.reuse:
+        if not (DEVICE / "edgelm.json").is_file():
+            sys.exit("benchmarks/routing.py: no device artifact; run `make demo` first")
+        from edgelm.coop.api import route_eval, route_train
+
+        cloud = start_cloud(a.port, out / "cloud.log")
+        url = f"http://127.0.0.1:{a.port}/v1"
+        try:
+            common = dict(device=str(DEVICE), cloud_url=url, max_tokens=a.max_tokens, threads=1, progress=True)
+            route_train(queries=a.train_queries, out=str(out / "learned.json"), force=True, **common)
+            route_eval(queries=a.eval_queries, router_file=str(out / "learned.json"), out=str(out / "eval"), **common)
+        finally:
+            cloud.terminate()
+    res = json.loads((out / "eval" / "routing.json").read_text())
+    learned = json.loads((out / "learned.json").read_text())
+    docs = Path(a.docs)
+    shutil.copy(out / "eval" / "routing.png", docs / "routing.png")
+    by = {s["router"]: s for s in res["routers"]}
+    goal = by["learned"]["cpt80"] <= 0.30
+    cmd = "python " + " ".join(["benchmarks/routing.py", *sys.argv[1:]])
+    body = f"""## Device-cloud routing (issue 5)
+
+`{cmd}`{f", {(time.perf_counter() - t0) / 60:.1f} min" if not a.reuse else ""}. Device: the demo student's GPTQ
+Q4_0 GGUF on llama.cpp (1 thread). Cloud: the teacher, SmolLM2-135M-Instruct as shipped (Q4_1 GGUF), behind
+llama-cpp-python's OpenAI-compatible server on 127.0.0.1. Queries: functions of the stdlib source; the prompt is a
+function's first 2 lines, the reference the rest; both sides answer greedily with {res['config']['max_tokens']}
+tokens; quality is the edit similarity of the answer's first 3 lines to the reference's. The learned router was
+trained on {learned['calibration']['queries']} train-split functions (in-sample correlation of predicted and actual
+gain {learned['calibration']['train_corr']:.2f}); everything below is on {res['queries']} test-split functions.
+Mean quality: device {res['device_quality']:.3f}, cloud {res['cloud_quality']:.3f}. APGR: area under the share of the
+device-to-cloud gap recovered against the cloud share (random ≈ 0.5); CPT(x): cloud share needed to recover x of
+the gap; "oracle" routes by the true gain (an upper bound).
+
+{res['table']}
+Goal: CPT(80%) ≤ 30% for `learned`: {"met" if goal else "NOT met"} ({100 * by['learned']['cpt80']:.0f}%; random
+{100 * by['random']['cpt80']:.0f}%).
+
+![answer quality against cloud share](routing.png)
+"""
+    update_section(docs / "results.md", "routing", body)
+    print(res["table"])
+
+
+if __name__ == "__main__":
+    main()
