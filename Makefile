@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgelm-installed
 
-.PHONY: demo test bench-distill bench-quant clean
+.PHONY: demo test bench-distill bench-quant bench-runtimes bench-route clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ bench-distill: $(STAMP)
 
 bench-quant: $(STAMP)
 	$(PY) benchmarks/quant_quality.py
+
+bench-runtimes: $(STAMP)
+	$(PY) benchmarks/runtimes.py
+
+bench-route: $(STAMP)
+	$(PY) benchmarks/routing.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
