@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,25 +24,6 @@ sys.path.insert(0, str(ROOT))
 from edgelm.report import update_section  # noqa: E402
 
 DEVICE = ROOT / "runs/demo/export/gguf-gptq-int4-g32"
-
-
-def start_cloud(port: int, log: Path) -> subprocess.Popen:
-    import httpx
-
-    from edgelm.models.loader import resolve
-
-    gguf = resolve("smollm2-135m-instruct").info["gguf"]
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
-                             "--port", str(port), "--n_ctx", "1024", "--n_threads", "1"],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    for _ in range(120):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    sys.exit(f"benchmarks/routing.py: the cloud server did not start; see {log}")
 
 
 def main() -> None:
@@ -67,14 +47,13 @@ def main() -> None:
             sys.exit("benchmarks/routing.py: no device artifact; run `make demo` first")
         from edgelm.coop.api import route_eval, route_train
 
-        cloud = start_cloud(a.port, out / "cloud.log")
-        url = f"http://127.0.0.1:{a.port}/v1"
-        try:
-            common = dict(device=str(DEVICE), cloud_url=url, max_tokens=a.max_tokens, threads=1, progress=True)
+        from edgelm.coop.localcloud import LocalCloud
+        from edgelm.models.loader import resolve
+
+        with LocalCloud(resolve("smollm2-135m-instruct").info["gguf"], out / "cloud.log", port=a.port) as cloud:
+            common = dict(device=str(DEVICE), cloud_url=cloud.url, max_tokens=a.max_tokens, threads=1, progress=True)
             route_train(queries=a.train_queries, out=str(out / "learned.json"), force=True, **common)
             route_eval(queries=a.eval_queries, router_file=str(out / "learned.json"), out=str(out / "eval"), **common)
-        finally:
-            cloud.terminate()
     res = json.loads((out / "eval" / "routing.json").read_text())
     learned = json.loads((out / "learned.json").read_text())
     docs = Path(a.docs)

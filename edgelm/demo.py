@@ -34,6 +34,9 @@ class DemoConfig:
     check_seqs: int = 16  # val sequences (of seq_len tokens) in each artifact's quality check
     bench: bool = True  # benchmark every artifact and the PyTorch student, each in its own process (--no-bench skips)
     bench_repeat: int = 3  # measured runs per bench row
+    route: bool = True  # serve the teacher as a local cloud and judge the routers (--no-route skips)
+    route_train_queries: int = 100  # train-split functions the learned router is fitted on
+    route_eval_queries: int = 50  # test-split functions the routers are judged on
     progress: bool = True  # progress bars
 
 
@@ -45,7 +48,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    log.info("[1/5] distill: %s -> %d layers, MLP %d, %s tokens", cfg.teacher, cfg.layers, cfg.intermediate_size,
+    log.info("[1/6] distill: %s -> %d layers, MLP %d, %s tokens", cfg.teacher, cfg.layers, cfg.intermediate_size,
              f"{cfg.max_tokens:,}")
     dcfg = DistillConfig(
         teacher=cfg.teacher, layers=cfg.layers, intermediate_size=cfg.intermediate_size, max_tokens=cfg.max_tokens,
@@ -53,7 +56,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         out=str(out), threads=cfg.threads, resume=cfg.resume, force=not cfg.resume, progress=cfg.progress,
     )
     res = distill(dcfg)
-    log.info("[2/5] evaluate teacher and student on the test split (%d x %d tokens)", cfg.test_seqs, cfg.seq_len)
+    log.info("[2/6] evaluate teacher and student on the test split (%d x %d tokens)", cfg.test_seqs, cfg.seq_len)
     test = {
         name: evaluate(model, split="test", seq_len=cfg.seq_len, max_seqs=cfg.test_seqs, batch_size=cfg.batch_size,
                        threads=cfg.threads)
@@ -62,7 +65,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     rows = []
     if cfg.export:
         plan = demo_plan(cfg.quant)
-        log.info("[3/5] quantize (%s) and export the student: %d artifacts, each checked against PyTorch", cfg.quant,
+        log.info("[3/6] quantize (%s) and export the student: %d artifacts, each checked against PyTorch", cfg.quant,
                  len(plan))
         rows = export_suite(str(res.student_dir), plan, out / "export", calib_samples=cfg.calib_samples,
                             calib_seqlen=cfg.calib_seqlen, eval_seqs=cfg.check_seqs, eval_seqlen=cfg.seq_len,
@@ -70,12 +73,17 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     bench = None
     if rows and cfg.bench:
         bench = bench_artifacts(cfg, out, res.student_dir, rows)
-    log.info("[5/5] report")
+    routing = None
+    if rows and cfg.route:
+        routing = route_step(cfg, out, rows)
+    log.info("[6/6] report")
     report = write_distill_report(out, res, test, wall_s=time.perf_counter() - t0)
     if rows:
         write_export_section(report, rows, out)
     if bench is not None:
         write_bench_section(report, bench, out)
+    if routing is not None:
+        write_routing_section(report, routing, out)
     return {"student": str(res.student_dir), "report": str(report), "test": {k: v.as_dict() for k, v in test.items()},
             "artifacts": [r.as_dict() for r in rows]}
 
@@ -114,7 +122,7 @@ def bench_artifacts(cfg: DemoConfig, out: Path, student: Path, rows):
     from edgelm.bench.config import BenchConfig
 
     models = (str(student), *(r.path for r in rows if not r.error))
-    log.info("[4/5] bench: %d models, prompt 128, gen 64, %d runs each", len(models), cfg.bench_repeat)
+    log.info("[4/6] bench: %d models, prompt 128, gen 64, %d runs each", len(models), cfg.bench_repeat)
     return bench(BenchConfig(models=models, repeat=cfg.bench_repeat, json=str(out / "bench.json"),
                              plot=str(out / "bench.png"), progress=cfg.progress))
 
@@ -134,3 +142,54 @@ count; prompt {h['config']['prompt_len']} tokens, {h['config']['gen_len']} gener
 ![decode tok/s vs size](bench.png)
 """
     update_section(report, "bench", body)
+
+
+def route_step(cfg: DemoConfig, out: Path, rows) -> dict[str, Any]:
+    """The teacher behind llama-cpp-python's OpenAI server as the cloud, the student's quantized GGUF as the device:
+    train the learned router, judge every router. A failure is reported, not fatal."""
+    from edgelm.coop.api import route_eval, route_train
+    from edgelm.coop.localcloud import LocalCloud
+    from edgelm.errors import EdgelmError
+    from edgelm.models.loader import resolve
+
+    device = next((r.path for r in rows if not r.error and r.target == "gguf" and r.preset == cfg.quant), None)
+    gguf = resolve(cfg.teacher).info.get("gguf")
+    if device is None or gguf is None:
+        return {"error": "needs a GGUF of the student and a built-in (GGUF) teacher"}
+    log.info("[5/6] route: %s as the device, the teacher as a local cloud; %d + %d queries", Path(device).name,
+             cfg.route_train_queries, cfg.route_eval_queries)
+    folder = out / "route"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with LocalCloud(gguf, folder / "cloud.log") as cloud:
+            common = dict(device=device, cloud_url=cloud.url, threads=1, progress=cfg.progress)
+            route_train(queries=cfg.route_train_queries, out=str(folder / "learned.json"), force=True, **common)
+            return route_eval(queries=cfg.route_eval_queries, router_file=str(folder / "learned.json"),
+                              out=str(folder / "eval"), **common)
+    except EdgelmError as e:
+        log.warning("routing step failed: %s", e)
+        return {"error": str(e)}
+
+
+def write_routing_section(report: Path, res: dict[str, Any], out: Path) -> None:
+    import shutil
+
+    from edgelm.report import update_section
+
+    if "error" in res:
+        body = f"## Device and cloud routing\n\nNot measured: {res['error']}\n"
+    else:
+        shutil.copy(out / "route" / "eval" / "routing.png", out / "routing.png")
+        by = {s["router"]: s for s in res["routers"]}
+        body = f"""## Device and cloud routing
+
+Device: the student's quantized GGUF; cloud: the teacher behind llama-cpp-python's OpenAI-compatible server on
+127.0.0.1. {res['queries']} test-split functions: the prompt is a function's first 2 lines, quality the edit
+similarity of the answer's first 3 lines to the rest. Mean quality: device {res['device_quality']:.3f}, cloud
+{res['cloud_quality']:.3f}. CPT(80%) of the learned router: {100 * by['learned']['cpt80']:.0f}% (random
+{100 * by['random']['cpt80']:.0f}%). Files: `{out / 'route'}`.
+
+{res['table']}
+![answer quality against cloud share](routing.png)
+"""
+    update_section(report, "routing", body)

@@ -68,7 +68,8 @@ def test_demo_writes_a_report(tmp_path):
 
     r = run_cli("demo", "--out", str(tmp_path / "demo"), "--max-tokens", "1024", "--test-seqs", "2",
                 "--eval-every", "1", "--no-progress", "--calib-samples", "4", "--calib-seqlen", "64",
-                "--check-seqs", "2", "--bench-repeat", "1", timeout=1800)
+                "--check-seqs", "2", "--bench-repeat", "1", "--route-train-queries", "12",
+                "--route-eval-queries", "8", timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"report:  {tmp_path / 'demo' / 'report.md'}" in r.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
@@ -100,6 +101,12 @@ def test_demo_writes_a_report(tmp_path):
     assert "## Runtimes side by side" in report and (tmp_path / "demo" / "bench.png").stat().st_size > 1000
     for r in bench["rows"]:
         assert f"| {r['model']} | {r['preset']} | {r['runtime']} | {r['threads']} |" in report
+    # step 5: routing, against the teacher as a local cloud (an untrained student may leave no gap: then it says so)
+    assert "## Device and cloud routing" in report
+    if "Not measured" not in report:
+        assert "| learned |" in report and (tmp_path / "demo" / "routing.png").stat().st_size > 1000
+    else:
+        assert "the cloud is not better than the device" in report
 
 
 def test_cli_eval_of_the_builtin_teacher():

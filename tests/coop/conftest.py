@@ -14,11 +14,7 @@ from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from edgelm.coop.localcloud import LocalCloud, free_port
 
 
 def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
@@ -35,31 +31,6 @@ def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = N
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{url} did not answer in {timeout} s")
-
-
-class CloudServer:
-    """`python -m llama_cpp.server` on 127.0.0.1; counts the completions requests it logged."""
-
-    def __init__(self, model: Path, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1", "--port",
-             str(self.port), "--n_ctx", "512", "--n_threads", "1"],
-            stdout=open(log, "w"), stderr=subprocess.STDOUT)
-        wait_http(f"{self.url}/models", proc=self.proc)
-
-    def requests(self) -> int:
-        text = self.log.read_text(errors="replace")
-        return text.count('"POST /v1/chat/completions') + text.count('"POST /v1/completions')
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 class FaultProxy:
@@ -142,7 +113,7 @@ class FaultProxy:
 
 @pytest.fixture(scope="session")
 def cloud(artifacts, tmp_path_factory):
-    srv = CloudServer(artifacts["llamacpp"] / "model.gguf", tmp_path_factory.mktemp("cloud") / "server.log")
+    srv = LocalCloud(artifacts["llamacpp"] / "model.gguf", tmp_path_factory.mktemp("cloud") / "server.log", n_ctx=512)
     yield srv
     srv.stop()
 

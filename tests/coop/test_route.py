@@ -9,7 +9,7 @@ import pytest
 from edgelm.coop.evaluate import Judged, edit_similarity, random_summary, summarize
 from edgelm.errors import EdgelmError
 from tests.conftest import run_cli
-from tests.coop.conftest import CloudServer
+from edgelm.coop.localcloud import LocalCloud
 
 
 def test_edit_similarity():
@@ -64,7 +64,7 @@ def trained_cloud(tiny_q_model, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("cloud-model") / "gguf"
     export(model=str(tiny_q_model), target="gguf", quant="fp32", out=out, check=False)
-    srv = CloudServer(out / "model.gguf", out.parent / "server.log")
+    srv = LocalCloud(out / "model.gguf", out.parent / "server.log", n_ctx=512)
     yield srv
     srv.stop()
 
