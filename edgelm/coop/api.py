@@ -98,7 +98,7 @@ def route_train(config=None, **kwargs: Any):
     from edgelm.coop.config import RouteConfig
     from edgelm.coop.data import function_queries
     from edgelm.coop.evaluate import judge, save_judged
-    from edgelm.coop.learn import LearnedRouter, features, fit_ridge
+    from edgelm.coop.learn import LearnedRouter, features, select_and_fit
     from edgelm.coop.routers import RouterState, check_budget
 
     c = replace(config or RouteConfig(), **kwargs)
@@ -114,7 +114,9 @@ def route_train(config=None, **kwargs: Any):
     judged = judge(device, cloud, queries, max_tokens=c.max_tokens, progress=c.progress)
     X = np.stack([features(device, device.encode(q.prompt)) for q in queries])
     y = np.array([j.cloud - j.device for j in judged])
-    router = LearnedRouter(fit_ridge(X, y))
+    model, cv = select_and_fit(X, y)
+    log.info("route train: cross-validation chose %s", cv["chosen"])
+    router = LearnedRouter(model)
     pred = np.array([router.model.predict(x) for x in X])
     t = float(np.quantile(pred, 1 - c.cloud_budget, method="lower")) if 0 < c.cloud_budget < 1 else (
         float("inf") if c.cloud_budget <= 0 else float("-inf"))
@@ -122,7 +124,7 @@ def route_train(config=None, **kwargs: Any):
     state = RouterState("learned", t, c.cloud_budget,
                         {"queries": len(queries), "split": "train", "achieved_share": float((pred > t).mean()),
                          "train_corr": fit_corr, "device_quality": float(np.mean([j.device for j in judged])),
-                         "cloud_quality": float(np.mean([j.cloud for j in judged]))}, router.state())
+                         "cloud_quality": float(np.mean([j.cloud for j in judged])), **cv}, router.state())
     state.save(out)
     save_judged(judged, out.with_name(out.stem + ".train-answers.json"))
     device.close()

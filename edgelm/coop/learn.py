@@ -50,24 +50,63 @@ class RidgeModel:
     weights: list[float]  # on standardized features
     bias: float
     l2: float  # ridge penalty it was fit with
+    cols: list[int] | None = None  # the features it uses (None: all)
 
     def predict(self, x: "np.ndarray") -> float:
         import numpy as np
 
-        z = (np.asarray(x) - np.asarray(self.mean)) / np.asarray(self.std)
+        x = np.asarray(x)
+        if self.cols is not None:
+            x = x[self.cols]
+        z = (x - np.asarray(self.mean)) / np.asarray(self.std)
         return float(z @ np.asarray(self.weights) + self.bias)
 
 
-def fit_ridge(X: "np.ndarray", y: "np.ndarray", l2: float = 10.0) -> RidgeModel:
+def fit_ridge(X: "np.ndarray", y: "np.ndarray", l2: float = 10.0, cols: list[int] | None = None) -> RidgeModel:
     import numpy as np
 
+    if cols is not None:
+        X = X[:, cols]
     if len(X) < 8:
         raise EdgelmError(f"the learned router needs at least 8 training queries, got {len(X)}; pass more --queries")
     mean, std = X.mean(0), X.std(0) + 1e-8
     Z = (X - mean) / std  # [N, F]
     b = float(y.mean())
     w = np.linalg.solve(Z.T @ Z + l2 * np.eye(Z.shape[1]), Z.T @ (y - b))
-    return RidgeModel(mean.tolist(), std.tolist(), w.tolist(), b, l2)
+    return RidgeModel(mean.tolist(), std.tolist(), w.tolist(), b, l2, cols)
+
+
+FEATURE_SETS = {"scalar": list(range(4)), "all": None}  # candidates for cross-validation
+L2_GRID = (1.0, 10.0, 100.0, 1000.0)
+
+
+def _spearman(a: "np.ndarray", b: "np.ndarray") -> float:
+    import numpy as np
+
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else 0.0
+
+
+def select_and_fit(X: "np.ndarray", y: "np.ndarray", folds: int = 5) -> tuple[RidgeModel, dict[str, Any]]:
+    """Choose the feature set and ridge penalty by k-fold cross-validation on the training queries (mean rank
+    correlation of predicted and actual gain: routing needs the order), then fit on all of them."""
+    import numpy as np
+
+    idx = np.arange(len(X))
+    results = {}
+    for name, cols in FEATURE_SETS.items():
+        for l2 in L2_GRID:
+            scores = []
+            for f in range(folds):
+                test = idx[f::folds]
+                train = np.setdiff1d(idx, test)
+                m = fit_ridge(X[train], y[train], l2, cols)
+                scores.append(_spearman(np.array([m.predict(X[i]) for i in test]), y[test]))
+            results[f"{name}/l2={l2:g}"] = (float(np.mean(scores)), name, l2)
+    best_key = max(results, key=lambda k: results[k][0])
+    cv, name, l2 = results[best_key]
+    return fit_ridge(X, y, l2, FEATURE_SETS[name]), {"cv_spearman": {k: round(v[0], 4) for k, v in results.items()},
+                                                     "chosen": best_key}
 
 
 @ROUTERS.register("learned")

@@ -128,8 +128,8 @@ def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm"):
             it = iter(s)
             if not stream:
                 def collect():
-                    s.answer_text = "".join(it)
-                    s.answer.text = s.answer_text
+                    text = "".join(it)
+                    s.answer.text = text
                     return s.answer
 
                 return JSONResponse(reply(kind, await run_in_threadpool(collect), created, rid))

@@ -77,6 +77,7 @@ def test_route_train_and_eval(artifacts, trained_cloud, tiny_corpus, tmp_path):
     state = json.loads((tmp_path / "learned.json").read_text())
     assert state["router"] == "learned" and state["params"]["model"]["weights"] and state["calibration"]["queries"] == 24
     assert state["calibration"]["cloud_quality"] > state["calibration"]["device_quality"]
+    assert state["calibration"]["chosen"] in state["calibration"]["cv_spearman"]  # chosen by cross-validation
     r = run_cli("route", "eval", *common, "--queries", "16", "--router-file", str(tmp_path / "learned.json"),
                 "--out", str(tmp_path / "eval"))
     assert r.returncode == 0, r.stderr[-2000:]
