@@ -34,6 +34,17 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: Path, dpi: int = 120) -> Path:
+    """Write ``fig`` to a temporary name, then rename: no half-written image is ever at ``path``."""
+    plt = _plt()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def plot_curves(series: dict[str, list[dict[str, Any]]], key: str, path: Path, *, ylabel: str,
                 hline: tuple[str, float] | None = None, logy: bool = False, event: str = "eval") -> Path:
     """One line per run: ``key`` against tokens seen, from metrics.jsonl records."""
@@ -202,9 +213,4 @@ def plot_bench(rows: list[dict[str, Any]], path: Path) -> Path:
             ax.set_xscale("symlog", linthresh=0.01)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

@@ -126,7 +126,7 @@ def random_summary(judged: list[Judged], seeds: int = 200) -> dict[str, Any]:
 
 
 def plot_curves(summaries: list[dict[str, Any]], judged: list[Judged], path: Path) -> Path:
-    from edgelm.report import _plt
+    from edgelm.report import _plt, save_figure
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.5))
@@ -141,12 +141,7 @@ def plot_curves(summaries: list[dict[str, Any]], judged: list[Judged], path: Pat
     ax.set_ylabel(f"mean answer quality (edit similarity, first {ANSWER_LINES} lines)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def save_judged(judged: list[Judged], path: Path) -> None:
