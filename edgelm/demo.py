@@ -152,7 +152,8 @@ def route_step(cfg: DemoConfig, out: Path, rows) -> dict[str, Any]:
     from edgelm.errors import EdgelmError
     from edgelm.models.loader import resolve
 
-    device = next((r.path for r in rows if not r.error and r.target == "gguf" and r.preset == cfg.quant), None)
+    ggufs = [r for r in rows if not r.error and r.target == "gguf"]  # the chosen preset first, else any checked GGUF
+    device = next((r.path for r in sorted(ggufs, key=lambda r: r.preset != cfg.quant)), None)
     gguf = resolve(cfg.teacher).info.get("gguf")
     if device is None or gguf is None:
         return {"error": "needs a GGUF of the student and a built-in (GGUF) teacher"}
