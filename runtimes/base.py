@@ -70,15 +70,18 @@ class Generation:
 
 
 class Stream:
-    """Iterate for text deltas; ``result`` holds the Generation once the iteration ends."""
+    """Iterate for text deltas; ``result`` holds the final object (a Generation, or the ``result_type`` given) once
+    the iteration ends. The underlying iterator yields str deltas, then that object."""
 
-    def __init__(self, it: Iterator[str | Generation]) -> None:
+    result_type: type = Generation
+
+    def __init__(self, it: Iterator[Any]) -> None:
         self._it = it
-        self.result: Generation | None = None
+        self.result: Any = None
 
     def __iter__(self) -> Iterator[str]:
         for item in self._it:
-            if isinstance(item, Generation):
+            if isinstance(item, self.result_type):
                 self.result = item
             elif item:
                 yield item

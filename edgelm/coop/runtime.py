@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from edgelm.coop.cloud import CloudClient, CloudError
 from edgelm.coop.privacy import PrivacyGuard
 from edgelm.errors import EdgelmError
+from edgelm.runtimes.base import Stream
 
 if TYPE_CHECKING:
     from edgelm.coop.routers import Router
@@ -115,19 +116,14 @@ class Metrics:
             return "\n".join(lines) + "\n"
 
 
-class CoopStream:
+class CoopStream(Stream):
     """Iterate for text deltas; ``answer`` holds the Answer once the iteration ends."""
 
-    def __init__(self, it: Iterator[str | Answer]) -> None:
-        self._it = it
-        self.answer: Answer | None = None
+    result_type = Answer
 
-    def __iter__(self) -> Iterator[str]:
-        for item in self._it:
-            if isinstance(item, Answer):
-                self.answer = item
-            elif item:
-                yield item
+    @property
+    def answer(self) -> Answer | None:
+        return self.result
 
 
 class CooperativeRuntime:
