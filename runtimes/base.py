@@ -69,6 +69,19 @@ class Generation:
         return tokens_per_second(max(len(self.ids) - 1, 0), self.decode_s)
 
 
+@dataclass
+class Draft:
+    """A runtime's first greedy tokens and how sure it was of each (see Runtime.draft)."""
+
+    ids: list[int]  # greedy token ids
+    entropy: list[float]  # nats, of the next-token distribution at each step
+    logprob: list[float]  # of each chosen token
+
+    @property
+    def mean_entropy(self) -> float:
+        return sum(self.entropy) / len(self.entropy) if self.entropy else 0.0
+
+
 class Stream:
     """Iterate for text deltas; ``result`` holds the final object (a Generation, or the ``result_type`` given) once
     the iteration ends. The underlying iterator yields str deltas, then that object."""
@@ -272,23 +285,28 @@ class Runtime:
         yield Generation(text=text, ids=best, prompt_tokens=len(ids), finish_reason=finish, ttft_s=t_end - t_call,
                          decode_s=0.0, timings={"beam_search_s": t_end - t0})
 
-    def draft(self, ids: Sequence[int], k: int) -> tuple[list[int], float]:
-        """``k`` greedy tokens after ``ids`` (fewer at a stop id) and their mean entropy in nats: how sure the model
-        is of its own start. The cooperative runtime's draft router reuses the tokens when it answers here."""
+    def draft(self, ids: Sequence[int], k: int) -> Draft:
+        """``k`` greedy tokens after ``ids`` (fewer at a stop id), with the entropy of each step's distribution and
+        the log-prob of each chosen token: how sure the model is of its own start. The cooperative runtime's draft
+        routers reuse the tokens when they answer here."""
         import numpy as np
 
         from edgelm.metrics import log_softmax_np
 
+        if len(ids) >= self.context:
+            raise EdgelmError(f"the prompt has {len(ids)} tokens but the context holds {self.context}; shorten it")
+        k = min(k, self.context - len(ids))
         stop = set(self.tokenizer.eos_ids if self.tokenizer else ())
-        logits, out, ent = self._prefill(list(ids)), [], []
+        logits, d = self._prefill(list(ids)), Draft([], [], [])
         for i in range(k):
-            lp = log_softmax_np(logits)
-            ent.append(float(-(np.exp(lp) * lp).sum()))
-            out.append(int(np.argmax(logits)))
-            if out[-1] in stop or i + 1 == k:
+            lp = log_softmax_np(logits)  # [V]
+            d.ids.append(int(np.argmax(logits)))
+            d.entropy.append(float(-(np.exp(lp) * lp).sum()))
+            d.logprob.append(float(lp[d.ids[-1]]))
+            if d.ids[-1] in stop or i + 1 == k:
                 break
-            logits = self._step(out[-1])
-        return out, float(np.mean(ent)) if ent else 0.0
+            logits = self._step(d.ids[-1])
+        return d
 
     def score(self, text: str | Sequence[int]) -> "LMScore":
         """Perplexity and next-token top-1 of ``text`` (or ids) under this runtime."""

@@ -112,7 +112,7 @@ def route_train(config=None, **kwargs: Any):
     queries = function_queries(c.data, "train", c.queries)
     log.info("route train: %d train-split queries, device and cloud answer each (%d tokens)", len(queries), c.max_tokens)
     judged = judge(device, cloud, queries, max_tokens=c.max_tokens, progress=c.progress)
-    X = np.stack([features(device, device.encode(q.prompt)) for q in queries])
+    X = np.stack([features(device, device.encode(q.prompt))[0] for q in queries])
     y = np.array([j.cloud - j.device for j in judged])
     model, cv = select_and_fit(X, y)
     log.info("route train: cross-validation chose %s", cv["chosen"])
@@ -140,7 +140,8 @@ def route_eval(config=None, **kwargs: Any) -> dict[str, Any]:
 
     from edgelm.coop.config import RouteConfig
     from edgelm.coop.data import function_queries
-    from edgelm.coop.evaluate import judge, plot_curves, random_summary, save_judged, summarize
+    from edgelm.coop.evaluate import (bootstrap_cpt80, judge, plot_curves, random_summary, save_judged,
+                                      summarize)
     from edgelm.coop.routers import RouterState, router_from_state
     from edgelm.fsutil import atomic_write_json, atomic_write_text
     from edgelm.registry import ROUTERS
@@ -164,10 +165,14 @@ def route_eval(config=None, **kwargs: Any) -> dict[str, Any]:
     rows = []
     for s in sums + [oracle]:
         lat = [j.seconds.get(s["router"], 0.0) for j in judged]
-        rows.append([s["router"], f"{s['apgr']:.3f}", f"{100 * s['cpt50']:.0f}%", f"{100 * s['cpt80']:.0f}%",
-                     f"{1e3 * float(np.mean(lat)):.1f}" if s["router"] in judged[0].scores else "-"])
+        scored = s["router"] in judged[0].scores
+        if scored:  # how much CPT(80%) owes to the draw of test queries
+            s["cpt80_ci95"] = bootstrap_cpt80(judged, [j.scores[s["router"]] for j in judged])
+        ci = f"{100 * s['cpt80_ci95'][0]:.0f}-{100 * s['cpt80_ci95'][1]:.0f}%" if scored else "-"
+        rows.append([s["router"], f"{s['apgr']:.3f}", f"{100 * s['cpt50']:.0f}%", f"{100 * s['cpt80']:.0f}%", ci,
+                     f"{1e3 * float(np.mean(lat)):.1f}" if scored else "-"])
     qd, qc = float(np.mean([j.device for j in judged])), float(np.mean([j.cloud for j in judged]))
-    table = md_table(["router", "APGR", "CPT(50%)", "CPT(80%)", "router ms/query"], rows)
+    table = md_table(["router", "APGR", "CPT(50%)", "CPT(80%)", "CPT(80%) 95% interval", "router ms/query"], rows)
     plot_curves(sums + [oracle], judged, out / "routing.png")
     result = {"queries": len(judged), "device_quality": qd, "cloud_quality": qc, "routers": sums + [oracle],
               "table": table, "config": c.as_dict()}

@@ -111,6 +111,25 @@ def summarize(judged: list[Judged], name: str, scores: Sequence[float]) -> dict[
             "shares": shares, "quality": quality, "pgr": g}
 
 
+def bootstrap_cpt80(judged: list[Judged], scores: Sequence[float], samples: int = 500, seed: int = 0
+                    ) -> tuple[float, float]:
+    """95% interval of CPT(80%) over query sets resampled with replacement: how much the figure owes to which
+    queries were drawn. Resamples where the cloud is not better are skipped."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(samples):
+        idx = rng.integers(0, len(judged), len(judged))
+        sub = [judged[i] for i in idx]
+        if np.mean([j.cloud for j in sub]) > np.mean([j.device for j in sub]):
+            vals.append(summarize(sub, "", [scores[i] for i in idx])["cpt80"])
+    if not vals:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(vals, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
 def random_summary(judged: list[Judged], seeds: int = 200) -> dict[str, Any]:
     """The random router averaged over ``seeds`` orders (its expectation is the straight line)."""
     import numpy as np

@@ -1,11 +1,14 @@
 """The `learned` router: a small ridge regression from features the device computes itself to the expected quality
 gap (cloud minus device) of a query. No external embeddings, no API key (RouteLLM's known complaint).
 
-Features of a prompt, from one prefill on the device:
-  * the prompt's mean and spread of per-token NLL, the mean entropy of the next-token distributions, log length;
+Features of a prompt, from one prefill and a short greedy draft on the device:
+  * prompt: the mean and spread of per-token NLL, the mean entropy of the next-token distributions, log length;
+  * draft: the device's first ``DRAFT_K`` greedy tokens (reused as the start of its answer when it answers): mean and
+    max entropy, mean and min log-prob of the chosen tokens, and its length (shorter when it stops early);
   * the pooled final hidden state, read through the tied lm_head (logits = E·h, so a fixed linear map of the mean
     hidden state) and projected to ``PROJ_DIM`` dims by a seeded random matrix. Every backend exposes logits, so
     the router works on llama.cpp, ONNX Runtime and PyTorch alike.
+`edgelm route train` picks which of these groups to use, and the ridge penalty, by cross-validation.
 """
 from __future__ import annotations
 
@@ -20,18 +23,22 @@ from edgelm.registry import ROUTERS
 if TYPE_CHECKING:
     import numpy as np
 
-    from edgelm.runtimes.base import Runtime
+    from edgelm.runtimes.base import Draft, Runtime
 
 PROJ_DIM = 32  # random projection of the pooled logits
 PROJ_SEED = 1234
+DRAFT_K = 16  # greedy tokens drafted for the draft features
+FEATURES = ("prompt_nll_mean", "prompt_nll_std", "prompt_entropy_mean", "log_prompt_tokens", "draft_entropy_mean",
+            "draft_entropy_max", "draft_logprob_mean", "draft_logprob_min", "draft_tokens")  # then PROJ_DIM pooled
 
 
-def features(device: "Runtime", ids: Sequence[int]) -> "np.ndarray":
-    """[4 + PROJ_DIM] features of one prompt."""
+def features(device: "Runtime", ids: Sequence[int]) -> tuple["np.ndarray", "Draft"]:
+    """[len(FEATURES) + PROJ_DIM] features of one prompt, and the draft they were computed from."""
     import numpy as np
 
     from edgelm.metrics import log_softmax_np
 
+    d = device.draft(ids, DRAFT_K)
     ids = list(ids)[-min(len(ids), device.context - 1):]
     logits = device.logits(ids)  # [T, V]
     lp = log_softmax_np(logits)  # [T, V]
@@ -40,7 +47,9 @@ def features(device: "Runtime", ids: Sequence[int]) -> "np.ndarray":
     centered = logits - logits.mean(-1, keepdims=True)  # [T, V]; logit shifts carry no information
     proj = np.random.default_rng(PROJ_SEED).standard_normal((logits.shape[-1], PROJ_DIM)) / np.sqrt(logits.shape[-1])
     pooled = centered.mean(0) @ proj  # [PROJ_DIM]
-    return np.concatenate([[nll.mean(), nll.std(), ent.mean(), np.log(len(ids))], pooled])
+    draft = [d.mean_entropy, max(d.entropy, default=0.0), float(np.mean(d.logprob)) if d.logprob else 0.0,
+             min(d.logprob, default=0.0), len(d.ids)]
+    return np.concatenate([[nll.mean(), nll.std(), ent.mean(), np.log(len(ids))], draft, pooled]), d
 
 
 @dataclass
@@ -76,8 +85,9 @@ def fit_ridge(X: "np.ndarray", y: "np.ndarray", l2: float = 10.0, cols: list[int
     return RidgeModel(mean.tolist(), std.tolist(), w.tolist(), b, l2, cols)
 
 
-FEATURE_SETS = {"scalar": list(range(4)), "all": None}  # candidates for cross-validation
-L2_GRID = (1.0, 10.0, 100.0, 1000.0)
+FEATURE_SETS = {"prompt": list(range(4)), "draft": list(range(4, 9)), "prompt+draft": list(range(9)),
+                "all": None}  # candidates for cross-validation
+L2_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
 def _spearman(a: "np.ndarray", b: "np.ndarray") -> float:
@@ -111,8 +121,8 @@ def select_and_fit(X: "np.ndarray", y: "np.ndarray", folds: int = 5) -> tuple[Ri
 
 @ROUTERS.register("learned")
 class LearnedRouter(Router):
-    """a ridge regression on device-computed features (prompt NLL, entropy, length, pooled hidden state) predicting
-    how much better the cloud answers; trained by `edgelm route train`"""
+    """a ridge regression on device-computed features (prompt NLL, entropy, length; a 16-token draft's confidence;
+    pooled hidden state) predicting how much better the cloud answers; trained by `edgelm route train`"""
 
     name = "learned"
 
@@ -123,16 +133,18 @@ class LearnedRouter(Router):
         if self.model is None:
             raise EdgelmError("the learned router is not trained; run `edgelm route train` and pass --router-file")
         t0 = time.perf_counter()
-        s = self.model.predict(features(device, ids))
-        return Decision(s, seconds=time.perf_counter() - t0)
+        x, d = features(device, ids)
+        return Decision(self.model.predict(x), draft=d.ids, seconds=time.perf_counter() - t0)
 
     def state(self) -> dict[str, Any]:
         from dataclasses import asdict
 
-        return {"model": asdict(self.model), "proj_dim": PROJ_DIM, "proj_seed": PROJ_SEED}
+        return {"model": asdict(self.model), "features": list(FEATURES), "draft_k": DRAFT_K, "proj_dim": PROJ_DIM,
+                "proj_seed": PROJ_SEED}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "LearnedRouter":
-        if state.get("proj_dim") != PROJ_DIM or state.get("proj_seed") != PROJ_SEED:
+        if (state.get("features"), state.get("draft_k"), state.get("proj_dim"), state.get("proj_seed")) != (
+                list(FEATURES), DRAFT_K, PROJ_DIM, PROJ_SEED):
             raise EdgelmError("this router file was trained with other features; retrain it with `edgelm route train`")
         return cls(RidgeModel(**state["model"]))

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 @dataclass
 class Decision:
     score: float  # higher = harder for the device
-    draft: list[int] = field(default_factory=list)  # device tokens already generated (draft router), reusable
+    draft: list[int] = field(default_factory=list)  # device tokens already generated (draft routers), reusable
     seconds: float = 0.0  # the router's own latency
 
 
@@ -103,8 +103,8 @@ class DraftConfidence(Router):
         import time
 
         t0 = time.perf_counter()
-        draft, entropy = device.draft(ids, self.k)
-        return Decision(entropy, draft=draft, seconds=time.perf_counter() - t0)
+        d = device.draft(ids, self.k)
+        return Decision(d.mean_entropy, draft=d.ids, seconds=time.perf_counter() - t0)
 
 
 @dataclass

@@ -258,7 +258,7 @@ class CooperativeRuntime:
         from edgelm.runtimes.sampling import GenerationConfig
 
         cfg = GenerationConfig(max_new_tokens=max_tokens).with_options(**sampling)
-        draft = decision.draft if decision is not None else []
+        draft = decision.draft[:max_tokens] if decision is not None else []
         stop = set(self.device.tokenizer.eos_ids) if self.device.tokenizer else set()
         if draft and (cfg.do_sample or "\ufffd" in self.device.decode(draft[-1:]) or cfg.stop):
             draft = []  # a sampled answer, a split character or stop strings: start over

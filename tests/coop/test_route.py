@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from edgelm.coop.evaluate import Judged, edit_similarity, random_summary, summarize
+from edgelm.coop.evaluate import Judged, bootstrap_cpt80, edit_similarity, random_summary, summarize
 from edgelm.errors import EdgelmError
 from tests.conftest import run_cli
 from edgelm.coop.localcloud import LocalCloud
@@ -36,6 +36,10 @@ def test_apgr_and_cpt_on_known_orders():
     # CPT is the first share at which the recovered gap reaches the target
     k = next(i for i, p in enumerate(oracle["pgr"]) if p >= 0.8)
     assert oracle["cpt80"] == oracle["shares"][k]
+    # the bootstrap interval holds the figure
+    lo, hi = bootstrap_cpt80(j, [x.cloud - x.device for x in j], samples=200)
+    rlo, rhi = bootstrap_cpt80(j, np.random.default_rng(1).random(len(j)), samples=200)
+    assert lo <= oracle["cpt80"] <= hi < rlo <= rhi  # the oracle's interval lies below a random order's
 
 
 def test_no_gap_is_a_clear_error():
@@ -87,6 +91,7 @@ def test_route_train_and_eval(artifacts, trained_cloud, tiny_corpus, tmp_path):
     oracle = res["routers"][-1]
     assert all(s["apgr"] <= oracle["apgr"] + 1e-9 for s in res["routers"])
     assert all(0 <= s["cpt50"] <= s["cpt80"] <= 1 for s in res["routers"])
+    assert all(s["cpt80_ci95"][0] <= s["cpt80_ci95"][1] for s in res["routers"][1:4])
     assert "| learned |" in r.stdout and (tmp_path / "eval" / "routing.png").read_bytes()[:4] == b"\x89PNG"
     # the trained router serves
     from edgelm.coop.api import build_runtime
@@ -95,6 +100,18 @@ def test_route_train_and_eval(artifacts, trained_cloud, tiny_corpus, tmp_path):
                              router_file=str(tmp_path / "learned.json"), threads=1)
     ans = coop.complete("def f(x):\n    return", max_tokens=4)
     assert ans.router == "learned" and ans.score is not None and ans.routed_to in ("device", "cloud")
+    assert state["params"]["draft_k"] == 16
+    coop.threshold = float("inf")  # the device answers, starting from the router's draft
+    for n in (4, 24):  # shorter and longer than the draft
+        ans = coop.complete("def f(x):\n    return", max_tokens=n)
+        assert ans.routed_to == "device" and ans.text == coop.device.generate("def f(x):\n    return",
+                                                                              max_new_tokens=n).text
+    # a router file from other features is refused with what to do
+    del state["params"]["features"]
+    (tmp_path / "old.json").write_text(json.dumps(state))
+    with pytest.raises(EdgelmError, match="trained with other features; retrain it"):
+        build_runtime(device=str(artifacts["llamacpp"]), cloud_url=trained_cloud.url,
+                      router_file=str(tmp_path / "old.json"), threads=1)
 
 
 def test_route_bad_input(artifacts, tmp_path):

@@ -120,6 +120,19 @@ def test_score_matches_pytorch(backend, runtimes):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_draft_is_greedy_with_its_confidence(backend, runtimes, rt_model):
+    """draft = the first k greedy tokens, with each step's entropy and chosen log-prob, as on PyTorch."""
+    rt, ids = runtimes[backend], rt_model["prompt_ids"]
+    d, ref = rt.draft(ids, 6), runtimes["torch"].draft(ids, 6)
+    assert d.ids == rt_model["greedy"][:6] and len(d.entropy) == len(d.logprob) == 6
+    # the argmax token's log-prob is at least minus the entropy (H = E[-log p] >= -log p_max)
+    assert all(lp <= 0 and lp >= -h - 1e-6 for lp, h in zip(d.logprob, d.entropy))
+    assert d.entropy == pytest.approx(ref.entropy, rel=1e-3, abs=1e-4)
+    assert d.logprob == pytest.approx(ref.logprob, rel=1e-3, abs=1e-4)
+    assert d.mean_entropy == pytest.approx(sum(d.entropy) / 6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_prompt_longer_than_context(backend, artifacts):
     from edgelm.errors import EdgelmError
     from edgelm.runtimes.loader import load
@@ -130,6 +143,9 @@ def test_prompt_longer_than_context(backend, artifacts):
             rt.generate(PROMPT * 2)
         g = rt.generate(rt.encode(PROMPT)[:10], max_new_tokens=50)  # capped by the context, with a warning
         assert len(g.ids) <= 6
+        assert len(rt.draft(rt.encode(PROMPT)[:12], 16).ids) <= 4  # a draft stops at the context too
+        with pytest.raises(EdgelmError, match="the context holds 16"):
+            rt.draft(rt.encode(PROMPT * 2), 4)
 
 
 def test_pytorch_opens_a_gguf_artifact(runtimes, artifacts, rt_model):
