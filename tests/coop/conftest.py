@@ -7,10 +7,8 @@ import http.server
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
