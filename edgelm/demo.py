@@ -35,8 +35,8 @@ class DemoConfig:
     bench: bool = True  # benchmark every artifact and the PyTorch student, each in its own process (--no-bench skips)
     bench_repeat: int = 3  # measured runs per bench row
     route: bool = True  # serve the teacher as a local cloud and judge the routers (--no-route skips)
-    route_train_queries: int = 100  # train-split functions the learned router is fitted on
-    route_eval_queries: int = 50  # test-split functions the routers are judged on
+    route_train_queries: int = 200  # train-split functions the learned router is fitted on
+    route_eval_queries: int = 100  # test-split functions the routers are judged on
     progress: bool = True  # progress bars
 
 

@@ -8,7 +8,8 @@ Features of a prompt, from one prefill and a short greedy draft on the device:
   * the pooled final hidden state, read through the tied lm_head (logits = E·h, so a fixed linear map of the mean
     hidden state) and projected to ``PROJ_DIM`` dims by a seeded random matrix. Every backend exposes logits, so
     the router works on llama.cpp, ONNX Runtime and PyTorch alike.
-`edgelm route train` picks which of these groups to use, and the ridge penalty, by cross-validation.
+`edgelm route train` picks which of these groups to use, whether to add the squares and pairwise products of the
+scalar features, and the ridge penalty, by cross-validation.
 """
 from __future__ import annotations
 
@@ -52,41 +53,59 @@ def features(device: "Runtime", ids: Sequence[int]) -> tuple["np.ndarray", "Draf
     return np.concatenate([[nll.mean(), nll.std(), ent.mean(), np.log(len(ids))], draft, pooled]), d
 
 
+def design(X: "np.ndarray", cols: list[int] | None, pairs: list[int] | None) -> "np.ndarray":
+    """[N, F] features -> [N, F'] model inputs: the ``cols`` (None: all), then the squares and pairwise products of
+    the ``pairs`` features (how sure the draft is matters more when the prompt is long, and so on)."""
+    import numpy as np
+
+    X = np.atleast_2d(np.asarray(X, dtype=float))  # [N, F]
+    parts = [X if cols is None else X[:, cols]]
+    if pairs:
+        S = X[:, pairs]  # [N, P]
+        iu = np.triu_indices(len(pairs))
+        parts.append((S[:, :, None] * S[:, None, :])[:, iu[0], iu[1]])  # [N, P(P+1)/2]
+    return np.concatenate(parts, 1)
+
+
 @dataclass
 class RidgeModel:
-    mean: list[float]  # feature means
-    std: list[float]  # feature standard deviations
-    weights: list[float]  # on standardized features
+    mean: list[float]  # input means
+    std: list[float]  # input standard deviations
+    weights: list[float]  # on standardized inputs
     bias: float
     l2: float  # ridge penalty it was fit with
     cols: list[int] | None = None  # the features it uses (None: all)
+    pairs: list[int] | None = None  # features whose squares and pairwise products it also uses
 
     def predict(self, x: "np.ndarray") -> float:
         import numpy as np
 
-        x = np.asarray(x)
-        if self.cols is not None:
-            x = x[self.cols]
-        z = (x - np.asarray(self.mean)) / np.asarray(self.std)
+        z = (design(x, self.cols, self.pairs)[0] - np.asarray(self.mean)) / np.asarray(self.std)
         return float(z @ np.asarray(self.weights) + self.bias)
 
 
-def fit_ridge(X: "np.ndarray", y: "np.ndarray", l2: float = 10.0, cols: list[int] | None = None) -> RidgeModel:
+def fit_ridge(X: "np.ndarray", y: "np.ndarray", l2: float = 10.0, cols: list[int] | None = None,
+              pairs: list[int] | None = None) -> RidgeModel:
     import numpy as np
 
-    if cols is not None:
-        X = X[:, cols]
     if len(X) < 8:
         raise EdgelmError(f"the learned router needs at least 8 training queries, got {len(X)}; pass more --queries")
+    X = design(X, cols, pairs)  # [N, F']
     mean, std = X.mean(0), X.std(0) + 1e-8
-    Z = (X - mean) / std  # [N, F]
+    Z = (X - mean) / std  # [N, F']
     b = float(y.mean())
     w = np.linalg.solve(Z.T @ Z + l2 * np.eye(Z.shape[1]), Z.T @ (y - b))
-    return RidgeModel(mean.tolist(), std.tolist(), w.tolist(), b, l2, cols)
+    return RidgeModel(mean.tolist(), std.tolist(), w.tolist(), b, l2, cols, pairs)
 
 
-FEATURE_SETS = {"prompt": list(range(4)), "draft": list(range(4, 9)), "prompt+draft": list(range(9)),
-                "all": None}  # candidates for cross-validation
+SCALARS = list(range(len(FEATURES)))
+FEATURE_SETS = {  # candidates for cross-validation: (columns, columns whose products are added)
+    "prompt": (list(range(4)), None),
+    "draft": (list(range(4, 9)), None),
+    "prompt+draft": (SCALARS, None),
+    "all": (None, None),
+    "all+products": (None, SCALARS),
+}
 L2_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
@@ -104,18 +123,18 @@ def select_and_fit(X: "np.ndarray", y: "np.ndarray", folds: int = 5) -> tuple[Ri
 
     idx = np.arange(len(X))
     results = {}
-    for name, cols in FEATURE_SETS.items():
+    for name, (cols, pairs) in FEATURE_SETS.items():
         for l2 in L2_GRID:
             scores = []
             for f in range(folds):
                 test = idx[f::folds]
                 train = np.setdiff1d(idx, test)
-                m = fit_ridge(X[train], y[train], l2, cols)
+                m = fit_ridge(X[train], y[train], l2, cols, pairs)
                 scores.append(_spearman(np.array([m.predict(X[i]) for i in test]), y[test]))
             results[f"{name}/l2={l2:g}"] = (float(np.mean(scores)), name, l2)
     best_key = max(results, key=lambda k: results[k][0])
     cv, name, l2 = results[best_key]
-    return fit_ridge(X, y, l2, FEATURE_SETS[name]), {"cv_spearman": {k: round(v[0], 4) for k, v in results.items()},
+    return fit_ridge(X, y, l2, *FEATURE_SETS[name]), {"cv_spearman": {k: round(v[0], 4) for k, v in results.items()},
                                                      "chosen": best_key}
 
 

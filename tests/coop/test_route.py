@@ -59,6 +59,12 @@ def test_ridge_recovers_a_linear_signal():
     assert np.corrcoef(pred, y)[0, 1] > 0.999
     with pytest.raises(EdgelmError, match="at least 8 training queries"):
         fit_ridge(X[:3], y[:3])
+    # a product of two features needs the pairwise terms
+    yq = X[:, 0] * X[:, 1]
+    lin, quad = fit_ridge(X, yq, l2=1e-3), fit_ridge(X, yq, l2=1e-3, cols=[0, 1], pairs=[0, 1])
+    assert np.corrcoef([quad.predict(x) for x in X], yq)[0, 1] > 0.999
+    assert abs(np.corrcoef([lin.predict(x) for x in X], yq)[0, 1]) < 0.5  # linear terms miss it
+    assert len(quad.weights) == 2 + 3  # x0, x1, x0^2, x0*x1, x1^2
 
 
 @pytest.fixture(scope="module")
