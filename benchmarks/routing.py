@@ -85,7 +85,9 @@ interval over the test queries {100 * lo:.0f}-{100 * hi:.0f}%; random {100 * by[
 than the student's) and per-query gains are noisy (device and cloud quality are nearly uncorrelated across queries),
 so the router's signal is the device's own confidence in its draft: without the draft features (prompt NLL,
 entropy, length and the pooled hidden state only), the learned router needed 77% (APGR 0.60) on 100 of these test
-queries, no better than random.
+queries, no better than random. Router cost: `learned` drafts 16 tokens and `confidence-draft` 8 (included in
+their ms/query); when the device answers, its answer starts from that draft, so the draft costs extra only for queries
+sent to the cloud.
 
 ![answer quality against cloud share](routing.png)
 """
