@@ -95,7 +95,9 @@ class DistillConfig:
 
     def diff(self, other: dict[str, Any]) -> list[str]:
         """Fields that differ from a saved config (ignoring RESUME_FREE), as 'name: saved -> now'."""
-        mine = self.as_dict()
+        import json
+
+        mine, other = json.loads(json.dumps(self.as_dict())), json.loads(json.dumps(other))  # tuples as lists
         return [
             f"{k}: {other.get(k)!r} -> {mine[k]!r}"
             for k in sorted(set(mine) | set(other))

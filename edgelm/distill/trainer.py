@@ -127,6 +127,25 @@ class _Metrics:
                 f.write(json.dumps(rec) + "\n")
 
 
+def _finished(run: Path, cfg: DistillConfig) -> DistillResult | None:
+    """The result of a run that already finished with this config (its student is newer than its last checkpoint):
+    --resume has nothing left to train."""
+    path = run / "student" / "edgelm.json"
+    if not path.is_file():
+        return None
+    m = json.loads(path.read_text(encoding="utf-8"))
+    t = m.get("training", {})
+    if "config" not in t or cfg.diff(t["config"]):
+        return None
+    ckpts = _checkpoints(run)
+    if ckpts and int(ckpts[-1].name.split("-")[-1]) > t["steps"]:
+        return None
+    log.info("%s finished at step %d with this config: nothing to resume (val ppl %.3f)", run, t["steps"],
+             m["val"]["student"]["ppl"])
+    return DistillResult(run / "student", run, t["steps"], t["tokens_seen"], LMScore(**m["val"]["student"]),
+                         LMScore(**m["val"]["teacher"]), m)
+
+
 def distill(cfg: DistillConfig) -> DistillResult:
     """Train a student from ``cfg.teacher``; see :class:`DistillConfig` for every knob."""
     cfg.validate()
@@ -139,6 +158,8 @@ def distill(cfg: DistillConfig) -> DistillResult:
 
     # --- refuse to clobber, or load the checkpoint to resume ---
     state: dict[str, Any] | None = None
+    if cfg.resume and (done := _finished(run, cfg)) is not None:
+        return done
     if cfg.resume:
         ckpts = _checkpoints(run)
         if not ckpts:

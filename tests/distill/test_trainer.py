@@ -83,7 +83,12 @@ def test_kill_and_resume_gives_the_same_weights(tiny_teacher, tiny_corpus, tmp_p
 
 
 def test_resume_with_a_different_config_is_refused(tiny_teacher, tiny_corpus, tmp_path):
-    distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "r", max_steps=6))  # checkpoint at step 4
+    first = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "r", max_steps=6))  # checkpoint at step 4
+    # a finished run: --resume returns its result and trains nothing
+    files = {f: f.stat().st_mtime_ns for f in (tmp_path / "r").rglob("*") if f.is_file()}
+    again = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "r", max_steps=6, resume=True, threads=2))
+    assert (again.steps, again.val_student, again.val_teacher) == (6, first.val_student, first.val_teacher)
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "r").rglob("*") if f.is_file()} == files
     with pytest.raises(EdgelmError, match=r"different config \(lr: 0.002 -> 0.001; seq_len: 64 -> 32\)"):
         distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "r", max_steps=6, lr=1e-3, seq_len=32, resume=True))
 
