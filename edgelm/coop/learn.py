@@ -39,8 +39,8 @@ def features(device: "Runtime", ids: Sequence[int]) -> tuple["np.ndarray", "Draf
 
     from edgelm.metrics import log_softmax_np
 
-    d = device.draft(ids, DRAFT_K)
     ids = list(ids)[-min(len(ids), device.context - 1):]
+    d = device.draft(ids, DRAFT_K)  # shorter when the context is nearly full
     logits = device.logits(ids)  # [T, V]
     lp = log_softmax_np(logits)  # [T, V]
     nll = -lp[np.arange(len(ids) - 1), ids[1:]] if len(ids) > 1 else np.zeros(1)  # [T-1]
