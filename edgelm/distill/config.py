@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,8 +96,6 @@ class DistillConfig:
 
     def diff(self, other: dict[str, Any]) -> list[str]:
         """Fields that differ from a saved config (ignoring RESUME_FREE), as 'name: saved -> now'."""
-        import json
-
         mine, other = json.loads(json.dumps(self.as_dict())), json.loads(json.dumps(other))  # tuples as lists
         return [
             f"{k}: {other.get(k)!r} -> {mine[k]!r}"
