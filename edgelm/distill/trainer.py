@@ -26,7 +26,7 @@ from edgelm.data.corpus import Corpus, CorpusSpec, TokenStream, eval_sequences, 
 from edgelm.distill.config import DistillConfig
 from edgelm.errors import EdgelmError, Interrupted, TrainingDiverged
 from edgelm.fsutil import atomic_dir, atomic_write_text
-from edgelm.manifest import write_manifest
+from edgelm.manifest import read_manifest, write_manifest
 from edgelm.metrics import LMScore, mfu, score_lm, tokens_per_second, train_flops_per_token
 from edgelm.models.loader import check_same_tokenizer, load_model
 from edgelm.models.prune import StudentSpec, build_student, count_params
@@ -130,10 +130,9 @@ class _Metrics:
 def _finished(run: Path, cfg: DistillConfig) -> DistillResult | None:
     """The result of a run that already finished with this config (its student is newer than its last checkpoint):
     --resume has nothing left to train."""
-    path = run / "student" / "edgelm.json"
-    if not path.is_file():
+    m = read_manifest(run / "student")  # checks the student's files against it
+    if m is None:
         return None
-    m = json.loads(path.read_text(encoding="utf-8"))
     t = m.get("training", {})
     if "config" not in t or cfg.diff(t["config"]):
         return None

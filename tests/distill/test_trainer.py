@@ -89,6 +89,12 @@ def test_resume_with_a_different_config_is_refused(tiny_teacher, tiny_corpus, tm
     again = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "r", max_steps=6, resume=True, threads=2))
     assert (again.steps, again.val_student, again.val_teacher) == (6, first.val_student, first.val_teacher)
     assert {f: f.stat().st_mtime_ns for f in (tmp_path / "r").rglob("*") if f.is_file()} == files
+    with open(tmp_path / "r" / "student" / "config.json", "a") as f:  # a damaged student is not taken as finished
+        f.write(" ")
+    with pytest.raises(EdgelmError, match="config.json does not match the sha256"):
+        distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "r", max_steps=6, resume=True))
+    (tmp_path / "r" / "student" / "config.json").write_text(
+        (tmp_path / "r" / "student" / "config.json").read_text()[:-1])
     with pytest.raises(EdgelmError, match=r"different config \(lr: 0.002 -> 0.001; seq_len: 64 -> 32\)"):
         distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "r", max_steps=6, lr=1e-3, seq_len=32, resume=True))
 
