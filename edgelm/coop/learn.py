@@ -4,7 +4,8 @@ gap (cloud minus device) of a query. No external embeddings, no API key (RouteLL
 Features of a prompt, from one prefill and a short greedy draft on the device:
   * prompt: the mean and spread of per-token NLL, the mean entropy of the next-token distributions, log length;
   * draft: the device's first ``DRAFT_K`` greedy tokens (reused as the start of its answer when it answers): mean and
-    max entropy, mean and min log-prob of the chosen tokens, and its length (shorter when it stops early);
+    max entropy, mean and min log-prob of the chosen tokens, its length (shorter when it stops early), the share of
+    its tokens already in the prompt and the share of distinct tokens (a small model that copies or loops);
   * the pooled final hidden state, read through the tied lm_head (logits = E·h, so a fixed linear map of the mean
     hidden state) and projected to ``PROJ_DIM`` dims by a seeded random matrix. Every backend exposes logits, so
     the router works on llama.cpp, ONNX Runtime and PyTorch alike.
@@ -30,7 +31,8 @@ PROJ_DIM = 32  # random projection of the pooled logits
 PROJ_SEED = 1234
 DRAFT_K = 16  # greedy tokens drafted for the draft features
 FEATURES = ("prompt_nll_mean", "prompt_nll_std", "prompt_entropy_mean", "log_prompt_tokens", "draft_entropy_mean",
-            "draft_entropy_max", "draft_logprob_mean", "draft_logprob_min", "draft_tokens")  # then PROJ_DIM pooled
+            "draft_entropy_max", "draft_logprob_mean", "draft_logprob_min", "draft_tokens", "draft_in_prompt",
+            "draft_distinct")  # then PROJ_DIM pooled
 
 
 def features(device: "Runtime", ids: Sequence[int]) -> tuple["np.ndarray", "Draft"]:
@@ -48,8 +50,10 @@ def features(device: "Runtime", ids: Sequence[int]) -> tuple["np.ndarray", "Draf
     centered = logits - logits.mean(-1, keepdims=True)  # [T, V]; logit shifts carry no information
     proj = np.random.default_rng(PROJ_SEED).standard_normal((logits.shape[-1], PROJ_DIM)) / np.sqrt(logits.shape[-1])
     pooled = centered.mean(0) @ proj  # [PROJ_DIM]
+    seen = set(ids)
     draft = [d.mean_entropy, max(d.entropy, default=0.0), float(np.mean(d.logprob)) if d.logprob else 0.0,
-             min(d.logprob, default=0.0), len(d.ids)]
+             min(d.logprob, default=0.0), len(d.ids), float(np.mean([t in seen for t in d.ids])) if d.ids else 0.0,
+             len(set(d.ids)) / max(1, len(d.ids))]
     return np.concatenate([[nll.mean(), nll.std(), ent.mean(), np.log(len(ids))], draft, pooled]), d
 
 
@@ -101,7 +105,7 @@ def fit_ridge(X: "np.ndarray", y: "np.ndarray", l2: float = 10.0, cols: list[int
 SCALARS = list(range(len(FEATURES)))
 FEATURE_SETS = {  # candidates for cross-validation: (columns, columns whose products are added)
     "prompt": (list(range(4)), None),
-    "draft": (list(range(4, 9)), None),
+    "draft": (list(range(4, len(FEATURES))), None),
     "prompt+draft": (SCALARS, None),
     "all": (None, None),
     "all+products": (None, SCALARS),
@@ -140,8 +144,8 @@ def select_and_fit(X: "np.ndarray", y: "np.ndarray", folds: int = 5) -> tuple[Ri
 
 @ROUTERS.register("learned")
 class LearnedRouter(Router):
-    """a ridge regression on device-computed features (prompt NLL, entropy, length; a 16-token draft's confidence;
-    pooled hidden state) predicting how much better the cloud answers; trained by `edgelm route train`"""
+    """a ridge regression on device-computed features (prompt NLL, entropy, length; a 16-token draft's confidence and
+    repetition; pooled hidden state) predicting how much better the cloud answers; trained by `edgelm route train`"""
 
     name = "learned"
 

@@ -107,6 +107,14 @@ def test_route_train_and_eval(artifacts, trained_cloud, tiny_corpus, tmp_path):
     ans = coop.complete("def f(x):\n    return", max_tokens=4)
     assert ans.router == "learned" and ans.score is not None and ans.routed_to in ("device", "cloud")
     assert state["params"]["draft_k"] == 16
+    from edgelm.coop.learn import FEATURES, PROJ_DIM, features
+
+    ids = coop.device.encode("def f(x):\n    return")
+    x, d = features(coop.device, ids)
+    f = dict(zip(FEATURES, x))
+    assert len(x) == len(FEATURES) + PROJ_DIM and d.ids == coop.device.draft(ids, 16).ids
+    assert f["draft_tokens"] == len(d.ids) and f["draft_in_prompt"] == pytest.approx(np.mean([t in ids for t in d.ids]))
+    assert f["draft_distinct"] == pytest.approx(len(set(d.ids)) / len(d.ids))
     coop.threshold = float("inf")  # the device answers, starting from the router's draft
     for n in (4, 24):  # shorter and longer than the draft
         ans = coop.complete("def f(x):\n    return", max_tokens=n)
