@@ -86,9 +86,9 @@ than the student's) and per-query gains are noisy (device and cloud quality are 
 so the router's signal is the device's own draft: how sure it is of it, and whether it copies the prompt or loops.
 Without any draft features (prompt NLL, entropy, length and the pooled hidden state only), the learned router
 needed 77% (APGR 0.60) on 100 of these test queries, no better than random; with the draft's confidence but not
-its repetition features, 31% (interval 20-41%, APGR 0.86) on these 400. Router cost: `learned` drafts 16 tokens and `confidence-draft` 8 (included in
-their ms/query); when the device answers, its answer starts from that draft, so the draft costs extra only for queries
-sent to the cloud.
+its repetition features, 31% (interval 20-41%, APGR 0.86) on these 400. Router cost: `learned` drafts 16 tokens
+and `confidence-draft` 8 (included in their ms/query); when the device answers, its answer starts from that draft,
+so the draft costs extra only for queries sent to the cloud.
 
 ![answer quality against cloud share](routing.png)
 """

@@ -106,13 +106,14 @@ def test_route_train_and_eval(artifacts, trained_cloud, tiny_corpus, tmp_path):
                              router_file=str(tmp_path / "learned.json"), threads=1)
     ans = coop.complete("def f(x):\n    return", max_tokens=4)
     assert ans.router == "learned" and ans.score is not None and ans.routed_to in ("device", "cloud")
-    assert state["params"]["draft_k"] == 16
-    from edgelm.coop.learn import FEATURES, PROJ_DIM, features
+    from edgelm.coop.learn import DRAFT_K, FEATURES, PROJ_DIM, features
+
+    assert state["params"]["draft_k"] == DRAFT_K == 16
 
     ids = coop.device.encode("def f(x):\n    return")
     x, d = features(coop.device, ids)
     f = dict(zip(FEATURES, x))
-    assert len(x) == len(FEATURES) + PROJ_DIM and d.ids == coop.device.draft(ids, 16).ids
+    assert len(x) == len(FEATURES) + PROJ_DIM and d.ids == coop.device.draft(ids, DRAFT_K).ids
     assert f["draft_tokens"] == len(d.ids) and f["draft_in_prompt"] == pytest.approx(np.mean([t in ids for t in d.ids]))
     assert f["draft_distinct"] == pytest.approx(len(set(d.ids)) / len(d.ids))
     coop.threshold = float("inf")  # the device answers, starting from the router's draft
