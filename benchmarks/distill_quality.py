@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from edgelm.api import distill, evaluate  # noqa: E402
-from edgelm.report import md_table, plot_curves, read_metrics, update_section  # noqa: E402
+from edgelm.distill.api import distill, evaluate
+from edgelm.report import md_table, plot_curves, read_metrics, update_section
 
 RUNS = {
     "(a) KD, pruned init": dict(alpha=1.0, init="prune"),

@@ -21,15 +21,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from edgelm.artifact.suite import export_suite, gguf_file_row  # noqa: E402
-from edgelm.report import md_table, plot_quant, quant_table, update_section  # noqa: E402
+from edgelm.artifact.suite import export_suite, gguf_file_row
+from edgelm.report import md_table, plot_quant, quant_table, update_section
 
 GGUF = ["fp32", "fp16", "int8", "int4-g32", "int4-g128", "gptq-int4-g32", "gptq-int4-g128", "gptq-int8",
         "llamacpp-q8_0", "llamacpp-q6_k", "llamacpp-q5_k_m", "llamacpp-q4_k_m", "llamacpp-q4_0"]
 ONNX = ["fp32", "int8", "int4-g32", "gptq-int4-g32"]
-# The teacher is twice the student: by default it gets the rows the issue's goal compares, to keep this under an hour.
+# The teacher is twice the student: by default it gets the rows the quality goal compares, to keep this under an hour.
 TEACHER_GGUF = ["fp32", "int4-g32", "gptq-int4-g32", "llamacpp-q8_0", "llamacpp-q4_k_m", "llamacpp-q4_0"]
 MODELS = {"student": str(ROOT / "runs/demo/student"), "teacher": "smollm2-135m-instruct"}
 
@@ -117,7 +116,7 @@ def main() -> None:
                               f"{f' ({qkm.fallbacks} tensors fell back)' if qkm.fallbacks else ''}: "
                               f"goal (≤ ½ of Q4_0 and ≤ Q4_K_M) {'met' if ok else 'NOT met'}.")
     cmd = "python " + shlex.join(["benchmarks/quant_quality.py", *sys.argv[1:]])
-    body = f"""## Quantization quality (issue 3)
+    body = f"""## Quantization quality
 
 `{cmd}` on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {wall / 60:.1f} min.
 Val split of the stdlib corpus, {a.eval_seqs} × {a.eval_seqlen} tokens, the same sequences for every row; each artifact

@@ -1,4 +1,4 @@
-"""Routing on the embedded default (issue 5): device = the demo student's GPTQ Q4_0 GGUF, cloud = the teacher (its
+"""Routing on the embedded default: device = the demo student's GPTQ Q4_0 GGUF, cloud = the teacher (its
 shipped GGUF) behind llama-cpp-python's OpenAI-compatible server on 127.0.0.1.
 
     python benchmarks/routing.py                 # after `make demo`; ~30 min on 2 cores
@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from edgelm.report import update_section  # noqa: E402
+from edgelm.report import update_section
 
 DEVICE = ROOT / "runs/demo/export/gguf-gptq-int4-g32"
 
@@ -64,7 +63,7 @@ def main() -> None:
     goal = by["learned"]["cpt80"] <= 0.30
     lo, hi = by["learned"]["cpt80_ci95"]
     edge = " The interval spans 30%: on this many queries the goal sits inside the noise." if lo <= 0.30 <= hi else ""
-    body = f"""## Device-cloud routing (issue 5)
+    body = f"""## Device-cloud routing
 
 `python benchmarks/routing.py`{f", {float(wall_file.read_text()) / 60:.1f} min" if wall_file.is_file() else ""}. Device: the demo student's GPTQ
 Q4_0 GGUF on llama.cpp (1 thread). Cloud: the teacher, SmolLM2-135M-Instruct as shipped (Q4_1 GGUF), behind

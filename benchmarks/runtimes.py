@@ -1,4 +1,4 @@
-"""Runtimes side by side (issue 4): every artifact of the demo's student, at 1 and 2 threads, in one run.
+"""Runtimes side by side: every artifact of the demo's student, at 1 and 2 threads, in one run.
 
     python benchmarks/runtimes.py            # after `make demo` and `make bench-quant` (which exports every preset)
 
@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from edgelm.bench.api import bench  # noqa: E402
-from edgelm.bench.config import BenchConfig  # noqa: E402
-from edgelm.report import md_table, update_section  # noqa: E402
+from edgelm.bench.api import bench
+from edgelm.bench.config import BenchConfig
+from edgelm.report import md_table, update_section
 
 STUDENT = ROOT / "runs/demo/student"
 
@@ -161,7 +160,7 @@ def main() -> None:
                      f"thread(s), {worst['overhead_ms_per_token']:+.3f} ms/token); goal < 5%.")
     h = res.header
     cmd = "python " + shlex.join(["benchmarks/runtimes.py", *sys.argv[1:]])
-    body = f"""## Runtimes side by side (issue 4)
+    body = f"""## Runtimes side by side
 
 `{cmd}` on {h['cpu']}, {h['physical_cores']} physical cores, {wall / 60:.1f} min; every artifact of the demo's
 student (exported by `make bench-quant`) and the fp32 PyTorch student, each row in its own process. Prompt

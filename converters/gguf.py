@@ -1,4 +1,7 @@
-"""GGUF for the Llama family, written with gguf-py, streamed tensor by tensor.
+"""GGUF for every supported architecture (edgelm.models.archs), written with gguf-py, streamed tensor by tensor.
+
+Tensor names, architecture names, file types and block sizes come from gguf-py's tables (llama.cpp's own); what
+differs per architecture (RoPE row layout, context) is a hook of its ``Arch``.
 
 Quantized linears from a GPTQ-format checkpoint are packed into Q4_0 (symmetric 4-bit), Q4_1 (asymmetric 4-bit) or
 Q8_0 (symmetric 8-bit) blocks holding exactly the codes and fp16 scales GPTQ chose. ``llamacpp-*`` presets write an
@@ -7,74 +10,93 @@ f32 GGUF and hand it to llama.cpp's own quantizer (``llama_model_quantize``), th
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from edgelm.errors import EdgelmError
-from edgelm.artifact.weights import SourceWeights
+from edgelm.converters.source import SourceWeights
+from edgelm.errors import EdgelmError, require_llama_cpp
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from edgelm.quant.qformat import QLinear
+    from edgelm.models.archs import Arch
+    from edgelm.models.qformat import QLinear
 
 log = logging.getLogger(__name__)
 
-# HF tensor name -> GGUF name (llama.cpp's LLM_ARCH_LLAMA names). "{i}" is the block index.
-TENSOR_NAMES: dict[str, str] = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
-    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
-    "model.layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
-    "model.layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
-    "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
-    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
-    "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
-    "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
-    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
-}
-_NAME_RE = [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v) for k, v in TENSOR_NAMES.items()]
-
-# HF pre-tokenizer -> llama.cpp's tokenizer.ggml.pre. Key: (pre_tokenizer type, use_regex). "gpt-2" reproduces HF's
-# split of whitespace runs ("x  +  1"); llama.cpp's "smollm", which the shipped SmolLM2 GGUF uses, does not.
-PRE_TOKENIZERS: dict[tuple[str, bool], str] = {
-    ("ByteLevel", True): "gpt-2",
+# HF pre-tokenizer -> llama.cpp's tokenizer.ggml.pre (llama.cpp hard-codes each one's split rules). A byte-level BPE
+# either splits with ByteLevel's own regex (GPT-2's), or with a Split regex first and then a ByteLevel without one;
+# the regex says which llama.cpp pre-tokenizer reproduces it. "gpt-2" reproduces HF's split of whitespace runs
+# ("x  +  1"); llama.cpp's "smollm", which the shipped SmolLM2 GGUF uses, does not.
+BYTELEVEL_PRE = "gpt-2"
+SPLIT_REGEX_PRE: dict[str, str] = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
 }
 
 # Weight-only checkpoint (bits, symmetric) -> the GGUF block type that holds its values exactly.
 EXACT_BLOCKS: dict[tuple[int, bool], str] = {(4, True): "Q4_0", (4, False): "Q4_1", (8, True): "Q8_0"}
 _SYM = {True: "sym", False: "asym"}
-BLOCK = 32  # elements per Q4_0/Q4_1/Q8_0 block
 
 
-def gguf_name(hf_name: str) -> str | None:
-    for rx, tmpl in _NAME_RE:
-        m = rx.match(hf_name)
-        if m:
-            return tmpl.replace("{i}", m.group(1)) if m.groups() else tmpl
-    return None
+def block_size(qtype: str) -> tuple[int, int]:
+    """(elements per block, bytes per block) of a GGML type, from gguf-py's table."""
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
 
 
-def _rope_permute(rows: "np.ndarray", n_head: int) -> "np.ndarray":
-    """HF's half-split rotary layout -> GGUF's interleaved one, on the output rows of q/k: [out, ...]."""
-    shape = rows.shape
-    return rows.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+def tensor_bytes(shape: tuple[int, ...], qtype: str) -> int:
+    """Bytes of a tensor [rows, cols] (numpy order) stored as ``qtype``."""
+    import math
+
+    elems, nbytes = block_size(qtype)
+    return math.prod(shape) // elems * nbytes
+
+
+class NameMap:
+    """HF tensor name -> GGUF name for one architecture, from gguf-py's TensorNameMap (llama.cpp's own table)."""
+
+    def __init__(self, arch: "Arch", n_blocks: int) -> None:
+        import gguf
+
+        self.arch = arch
+        self.model_arch = gguf.MODEL_ARCH[arch.gguf_arch]
+        self._map = gguf.get_tensor_name_map(self.model_arch, n_blocks)
+        self._known = set(gguf.MODEL_TENSORS[self.model_arch])  # tensors llama.cpp's graph for this arch reads
+
+    @property
+    def gguf_arch_name(self) -> str:
+        import gguf
+
+        return gguf.MODEL_ARCH_NAMES[self.model_arch]
+
+    def __call__(self, hf_name: str) -> str | None:
+        found = self._map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None or found[0] not in self._known:
+            return None
+        return found[1]
 
 
 def _pre_tokenizer(tokenizer) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer, or a one-line error saying which ones GGUF export takes."""
     import json
 
     tj = json.loads(tokenizer.backend_tokenizer.to_str())
     pre = tj.get("pre_tokenizer") or {}
-    key = (pre.get("type", "none"), bool(pre.get("use_regex", False)))
-    if tj.get("model", {}).get("type") != "BPE" or key not in PRE_TOKENIZERS:
-        raise EdgelmError(f"GGUF export supports byte-level BPE tokenizers with pre-tokenizers {sorted(PRE_TOKENIZERS)}; "
-                          f"this one is {tj.get('model', {}).get('type')} with {key}")
-    return PRE_TOKENIZERS[key]
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in steps]
+    name = None
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        name = BYTELEVEL_PRE
+    elif kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        name = SPLIT_REGEX_PRE.get((steps[0].get("pattern") or {}).get("Regex", ""))
+    if tj.get("model", {}).get("type") != "BPE" or name is None:
+        raise EdgelmError(f"GGUF export takes byte-level BPE tokenizers that llama.cpp splits the same way (GPT-2's "
+                          f"ByteLevel, or the Split regexes of {', '.join(sorted(SPLIT_REGEX_PRE.values()))}); this one "
+                          f"is {tj.get('model', {}).get('type')} with pre-tokenizers {kinds}")
+    return name
 
 
 def add_tokenizer(writer, tokenizer, folder: Path, n_vocab: int) -> None:
@@ -107,44 +129,52 @@ def add_tokenizer(writer, tokenizer, folder: Path, n_vocab: int) -> None:
     writer.add_add_bos_token(adds_bos)  # SpecialVocab has added merges, special ids and the chat template
 
 
-def add_hparams(writer, cfg: dict[str, Any], name: str, file_type: int) -> None:
+def add_hparams(writer, cfg: dict[str, Any], arch: "Arch", name: str, file_type: int) -> list[str]:
+    """Model hyperparameters under the arch's keys; returns notes on what differs from the HF model."""
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if rope.get("rope_type", "default") not in ("default", None):
         raise EdgelmError(f"GGUF export supports default RoPE only; this model uses rope_type {rope.get('rope_type')!r}")
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    n_head = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    context, note = arch.export_context(cfg)
     writer.add_name(name)
-    writer.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+    writer.add_context_length(context)
     writer.add_embedding_length(cfg["hidden_size"])
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_head_count(cfg["num_attention_heads"])
-    writer.add_head_count_kv(cfg.get("num_key_value_heads", cfg["num_attention_heads"]))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(cfg.get("num_key_value_heads", n_head))
+    if head_dim != cfg["hidden_size"] // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float(theta))
     writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(cfg["vocab_size"])
     writer.add_file_type(file_type)
+    return [note] if note else []
 
 
-def pack_exact(ql: "QLinear", qtype: str, perm_heads: int | None) -> "np.ndarray":
-    """A QLinear as GGUF blocks, uint8 [out, bytes per row], holding its exact codes and fp16 scales."""
+def pack_exact(ql: "QLinear", qtype: str, permute: Callable[["np.ndarray"], "np.ndarray"]) -> "np.ndarray":
+    """A QLinear as GGUF blocks, uint8 [out, bytes per row], holding its exact codes and fp16 scales. ``permute``
+    reorders output rows (the arch's RoPE layout) and is applied to codes, scales and zeros alike."""
     import numpy as np
 
     gs = ql.contiguous_groups()
     out_f, in_f = ql.shape
-    if gs is None or gs % BLOCK or in_f % BLOCK:
-        raise EdgelmError(f"a {out_f}x{in_f} weight with group size {gs} does not map onto {BLOCK}-element {qtype} blocks "
+    block = block_size(qtype)[0]
+    if gs is None or gs % block or in_f % block:
+        raise EdgelmError(f"a {out_f}x{in_f} weight with group size {gs} does not map onto {block}-element {qtype} blocks "
                           "(act-order without static groups, or a group size not a multiple of 32); "
                           "re-quantize with --act-order off, or export ONNX")
     codes = ql.codes.numpy().astype(np.int16)  # [out, in]
-    rep = gs // BLOCK
+    rep = gs // block
     scales = np.repeat(ql.scales.numpy(), rep, axis=1)  # fp16 [out, in/32]
     zeros = np.repeat(ql.zeros.numpy().astype(np.int16), rep, axis=1)  # [out, in/32]
-    if perm_heads:
-        codes, scales, zeros = (_rope_permute(a, perm_heads) for a in (codes, scales, zeros))
-    nb = in_f // BLOCK
-    q = codes.reshape(out_f, nb, BLOCK)
+    codes, scales, zeros = (permute(a) for a in (codes, scales, zeros))
+    nb = in_f // block
+    q = codes.reshape(out_f, nb, block)
     d = scales.astype(np.float16).reshape(out_f, nb, 1).view(np.uint8)  # [out, nb, 2]
     if qtype == "Q8_0":
         if not (zeros == 128).all():
@@ -152,7 +182,8 @@ def pack_exact(ql: "QLinear", qtype: str, perm_heads: int | None) -> "np.ndarray
         qs = (q - 128).astype(np.int8).view(np.uint8)  # [out, nb, 32]
         blocks = np.concatenate([d, qs], axis=-1)
     else:
-        nib = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)  # element j low nibble, j+16 high nibble
+        half = block // 2
+        nib = (q[..., :half] | (q[..., half:] << 4)).astype(np.uint8)  # element j low nibble, j+16 high nibble
         if qtype == "Q4_0":
             if not (zeros == 8).all():
                 raise EdgelmError("Q4_0 needs symmetric 4-bit codes (zero point 8); asymmetric codes go to Q4_1")
@@ -172,12 +203,22 @@ class _Planned:
     make: Callable[[], "np.ndarray"]
 
 
-def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, name: str = "edgelm") -> dict[str, str]:
-    """Write ``src`` as GGUF. ``float_type`` (F32/F16) is used for float matrices; returns {gguf name: type}."""
+@dataclass
+class GgufResult:
+    types: dict[str, str]  # GGUF tensor name -> GGML type
+    notes: list[str]  # where the GGUF differs from the HF model (e.g. a context capped at a sliding window)
+
+
+def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, name: str = "edgelm") -> GgufResult:
+    """Write ``src`` as GGUF. ``float_type`` (F32/F16) is used for float matrices."""
     import gguf
     import numpy as np
 
+    from edgelm.models.archs import get_arch
+
     cfg = src.config
+    arch = get_arch(cfg.get("model_type"), str(src.folder))
+    names_of = NameMap(arch, int(cfg["num_hidden_layers"]))
     n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     bits, sym = int(src.quant.get("bits", 16)), bool(src.quant.get("sym", True))
     exact = EXACT_BLOCKS.get((bits, sym)) if src.qlinears else None
@@ -189,46 +230,42 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
     if src.tied:
         names = [n for n in names if n != "lm_head.weight"]
     for hf in names:
-        gname = gguf_name(hf)
+        gname = names_of(hf)
         if gname is None:
             if hf.endswith("rotary_emb.inv_freq"):
                 continue
-            raise EdgelmError(f"tensor {hf!r} has no GGUF name; known patterns: {', '.join(TENSOR_NAMES)}")
-        perm = n_head if ".attn_q." in gname else n_kv if ".attn_k." in gname else None
-        module = hf[: -len(".weight")]
-        if module in src.qlinears:
+            raise EdgelmError(f"tensor {hf!r} has no name in llama.cpp's {names_of.gguf_arch_name} architecture "
+                              f"(gguf-py's tensor map); this {arch.name} checkpoint has a tensor llama.cpp would not read")
+
+        def permute(a, gname=gname):
+            return arch.permute_rows(a, gname, n_head, n_kv)
+
+        module = hf.rsplit(".", 1)[0]
+        if hf.endswith(".weight") and module in src.qlinears:
             ql = src.qlinears[module]
-            nbytes_row = ql.shape[1] // BLOCK * {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[exact]
-            plan.append(_Planned(gname, (ql.shape[0], nbytes_row), exact, ql.shape[0] * nbytes_row,
-                                 lambda ql=ql, perm=perm: pack_exact(ql, exact, perm)))
+            shape = (ql.shape[0], tensor_bytes((1, ql.shape[1]), exact))
+            plan.append(_Planned(gname, shape, exact, shape[0] * shape[1],
+                                 lambda ql=ql, permute=permute: pack_exact(ql, exact, permute)))
             continue
         shape = src.shape(hf)
-        if len(shape) == 1:
-            plan.append(_Planned(gname, shape, "F32", shape[0] * 4,
-                                 lambda hf=hf: src.tensors[hf].numpy().astype(np.float32, copy=False)))
-            continue
-        qtype = float_type
-        if exact and gname in ("token_embd.weight", "output.weight") and shape[1] % BLOCK == 0:
+        qtype = "F32" if len(shape) == 1 else float_type
+        if exact and gname in ("token_embd.weight", "output.weight") and shape[1] % block_size("Q8_0")[0] == 0:
             qtype = "Q8_0"  # quantized presets keep embedding/output at 8 bits, as llama.cpp keeps its output tensor
 
-        def make(hf=hf, perm=perm, qtype=qtype):
-            a = src.tensors[hf].numpy()  # read now: one tensor in memory at a time
-            if perm:
-                a = _rope_permute(a, perm)
+        def make(hf=hf, permute=permute, qtype=qtype):
+            a = permute(src.tensors[hf].numpy())  # read now: one tensor in memory at a time
             if qtype == "F32":
                 return np.ascontiguousarray(a, dtype=np.float32)
             if qtype == "F16":
                 return a.astype(np.float16)
             return gguf.quants.quantize(a, gguf.GGMLQuantizationType[qtype])
 
-        numel = shape[0] * shape[1]
-        nbytes = {"F32": 4 * numel, "F16": 2 * numel, "Q8_0": numel // BLOCK * 34}[qtype]
-        pshape = shape if qtype in ("F32", "F16") else (shape[0], shape[1] // BLOCK * 34)
-        plan.append(_Planned(gname, pshape, qtype, nbytes, make))
+        stored = shape if qtype in ("F32", "F16") else (shape[0], tensor_bytes((1, shape[1]), qtype))
+        plan.append(_Planned(gname, stored, qtype, tensor_bytes(shape, qtype), make))
 
-    file_type = {"F32": 0, "F16": 1}[float_type] if not exact else {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}[exact]
-    writer = gguf.GGUFWriter(str(path), "llama")
-    add_hparams(writer, cfg, name, file_type)
+    file_type = gguf.LlamaFileType[f"MOSTLY_{exact}" if exact else {"F32": "ALL_F32", "F16": "MOSTLY_F16"}[float_type]]
+    writer = gguf.GGUFWriter(str(path), names_of.gguf_arch_name)
+    notes = add_hparams(writer, cfg, arch, name, int(file_type))
     add_tokenizer(writer, tokenizer, src.folder, int(cfg["vocab_size"]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for p in plan:
@@ -241,26 +278,22 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
     for p in plan:  # one tensor in memory at a time
         writer.write_tensor_data(p.make())
     writer.close()
-    return {p.name: p.qtype for p in plan}
+    for note in notes:
+        log.warning("GGUF: %s", note)
+    return GgufResult({p.name: p.qtype for p in plan}, notes)
 
 
 def llamacpp_quantize(src_gguf: Path, dst: Path, gguf_type: str, *, threads: int = 0) -> None:
     """Run llama.cpp's quantizer (through llama-cpp-python's ctypes binding) on an f32/f16 GGUF."""
-    from edgelm.quant.presets import LLAMACPP_FTYPE
+    import gguf
 
     llama_cpp = require_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMACPP_FTYPE[gguf_type]
+    params.ftype = int(gguf.LlamaFileType[f"MOSTLY_{gguf_type}"])
     params.nthread = threads
     rc = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(dst).encode(), params)
     if rc != 0 or not dst.is_file():
         raise EdgelmError(f"llama.cpp's quantizer failed on {src_gguf.name} for {gguf_type} (return code {rc})")
-
-
-def require_llama_cpp():
-    from edgelm.errors import require
-
-    return require("llama_cpp", "llamacpp", " (llama-cpp-python builds llama.cpp from source, about 16 minutes)")
 
 
 # Block types that a llama.cpp file type intends for its 2-D weights; anything else in the output is a fallback.

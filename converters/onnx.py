@@ -5,6 +5,8 @@ their codes and scales into MatMulNBits unchanged; ``-p`` then applies only to w
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,9 +15,18 @@ from typing import Any
 
 from edgelm.errors import EdgelmError
 
+log = logging.getLogger(__name__)
 
-def build_onnx(src: Path, out: Path, precision: str, work: Path, extra: dict[str, Any] | None = None) -> None:
-    """Run the builder in a child process (it prints a lot and holds the model twice); raise with its last line."""
+
+def build_onnx(src: Path, out: Path, precision: str, work: Path, extra: dict[str, Any] | None = None) -> list[str]:
+    """Run the builder in a child process (it prints a lot and holds the model twice); raise with its last line.
+    Returns notes on where the artifact differs from the HF model (a context capped by its arch)."""
+    from edgelm.models.loader import check_arch, read_config
+
+    cfg = read_config(src)
+    context, note = check_arch(src).export_context(cfg)
+    if note:
+        extra = {**(extra or {}), "windowed_kv_cache": "false"}  # the cache holds the (capped) context plainly
     log_path = work / "onnx_builder.log"
     args = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", precision,
             "-e", "cpu", "-c", str(work / "builder-cache")]
@@ -29,6 +40,21 @@ def build_onnx(src: Path, out: Path, precision: str, work: Path, extra: dict[str
         if any("No module named 'onnxruntime_genai'" in ln or "No module named 'onnx_ir'" in ln for ln in lines):
             raise EdgelmError("onnxruntime-genai (with onnx_ir) is not installed; pip install 'edgelm[onnx]'")
         raise EdgelmError(f"the ONNX builder failed (exit {rc}): {lines[-1][:300] if lines else 'no output'}")
+    if note:
+        _cap_context(out / "genai_config.json", context)
+        log.warning("ONNX: %s", note)
+    return [note] if note else []
+
+
+def _cap_context(genai_config: Path, context: int) -> None:
+    """Stop onnxruntime-genai (and edgelm's ONNX runtime, which reads the same file) at ``context`` tokens."""
+    from edgelm.fsutil import atomic_write_json
+
+    gc = json.loads(genai_config.read_text(encoding="utf-8"))
+    gc["model"]["context_length"] = context
+    if "search" in gc:
+        gc["search"]["max_length"] = min(int(gc["search"].get("max_length", context)), context)
+    atomic_write_json(genai_config, gc)
 
 
 def op_counts(path: Path) -> dict[str, int]:

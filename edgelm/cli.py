@@ -56,7 +56,8 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls: type, skip: Sequence[str
             p.add_argument(flag, nargs="+", type=item, default=list(default), metavar="X", help=h)
         else:
             typ: Callable[[str], Any] = int if ann.startswith("int") else float if ann.startswith("float") else str
-            p.add_argument(flag, type=typ, default=default, help=f"{h} (default: {default})")
+            shown = "" if default is None or default == "" else f" (default: {default})"  # empty: the help says it
+            p.add_argument(flag, type=typ, default=default, help=h + shown)
 
 
 def _from_args(cls: type, args: argparse.Namespace) -> Any:
@@ -70,7 +71,7 @@ def _from_args(cls: type, args: argparse.Namespace) -> Any:
 # --- commands ---------------------------------------------------------------------------------------------------
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from edgelm.api import distill
+    from edgelm.distill.api import distill
     from edgelm.distill.config import DistillConfig
 
     res = distill(_from_args(DistillConfig, args))
@@ -83,7 +84,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from edgelm.api import evaluate
+    from edgelm.distill.api import evaluate
 
     res = evaluate(args.model, data=tuple(args.data), text_field=args.text_field, split=args.split,
                    seq_len=args.seq_len, max_seqs=args.max_seqs, batch_size=args.batch_size, threads=args.threads)
@@ -106,8 +107,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from edgelm.artifact.api import quantize
-    from edgelm.artifact.config import QuantizeConfig
+    from edgelm.quant.api import quantize
+    from edgelm.quant.config import QuantizeConfig
 
     res = quantize(_from_args(QuantizeConfig, args))
     q = res.quality
@@ -140,7 +141,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from edgelm.runtimes.loader import load
+    from edgelm.runtimes.api import load
     from edgelm.runtimes.sampling import GenerationConfig
 
     cfg = _from_args(GenerationConfig, args)
@@ -278,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_eval)
 
-    from edgelm.artifact.config import ExportConfig, QuantizeConfig
+    from edgelm.artifact.config import ExportConfig
+    from edgelm.quant.config import QuantizeConfig
 
     q = sub.add_parser("quantize", help="quantize with a preset (RTN, GPTQ) into a GPTQ-format checkpoint")
     q.add_argument("model", help="HF folder, .gguf, built-in name or hub id")

@@ -41,7 +41,7 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    from edgelm.api import distill, evaluate
+    from edgelm.distill.api import distill, evaluate
     from edgelm.distill.config import DistillConfig
     from edgelm.artifact.suite import export_suite
     from edgelm.report import write_distill_report

@@ -35,3 +35,8 @@ def require(module: str, extra: str, note: str = ""):
         return importlib.import_module(module)
     except ImportError:
         raise EdgelmError(f"{module} is not installed; pip install 'edgelm[{extra}]'{note}") from None
+
+
+def require_llama_cpp():
+    """llama-cpp-python, used by the GGUF exporter (llama.cpp's quantizer) and the llama.cpp runtime."""
+    return require("llama_cpp", "llamacpp", " (llama-cpp-python builds llama.cpp from source, about 16 minutes)")

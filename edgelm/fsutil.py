@@ -55,12 +55,22 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+# (real path, device, inode, size, mtime in ns) -> sha256: a file is hashed once per process until it changes
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a file, cached within the process by its identity, size and mtime (as make and git do): loading
+    an artifact checks every file against its manifest, and opening it again should not read it all again."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def cache_dir() -> Path:

@@ -1,11 +1,15 @@
 """One registry per extension point. Built-ins and user plugins register the same way:
 
-    from edgelm.registry import KD_LOSSES
+    from edgelm.registry import KD_LOSSES, ROUTERS
 
-    @KD_LOSSES.register("my-loss")
+    @KD_LOSSES.register("my-loss")          # a function: the name is given once, here
     def my_loss(student_logits, teacher_logits, *, temperature, beta): ...
 
-Built-ins live in a module that is imported on first lookup, so `import edgelm` stays light.
+    @ROUTERS.register                       # an object with a ``name``: the name is taken from it
+    class MyRouter(Router):
+        name = "mine"
+
+Built-ins live in modules that are imported on first lookup, so `import edgelm` stays light.
 Third-party packages can also expose an ``edgelm.plugins`` entry point (a module to import).
 """
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 from importlib.metadata import entry_points
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from edgelm.errors import EdgelmError, UnknownNameError
 
@@ -38,27 +42,36 @@ def load_plugins() -> None:
 class Registry(Generic[T]):
     """Name -> object, with lazily imported built-ins and errors that list the known names."""
 
-    def __init__(self, kind: str, builtins: str | None = None) -> None:
+    def __init__(self, kind: str, builtins: str | tuple[str, ...] = ()) -> None:
         self.kind = kind  # shown in errors, e.g. "KD loss"
-        self._builtins = builtins  # module that registers the built-ins when imported
+        self.builtins = (builtins,) if isinstance(builtins, str) else tuple(builtins)  # modules that register built-ins
+        self._pending = list(self.builtins)  # not imported yet
         self._items: dict[str, T] = {}
 
     def _load(self) -> None:
-        if self._builtins is not None:
-            module, self._builtins = self._builtins, None
-            importlib.import_module(module)
+        while self._pending:
+            importlib.import_module(self._pending.pop(0))
         load_plugins()
 
-    def register(self, name: str, obj: T | None = None, *, overwrite: bool = False) -> Callable[[T], T] | T:
-        """Register ``obj`` under ``name``; without ``obj``, return a decorator."""
+    def register(self, name: Any = None, obj: T | None = None, *, overwrite: bool = False) -> Any:
+        """``register(obj)`` or ``@register``: under ``obj.name``. ``register("name", obj)`` or
+        ``@register("name")``: under that name (for objects without a ``name``, such as functions)."""
 
-        def add(o: T) -> T:
-            if name in self._items and not overwrite:
-                raise EdgelmError(f"{self.kind} {name!r} is already registered; pass overwrite=True to replace it")
-            self._items[name] = o
+        def add(o: T, key: str | None = None) -> T:
+            key = key or getattr(o, "name", None)
+            if not isinstance(key, str) or not key:
+                raise EdgelmError(f"a {self.kind} needs a name: give it a `name` attribute or register it as "
+                                  f"register('name', obj)")
+            if key in self._items and not overwrite:
+                raise EdgelmError(f"{self.kind} {key!r} is already registered; pass overwrite=True to replace it")
+            self._items[key] = o
             return o
 
-        return add if obj is None else add(obj)
+        if isinstance(name, str):
+            return (lambda o: add(o, name)) if obj is None else add(obj, name)
+        if name is None:
+            return add
+        return add(name)
 
     def get(self, name: str) -> T:
         self._load()
@@ -83,7 +96,8 @@ class Registry(Generic[T]):
 KD_LOSSES: Registry = Registry("KD loss", builtins="edgelm.distill.losses")
 STUDENT_ZOO: Registry = Registry("student config", builtins="edgelm.models.zoo")
 TEACHERS: Registry = Registry("built-in teacher", builtins="edgelm.models.builtin")
+ARCHS: Registry = Registry("architecture", builtins="edgelm.models.archs")
 QUANTS: Registry = Registry("quant preset", builtins="edgelm.quant.presets")
 TARGETS: Registry = Registry("export target", builtins="edgelm.artifact.targets")
 RUNTIMES: Registry = Registry("runtime", builtins="edgelm.runtimes.builtin")
-ROUTERS: Registry = Registry("router", builtins="edgelm.coop.routers")
+ROUTERS: Registry = Registry("router", builtins=("edgelm.coop.routers", "edgelm.coop.learn"))

@@ -7,4 +7,4 @@ from edgelm.runtimes.onnxrt import OnnxRuntime
 from edgelm.runtimes.pytorch import TorchRuntime
 
 for _cls in (TorchRuntime, OnnxRuntime, LlamaCppRuntime):
-    RUNTIMES.register(_cls.name, _cls)
+    RUNTIMES.register(_cls)

@@ -9,8 +9,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from edgelm.converters.gguf import require_llama_cpp
-from edgelm.errors import EdgelmError
+from edgelm.errors import EdgelmError, require_llama_cpp
 from edgelm.runtimes.base import Runtime, check_threads, default_threads
 from edgelm.runtimes.text import TextTokenizer
 

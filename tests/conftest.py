@@ -81,7 +81,7 @@ def make_tiny_llama(out: Path, tokenizer_dir: Path, *, layers: int = 4, hidden: 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory, tiny_tokenizer_dir, tiny_corpus) -> Path:
     """A tiny Llama trained briefly (CE) on the tiny corpus, so it is better than chance and worth distilling."""
-    from edgelm.api import distill
+    from edgelm.distill.api import distill
 
     base = make_tiny_llama(tmp_path_factory.mktemp("tiny-init"), tiny_tokenizer_dir)
     run = tmp_path_factory.mktemp("tiny-teacher-run")
@@ -95,7 +95,7 @@ def tiny_teacher(tmp_path_factory, tiny_tokenizer_dir, tiny_corpus) -> Path:
 def tiny_q_model(tmp_path_factory, tiny_tokenizer_dir, tiny_corpus) -> Path:
     """A tiny Llama whose rows fit every block size (hidden 256: llama.cpp K-quants need multiples of 256),
     trained briefly so that quantization error shows in perplexity."""
-    from edgelm.api import distill
+    from edgelm.distill.api import distill
 
     # vocab padded to 640 rows: onnxruntime-genai 0.18 builds wrong logits for 256 or 512 vocab rows at hidden 256
     # (test_parity_check_catches_a_broken_export); padded vocabs are common anyway
@@ -124,7 +124,7 @@ def quantized(tmp_path_factory, tiny_q_model, tiny_corpus):
         key = (preset, tuple(sorted(opts.items())))
         if key not in out:
             folder = root / f"{preset}-{len(out)}"
-            out[key] = (folder, quantize(tiny_q_model, preset, folder, data=(str(tiny_corpus),), **CALIB, **opts))
+            out[key] = (folder, quantize(model=tiny_q_model, quant=preset, out=folder, data=tiny_corpus, **CALIB, **opts))
         return out[key]
 
     return get

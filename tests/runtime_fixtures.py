@@ -109,7 +109,7 @@ def artifacts(tmp_path_factory, rt_model, tiny_corpus) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def runtimes(artifacts):
     """backend name -> an open runtime (1 thread), closed at the end of the session."""
-    from edgelm.runtimes.loader import load
+    from edgelm.runtimes.api import load
 
     rts = {name: load(path, runtime=name, threads=1) for name, path in artifacts.items()}
     yield rts

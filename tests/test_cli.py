@@ -38,7 +38,8 @@ def test_every_distill_flag_is_an_api_argument():
 def test_every_quantize_and_export_flag_is_an_api_argument():
     import dataclasses
 
-    from edgelm.artifact.config import ExportConfig, QuantizeConfig
+    from edgelm.artifact.config import ExportConfig
+    from edgelm.quant.config import QuantizeConfig
     from edgelm.cli import build_parser
 
     choices = next(a for a in build_parser()._actions if a.dest == "command").choices

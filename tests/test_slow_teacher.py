@@ -52,7 +52,7 @@ def test_cached_folder_matches_transformers_gguf_load(teacher):
 
 
 def test_pruned_student_learns_from_the_real_teacher(tmp_path):
-    from edgelm.api import distill
+    from edgelm.distill.api import distill
 
     res = distill(teacher=TEACHER, layers=16, intermediate_size=1024, seq_len=128, batch_size=2, max_steps=4,
                   warmup_steps=1, eval_every=0, ckpt_every=0, eval_seqs=4, out=str(tmp_path / "run"), progress=False)
@@ -122,7 +122,7 @@ def test_cli_eval_of_the_builtin_teacher():
 def teacher_gguf(tmp_path_factory, teacher):
     from edgelm.converters.gguf import write_gguf
 
-    from edgelm.artifact.weights import read_source
+    from edgelm.converters.source import read_source
 
     model, tok, src = teacher
     path = tmp_path_factory.mktemp("teacher-gguf") / "f32.gguf"

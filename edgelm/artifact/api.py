@@ -1,4 +1,7 @@
-"""`edgelm export`: quantize if needed, convert, check against PyTorch, and write the artifact atomically."""
+"""`edgelm export`: quantize if needed, convert, check against PyTorch, and write the artifact atomically.
+
+The check opens the artifact in the runtime its target names, through the RUNTIMES registry (runtimes sit above
+export in the pipeline, so export names them rather than importing them)."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import EdgelmError
-from edgelm.artifact.config import ExportConfig, QuantizeConfig
+from edgelm.artifact.config import ExportConfig
 
 log = logging.getLogger(__name__)
 
@@ -20,32 +23,6 @@ class ExportResult:
     target: str  # gguf | onnx | ...
     preset: str  # preset name
     manifest: dict[str, Any] = field(default_factory=dict)  # what edgelm.json holds
-
-
-def _config(cls, config, kwargs):
-    if config is None:
-        if isinstance(kwargs.get("data"), (str, os.PathLike)):
-            kwargs["data"] = (str(kwargs["data"]),)
-        for k in ("model", "out"):
-            if k in kwargs:
-                kwargs[k] = str(kwargs[k])
-        return cls(**kwargs)
-    if kwargs:
-        return replace(config, **kwargs)
-    return config
-
-
-def quantize(config: QuantizeConfig | None = None, **kwargs: Any):
-    """Quantize a model with a preset into a GPTQ-format folder. Keyword arguments are QuantizeConfig fields."""
-    from edgelm.quant.api import quantize as _quantize
-
-    c = _config(QuantizeConfig, config, kwargs)
-    if not c.model or not c.out:
-        raise EdgelmError("quantize needs a model and --out")
-    return _quantize(c.model, c.quant, c.out, data=c.data, text_field=c.text_field, calib_samples=c.calib_samples,
-                     calib_seqlen=c.calib_seqlen, seed=c.seed, eval_seqs=c.eval_seqs, eval_seqlen=c.eval_seqlen,
-                     force=c.force, act_order=c.act_order or None, sym=False if c.asym else None, damp=c.damp,
-                     mse=c.mse)
 
 
 def _existing_quantized(model: str) -> dict[str, Any] | None:
@@ -68,7 +45,7 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
     from edgelm.quant.api import quantize_to_folder, resolve_preset
     from edgelm.registry import TARGETS
 
-    c = _config(ExportConfig, config, kwargs)
+    c = replace(config, **kwargs) if config is not None else ExportConfig(**kwargs)
     if not c.model or not c.out:
         raise EdgelmError("export needs a model and --out")
     target = TARGETS.get(c.target)
@@ -104,7 +81,8 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
                 src = work / "quantized"
                 src.mkdir()
                 fields = quantize_to_folder(c.model, preset, src, data=c.data, text_field=c.text_field,
-                                            calib_samples=c.calib_samples, calib_seqlen=c.calib_seqlen, seed=c.seed)
+                                            calib_samples=c.calib_samples, calib_seqlen=c.calib_seqlen, seed=c.seed,
+                                            device=c.device or None)
                 source.update({k: v for k, v in fields.items() if k == "calibration"})
             else:
                 src = Path(resolved.path)
@@ -144,17 +122,3 @@ def _presets():
     from edgelm.registry import QUANTS
 
     return QUANTS.items()
-
-
-def open_artifact(folder: str | os.PathLike, *, threads: int | None = None, runtime: str | None = None):
-    """Open an exported artifact with its target's runtime, after checking its manifest (sha256, schema)."""
-    from edgelm.manifest import read_manifest
-    from edgelm.runtimes.loader import load
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise EdgelmError(f"{folder} is not an artifact folder")
-    m = read_manifest(folder, verify=False)
-    if m is None or not str(m.get("kind", "")).startswith("export-"):
-        raise EdgelmError(f"{folder} has no export manifest (edgelm.json); export it with `edgelm export`")
-    return load(folder, runtime=runtime, threads=threads)

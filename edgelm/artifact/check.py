@@ -18,25 +18,6 @@ class ParityError(EdgelmError):
     exit_code = 4
 
 
-def val_sequences(tokenizer, data: tuple[str, ...], text_field: str, n: int, seq_len: int):
-    from edgelm.data.corpus import Corpus, CorpusSpec, eval_sequences
-
-    seqs = eval_sequences(Corpus(CorpusSpec(tuple(data), text_field=text_field)), tokenizer, "val", seq_len, n)
-    if len(seqs) == 0:
-        raise EdgelmError(f"the val split has no {seq_len}-token sequence for the check; add data or lower --eval-seqlen")
-    return seqs
-
-
-def torch_logits_fn(model) -> Callable:
-    import torch
-
-    def run(ids) -> "torch.Tensor":
-        with torch.no_grad():
-            return model(input_ids=torch.as_tensor(ids)[None]).logits[0].float()  # [T, V]
-
-    return run
-
-
 def torch_greedy(model, ids, n: int) -> list[int]:
     import torch
 
@@ -46,42 +27,24 @@ def torch_greedy(model, ids, n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def quality_vs_reference(ref_spec: str, candidate, *, data: tuple[str, ...] = (), text_field: str = "text",
-                         n: int = 16, seq_len: int = 128, ref_model=None, tokenizer=None):
-    """QualityDelta of ``candidate`` (a loadable folder, or a logits function ids -> [T, V]) against ``ref_spec``."""
-    import torch
-
-    from edgelm.metrics import compare_logits
-    from edgelm.models.loader import load_model
-
-    if ref_model is None:
-        ref_model, tokenizer, _ = load_model(ref_spec)
-    if not callable(candidate):
-        cand_model, _, _ = load_model(str(candidate))
-        candidate = torch_logits_fn(cand_model)
-    ref = torch_logits_fn(ref_model)
-    seqs = val_sequences(tokenizer, data, text_field, n, seq_len)
-
-    def pairs():
-        for s in seqs:
-            yield torch.as_tensor(s), ref(s), torch.as_tensor(candidate(s)).float()
-
-    return compare_logits(pairs())
-
-
 def check_artifact(runtime, preset, ref_spec: str, *, logit_atol: float, data: tuple[str, ...] = (),
                    text_field: str = "text", eval_seqs: int = 16, eval_seqlen: int = 128, prompts: int = 4,
                    new_tokens: int = 16) -> dict[str, Any]:
     """Run the parity check of an opened artifact; raise ParityError when it fails. Returns the manifest entry."""
     from edgelm.models.loader import load_model
+    from edgelm.quant.quality import quality_vs_reference, val_sequences
 
     ref_model, tok, _ = load_model(ref_spec)
+    if runtime.context < eval_seqlen:  # e.g. a GGUF whose context stops at a sliding window
+        log.warning("check: sequences of %d tokens, the artifact's context (asked %d)", runtime.context, eval_seqlen)
+        eval_seqlen = runtime.context
+    prompt_len = min(32, runtime.context - new_tokens)
     q = quality_vs_reference(ref_spec, runtime.logits, data=data, text_field=text_field, n=eval_seqs,
                              seq_len=eval_seqlen, ref_model=ref_model, tokenizer=tok)
     result: dict[str, Any] = {"reference": ref_spec, "split": "val", "seqs": eval_seqs, "seq_len": eval_seqlen,
                               **{k: round(v, 6) if isinstance(v, float) else v for k, v in q.as_dict().items()}}
     if preset.method == "none":
-        seqs = val_sequences(tok, data, text_field, prompts, 32)
+        seqs = val_sequences(tok, data, text_field, prompts, prompt_len)
         same = 0
         for s in seqs:
             ids = [int(x) for x in s]

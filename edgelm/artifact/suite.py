@@ -82,7 +82,7 @@ def export_suite(model: str, plan: Sequence[tuple[str, str]], out_root: str | Pa
                 if prior and prior["preset"]["name"] == preset_name and preset_name not in quantized:
                     quantized[preset_name] = (folder, float(prior.get("quantize_seconds", 0)))
                 if preset_name not in quantized:
-                    res = quantize(model, preset, folder, data=data, calib_samples=calib_samples,
+                    res = quantize(model=model, quant=preset_name, out=folder, data=data, calib_samples=calib_samples,
                                    calib_seqlen=calib_seqlen, eval_seqs=0, force=True)
                     quantized[preset_name] = (folder, res.seconds)
                 src, q_seconds = str(quantized[preset_name][0]), quantized[preset_name][1]
@@ -102,17 +102,17 @@ def export_suite(model: str, plan: Sequence[tuple[str, str]], out_root: str | Pa
 def gguf_file_row(path: str | Path, ref_model: str, label: str, preset: str, *, data: tuple[str, ...] = (),
                   eval_seqs: int = 32, eval_seqlen: int = 256, threads: int = 1) -> ArtifactRow:
     """A row for a GGUF file made elsewhere (e.g. the teacher's GGUF as shipped), measured like our artifacts."""
-    from edgelm.converters.gguf import read_types
-    from edgelm.artifact.check import quality_vs_reference
-    from edgelm.runtimes.llamacpp import LlamaCppRuntime
+    from edgelm.converters.gguf import block_size, read_types
+    from edgelm.quant.quality import quality_vs_reference
+    from edgelm.registry import RUNTIMES, TARGETS
 
     t0 = time.perf_counter()
     path = Path(path)
     types = [v["type"] for v in read_types(path).values() if len(v["shape"]) > 1]
-    rt = LlamaCppRuntime(path, threads=threads)
+    rt = RUNTIMES.get(TARGETS.get("gguf").runtime)(path, threads=threads)
     q = quality_vs_reference(ref_model, rt.logits, data=data, n=eval_seqs, seq_len=eval_seqlen)
     rt.close()
     main = max(set(types), key=types.count)
     return ArtifactRow(label, preset, "gguf (shipped)", str(path), path.stat().st_size / 2**20,
-                       {"Q4_1": 5.0, "Q4_0": 4.5, "Q8_0": 8.5}.get(main, float("nan")), q.ppl, q.ppl_ref, q.kld,
+                       8 * block_size(main)[1] / block_size(main)[0], q.ppl, q.ppl_ref, q.kld,
                        q.top1_agree, 0, time.perf_counter() - t0)

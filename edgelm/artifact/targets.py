@@ -49,7 +49,7 @@ class GgufTarget(Target):
             read_types,
             write_gguf,
         )
-        from edgelm.artifact.weights import read_source
+        from edgelm.converters.source import read_source
         from edgelm.fsutil import capture_fds
 
         weights = read_source(src)
@@ -58,7 +58,7 @@ class GgufTarget(Target):
         fields: dict[str, Any] = {"file": self.FILE}
         if preset.method == "llamacpp":
             base = work / "f32.gguf"
-            write_gguf(weights, tok, base, float_type="F32")
+            notes = write_gguf(weights, tok, base, float_type="F32").notes
             del weights
             with capture_fds(work / "llama_quantize.log"):
                 llamacpp_quantize(base, out, preset.gguf_type or "", threads=os.cpu_count() or 1)
@@ -68,8 +68,9 @@ class GgufTarget(Target):
                             preset.gguf_type, len(fallbacks), fallbacks[0]["tensor"], fallbacks[0]["type"])
             fields["fallback_tensors"] = fallbacks
         else:
-            write_gguf(weights, tok, out, float_type="F16" if preset.method == "cast" else "F32")
+            notes = write_gguf(weights, tok, out, float_type="F16" if preset.method == "cast" else "F32").notes
             fields["fallback_tensors"] = []
+        fields["notes"] = notes
         types = read_types(out)
         fields["tensor_types"] = _count(v["type"] for v in types.values())
         tok.save_pretrained(tmp)  # runtimes detokenize with the HF tokenizer
@@ -96,14 +97,14 @@ class OnnxTarget(Target):
         precision = self.precision(preset)
         if preset.method in ("rtn", "gptq"):
             _check_matmulnbits_blocks(src, preset)
-        build_onnx(src, tmp, precision, work)
-        return {"file": "model.onnx", "builder": "onnxruntime-genai", "precision": precision,
+        notes = build_onnx(src, tmp, precision, work)
+        return {"file": "model.onnx", "builder": "onnxruntime-genai", "precision": precision, "notes": notes,
                 "ops": op_counts(tmp / "model.onnx")}
 
 
 
-TARGETS.register("gguf", GgufTarget())
-TARGETS.register("onnx", OnnxTarget())
+TARGETS.register(GgufTarget())
+TARGETS.register(OnnxTarget())
 
 
 def _check_matmulnbits_blocks(src: Path, preset: QuantPreset) -> None:

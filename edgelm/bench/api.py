@@ -115,7 +115,7 @@ def machine_info() -> dict[str, Any]:
 def plan(config: BenchConfig) -> list[dict[str, Any]]:
     """One row spec per model x runtime x threads; a model that can't be opened becomes an error row."""
     from edgelm.registry import RUNTIMES
-    from edgelm.runtimes.loader import DEFAULT_RUNTIME, artifact_format
+    from edgelm.runtimes.api import DEFAULT_RUNTIME, artifact_format
 
     rows: list[dict[str, Any]] = []
     for model in config.models:
@@ -152,9 +152,7 @@ def _run_worker(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, A
     os.close(fd)
     out_path = spec_path.replace(".json", ".out.json")
     Path(spec_path).write_text(json.dumps(spec), encoding="utf-8")
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-           "TRANSFORMERS_VERBOSITY": "error"}
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}  # the worker imports the installed edgelm
     try:
         r = subprocess.run([sys.executable, "-m", "edgelm.bench.worker", spec_path, out_path], capture_output=True,
                            text=True, timeout=timeout, env=env)

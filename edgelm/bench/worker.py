@@ -22,7 +22,7 @@ def prompt_ids(rt, data: tuple[str, ...], split: str, n: int) -> list[int]:
     from edgelm.data.corpus import Corpus, CorpusSpec
 
     text = ""
-    for doc in Corpus(CorpusSpec(tuple(data))).texts(split):
+    for doc in Corpus(CorpusSpec(data)).texts(split):
         text += doc
         if len(text) > 8 * n:
             ids = rt.encode(text)
@@ -39,10 +39,10 @@ def reference_logits(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from edgelm.data.corpus import Corpus, CorpusSpec, eval_sequences
-    from edgelm.runtimes.loader import load
+    from edgelm.runtimes.api import load
 
     rt = load(spec["model"], runtime="torch", threads=spec.get("threads"))
-    seqs = eval_sequences(Corpus(CorpusSpec(tuple(spec["data"]))), rt.hf_tokenizer, spec["split"], spec["seqlen"],
+    seqs = eval_sequences(Corpus(CorpusSpec(spec["data"])), rt.hf_tokenizer, spec["split"], spec["seqlen"],
                           spec["seqs"])
     if len(seqs) == 0:
         raise EdgelmError(f"the {spec['split']} split has no {spec['seqlen']}-token sequence; lower --eval-seqlen")
@@ -63,7 +63,7 @@ def bench_row(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     from edgelm.metrics import compare_logits, mean_std, peak_rss_bytes, tokens_per_second
-    from edgelm.runtimes.loader import load
+    from edgelm.runtimes.api import load
     from edgelm.runtimes.sampling import GenerationConfig
 
     row: dict[str, Any] = {}

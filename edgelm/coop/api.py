@@ -1,67 +1,71 @@
 """Build a CooperativeRuntime from a ServeConfig (used by `edgelm serve` and the Python API)."""
 from __future__ import annotations
 
+import contextlib
 import logging
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edgelm.coop.config import ServeConfig
+from edgelm.coop.config import RouteConfig, ServeConfig
+from edgelm.coop.routers import RouterState, router_from_state
 from edgelm.errors import EdgelmError
+
+if TYPE_CHECKING:
+    from edgelm.coop.evaluate import RouterSummary
 
 log = logging.getLogger(__name__)
 
 
 def build_runtime(config: ServeConfig | None = None, **kwargs: Any):
-    from dataclasses import replace
-
     from edgelm.coop.cloud import CloudClient, CloudConfig
     from edgelm.coop.data import function_queries
-    from edgelm.coop.routers import RouterState, calibrate, check_budget, router_from_state
+    from edgelm.coop.routers import calibrate, check_budget
     from edgelm.coop.runtime import CooperativeRuntime
     from edgelm.registry import ROUTERS
-    from edgelm.runtimes.loader import load
+    from edgelm.runtimes.api import load
 
     c = replace(config or ServeConfig(), **kwargs)
     if not c.device:
         raise EdgelmError("pass --device: the on-device model (artifact folder, HF folder or .gguf)")
     check_budget(c.cloud_budget)
     state = RouterState.load(c.router_file) if c.router_file and Path(c.router_file).is_file() else None
-    if state is None and c.router == "learned":
-        raise EdgelmError("the learned router is not trained; run `edgelm route train --out FILE` and pass "
-                          "--router-file FILE")
-    router = router_from_state(state) if state else ROUTERS.get(c.router)()
+    router = router_from_state(state) if state else ROUTERS.get(c.router).from_state({})
     if router.needs_cloud and not c.cloud_url:
         raise EdgelmError(f"router {router.name!r} needs a cloud: pass --cloud-url (or --router always-device)")
     if c.max_queue < 1:
         raise EdgelmError(f"--max-queue must be >= 1, got {c.max_queue}")
-    device = load(c.device, runtime=c.runtime or None, threads=c.threads)
-    cloud = None
-    if c.cloud_url and router.needs_cloud:
-        cloud = CloudClient(CloudConfig(url=c.cloud_url, model=c.cloud_model, api_key_env=c.api_key_env,
-                                        api_key_file=c.api_key_file))
-        if not cloud.reachable():
-            log.warning("the cloud at %s does not answer: serving device-only for now (requests will retry it)",
-                        c.cloud_url)
-    if state is None:
-        if c.threshold is not None:
-            state = RouterState(router.name, c.threshold, None, {"fixed": True})
-        else:
-            queries = function_queries(c.data, "val", c.calib_queries) if router.calibrated else []
-            log.info("calibrating %s on %d val-split queries for a cloud budget of %.0f%%", router.name, len(queries),
-                     100 * c.cloud_budget)
-            state = calibrate(router, device, [device.encode(q.prompt) for q in queries], c.cloud_budget)
-            state.calibration["data"] = list(c.data) or "stdlib"
-        if c.router_file:
-            state.save(c.router_file)
-    log.info("router %s, threshold %s (calibration: %s)", state.router, f"{state.threshold:.4g}", state.calibration)
-    return CooperativeRuntime(device, cloud, router, threshold=state.threshold, deadline=c.deadline,
-                              max_queue=c.max_queue), state
+    with contextlib.ExitStack() as stack:  # closes what was opened if anything below fails
+        device = load(c.device, runtime=c.runtime or None, threads=c.threads)
+        stack.callback(device.close)
+        cloud = None
+        if c.cloud_url and router.needs_cloud:
+            cloud = CloudClient(CloudConfig(url=c.cloud_url, model=c.cloud_model, api_key_env=c.api_key_env,
+                                            api_key_file=c.api_key_file))
+            stack.callback(cloud.close)
+            if not cloud.reachable():
+                log.warning("the cloud at %s does not answer: serving device-only for now (requests will retry it)",
+                            c.cloud_url)
+        if state is None:
+            if c.threshold is not None:
+                state = RouterState(router.name, c.threshold, None, {"fixed": True})
+            else:
+                queries = function_queries(c.data, "val", c.calib_queries) if router.calibrated else []
+                log.info("calibrating %s on %d val-split queries for a cloud budget of %.0f%%", router.name,
+                         len(queries), 100 * c.cloud_budget)
+                state = calibrate(router, device, [device.encode(q.prompt) for q in queries], c.cloud_budget)
+                state.calibration["data"] = list(c.data) or "stdlib"
+            if c.router_file:
+                state.save(c.router_file)
+        log.info("router %s, threshold %s (calibration: %s)", state.router, f"{state.threshold:.4g}", state.calibration)
+        coop = CooperativeRuntime(device, cloud, router, threshold=state.threshold, deadline=c.deadline,
+                                  max_queue=c.max_queue)
+        stack.pop_all()  # the cooperative runtime owns them now: coop.close()
+    return coop, state
 
 
 def serve(config: ServeConfig | None = None, **kwargs: Any) -> None:
     """Build the runtime and serve it with uvicorn until interrupted."""
-    from dataclasses import replace
-
     c = replace(config or ServeConfig(), **kwargs)
     try:
         import uvicorn
@@ -70,13 +74,17 @@ def serve(config: ServeConfig | None = None, **kwargs: Any) -> None:
     except ImportError:
         raise EdgelmError("serving needs fastapi and uvicorn; pip install 'edgelm[serve]'") from None
     coop, _ = build_runtime(c)
-    log.info("serving on http://%s:%d/v1 (OpenAI-compatible; /health, /metrics)", c.host, c.port)
-    uvicorn.run(create_app(coop), host=c.host, port=c.port, log_level="warning")
+    try:
+        log.info("serving on http://%s:%d/v1 (OpenAI-compatible; /health, /metrics)", c.host, c.port)
+        uvicorn.run(create_app(coop), host=c.host, port=c.port, log_level="warning")
+    finally:
+        coop.close()
 
 
-def _device_and_cloud(c):
+def _open_device_and_cloud(c, stack: contextlib.ExitStack):
+    """The device runtime and cloud client of a RouteConfig, each closed by ``stack`` on every path."""
     from edgelm.coop.cloud import CloudClient, CloudConfig
-    from edgelm.runtimes.loader import load
+    from edgelm.runtimes.api import load
 
     if not c.device:
         raise EdgelmError("pass --device: the on-device model (artifact folder, HF folder or .gguf)")
@@ -84,22 +92,22 @@ def _device_and_cloud(c):
         raise EdgelmError("pass --cloud-url: routers are trained and judged against a cloud model")
     cloud = CloudClient(CloudConfig(url=c.cloud_url, model=c.cloud_model, api_key_env=c.api_key_env,
                                     api_key_file=c.api_key_file, read_timeout=120, retries=3))
+    stack.callback(cloud.close)
     if not cloud.reachable():
         raise EdgelmError(f"the cloud at {c.cloud_url} does not answer; start it or fix --cloud-url")
-    return load(c.device, runtime=c.runtime or None, threads=c.threads), cloud
+    device = load(c.device, runtime=c.runtime or None, threads=c.threads)
+    stack.callback(device.close)
+    return device, cloud
 
 
-def route_train(config=None, **kwargs: Any):
+def route_train(config: RouteConfig | None = None, **kwargs: Any) -> RouterState:
     """Fit the learned router on train-split queries; write it, with the threshold for --cloud-budget, to --out."""
-    from dataclasses import replace
-
     import numpy as np
 
-    from edgelm.coop.config import RouteConfig
     from edgelm.coop.data import function_queries
     from edgelm.coop.evaluate import judge, save_judged
     from edgelm.coop.learn import LearnedRouter, features, select_and_fit
-    from edgelm.coop.routers import RouterState, check_budget
+    from edgelm.coop.routers import check_budget
 
     c = replace(config or RouteConfig(), **kwargs)
     check_budget(c.cloud_budget)
@@ -108,11 +116,13 @@ def route_train(config=None, **kwargs: Any):
     out = Path(c.out)
     if out.exists() and not c.force:
         raise EdgelmError(f"{out} exists; pass --force to replace it")
-    device, cloud = _device_and_cloud(c)
-    queries = function_queries(c.data, "train", c.queries)
-    log.info("route train: %d train-split queries, device and cloud answer each (%d tokens)", len(queries), c.max_tokens)
-    judged = judge(device, cloud, queries, max_tokens=c.max_tokens, progress=c.progress)
-    X = np.stack([features(device, device.encode(q.prompt))[0] for q in queries])
+    with contextlib.ExitStack() as stack:
+        device, cloud = _open_device_and_cloud(c, stack)
+        queries = function_queries(c.data, "train", c.queries)
+        log.info("route train: %d train-split queries, device and cloud answer each (%d tokens)", len(queries),
+                 c.max_tokens)
+        judged = judge(device, cloud, queries, max_tokens=c.max_tokens, progress=c.progress)
+        X = np.stack([features(device, device.encode(q.prompt))[0] for q in queries])
     y = np.array([j.cloud - j.device for j in judged])
     model, cv = select_and_fit(X, y)
     log.info("route train: cross-validation chose %s", cv["chosen"])
@@ -121,28 +131,37 @@ def route_train(config=None, **kwargs: Any):
     t = float(np.quantile(pred, 1 - c.cloud_budget, method="lower")) if 0 < c.cloud_budget < 1 else (
         float("inf") if c.cloud_budget <= 0 else float("-inf"))
     fit_corr = float(np.corrcoef(pred, y)[0, 1]) if y.std() > 0 else float("nan")
-    state = RouterState("learned", t, c.cloud_budget,
+    state = RouterState(router.name, t, c.cloud_budget,
                         {"queries": len(queries), "split": "train", "achieved_share": float((pred > t).mean()),
                          "train_corr": fit_corr, "device_quality": float(np.mean([j.device for j in judged])),
                          "cloud_quality": float(np.mean([j.cloud for j in judged])), **cv}, router.state())
     state.save(out)
     save_judged(judged, out.with_name(out.stem + ".train-answers.json"))
-    device.close()
-    cloud.close()
     return state
 
 
-def route_eval(config=None, **kwargs: Any) -> dict[str, Any]:
-    """Judge every router on test-split queries; write table, plot and JSON into --out."""
-    from dataclasses import replace
+@dataclass
+class RouteEvalResult:
+    queries: int  # test-split queries judged
+    device_quality: float  # mean answer quality of the device alone
+    cloud_quality: float  # ... of the cloud alone
+    routers: list["RouterSummary"]  # random, each scored router, then the oracle
+    table: str  # the markdown table written to routing.md
+    config: dict[str, Any] = field(default_factory=dict)  # the RouteConfig it ran with
 
+    def by_router(self) -> dict[str, "RouterSummary"]:
+        return {s.router: s for s in self.routers}
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def route_eval(config: RouteConfig | None = None, **kwargs: Any) -> RouteEvalResult:
+    """Judge every router on test-split queries; write table, plot and JSON into --out."""
     import numpy as np
 
-    from edgelm.coop.config import RouteConfig
     from edgelm.coop.data import function_queries
-    from edgelm.coop.evaluate import (bootstrap_cpt80, judge, plot_curves, random_summary, save_judged,
-                                      summarize)
-    from edgelm.coop.routers import RouterState, router_from_state
+    from edgelm.coop.evaluate import bootstrap_cpt80, judge, plot_curves, random_summary, save_judged, summarize
     from edgelm.fsutil import atomic_write_json, atomic_write_text
     from edgelm.registry import ROUTERS
     from edgelm.report import md_table
@@ -153,10 +172,11 @@ def route_eval(config=None, **kwargs: Any) -> dict[str, Any]:
     routers = [ROUTERS.get("confidence")(), ROUTERS.get("confidence-draft")()]
     if c.router_file:
         routers.append(router_from_state(RouterState.load(c.router_file)))
-    device, cloud = _device_and_cloud(c)
-    queries = function_queries(c.data, "test", c.queries)
-    log.info("route eval: %d test-split queries, routers %s", len(queries), ", ".join(r.name for r in routers))
-    judged = judge(device, cloud, queries, max_tokens=c.max_tokens, routers=routers, progress=c.progress)
+    with contextlib.ExitStack() as stack:
+        device, cloud = _open_device_and_cloud(c, stack)
+        queries = function_queries(c.data, "test", c.queries)
+        log.info("route eval: %d test-split queries, routers %s", len(queries), ", ".join(r.name for r in routers))
+        judged = judge(device, cloud, queries, max_tokens=c.max_tokens, routers=routers, progress=c.progress)
     out = Path(c.out)
     out.mkdir(parents=True, exist_ok=True)
     save_judged(judged, out / "answers.json")
@@ -164,21 +184,18 @@ def route_eval(config=None, **kwargs: Any) -> dict[str, Any]:
     oracle = summarize(judged, "oracle", [j.cloud - j.device for j in judged])
     rows = []
     for s in sums + [oracle]:
-        lat = [j.seconds.get(s["router"], 0.0) for j in judged]
-        scored = s["router"] in judged[0].scores
+        lat = [j.seconds.get(s.router, 0.0) for j in judged]
+        scored = s.router in judged[0].scores
         if scored:  # how much CPT(80%) owes to the draw of test queries
-            s["cpt80_ci95"] = bootstrap_cpt80(judged, [j.scores[s["router"]] for j in judged])
-        ci = f"{100 * s['cpt80_ci95'][0]:.0f}-{100 * s['cpt80_ci95'][1]:.0f}%" if scored else "-"
-        rows.append([s["router"], f"{s['apgr']:.3f}", f"{100 * s['cpt50']:.0f}%", f"{100 * s['cpt80']:.0f}%", ci,
+            s.cpt80_ci95 = bootstrap_cpt80(judged, [j.scores[s.router] for j in judged])
+        ci = f"{100 * s.cpt80_ci95[0]:.0f}-{100 * s.cpt80_ci95[1]:.0f}%" if s.cpt80_ci95 else "-"
+        rows.append([s.router, f"{s.apgr:.3f}", f"{100 * s.cpt50:.0f}%", f"{100 * s.cpt80:.0f}%", ci,
                      f"{1e3 * float(np.mean(lat)):.1f}" if scored else "-"])
     qd, qc = float(np.mean([j.device for j in judged])), float(np.mean([j.cloud for j in judged]))
     table = md_table(["router", "APGR", "CPT(50%)", "CPT(80%)", "CPT(80%) 95% interval", "router ms/query"], rows)
     plot_curves(sums + [oracle], judged, out / "routing.png")
-    result = {"queries": len(judged), "device_quality": qd, "cloud_quality": qc, "routers": sums + [oracle],
-              "table": table, "config": c.as_dict()}
-    atomic_write_json(out / "routing.json", result)
+    result = RouteEvalResult(len(judged), qd, qc, sums + [oracle], table, c.as_dict())
+    atomic_write_json(out / "routing.json", result.as_dict())
     atomic_write_text(out / "routing.md", f"device quality {qd:.3f}, cloud quality {qc:.3f}, {len(judged)} queries\n\n"
                       + table + "\n![quality vs cloud share](routing.png)\n")
-    device.close()
-    cloud.close()
     return result

@@ -1,5 +1,10 @@
-"""OpenAI-compatible cloud client: timeouts, bounded retries with backoff on 429/5xx, a circuit breaker and a
-per-request deadline. Every failure is a CloudError with a short reason the cooperative runtime reports.
+"""OpenAI-compatible cloud client: timeouts, bounded retries with backoff (timeouts, refused connections, 429, 5xx;
+one policy for plain and streamed requests), a circuit breaker and a per-request deadline. Every failure is a
+CloudError with a short reason the cooperative runtime reports.
+
+The retry loop is our own, not tenacity's or httpx's: httpx's transport retries cover refused connections only, and
+what the loop must also do (stop when the deadline leaves less than the next backoff, never replay a stream that
+already delivered text, count a request once in the breaker) would be custom callbacks around tenacity anyway.
 
 The API key comes only from an environment variable or a file; it is sent in the Authorization header and never
 appears in logs, errors, metrics or artifacts.
@@ -13,11 +18,15 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from edgelm.errors import EdgelmError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+# Failures worth another attempt (with http_5xx): the next one may well succeed. http_4xx, malformed JSON, a cut
+# stream and a spent deadline are final.
+RETRIABLE = ("timeout", "unreachable", "http_429")
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,7 @@ class CloudClient:
         self._lock = threading.Lock()
         self._failures = 0
         self._open_until = 0.0
-        self.calls = 0  # requests sent (attempts included)
+        self.calls = 0  # requests sent (attempts included), counted under the lock
 
     # --- circuit breaker ----------------------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -100,49 +109,69 @@ class CloudClient:
     def _body(self, payload: dict[str, Any]) -> dict[str, Any]:
         return {**({"model": self.cfg.model} if self.cfg.model else {}), **payload}
 
-    def _post(self, path: str, payload: dict[str, Any], deadline: float) -> dict[str, Any]:
-        """POST with retries until ``deadline`` (time.monotonic()); the parsed JSON body."""
-        import httpx
-
+    def _retrying(self, once: Callable[[], Iterator[T]], deadline: float) -> Iterator[T]:
+        """One retry policy for every request: run ``once`` (one attempt, yielding what it reads) until it succeeds,
+        retrying timeouts, refused connections, 429 and 5xx with doubling backoff while the deadline leaves room
+        and nothing has been yielded yet (a stream that already delivered text is not replayed). Every failure ends
+        in a CloudError; the breaker counts the request, not its attempts."""
         self._admit()
         delay, attempt = self.cfg.backoff, 0
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self._result(False)
-                raise CloudError("deadline")
+            started = False
             try:
-                self.calls += 1
-                r = self._http.post(path, json=self._body(payload),
-                                    timeout=httpx.Timeout(min(left, self.cfg.read_timeout),
-                                                          connect=min(left, self.cfg.connect_timeout)))
-                if r.status_code == 429 or r.status_code >= 500:
-                    raise CloudError(f"http_{r.status_code}")
-                if r.status_code >= 400:
-                    self._result(False)
-                    raise CloudError(f"http_{r.status_code}")
-                try:
-                    body = r.json()
-                except ValueError:
-                    self._result(False)
-                    raise CloudError("malformed_json") from None
+                if deadline - time.monotonic() <= 0:
+                    raise CloudError("deadline")
+                with self._lock:
+                    self.calls += 1
+                for item in once():
+                    started = True
+                    yield item
                 self._result(True)
-                return body
-            except httpx.TimeoutException:
-                err = CloudError("deadline" if deadline - time.monotonic() <= 0.05 else "timeout")
-            except httpx.TransportError:
-                err = CloudError("unreachable")
+                return
             except CloudError as e:
-                if not e.reason.startswith("http_") or e.reason in ("http_400", "http_401", "http_403", "http_404"):
+                attempt += 1
+                if (started or e.reason not in RETRIABLE and not e.reason.startswith("http_5")
+                        or attempt > self.cfg.retries or deadline - time.monotonic() <= delay):
+                    self._result(False)
                     raise
-                err = e
-            attempt += 1
-            if attempt > self.cfg.retries or deadline - time.monotonic() <= delay:
-                self._result(False)
-                raise err
-            log.debug("cloud: %s, retry %d in %.2f s", err.reason, attempt, delay)
-            time.sleep(delay)
-            delay *= 2
+                log.debug("cloud: %s, retry %d in %.2f s", e.reason, attempt, delay)
+                time.sleep(delay)
+                delay *= 2
+
+    def _timeout(self, deadline: float):
+        import httpx
+
+        left = max(deadline - time.monotonic(), 0.001)
+        return httpx.Timeout(min(left, self.cfg.read_timeout), connect=min(left, self.cfg.connect_timeout))
+
+    @staticmethod
+    def _transport_error(e: Exception, deadline: float) -> CloudError:
+        import httpx
+
+        if isinstance(e, httpx.TimeoutException):
+            return CloudError("deadline" if deadline - time.monotonic() <= 0.05 else "timeout")
+        if isinstance(e, httpx.ConnectError):
+            return CloudError("unreachable")
+        return CloudError("stream_cut")
+
+    def _post(self, path: str, payload: dict[str, Any], deadline: float) -> dict[str, Any]:
+        """POST with the retry policy until ``deadline`` (time.monotonic()); the parsed JSON body."""
+        import httpx
+
+        def once() -> Iterator[dict[str, Any]]:
+            try:
+                r = self._http.post(path, json=self._body(payload), timeout=self._timeout(deadline))
+            except httpx.TransportError as e:
+                err = self._transport_error(e, deadline)
+                raise (CloudError("unreachable") if err.reason == "stream_cut" else err) from None
+            if r.status_code >= 400:
+                raise CloudError(f"http_{r.status_code}")
+            try:
+                yield r.json()
+            except ValueError:
+                raise CloudError("malformed_json") from None
+
+        return list(self._retrying(once, deadline))[0]
 
     def chat(self, messages: list[dict[str, str]], *, max_tokens: int, deadline: float, **params: Any) -> str:
         body = self._post("chat/completions", {"messages": messages, "max_tokens": max_tokens, **params}, deadline)
@@ -161,39 +190,18 @@ class CloudClient:
     def stream(self, path: str, payload: dict[str, Any], deadline: float) -> Iterator[str]:
         """Text deltas of a streamed completion ("chat/completions" or "completions"). Raises CloudError when the
         stream fails; deltas already yielded stay valid (the caller continues from them). A failure before the first
-        delta (429/5xx, connection) is retried with backoff while the deadline allows."""
-        self._admit()
-        delay, attempt = self.cfg.backoff, 0
-        while True:
-            started = False
-            try:
-                for delta in self._stream_once(path, payload, deadline):
-                    started = True
-                    yield delta
-                self._result(True)
-                return
-            except CloudError as e:
-                retriable = e.reason in ("http_429", "unreachable") or e.reason.startswith("http_5")
-                attempt += 1
-                if started or not retriable or attempt > self.cfg.retries or deadline - time.monotonic() <= delay:
-                    self._result(False)
-                    raise
-                log.debug("cloud: %s, retry %d in %.2f s", e.reason, attempt, delay)
-                time.sleep(delay)
-                delay *= 2
+        delta is retried like any request (see ``_retrying``)."""
+        return self._retrying(lambda: self._stream_once(path, payload, deadline), deadline)
 
     def _stream_once(self, path: str, payload: dict[str, Any], deadline: float) -> Iterator[str]:
-        """One attempt; the breaker is updated by ``stream``."""
+        """One attempt."""
         import httpx
 
         chat = path.startswith("chat")
         done = False
         try:
-            self.calls += 1
-            left = max(deadline - time.monotonic(), 0.001)
             with self._http.stream("POST", path, json=self._body({**payload, "stream": True}),
-                                   timeout=httpx.Timeout(min(left, self.cfg.read_timeout),
-                                                         connect=min(left, self.cfg.connect_timeout))) as r:
+                                   timeout=self._timeout(deadline)) as r:
                 if r.status_code >= 400:
                     raise CloudError(f"http_{r.status_code}")
                 if "text/event-stream" not in r.headers.get("content-type", ""):
@@ -225,12 +233,8 @@ class CloudClient:
                         raise CloudError("malformed_json") from None
                     if delta:
                         yield delta
-        except httpx.TimeoutException:
-            raise CloudError("deadline" if deadline - time.monotonic() <= 0.05 else "timeout") from None
-        except httpx.ConnectError:
-            raise CloudError("unreachable") from None
-        except httpx.TransportError:
-            raise CloudError("stream_cut") from None
+        except httpx.TransportError as e:
+            raise self._transport_error(e, deadline) from None
         if not done:
             raise CloudError("stream_cut")
 

@@ -18,7 +18,7 @@ def function_queries(data: tuple[str, ...] = (), split: str = "test", n: int = 6
     """Up to ``n`` queries from top-level and class-level functions of the split's Python files, one per file first."""
     from edgelm.data.corpus import Corpus, CorpusSpec, ReadStats
 
-    corpus = Corpus(CorpusSpec(tuple(data)))
+    corpus = Corpus(CorpusSpec(data))
     per_file: list[list[Query]] = []
     for doc in corpus.docs(split):
         text = corpus._read(doc, ReadStats())

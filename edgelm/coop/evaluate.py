@@ -98,7 +98,19 @@ def pgr(judged: list[Judged], quality: list[float]) -> list[float]:
     return [(x - qd) / (qc - qd) for x in quality]
 
 
-def summarize(judged: list[Judged], name: str, scores: Sequence[float]) -> dict[str, Any]:
+@dataclass
+class RouterSummary:
+    router: str  # router name ("oracle": routes by the true gain)
+    apgr: float  # area under the performance-gap-recovered curve against the cloud share
+    cpt50: float  # cloud share needed to recover 50% of the device-to-cloud gap
+    cpt80: float  # ... 80% of it
+    shares: list[float]  # the curve: cloud shares
+    quality: list[float]  # mean answer quality at each share
+    pgr: list[float]  # share of the gap recovered at each share
+    cpt80_ci95: tuple[float, float] | None = None  # 95% bootstrap interval of cpt80 (scored routers)
+
+
+def summarize(judged: list[Judged], name: str, scores: Sequence[float]) -> RouterSummary:
     import numpy as np
 
     shares, quality = curve(judged, scores)
@@ -107,8 +119,7 @@ def summarize(judged: list[Judged], name: str, scores: Sequence[float]) -> dict[
     def cpt(x: float) -> float:
         return next(s for s, p in zip(shares, g) if p >= x - 1e-12)
 
-    return {"router": name, "apgr": float(np.trapezoid(g, shares)), "cpt50": cpt(0.5), "cpt80": cpt(0.8),
-            "shares": shares, "quality": quality, "pgr": g}
+    return RouterSummary(name, float(np.trapezoid(g, shares)), cpt(0.5), cpt(0.8), shares, quality, g)
 
 
 def bootstrap_cpt80(judged: list[Judged], scores: Sequence[float], samples: int = 500, seed: int = 0
@@ -123,35 +134,32 @@ def bootstrap_cpt80(judged: list[Judged], scores: Sequence[float], samples: int 
         idx = rng.integers(0, len(judged), len(judged))
         sub = [judged[i] for i in idx]
         if np.mean([j.cloud for j in sub]) > np.mean([j.device for j in sub]):
-            vals.append(summarize(sub, "", [scores[i] for i in idx])["cpt80"])
+            vals.append(summarize(sub, "", [scores[i] for i in idx]).cpt80)
     if not vals:
         return float("nan"), float("nan")
     lo, hi = np.quantile(vals, [0.025, 0.975])
     return float(lo), float(hi)
 
 
-def random_summary(judged: list[Judged], seeds: int = 200) -> dict[str, Any]:
+def random_summary(judged: list[Judged], seeds: int = 200) -> RouterSummary:
     """The random router averaged over ``seeds`` orders (its expectation is the straight line)."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     runs = [summarize(judged, "random", rng.random(len(judged))) for _ in range(seeds)]
-    mean_q = np.mean([r["quality"] for r in runs], axis=0).tolist()
-    g = pgr(judged, mean_q)
-    shares = runs[0]["shares"]
-    return {"router": "random", "apgr": float(np.mean([r["apgr"] for r in runs])),
-            "cpt50": float(np.mean([r["cpt50"] for r in runs])), "cpt80": float(np.mean([r["cpt80"] for r in runs])),
-            "shares": shares, "quality": mean_q, "pgr": g}
+    mean_q = np.mean([r.quality for r in runs], axis=0).tolist()
+    return RouterSummary("random", float(np.mean([r.apgr for r in runs])), float(np.mean([r.cpt50 for r in runs])),
+                         float(np.mean([r.cpt80 for r in runs])), runs[0].shares, mean_q, pgr(judged, mean_q))
 
 
-def plot_curves(summaries: list[dict[str, Any]], judged: list[Judged], path: Path) -> Path:
+def plot_curves(summaries: list[RouterSummary], judged: list[Judged], path: Path) -> Path:
     from edgelm.report import _plt, save_figure
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.5))
     for s in summaries:
-        ax.plot(s["shares"], s["quality"], label=f"{s['router']} (APGR {s['apgr']:.2f})",
-                linestyle="--" if s["router"] == "random" else "-")
+        ax.plot(s.shares, s.quality, label=f"{s.router} (APGR {s.apgr:.2f})",
+                linestyle="--" if s.router == "random" else "-")
     import numpy as np
 
     ax.axhline(float(np.mean([j.device for j in judged])), color="gray", linewidth=0.8)

@@ -142,7 +142,7 @@ def select_and_fit(X: "np.ndarray", y: "np.ndarray", folds: int = 5) -> tuple[Ri
                                                      "chosen": best_key}
 
 
-@ROUTERS.register("learned")
+@ROUTERS.register
 class LearnedRouter(Router):
     """a ridge regression on device-computed features (prompt NLL, entropy, length; a 16-token draft's confidence and
     repetition; pooled hidden state) predicting how much better the cloud answers; trained by `edgelm route train`"""
@@ -167,6 +167,9 @@ class LearnedRouter(Router):
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "LearnedRouter":
+        if not state:
+            raise EdgelmError("the learned router is not trained; run `edgelm route train --out FILE` and pass "
+                              "--router-file FILE")
         if (state.get("features"), state.get("draft_k"), state.get("proj_dim"), state.get("proj_seed")) != (
                 list(FEATURES), DRAFT_K, PROJ_DIM, PROJ_SEED):
             raise EdgelmError("this router file was trained with other features; retrain it with `edgelm route train`")

@@ -27,13 +27,19 @@ class LocalCloud:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log = Path(log)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
-             str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(threads)],
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        self._log_file = open(self.log, "w")  # the server's output; closed by stop()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
+                 str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(threads)],
+                stdout=self._log_file, stderr=subprocess.STDOUT)
+        except BaseException:
+            self._log_file.close()
+            raise
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
+                self.stop()
                 raise EdgelmError(f"the local cloud server exited ({self.proc.returncode}); see {self.log} "
                                   "(it needs pip install 'edgelm[llamacpp]')")
             try:
@@ -50,12 +56,16 @@ class LocalCloud:
         return text.count('"POST /v1/chat/completions') + text.count('"POST /v1/completions')
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        try:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
+        finally:
+            self._log_file.close()
 
     def __enter__(self) -> "LocalCloud":
         return self

@@ -27,7 +27,10 @@ class Decision:
 
 
 class Router:
-    name: ClassVar[str] = ""
+    """Subclass, set ``name`` and implement ``score``; ``@ROUTERS.register`` takes the name from the class.
+    A router with trained parameters stores them through ``state`` and is rebuilt by ``from_state``."""
+
+    name: ClassVar[str] = ""  # registry name
     needs_cloud: ClassVar[bool] = True  # False for always-device
     calibrated: ClassVar[bool] = True  # False: the threshold follows from the budget alone
 
@@ -37,8 +40,17 @@ class Router:
     def threshold_for_budget(self, budget: float) -> float:  # uncalibrated routers only
         raise NotImplementedError
 
+    def state(self) -> dict[str, Any]:
+        """Trained parameters, stored in the router file (none by default)."""
+        return {}
 
-@ROUTERS.register("always-device")
+    @classmethod
+    def from_state(cls, params: dict[str, Any]) -> "Router":
+        """The router with the parameters ``state`` returned; a router that needs training refuses empty ones."""
+        return cls()
+
+
+@ROUTERS.register
 class AlwaysDevice(Router):
     """every query on the device (baseline)"""
 
@@ -51,7 +63,7 @@ class AlwaysDevice(Router):
         return math.inf
 
 
-@ROUTERS.register("always-cloud")
+@ROUTERS.register
 class AlwaysCloud(Router):
     """every query to the cloud (baseline); the device answers only when the cloud fails"""
 
@@ -64,7 +76,7 @@ class AlwaysCloud(Router):
         return -math.inf
 
 
-@ROUTERS.register("random")
+@ROUTERS.register
 class RandomRouter(Router):
     """a share of queries to the cloud, by a hash of the prompt (reproducible); the baseline a router must beat"""
 
@@ -78,7 +90,7 @@ class RandomRouter(Router):
         return 1.0 - budget
 
 
-@ROUTERS.register("confidence")
+@ROUTERS.register
 class PrefillConfidence(Router):
     """the prompt's mean negative log-likelihood under the device model (one prefill)"""
 
@@ -92,7 +104,7 @@ class PrefillConfidence(Router):
         return Decision(s.nll if s else 0.0, seconds=time.perf_counter() - t0)
 
 
-@ROUTERS.register("confidence-draft")
+@ROUTERS.register
 class DraftConfidence(Router):
     """mean entropy of the device's first k greedy tokens; the draft is reused when the device answers"""
 
@@ -140,7 +152,7 @@ def calibrate(router: Router, device: "Runtime", prompts: Sequence[Sequence[int]
     import numpy as np
 
     check_budget(budget)
-    params = router.state() if hasattr(router, "state") else {}
+    params = router.state()
     if not router.calibrated:
         return RouterState(router.name, router.threshold_for_budget(budget), budget, {"prompts": 0})
     if not prompts:
@@ -157,13 +169,5 @@ def calibrate(router: Router, device: "Runtime", prompts: Sequence[Sequence[int]
 
 
 def router_from_state(state: RouterState) -> Router:
-    """The router a RouterState names, with its trained parameters (learned)."""
-    cls = ROUTERS.get(state.router)
-    if state.params:
-        return cls.from_state(state.params)
-    if state.router == "learned":
-        raise EdgelmError("the learned router is not trained; run `edgelm route train` and pass --router-file")
-    return cls()
-
-
-from edgelm.coop import learn as _learn  # noqa: E402,F401  (registers "learned")
+    """The router a RouterState names, with its trained parameters."""
+    return ROUTERS.get(state.router).from_state(state.params)

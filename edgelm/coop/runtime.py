@@ -65,55 +65,49 @@ class Answer:
 
 
 class Metrics:
-    """Counters and latency histograms, exported in Prometheus text format."""
+    """Counters and latency histograms in prometheus_client's own registry (one per runtime), exported in the
+    Prometheus text format with HELP and TYPE for every metric and escaped label values."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[str, int] = {"device": 0, "cloud": 0}
-        self.fallbacks: dict[str, int] = {}
-        self.intended_cloud = 0
-        self.busy = 0
-        self.private = 0
-        self.hist: dict[str, list[int]] = {k: [0] * (len(LATENCY_BUCKETS) + 1) for k in ("request", "device", "cloud")}
-        self.sums: dict[str, float] = {k: 0.0 for k in self.hist}
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._lock = threading.Lock()  # the cloud share is a ratio of two counts, updated together
+        self._answered = 0
+        self._intended_cloud = 0
+        self.requests = Counter("edgelm_requests", "Answered requests by who produced the answer.", ["routed_to"],
+                                registry=r)
+        for who in ("device", "cloud"):
+            self.requests.labels(who)  # both series exist from the start, at 0
+        self.cloud_share = Gauge("edgelm_cloud_share", "Share of answered requests the router sent to the cloud.",
+                                 registry=r)
+        self.fallbacks = Counter("edgelm_fallbacks", "Cloud-bound requests the device answered, by reason.",
+                                 ["reason"], registry=r)
+        self.busy = Counter("edgelm_busy", "Requests refused (503) because the device queue was full.", registry=r)
+        self.private = Counter("edgelm_private", "Requests kept on the device as private.", registry=r)
+        self.latency = {k: Histogram(f"edgelm_{k}_seconds", doc, buckets=LATENCY_BUCKETS, registry=r) for k, doc in (
+            ("request", "Whole request time."), ("device", "Device time per request: routing and generation."),
+            ("cloud", "Time spent on the cloud per request, failed attempts included."))}
 
     def observe(self, ans: Answer, total_s: float) -> None:
+        self.requests.labels(ans.routed_to).inc()
+        if ans.fallback_reason and ans.routed_to == "device" and ans.score is not None:
+            self.fallbacks.labels(ans.fallback_reason).inc()
+        if ans.private:
+            self.private.inc()
         with self._lock:
-            self.requests[ans.routed_to] += 1
-            if ans.fallback_reason and ans.routed_to == "device" and ans.score is not None:
-                self.fallbacks[ans.fallback_reason] = self.fallbacks.get(ans.fallback_reason, 0) + 1
-            if ans.score is not None and ans.score > ans.threshold:
-                self.intended_cloud += 1
-            self.private += bool(ans.private)
-            for key, v in (("request", total_s), ("device", ans.device_latency_s), ("cloud", ans.cloud_latency_s)):
-                if key != "request" and v <= 0:
-                    continue
-                i = next((i for i, b in enumerate(LATENCY_BUCKETS) if v <= b), len(LATENCY_BUCKETS))
-                self.hist[key][i] += 1
-                self.sums[key] += v
+            self._answered += 1
+            self._intended_cloud += ans.score is not None and ans.score > ans.threshold
+            self.cloud_share.set(self._intended_cloud / self._answered)
+        for key, v in (("request", total_s), ("device", ans.device_latency_s), ("cloud", ans.cloud_latency_s)):
+            if key == "request" or v > 0:
+                self.latency[key].observe(v)
 
     def prometheus(self) -> str:
-        with self._lock:
-            total = sum(self.requests.values())
-            lines = ["# HELP edgelm_requests_total Answered requests by who produced the answer.",
-                     "# TYPE edgelm_requests_total counter"]
-            lines += [f'edgelm_requests_total{{routed_to="{k}"}} {v}' for k, v in self.requests.items()]
-            lines += ["# HELP edgelm_cloud_share Share of answered requests the router sent to the cloud.",
-                      "# TYPE edgelm_cloud_share gauge", f"edgelm_cloud_share {self.intended_cloud / total if total else 0.0}",
-                      "# HELP edgelm_fallbacks_total Cloud-bound requests the device answered, by reason.",
-                      "# TYPE edgelm_fallbacks_total counter"]
-            lines += [f'edgelm_fallbacks_total{{reason="{k}"}} {v}' for k, v in sorted(self.fallbacks.items())]
-            lines += ["# TYPE edgelm_busy_total counter", f"edgelm_busy_total {self.busy}",
-                      "# TYPE edgelm_private_total counter", f"edgelm_private_total {self.private}"]
-            for key, counts in self.hist.items():
-                name = f"edgelm_{key}_seconds"
-                lines += [f"# TYPE {name} histogram"]
-                acc = 0
-                for b, c in zip((*map(str, LATENCY_BUCKETS), "+Inf"), counts):
-                    acc += c
-                    lines.append(f'{name}_bucket{{le="{b}"}} {acc}')
-                lines += [f"{name}_sum {self.sums[key]:.6f}", f"{name}_count {acc}"]
-            return "\n".join(lines) + "\n"
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode("utf-8")
 
 
 class CoopStream(Stream):
@@ -134,7 +128,7 @@ class CooperativeRuntime:
 
         self.device = device
         self.cloud = cloud
-        self.router = ROUTERS.get(router)() if isinstance(router, str) else router
+        self.router = ROUTERS.get(router).from_state({}) if isinstance(router, str) else router
         if self.router.needs_cloud and cloud is None:
             log.warning("router %s has no cloud: every query stays on the device", self.router.name)
         if threshold is None:
@@ -153,6 +147,14 @@ class CooperativeRuntime:
         self.metrics = Metrics()
 
     # --- public API ------------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the device runtime and the cloud client."""
+        try:
+            self.device.close()
+        finally:
+            if self.cloud is not None:
+                self.cloud.close()
+
     def chat(self, messages: list[dict[str, str]], *, max_tokens: int = 128, private: bool = False,
              stream: bool = False, **sampling: Any) -> Answer | CoopStream:
         prompt = self.device.apply_chat_template(messages)
@@ -182,7 +184,7 @@ class CooperativeRuntime:
     def _enter_queue(self) -> None:
         with self._queue_lock:
             if self._queued >= self.max_queue:
-                self.metrics.busy += 1
+                self.metrics.busy.inc()
                 raise Busy(f"the device queue is full ({self._queued} requests); retry later")
             self._queued += 1
 

@@ -1,7 +1,7 @@
 """`edgelm serve`: an OpenAI-compatible server (FastAPI + uvicorn) over a CooperativeRuntime.
 
 POST /v1/chat/completions and /v1/completions (``"stream": true`` for server-sent events), GET /v1/models, /health
-and /metrics (Prometheus text). Each response carries an ``edgelm`` object: routed_to, router score, threshold,
+and /metrics (Prometheus text, from prometheus_client). Request bodies are pydantic models. Each response carries an ``edgelm`` object: routed_to, router score, threshold,
 device and cloud latency, fallback reason. A request is private when its body has ``"edgelm": {"private": true}`` or
 the header ``X-Edgelm-Private: 1``, or when the privacy guard flags its text.
 """
@@ -11,9 +11,10 @@ import json
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Optional, Union
 
 from fastapi import FastAPI, Request  # this module is imported only to serve (edgelm[serve])
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -24,61 +25,99 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SAMPLING = {"temperature": float, "top_p": float, "top_k": int, "seed": int, "repetition_penalty": float}
+SAMPLING = ("temperature", "top_p", "top_k", "seed", "repetition_penalty")
 
 
 class BadRequest(Exception):
     pass
 
 
+Number = Union[StrictInt, StrictFloat]  # JSON numbers; true/false and strings are refused
+
+
+class Message(BaseModel):
+    role: StrictStr
+    content: StrictStr
+
+
+class _Body(BaseModel):
+    """What both endpoints read; other fields OpenAI clients send (model, n, user, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    max_tokens: Optional[Annotated[StrictInt, Field(ge=1)]] = None
+    max_completion_tokens: Optional[Annotated[StrictInt, Field(ge=1)]] = None
+    temperature: Optional[Annotated[Number, Field(ge=0)]] = None
+    top_p: Optional[Number] = None
+    top_k: Optional[Number] = None
+    seed: Optional[Number] = None
+    repetition_penalty: Optional[Number] = None
+    stop: Optional[Union[Annotated[StrictStr, Field(min_length=1)], list[Annotated[StrictStr, Field(min_length=1)]]]] = None
+    stream: StrictBool = False
+    edgelm: Optional[dict[str, Any]] = None  # {"private": true}
+
+    def sampling(self) -> dict[str, Any]:
+        """Generation options in edgelm's terms (temperature > 0 or top-p/top-k turn sampling on)."""
+        out: dict[str, Any] = {k: v for k in SAMPLING if (v := getattr(self, k)) is not None}
+        for k in ("top_k", "seed"):
+            if k in out:
+                out[k] = int(out[k])
+        for k in ("top_p", "repetition_penalty"):
+            if k in out:
+                out[k] = float(out[k])
+        t = out.pop("temperature", None)
+        if t is not None and t > 0:
+            out.update(do_sample=True, temperature=float(t))
+        elif t is None and ("top_p" in out or "top_k" in out):
+            out["do_sample"] = True
+        if self.stop is not None:
+            out["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return out
+
+
+class ChatBody(_Body):
+    messages: Annotated[list[Message], Field(min_length=1)]
+
+
+class CompletionBody(_Body):
+    prompt: Annotated[StrictStr, Field(min_length=1)]
+
+
+def _reason(e: ValidationError) -> str:
+    """The first problem, in the words the API documents (one line per field)."""
+    err = e.errors()[0]
+    field = str(err["loc"][0]) if err["loc"] else ""
+    if field == "messages":
+        return ("each message needs a string 'role' and a string 'content'" if len(err["loc"]) > 2
+                else "'messages' must be a non-empty list of {role, content}")
+    if field == "prompt":
+        return "'prompt' must be a non-empty string"
+    if field in ("max_tokens", "max_completion_tokens"):
+        return "'max_tokens' must be a whole number >= 1"
+    if field == "temperature" and err["type"] == "greater_than_equal":
+        return "'temperature' must be >= 0"
+    if field in SAMPLING:
+        return f"'{field}' must be a number"
+    if field == "stop":
+        return "'stop' must be a string or a list of non-empty strings"
+    if field == "stream":
+        return "'stream' must be true or false"
+    if field == "edgelm":
+        return "'edgelm' must be an object"
+    return "the body must be a JSON object" if not field else f"'{field}': {err['msg']}"
+
+
 def _parse(body: Any, kind: str) -> tuple[Any, int, dict[str, Any], bool, bool]:
     """(messages or prompt, max_tokens, sampling, stream, private) or BadRequest with the reason."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
-    if kind == "chat":
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise BadRequest("'messages' must be a non-empty list of {role, content}")
-        for m in msgs:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise BadRequest("each message needs a string 'role' and a string 'content'")
-        request: Any = [{"role": m["role"], "content": m["content"]} for m in msgs]
-    else:
-        request = body.get("prompt")
-        if not isinstance(request, str) or not request:
-            raise BadRequest("'prompt' must be a non-empty string")
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 128))
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise BadRequest("'max_tokens' must be a whole number >= 1")
-    sampling: dict[str, Any] = {}
-    for k, typ in SAMPLING.items():
-        v = body.get(k)
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise BadRequest(f"'{k}' must be a number")
-        sampling[k] = typ(v)
-    if "temperature" in sampling:
-        t = sampling.pop("temperature")
-        if t < 0:
-            raise BadRequest("'temperature' must be >= 0")
-        if t > 0:
-            sampling.update(do_sample=True, temperature=t)
-    elif "top_p" in sampling or "top_k" in sampling:
-        sampling["do_sample"] = True
-    stop = body.get("stop")
-    if stop is not None:
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise BadRequest("'stop' must be a string or a list of non-empty strings")
-        sampling["stop"] = tuple(stop)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("'stream' must be true or false")
-    ext = body.get("edgelm") or {}
-    if not isinstance(ext, dict):
-        raise BadRequest("'edgelm' must be an object")
-    return request, max_tokens, sampling, stream, bool(ext.get("private", False))
+    try:
+        req = (ChatBody if kind == "chat" else CompletionBody).model_validate(body)
+    except ValidationError as e:
+        raise BadRequest(_reason(e)) from None
+    request: Any = ([m.model_dump() for m in req.messages] if isinstance(req, ChatBody) else req.prompt)
+    max_tokens = req.max_tokens or req.max_completion_tokens or 128
+    return request, max_tokens, req.sampling(), req.stream, bool((req.edgelm or {}).get("private", False))
 
 
 def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm"):
@@ -174,6 +213,8 @@ def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm"):
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(coop.metrics.prometheus(), media_type="text/plain; version=0.0.4")
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return PlainTextResponse(coop.metrics.prometheus(), media_type=CONTENT_TYPE_LATEST)
 
     return app

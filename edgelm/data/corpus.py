@@ -12,7 +12,7 @@ import os
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -29,15 +29,26 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def as_sources(data: "str | os.PathLike | Iterable[str | os.PathLike] | None") -> tuple[str, ...]:
+    """What callers pass as data (one path, or any sequence of paths/globs) as a tuple of strings: the one place
+    this is normalised, so a single path never becomes a tuple of its characters."""
+    if data is None:
+        return ()
+    if isinstance(data, (str, os.PathLike)):
+        return (os.fspath(data),)
+    return tuple(os.fspath(d) for d in data)
+
+
 @dataclass(frozen=True)
 class CorpusSpec:
-    sources: tuple[str, ...] = ()  # files, folders, globs, .jsonl; empty = this interpreter's stdlib source
+    sources: tuple[str, ...] = ()  # files, folders, globs, .jsonl (one path is taken as one); empty = the stdlib source
     text_field: str = "text"  # field holding the text in .jsonl records
     extensions: tuple[str, ...] = (".py", ".txt", ".md", ".rst", ".jsonl")  # files taken from folders
     val_frac: float = 0.05  # share of documents in the val split
     test_frac: float = 0.05  # share of documents in the test split
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", as_sources(self.sources))
         if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
             raise EdgelmError(f"val/test fractions must be in [0, 1) and sum below 1, got {self.val_frac}/{self.test_frac}")
 

@@ -56,6 +56,11 @@ class DistillConfig:
     force: bool = False  # overwrite an existing run in `out`
     progress: bool = True  # progress bar on stderr
 
+    def __post_init__(self) -> None:
+        from edgelm.data.corpus import as_sources
+
+        self.data = as_sources(self.data)
+
     def validate(self) -> None:
         def need(ok: bool, flag: str, what: str, got: Any) -> None:
             if not ok:

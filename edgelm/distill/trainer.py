@@ -176,7 +176,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
 
     torch.manual_seed(cfg.seed)
     teacher, tok, tsrc = load_model(cfg.teacher)
-    corpus = Corpus(CorpusSpec(tuple(cfg.data), text_field=cfg.text_field))
+    corpus = Corpus(CorpusSpec(cfg.data, text_field=cfg.text_field))
     max_pos = getattr(teacher.config, "max_position_embeddings", None)
     if max_pos and cfg.seq_len > max_pos:
         raise EdgelmError(f"--seq-len must be at most the teacher's context {max_pos}, got {cfg.seq_len}")

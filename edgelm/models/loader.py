@@ -18,9 +18,6 @@ from edgelm.registry import TEACHERS
 
 log = logging.getLogger(__name__)
 
-# Architectures whose block layout prune.py and the exporters understand (HF model_type values).
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
-
 
 @dataclass
 class ModelSource:
@@ -111,15 +108,22 @@ def load_tokenizer(source: ModelSource):
         raise EdgelmError(f"could not load the tokenizer of {source.spec}: {_one_line(e)}") from None
 
 
-def check_arch(folder: str | os.PathLike) -> str:
-    """The model_type of an HF folder, refused unless edgelm supports it."""
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """config.json of an HF folder; a missing or unreadable one is a clear error."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise EdgelmError(f"{folder} has no config.json; it is not a Hugging Face model folder")
     try:
-        arch = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("model_type")
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise EdgelmError(f"{folder}/config.json is unreadable ({type(e).__name__}); the checkpoint may be corrupt") from None
-    if arch not in SUPPORTED_ARCHS:
-        raise EdgelmError(f"{folder} is a {arch!r} model; supported architectures: {', '.join(SUPPORTED_ARCHS)}")
-    return arch
+        raise EdgelmError(f"{path} is unreadable ({type(e).__name__}); the checkpoint may be corrupt") from None
+
+
+def check_arch(folder: str | os.PathLike):
+    """The registered architecture (edgelm.models.archs) of an HF folder, refused unless edgelm supports it."""
+    from edgelm.models.archs import get_arch
+
+    return get_arch(read_config(folder).get("model_type"), str(folder))
 
 
 def _is_gptq_folder(folder: Path) -> bool:
@@ -140,7 +144,7 @@ def load_model(spec: str | os.PathLike, *, dtype: str = "float32"):
     hf_logging.disable_progress_bar()  # edgelm shows its own progress
     source = resolve(spec)
     if source.kind == "folder" and _is_gptq_folder(Path(source.path)):
-        from edgelm.quant.qformat import load_quantized_model
+        from edgelm.models.qformat import load_quantized_model
 
         model = load_quantized_model(source.path).to(getattr(torch, dtype))
         return model, load_tokenizer(source), source
@@ -152,9 +156,9 @@ def load_model(spec: str | os.PathLike, *, dtype: str = "float32"):
         raise EdgelmError(f"could not load {source.spec}: {_one_line(e)}; the checkpoint may be corrupt") from None
     except Exception as e:
         raise EdgelmError(f"could not load {source.spec}: {_one_line(e)}; the checkpoint may be corrupt") from None
-    arch = model.config.model_type
-    if arch not in SUPPORTED_ARCHS:
-        raise EdgelmError(f"{source.spec} is a {arch!r} model; supported architectures: {', '.join(SUPPORTED_ARCHS)}")
+    from edgelm.models.archs import get_arch
+
+    get_arch(model.config.model_type, source.spec)
     model.eval()
     return model, load_tokenizer(source), source
 

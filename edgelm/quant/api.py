@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from edgelm.errors import EdgelmError
+from edgelm.quant.config import QuantizeConfig
 from edgelm.quant.presets import QuantPreset, get_preset
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def calibration_set(source_tok, data: tuple[str, ...], text_field: str, samples:
         raise EdgelmError(f"--calib-samples must be at least {MIN_CALIB_SAMPLES}, got {samples}")
     if seqlen < 16:
         raise EdgelmError(f"--calib-seqlen must be at least 16, got {seqlen}")
-    corpus = Corpus(CorpusSpec(tuple(data), text_field=text_field))
+    corpus = Corpus(CorpusSpec(data, text_field=text_field))
     seqs = TokenStream(corpus, source_tok, "train", seqlen, seed=seed, loop=False).take(samples)
     if len(seqs) < samples:
         raise EdgelmError(f"the calibration set (train split of {corpus.spec.describe()}) gives {len(seqs)} sequences of "
@@ -52,7 +52,8 @@ def quantize_to_folder(model_spec: str, preset: QuantPreset, tmp: Path, *, data:
     import torch
 
     from edgelm.models.loader import load_model
-    from edgelm.quant.qformat import quantized_linears, rtn_quantize, save_quantized
+    from edgelm.models.qformat import quantized_linears, save_quantized
+    from edgelm.quant.rtn import rtn_quantize
 
     if preset.method == "llamacpp":
         raise EdgelmError(f"{preset.name} is llama.cpp's own quantizer and applies at export: "
@@ -90,7 +91,7 @@ def _gptq(source, tok, preset: QuantPreset, tmp: Path, *, data, text_field, samp
     import torch
 
     from edgelm.quant.gptq import run_gptq
-    from edgelm.quant.qformat import read_quantized
+    from edgelm.models.qformat import read_quantized
 
     calib = calibration_set(tok, data, text_field, samples, seqlen, seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,25 +107,27 @@ def _gptq(source, tok, preset: QuantPreset, tmp: Path, *, data, text_field, samp
     return qlinears
 
 
-def quantize(model: str | os.PathLike, quant: str | QuantPreset, out: str | os.PathLike, *, data: tuple[str, ...] = (),
-             text_field: str = "text", calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
-             eval_seqs: int = 32, eval_seqlen: int = 256, force: bool = False, device: str | None = None,
-             act_order: bool | None = None, sym: bool | None = None, damp: float | None = None,
-             mse: float | None = None) -> QuantizeResult:
-    """Quantize ``model`` with a preset into ``out`` (a GPTQ-format HF folder), measuring its quality loss on val."""
-    from edgelm.artifact.check import quality_vs_reference
+def quantize(config: QuantizeConfig | None = None, /, **kwargs: Any) -> QuantizeResult:
+    """Quantize a model with a preset into a GPTQ-format HF folder, measuring its quality loss on val. Keyword
+    arguments are :class:`QuantizeConfig` fields (or override those of ``config``)."""
     from edgelm.fsutil import atomic_dir
     from edgelm.manifest import write_manifest
+    from edgelm.quant.quality import quality_vs_reference
 
-    preset = resolve_preset(quant, act_order=act_order, sym=sym, damp=damp, mse=mse)
+    c = replace(config, **kwargs) if config is not None else QuantizeConfig(**kwargs)
+    if not c.model or not c.out:
+        raise EdgelmError("quantize needs a model and --out")
+    preset = resolve_preset(c.quant, act_order=c.act_order or None, sym=False if c.asym else None, damp=c.damp,
+                            mse=c.mse)
     t0 = time.perf_counter()
-    with atomic_dir(out, overwrite=force) as tmp:
-        fields = quantize_to_folder(str(model), preset, tmp, data=data, text_field=text_field,
-                                    calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, device=device)
+    with atomic_dir(c.out, overwrite=c.force) as tmp:
+        fields = quantize_to_folder(c.model, preset, tmp, data=c.data, text_field=c.text_field,
+                                    calib_samples=c.calib_samples, calib_seqlen=c.calib_seqlen, seed=c.seed,
+                                    device=c.device or None)
         seconds = time.perf_counter() - t0
         quality = {}
-        if eval_seqs > 0:
-            quality = quality_vs_reference(str(model), tmp, data=data, text_field=text_field, n=eval_seqs,
-                                           seq_len=eval_seqlen).as_dict()
+        if c.eval_seqs > 0:
+            quality = quality_vs_reference(c.model, tmp, data=c.data, text_field=c.text_field, n=c.eval_seqs,
+                                           seq_len=c.eval_seqlen).as_dict()
         write_manifest(tmp, "quantized", **fields, quality=quality, quantize_seconds=round(seconds, 2))
-    return QuantizeResult(Path(out), preset, quality, seconds)
+    return QuantizeResult(Path(c.out), preset, quality, seconds)

@@ -23,8 +23,7 @@ def run_gptq(src: str, calib_path: Path, out: Path, *, bits: int, group_size: in
              damp: float, mse: float, device: str, log_path: Path) -> None:
     """Quantize ``src`` (an HF folder) with GPTQModel in a child process; raise with the child's last line on failure."""
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1))),
-           "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))}
+           "PYTHONUNBUFFERED": "1"}  # the child imports the installed edgelm
     # cwd: GPTQModel writes a ./logs folder; keep it inside the temporary work folder, not the user's cwd.
     src = src if not Path(src).exists() else str(Path(src).resolve())
     args = [sys.executable, "-m", "edgelm.quant.gptq", src, str(calib_path.resolve()), str(out.resolve()), str(bits), str(group_size),

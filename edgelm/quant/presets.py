@@ -35,7 +35,7 @@ class QuantPreset:
     def bits_per_weight(self) -> float:
         """Storage per weight of the quantized matrices, scales and zeros included."""
         if self.method == "llamacpp":
-            return LLAMACPP_BPW[self.gguf_type or ""]
+            return llamacpp_bpw(self.gguf_type or "")
         if self.method in ("none", "cast"):
             return float(self.bits)
         if self.group_size <= 0:
@@ -66,10 +66,18 @@ class QuantPreset:
                 "bits_per_weight": round(self.bits_per_weight, 4)}
 
 
-# Nominal bits per weight of llama.cpp types (from ggml's block layouts; _M mixes are approximate).
-LLAMACPP_BPW = {"Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K_M": 5.69, "Q4_K_M": 4.89, "Q4_0": 4.5, "Q4_1": 5.0}
-# llama.cpp's LLAMA_FTYPE_MOSTLY_* values (include/llama.h).
-LLAMACPP_FTYPE = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+# Nominal bits per weight of llama.cpp's mixed file types, which no single block layout gives (approximate).
+LLAMACPP_MIX_BPW = {"Q5_K_M": 5.69, "Q4_K_M": 4.89}
+
+
+def llamacpp_bpw(gguf_type: str) -> float:
+    """Bits per weight of a llama.cpp file type: from gguf-py's block sizes, or the nominal figure of a mix."""
+    if gguf_type in LLAMACPP_MIX_BPW:
+        return LLAMACPP_MIX_BPW[gguf_type]
+    import gguf
+
+    elems, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[gguf_type]]
+    return 8 * nbytes / elems
 
 _PRESETS = [
     QuantPreset("fp32", "none", 32, max_kld=0.0, summary="unquantized float32"),
@@ -88,7 +96,7 @@ _PRESETS = [
     for t in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
 ]
 for _p in _PRESETS:
-    QUANTS.register(_p.name, _p)
+    QUANTS.register(_p)
 
 
 def get_preset(name: str) -> QuantPreset:

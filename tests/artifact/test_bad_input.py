@@ -111,7 +111,8 @@ def test_quantized_folder_exports_only_its_preset(tmp_path, quantized):
 
 def test_open_artifact_refuses_a_changed_or_newer_artifact(tmp_path, tiny_q_model):
     from edgelm.errors import EdgelmError
-    from edgelm.artifact.api import export, open_artifact
+    from edgelm.artifact.api import export
+    from edgelm.runtimes.api import open_artifact
 
     out = tmp_path / "a"
     export(model=tiny_q_model, target="gguf", quant="fp32", out=out, check=False)

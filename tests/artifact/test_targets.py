@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from edgelm.errors import EdgelmError
-from edgelm.artifact.api import export, open_artifact
+from edgelm.artifact.api import export
+from edgelm.runtimes.api import open_artifact
 from edgelm.manifest import read_manifest
 from edgelm.quant.presets import get_preset
 from edgelm.registry import QUANTS, TARGETS

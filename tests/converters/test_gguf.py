@@ -12,7 +12,7 @@ from edgelm.converters.gguf import (
 )
 
 from edgelm.errors import EdgelmError
-from edgelm.artifact.weights import read_source
+from edgelm.converters.source import read_source
 
 
 def _write(folder, path):

@@ -12,7 +12,7 @@ def test_matmulnbits_holds_gptq_values(quantized, tmp_path):
     from edgelm.converters.onnx import build_onnx
     from onnx import numpy_helper
 
-    from edgelm.quant.qformat import read_quantized
+    from edgelm.models.qformat import read_quantized
 
     folder, _ = quantized("gptq-int4-g32")
     out = tmp_path / "onnx"

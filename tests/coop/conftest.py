@@ -125,7 +125,7 @@ def proxy(cloud):
 
 @pytest.fixture(scope="session")
 def device(artifacts):
-    from edgelm.runtimes.loader import load
+    from edgelm.runtimes.api import load
 
     rt = load(artifacts["llamacpp"], threads=1)
     yield rt

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from edgelm.api import distill
+from edgelm.distill.api import distill
 from edgelm.manifest import read_manifest
 from tests.distill.test_trainer import _args, _cli_args
 

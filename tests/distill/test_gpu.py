@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from edgelm.api import distill
+from edgelm.distill.api import distill
 from tests.distill.test_trainer import _args
 
 pytestmark = pytest.mark.gpu

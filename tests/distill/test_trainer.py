@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from edgelm.api import distill
+from edgelm.distill.api import distill
 from edgelm.errors import EdgelmError, TrainingDiverged
 from edgelm.manifest import read_manifest
 from tests.conftest import run_cli

@@ -8,7 +8,8 @@ import torch
 
 from edgelm.manifest import read_manifest
 from edgelm.quant.api import calibration_set, quantize
-from edgelm.quant.qformat import read_quantized, rtn_quantize
+from edgelm.models.qformat import read_quantized
+from edgelm.quant.rtn import rtn_quantize
 
 
 def test_gptq_beats_rtn_on_perplexity_and_kld(quantized):
@@ -70,7 +71,8 @@ def test_too_small_calibration_set(tmp_path, tiny_q_model):
     data = tmp_path / "small.txt"
     data.write_text("def f():\n    return 1\n" * 3)
     with pytest.raises(EdgelmError, match="calibration set"):
-        quantize(tiny_q_model, "gptq-int4-g32", tmp_path / "out", data=(str(data),), calib_samples=16, calib_seqlen=128)
+        quantize(model=tiny_q_model, quant="gptq-int4-g32", out=tmp_path / "out", data=data, calib_samples=16,
+                 calib_seqlen=128)
     assert not (tmp_path / "out").exists()
     with pytest.raises(EdgelmError, match="at least 4"):
-        quantize(tiny_q_model, "gptq-int4-g32", tmp_path / "out", calib_samples=0)
+        quantize(model=tiny_q_model, quant="gptq-int4-g32", out=tmp_path / "out", calib_samples=0)

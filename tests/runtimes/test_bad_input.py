@@ -77,7 +77,7 @@ def test_runtime_that_cannot_open_the_format(artifacts):
 
 
 def test_unknown_runtime_lists_the_known_ones(artifacts):
-    from edgelm.runtimes.loader import load
+    from edgelm.runtimes.api import load
 
     with pytest.raises(EdgelmError, match="unknown runtime 'tvm'; known: llamacpp, onnx, torch"):
         load(artifacts["onnx"], runtime="tvm")

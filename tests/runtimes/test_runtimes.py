@@ -135,7 +135,7 @@ def test_draft_is_greedy_with_its_confidence(backend, runtimes, rt_model):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_prompt_longer_than_context(backend, artifacts):
     from edgelm.errors import EdgelmError
-    from edgelm.runtimes.loader import load
+    from edgelm.runtimes.api import load
 
     with load(artifacts[backend], runtime=backend, threads=1, context=16) as rt:
         assert rt.context == 16
@@ -150,7 +150,7 @@ def test_prompt_longer_than_context(backend, artifacts):
 
 def test_pytorch_opens_a_gguf_artifact(runtimes, artifacts, rt_model):
     """--runtime torch on a GGUF: transformers dequantizes it; the same greedy tokens as llama.cpp's."""
-    from edgelm.runtimes.loader import load
+    from edgelm.runtimes.api import load
 
     with load(artifacts["llamacpp"], runtime="torch", threads=1) as rt:
         assert rt.name == "torch"
@@ -160,7 +160,7 @@ def test_pytorch_opens_a_gguf_artifact(runtimes, artifacts, rt_model):
 def test_default_threads_are_picked_and_logged(artifacts, caplog):
     import logging
 
-    from edgelm.runtimes.loader import load
+    from edgelm.runtimes.api import load
 
     from edgelm.runtimes.base import physical_cores
 
@@ -175,7 +175,7 @@ def test_bare_gguf_reads_long_tokens_from_llamacpp_vocab(artifacts, rt_model, tm
     (llama-cpp-python's own detokenize drops tokens over 32 bytes)."""
     import shutil
 
-    from edgelm.runtimes.loader import load
+    from edgelm.runtimes.api import load
 
     shutil.copy(artifacts["llamacpp"] / "model.gguf", tmp_path / "m.gguf")
     with load(tmp_path / "m.gguf", threads=1) as rt:

@@ -1,4 +1,5 @@
-"""``edgelm.load``: open any model or artifact with the right runtime, after checking its manifest."""
+"""The run stage's API: ``edgelm.load`` opens any model or artifact with the right runtime, after checking its
+manifest; ``open_artifact`` does the same for exported artifacts only."""
 from __future__ import annotations
 
 import logging
@@ -63,3 +64,16 @@ def load(path: str | os.PathLike, *, runtime: str | None = None, threads: int | 
     if fmt == "gguf" and name == "torch" and target.is_dir():
         target = target / "model.gguf"
     return cls(target if target.exists() else str(path), threads=threads, context=context)
+
+
+def open_artifact(folder: str | os.PathLike, *, threads: int | None = None, runtime: str | None = None):
+    """Open an exported artifact with its target's runtime, after checking its manifest (sha256, schema)."""
+    from edgelm.manifest import read_manifest
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EdgelmError(f"{folder} is not an artifact folder")
+    m = read_manifest(folder, verify=False)
+    if m is None or not str(m.get("kind", "")).startswith("export-"):
+        raise EdgelmError(f"{folder} has no export manifest (edgelm.json); export it with `edgelm export`")
+    return load(folder, runtime=runtime, threads=threads)

@@ -1,4 +1,4 @@
-"""What an exporter reads: a model's config, float tensors and exact quantized linears, from any loadable source.
+"""What every exporter reads: a model's config, float tensors and exact quantized linears, from any loadable source.
 
 Float tensors are read one at a time with plain file reads (no mmap, no copy of the whole model), so an exporter's
 memory stays near one tensor above the Python baseline.
@@ -17,7 +17,7 @@ from edgelm.errors import EdgelmError
 if TYPE_CHECKING:
     import torch
 
-    from edgelm.quant.qformat import QLinear
+    from edgelm.models.qformat import QLinear
 
 # safetensors dtype -> (numpy dtype name, bytes per element)
 _DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("uint16", 2), "F64": ("float64", 8)}
@@ -87,19 +87,14 @@ class SourceWeights:
 
 def read_source(folder: str | Path) -> SourceWeights:
     """Index an HF folder's tensors; a GPTQ-format folder keeps its codes (loaded, at 1 byte per weight)."""
-    from edgelm.models.loader import SUPPORTED_ARCHS
+    from edgelm.models.loader import check_arch, read_config
 
     folder = Path(folder)
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise EdgelmError(f"{folder} has no config.json; it is not a Hugging Face model folder")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    arch = cfg.get("model_type")
-    if arch not in SUPPORTED_ARCHS:
-        raise EdgelmError(f"{folder} is a {arch!r} model; supported architectures: {', '.join(SUPPORTED_ARCHS)}")
+    cfg = read_config(folder)
+    check_arch(folder)
     quant = cfg.pop("quantization_config", None) or {}
     if quant:
-        from edgelm.quant.qformat import read_quantized
+        from edgelm.models.qformat import read_quantized
 
         _, tensors, qlinears = read_quantized(folder)
         return SourceWeights(folder, cfg, {k: v.float() for k, v in tensors.items()}, qlinears, quant)

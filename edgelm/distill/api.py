@@ -1,4 +1,4 @@
-"""The typed Python API. The CLI is a thin layer over these functions."""
+"""The distill stage's API: ``distill`` (train a student) and ``evaluate`` (perplexity of any model on a split)."""
 from __future__ import annotations
 
 import os
@@ -18,8 +18,6 @@ def distill(config: "DistillConfig | None" = None, **kwargs: Any) -> "DistillRes
     from edgelm.distill.trainer import distill as _distill
 
     if config is None:
-        if "data" in kwargs and isinstance(kwargs["data"], (str, os.PathLike)):
-            kwargs["data"] = (str(kwargs["data"]),)
         config = DistillConfig(**kwargs)
     elif kwargs:
         raise TypeError("pass either a DistillConfig or keyword arguments, not both")
@@ -67,7 +65,7 @@ def evaluate(
     if os.path.isdir(model):
         read_manifest(model)  # refuses a folder whose files don't match its manifest
     lm, tok, _ = load_model(model)
-    corpus = Corpus(CorpusSpec(tuple(data), text_field=text_field))
+    corpus = Corpus(CorpusSpec(data, text_field=text_field))
     seqs = eval_sequences(corpus, tok, split, seq_len, max_seqs)
     if len(seqs) == 0:
         raise EdgelmError(f"the {split} split has no full {seq_len}-token sequence; add data or lower --seq-len")
