@@ -101,8 +101,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from edgelm.demo import DemoConfig, run_demo
 
     res = run_demo(_from_args(DemoConfig, args))
-    print(f"student: {res['student']}")
-    print(f"report:  {res['report']}")
+    print(f"student: {res.student}")
+    print(f"report:  {res.report}")
     return 0
 
 
@@ -209,17 +209,21 @@ def cmd_route(args: argparse.Namespace) -> int:
               f"{cal['queries']} train queries to the cloud; fit correlation {cal['train_corr']:.2f})")
     else:
         res = route_eval(cfg)
-        print(f"device quality {res['device_quality']:.3f}, cloud quality {res['cloud_quality']:.3f}, "
-              f"{res['queries']} test queries\n")
-        print(res["table"])
+        print(f"device quality {res.device_quality:.3f}, cloud quality {res.cloud_quality:.3f}, "
+              f"{res.queries} test queries\n")
+        print(res.table)
         print(f"wrote {cfg.out}/routing.md, routing.png, routing.json")
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from edgelm.registry import KD_LOSSES, QUANTS, ROUTERS, RUNTIMES, STUDENT_ZOO, TARGETS, TEACHERS
+    from edgelm.registry import ARCHS, KD_LOSSES, QUANTS, ROUTERS, RUNTIMES, STUDENT_ZOO, TARGETS, TEACHERS
 
     what = args.what
+    if what in ("archs", "all"):
+        print("architectures (HF model_type; llama.cpp architecture):")
+        for name, a in ARCHS.items():
+            print(f"  {name:24s} {a.gguf_arch.lower():10s} {a.description}")
     if what in ("teachers", "all"):
         print("teachers (built-in):")
         for name, t in TEACHERS.items():
@@ -334,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_dataclass_args(a, RouteConfig)
         a.set_defaults(func=cmd_route)
 
-    ls = sub.add_parser("list", help="list built-in teachers, student shapes, KD losses, quant presets, targets, runtimes and routers")
-    ls.add_argument("what", nargs="?", default="all", choices=["all", "teachers", "students", "losses", "quants", "targets",
+    ls = sub.add_parser("list", help="list architectures, built-in teachers, student shapes, KD losses, quant presets, targets, runtimes and routers")
+    ls.add_argument("what", nargs="?", default="all", choices=["all", "archs", "teachers", "students", "losses", "quants",
+                                                                "targets",
                                                                 "runtimes", "routers"])
     ls.set_defaults(func=cmd_list)
     return p

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,22 @@ class DemoConfig:
     progress: bool = True  # progress bars
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+@dataclass
+class DemoResult:
+    student: Path  # the distilled student's HF folder
+    report: Path  # report.md with tables and plots
+    test: dict[str, Any]  # "teacher" / "student" -> EvalResult on the test split
+    artifacts: list[Any] = field(default_factory=list)  # ArtifactRow per exported artifact
+    bench: Any = None  # BenchResult, when benchmarked
+    routing: Any = None  # RouteEvalResult, or a RoutingSkipped with the reason
+
+
+@dataclass
+class RoutingSkipped:
+    error: str  # why the routing step has no figures
+
+
+def run_demo(cfg: DemoConfig) -> DemoResult:
     from edgelm.distill.api import distill, evaluate
     from edgelm.distill.config import DistillConfig
     from edgelm.artifact.suite import export_suite
@@ -84,8 +99,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         write_bench_section(report, bench, out)
     if routing is not None:
         write_routing_section(report, routing, out)
-    return {"student": str(res.student_dir), "report": str(report), "test": {k: v.as_dict() for k, v in test.items()},
-            "artifacts": [r.as_dict() for r in rows]}
+    return DemoResult(res.student_dir, report, test, rows, bench, routing)
 
 
 def demo_plan(quant: str) -> list[tuple[str, str]]:
@@ -144,7 +158,7 @@ count; prompt {h['config']['prompt_len']} tokens, {h['config']['gen_len']} gener
     update_section(report, "bench", body)
 
 
-def route_step(cfg: DemoConfig, out: Path, rows) -> dict[str, Any]:
+def route_step(cfg: DemoConfig, out: Path, rows):
     """The teacher behind llama-cpp-python's OpenAI server as the cloud, the student's quantized GGUF as the device:
     train the learned router, judge every router. A failure is reported, not fatal."""
     from edgelm.coop.api import route_eval, route_train
@@ -156,7 +170,7 @@ def route_step(cfg: DemoConfig, out: Path, rows) -> dict[str, Any]:
     device = next((r.path for r in sorted(ggufs, key=lambda r: r.preset != cfg.quant)), None)
     gguf = resolve(cfg.teacher).info.get("gguf")
     if device is None or gguf is None:
-        return {"error": "needs a GGUF of the student and a built-in (GGUF) teacher"}
+        return RoutingSkipped("needs a GGUF of the student and a built-in (GGUF) teacher")
     log.info("[5/6] route: %s as the device, the teacher as a local cloud; %d + %d queries", Path(device).name,
              cfg.route_train_queries, cfg.route_eval_queries)
     folder = out / "route"
@@ -169,28 +183,28 @@ def route_step(cfg: DemoConfig, out: Path, rows) -> dict[str, Any]:
                               out=str(folder / "eval"), **common)
     except EdgelmError as e:
         log.warning("routing step failed: %s", e)
-        return {"error": str(e)}
+        return RoutingSkipped(str(e))
 
 
-def write_routing_section(report: Path, res: dict[str, Any], out: Path) -> None:
+def write_routing_section(report: Path, res, out: Path) -> None:
     import shutil
 
     from edgelm.report import update_section
 
-    if "error" in res:
-        body = f"## Device and cloud routing\n\nNot measured: {res['error']}\n"
+    if isinstance(res, RoutingSkipped):
+        body = f"## Device and cloud routing\n\nNot measured: {res.error}\n"
     else:
         shutil.copy(out / "route" / "eval" / "routing.png", out / "routing.png")
-        by = {s["router"]: s for s in res["routers"]}
+        by = res.by_router()
         body = f"""## Device and cloud routing
 
 Device: the student's quantized GGUF; cloud: the teacher behind llama-cpp-python's OpenAI-compatible server on
-127.0.0.1. {res['queries']} test-split functions: the prompt is a function's first 2 lines, quality the edit
-similarity of the answer's first 3 lines to the rest. Mean quality: device {res['device_quality']:.3f}, cloud
-{res['cloud_quality']:.3f}. CPT(80%) of the learned router: {100 * by['learned']['cpt80']:.0f}% (random
-{100 * by['random']['cpt80']:.0f}%). Files: `{out / 'route'}`.
+127.0.0.1. {res.queries} test-split functions: the prompt is a function's first 2 lines, quality the edit
+similarity of the answer's first 3 lines to the rest. Mean quality: device {res.device_quality:.3f}, cloud
+{res.cloud_quality:.3f}. CPT(80%) of the learned router: {100 * by['learned'].cpt80:.0f}% (random
+{100 * by['random'].cpt80:.0f}%). Files: `{out / 'route'}`.
 
-{res['table']}
+{res.table}
 ![answer quality against cloud share](routing.png)
 """
     update_section(report, "routing", body)

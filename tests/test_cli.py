@@ -96,3 +96,12 @@ def test_missing_teacher_is_one_line(tmp_path):
     msg = _one_line_error(r)
     assert "not found" in msg
     assert not (tmp_path / "r" / "student").exists()
+
+
+def test_help_shows_no_empty_defaults():
+    for cmd in ("distill", "quantize", "export", "serve", "bench", "demo"):
+        r = run_cli(cmd, "--help")
+        assert r.returncode == 0, r.stderr
+        text = " ".join(r.stdout.split())  # argparse wraps lines
+        assert "(default: )" not in text and "(default: None)" not in text, cmd
+        assert "(default: " in text  # real defaults are still shown

@@ -146,19 +146,27 @@ def _finished(run: Path, cfg: DistillConfig) -> DistillResult | None:
 
 
 def distill(cfg: DistillConfig) -> DistillResult:
-    """Train a student from ``cfg.teacher``; see :class:`DistillConfig` for every knob."""
+    """Train a student from ``cfg.teacher``; see :class:`DistillConfig` for every knob. The steps, in order:
+    setup (device, processes, resume or refuse to clobber), data (teacher, corpus, val sequences), student (pruned,
+    zoo, continued or resumed; parallel wrapping; optimizer), then the loop of step / evaluate / checkpoint, and the
+    final student folder with its manifest."""
     cfg.validate()
     device = _pick_device(cfg)
     dist = _Dist.init(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = Path(cfg.out)
-    student_dir = run / "student"
-
-    # --- refuse to clobber, or load the checkpoint to resume ---
-    state: dict[str, Any] | None = None
     if cfg.resume and (done := _finished(run, cfg)) is not None:
         return done
+    state = _setup(cfg, run, dist)
+    torch.manual_seed(cfg.seed)
+    data = _Data.load(cfg, dist, state)
+    return _Trainer(cfg, run, device, dist, data, state).train()
+
+
+def _setup(cfg: DistillConfig, run: Path, dist: _Dist) -> dict[str, Any] | None:
+    """Setup: the checkpoint state to resume from (None for a fresh run); refuses to clobber a run without --force."""
+    state: dict[str, Any] | None = None
     if cfg.resume:
         ckpts = _checkpoints(run)
         if not ckpts:
@@ -167,235 +175,295 @@ def distill(cfg: DistillConfig) -> DistillResult:
         diff = cfg.diff(state["config"])
         if diff:
             raise EdgelmError(f"--resume with a different config ({'; '.join(diff)}); use the original flags or a new --out")
+        state["checkpoint"] = str(ckpts[-1])
         log.info("resuming from %s (step %d)", ckpts[-1], state["step"])
-    elif (student_dir.exists() or _checkpoints(run)) and not cfg.force:
+    elif ((run / "student").exists() or _checkpoints(run)) and not cfg.force:
         raise EdgelmError(f"{run} already holds a run; pass --resume to continue it or --force to start over")
     elif cfg.force and dist.main:
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
     dist.barrier()
+    return state
 
-    torch.manual_seed(cfg.seed)
-    teacher, tok, tsrc = load_model(cfg.teacher)
-    corpus = Corpus(CorpusSpec(cfg.data, text_field=cfg.text_field))
-    max_pos = getattr(teacher.config, "max_position_embeddings", None)
-    if max_pos and cfg.seq_len > max_pos:
-        raise EdgelmError(f"--seq-len must be at most the teacher's context {max_pos}, got {cfg.seq_len}")
 
-    val = eval_sequences(corpus, tok, "val", cfg.seq_len, cfg.eval_seqs)  # [N, T]
-    if len(val) == 0:
-        raise EdgelmError(f"the val split has less than one {cfg.seq_len}-token sequence; add data or lower --seq-len")
-    counts = state["split_stats"] if state is not None else {}  # per-split docs/bytes/tokens, main process only
-    if dist.main and state is None:
-        counts = split_stats(corpus, tok)
-        skipped = corpus.read_stats["train"]
-        log.info("corpus %s: %s", corpus.spec.describe(),
-                 ", ".join(f"{s} {c['docs']} docs / {c['tokens']:,} tokens" for s, c in counts.items()))
-        if skipped.skipped:
-            log.info("skipped %d train files (binary %d, non-UTF-8 %d, empty %d), e.g. %s", skipped.skipped,
-                     skipped.skipped_binary, skipped.skipped_encoding, skipped.skipped_empty, ", ".join(skipped.examples))
+@dataclass
+class _Data:
+    teacher: Any  # the teacher model (eval mode)
+    tok: Any  # its tokenizer, which the student shares
+    source: Any  # where the teacher came from (ModelSource)
+    corpus: Corpus  # the text, split by file
+    val: np.ndarray  # [N, T] val-split sequences, scored at every evaluation
+    counts: dict[str, Any]  # per-split docs/bytes/tokens (main process)
 
-    # --- student ---
-    build_info: dict[str, Any]
-    if state is not None:
-        from transformers import AutoConfig, AutoModelForCausalLM
+    @classmethod
+    def load(cls, cfg: DistillConfig, dist: _Dist, state: dict[str, Any] | None) -> "_Data":
+        """Data: the teacher and its tokenizer, the corpus and its val sequences."""
+        teacher, tok, tsrc = load_model(cfg.teacher)
+        corpus = Corpus(CorpusSpec(cfg.data, text_field=cfg.text_field))
+        max_pos = getattr(teacher.config, "max_position_embeddings", None)
+        if max_pos and cfg.seq_len > max_pos:
+            raise EdgelmError(f"--seq-len must be at most the teacher's context {max_pos}, got {cfg.seq_len}")
+        val = eval_sequences(corpus, tok, "val", cfg.seq_len, cfg.eval_seqs)  # [N, T]
+        if len(val) == 0:
+            raise EdgelmError(f"the val split has less than one {cfg.seq_len}-token sequence; add data or lower --seq-len")
+        counts = state["split_stats"] if state is not None else {}
+        if dist.main and state is None:
+            counts = split_stats(corpus, tok)
+            skipped = corpus.read_stats["train"]
+            log.info("corpus %s: %s", corpus.spec.describe(),
+                     ", ".join(f"{s} {c['docs']} docs / {c['tokens']:,} tokens" for s, c in counts.items()))
+            if skipped.skipped:
+                log.info("skipped %d train files (binary %d, non-UTF-8 %d, empty %d), e.g. %s", skipped.skipped,
+                         skipped.skipped_binary, skipped.skipped_encoding, skipped.skipped_empty,
+                         ", ".join(skipped.examples))
+        return cls(teacher, tok, tsrc, corpus, val, counts)
 
-        scfg = AutoConfig.for_model(**state["student_config"])
-        student = AutoModelForCausalLM.from_config(scfg)
-        missing, unexpected = student.load_state_dict(state["model"], strict=False)
-        if unexpected or set(missing) - ({"lm_head.weight"} if scfg.tie_word_embeddings else set()):
-            raise EdgelmError(f"checkpoint {ckpts[-1]} does not fit its student config (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}); start without --resume")
-        build_info = state["build_info"]
-    elif cfg.student:
-        student, stok, _ = load_model(cfg.student)
-        check_same_tokenizer(tok, stok, cfg.student)
-        build_info = {"init": "continued", "from": cfg.student}
-    else:
-        calib_stream = TokenStream(corpus, tok, "train", cfg.seq_len, seed=cfg.seed + 1)
-        calib = [torch.as_tensor(b) for b in np.array_split(calib_stream.take(cfg.calib_seqs), max(1, cfg.calib_seqs // 4))]
-        spec = StudentSpec(cfg.layers, cfg.intermediate_size, cfg.init, cfg.zoo)
-        student, build_info = build_student(teacher, spec, calib)
-    if student.config.vocab_size != teacher.config.vocab_size:
-        raise EdgelmError(
-            f"tokenizer mismatch: student vocab {student.config.vocab_size} vs teacher {teacher.config.vocab_size}"
-        )
-    student.to(device).train()
-    teacher.to(device)
-    n_student, n_teacher = count_params(student), count_params(teacher)
 
-    # --- parallel wrapping ---
-    model = student
-    if dist.world > 1:
-        if cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
+class _Trainer:
+    """Student, optimizer and the training loop of one run."""
 
-            for layer in student.model.layers:
-                fully_shard(layer)
-            fully_shard(student)
+    def __init__(self, cfg: DistillConfig, run: Path, device: torch.device, dist: _Dist, data: _Data,
+                 state: dict[str, Any] | None) -> None:
+        self.cfg, self.run, self.device, self.dist, self.data = cfg, run, device, dist, data
+        self.student, self.build_info = self._student(state)
+        self.student.to(device).train()
+        data.teacher.to(device)
+        self.n_student, self.n_teacher = count_params(self.student), count_params(data.teacher)
+        self.model = self._wrap(self.student)  # what the forward pass runs: DDP, FSDP or compiled
+        self.seqs_per_step = cfg.batch_size * cfg.grad_accum * dist.world
+        self.tokens_per_step = self.seqs_per_step * cfg.seq_len
+        self.total_steps = cfg.max_steps or math.ceil(cfg.max_tokens / self.tokens_per_step)
+        self.opt, self.sched = self._optimizer()
+        self.step_no, self.seqs_done = 0, 0
+        self.teacher_val: LMScore | None = None
+        if state is not None:
+            self._restore(state)
+        self.kd_fn = KD_LOSSES.get(cfg.loss)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.metrics = _Metrics(run / "metrics.jsonl", dist.main, self.step_no if state is not None else None)
+        run.mkdir(parents=True, exist_ok=True)
+
+    # --- student ---------------------------------------------------------------------------------------------------
+    def _student(self, state: dict[str, Any] | None):
+        """The student to train: from the checkpoint, an existing folder, a zoo shape, or pruned from the teacher."""
+        cfg, data = self.cfg, self.data
+        if state is not None:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            scfg = AutoConfig.for_model(**state["student_config"])
+            student = AutoModelForCausalLM.from_config(scfg)
+            missing, unexpected = student.load_state_dict(state["model"], strict=False)
+            if unexpected or set(missing) - ({"lm_head.weight"} if scfg.tie_word_embeddings else set()):
+                raise EdgelmError(f"checkpoint {state['checkpoint']} does not fit its student config (missing "
+                                  f"{missing[:3]}, unexpected {unexpected[:3]}); start without --resume")
+            build_info = state["build_info"]
+        elif cfg.student:
+            student, stok, _ = load_model(cfg.student)
+            check_same_tokenizer(data.tok, stok, cfg.student)
+            build_info = {"init": "continued", "from": cfg.student}
         else:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+            calib_stream = TokenStream(data.corpus, data.tok, "train", cfg.seq_len, seed=cfg.seed + 1)
+            calib = [torch.as_tensor(b)
+                     for b in np.array_split(calib_stream.take(cfg.calib_seqs), max(1, cfg.calib_seqs // 4))]
+            spec = StudentSpec(cfg.layers, cfg.intermediate_size, cfg.init, cfg.zoo)
+            student, build_info = build_student(data.teacher, spec, calib)
+        if student.config.vocab_size != data.teacher.config.vocab_size:
+            raise EdgelmError(f"tokenizer mismatch: student vocab {student.config.vocab_size} vs teacher "
+                              f"{data.teacher.config.vocab_size}")
+        return student, build_info
 
-            model = DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
+    def _wrap(self, student):
+        """Parallel wrapping under torchrun: DDP (default) or FSDP per decoder block; then torch.compile if asked."""
+        model = student
+        if self.dist.world > 1:
+            if self.cfg.fsdp:
+                from torch.distributed.fsdp import fully_shard
 
-    seqs_per_step = cfg.batch_size * cfg.grad_accum * dist.world
-    tokens_per_step = seqs_per_step * cfg.seq_len
-    total_steps = cfg.max_steps or math.ceil(cfg.max_tokens / tokens_per_step)
-    decay, no_decay = [], []
-    for n, p in student.named_parameters():
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg, total_steps))
-    step, seqs_done = 0, 0
-    teacher_val: LMScore | None = None
-    if state is not None:
-        if cfg.fsdp and dist.world > 1:
+                for layer in student.model.layers:
+                    fully_shard(layer)
+                fully_shard(student)
+            else:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                model = DDP(student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(model) if self.cfg.compile else model
+
+    @property
+    def fsdp(self) -> bool:
+        return self.cfg.fsdp and self.dist.world > 1
+
+    def _optimizer(self):
+        """AdamW (no weight decay on norms and biases), linear warmup then cosine decay."""
+        decay = [p for p in self.student.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.student.parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.cfg.lr, betas=(0.9, 0.95), fused=self.device.type == "cuda",
+        )
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, self.cfg, self.total_steps))
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(student, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(self.student, self.opt, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
         else:
-            opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+            self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        step, seqs_done = state["step"], state["seqs_done"]
-        teacher_val = LMScore(**state["teacher_val"])
+        self.step_no, self.seqs_done = state["step"], state["seqs_done"]
+        self.teacher_val = LMScore(**state["teacher_val"])
 
-    kd_fn = KD_LOSSES.get(cfg.loss)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    metrics = _Metrics(run / "metrics.jsonl", dist.main, step if state is not None else None)
-    run.mkdir(parents=True, exist_ok=True)
-
-    def evaluate() -> LMScore:
-        score = score_lm(student, val, batch_size=cfg.batch_size, device=device)
-        metrics.write(event="eval", step=step, tokens=step * tokens_per_step, val_nll=score.nll, val_ppl=score.ppl,
-                      val_top1=score.top1)
+    # --- evaluate and checkpoint -----------------------------------------------------------------------------------
+    def evaluate(self) -> LMScore:
+        """The student's val score, logged."""
+        score = score_lm(self.student, self.data.val, batch_size=self.cfg.batch_size, device=self.device)
+        self.metrics.write(event="eval", step=self.step_no, tokens=self.step_no * self.tokens_per_step,
+                           val_nll=score.nll, val_ppl=score.ppl, val_top1=score.top1)
         return score
 
-    if teacher_val is None:
-        teacher_val = score_lm(teacher, val, batch_size=cfg.batch_size, device=device)
-        metrics.write(event="teacher", step=0, val_nll=teacher_val.nll, val_ppl=teacher_val.ppl, val_top1=teacher_val.top1)
-        evaluate()
-
-    def save_checkpoint() -> Path | None:
-        full = _full_state(student, opt, cfg.fsdp and dist.world > 1)
-        if not dist.main:
+    def save_checkpoint(self) -> Path | None:
+        """Everything a bit-identical resume needs, written atomically; the last ``keep_ckpts`` are kept."""
+        full = _full_state(self.student, self.opt, self.fsdp)
+        if not self.dist.main:
             return None
-        path = run / "checkpoints" / f"step-{step:07d}"
+        path = self.run / "checkpoints" / f"step-{self.step_no:07d}"
         with atomic_dir(path, overwrite=True) as tmp:
             torch.save({
-                "model": full[0], "optimizer": full[1], "scheduler": sched.state_dict(), "step": step,
-                "seqs_done": seqs_done, "rng": torch.get_rng_state(), "config": cfg.as_dict(),
-                "student_config": student.config.to_dict(), "build_info": build_info,
-                "teacher_val": teacher_val.as_dict(), "split_stats": counts,
+                "model": full[0], "optimizer": full[1], "scheduler": self.sched.state_dict(), "step": self.step_no,
+                "seqs_done": self.seqs_done, "rng": torch.get_rng_state(), "config": self.cfg.as_dict(),
+                "student_config": self.student.config.to_dict(), "build_info": self.build_info,
+                "teacher_val": self.teacher_val.as_dict(), "split_stats": self.data.counts,
             }, tmp / "state.pt")
-        for old in _checkpoints(run)[: -cfg.keep_ckpts]:
+        for old in _checkpoints(self.run)[: -self.cfg.keep_ckpts]:
             shutil.rmtree(old, ignore_errors=True)
         return path
 
-    # --- the stream: every process reads the same global order and takes its slice ---
-    stream = iter(TokenStream(corpus, tok, "train", cfg.seq_len, seed=cfg.seed, shuffle_buffer=SHUFFLE_BUFFER, loop=True))
-    for _ in range(seqs_done):
-        next(stream)
+    # --- one optimizer step ----------------------------------------------------------------------------------------
+    def step(self, stream) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; every process takes its slice of the global batch."""
+        cfg, dist, device = self.cfg, self.dist, self.device
+        loss_sum = kd_sum = ce_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            glob = np.stack([next(stream) for _ in range(cfg.batch_size * dist.world)])  # [B*W, T]
+            ids = torch.as_tensor(glob[dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size], device=device)
+            sync = micro == cfg.grad_accum - 1 or dist.world == 1 or cfg.fsdp
+            no_sync = self.model.no_sync() if not sync and hasattr(self.model, "no_sync") else contextlib.nullcontext()
+            with no_sync:
+                loss, kd, ce = self._loss(ids)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach()) / cfg.grad_accum
+            kd_sum += float(kd.detach()) / cfg.grad_accum
+            ce_sum += float(ce.detach()) / cfg.grad_accum
+        loss_all = dist.all_sum(loss_sum) / dist.world
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip or float("inf")))
+        if not (math.isfinite(loss_all) and math.isfinite(grad_norm)):
+            ck = _checkpoints(self.run)
+            where = f"the last good checkpoint is {ck[-1]}" if ck else "no checkpoint was written yet"
+            raise TrainingDiverged(f"loss became {loss_all} (grad norm {grad_norm}) at step {self.step_no + 1}; "
+                                   f"stopped, {where}; lower --lr or raise --warmup-steps")
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step_no += 1
+        self.seqs_done += self.seqs_per_step
+        return {"loss": loss_all, "kd": kd_sum, "ce": ce_sum, "grad_norm": grad_norm}
 
-    bar = None
-    if dist.main and cfg.progress:
-        from tqdm.auto import tqdm
+    def _loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(alpha * KD + (1 - alpha) * CE, KD, CE) of one micro-batch ids [B, T]."""
+        cfg = self.cfg
+        with self.autocast:
+            s_logits = self.model(input_ids=ids).logits[:, :-1]  # [B, T-1, V]
+        V = s_logits.shape[-1]
+        s_flat = s_logits.reshape(-1, V).float()  # [N, V]
+        ce = F.cross_entropy(s_flat, ids[:, 1:].reshape(-1))
+        if cfg.alpha > 0:
+            with torch.no_grad(), self.autocast:
+                t_logits = self.data.teacher(input_ids=ids).logits[:, :-1]  # [B, T-1, V]
+            kd = self.kd_fn(s_flat, t_logits.reshape(-1, V).float(), temperature=cfg.temperature, beta=cfg.beta)
+        else:
+            kd = torch.zeros((), device=self.device)
+        return cfg.alpha * kd + (1 - cfg.alpha) * ce, kd, ce
 
-        bar = tqdm(total=total_steps, initial=step, desc="distill", unit="step", dynamic_ncols=True)
-    t_start, tokens_timed = time.perf_counter(), 0
-    last = {"loss": float("nan")}
-    try:
-        while step < total_steps:
-            t0 = time.perf_counter()
-            loss_sum = kd_sum = ce_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                glob = np.stack([next(stream) for _ in range(cfg.batch_size * dist.world)])  # [B*W, T]
-                ids = torch.as_tensor(glob[dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size], device=device)
-                sync = micro == cfg.grad_accum - 1 or dist.world == 1 or cfg.fsdp
-                ctx = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
-                with ctx:
-                    with autocast:
-                        s_logits = model(input_ids=ids).logits[:, :-1]  # [B, T-1, V]
-                    V = s_logits.shape[-1]
-                    s_flat = s_logits.reshape(-1, V).float()  # [N, V]
-                    ce = F.cross_entropy(s_flat, ids[:, 1:].reshape(-1))
-                    if cfg.alpha > 0:
-                        with torch.no_grad(), autocast:
-                            t_logits = teacher(input_ids=ids).logits[:, :-1]  # [B, T-1, V]
-                        kd = kd_fn(s_flat, t_logits.reshape(-1, V).float(), temperature=cfg.temperature, beta=cfg.beta)
-                    else:
-                        kd = torch.zeros((), device=device)
-                    loss = cfg.alpha * kd + (1 - cfg.alpha) * ce
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += float(loss.detach()) / cfg.grad_accum
-                kd_sum += float(kd.detach()) / cfg.grad_accum
-                ce_sum += float(ce.detach()) / cfg.grad_accum
-            loss_all = dist.all_sum(loss_sum) / dist.world
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or float("inf")))
-            if not (math.isfinite(loss_all) and math.isfinite(grad_norm)):
-                ck = _checkpoints(run)
-                where = f"the last good checkpoint is {ck[-1]}" if ck else "no checkpoint was written yet"
-                raise TrainingDiverged(
-                    f"loss became {loss_all} (grad norm {grad_norm}) at step {step + 1}; stopped, {where}; "
-                    "lower --lr or raise --warmup-steps"
-                )
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            seqs_done += seqs_per_step
-            dt = time.perf_counter() - t0
-            tokens_timed += tokens_per_step
-            tps = tokens_per_second(tokens_per_step, dt)
-            last = {"loss": loss_all, "tok_s": tps}
-            rec = dict(event="train", step=step, tokens=step * tokens_per_step, loss=loss_all, kd=kd_sum, ce=ce_sum,
-                       lr=sched.get_last_lr()[0], grad_norm=grad_norm, tok_s=tps)
-            if device.type == "cuda":
-                rec["mfu"] = mfu(tps, train_flops_per_token(n_student, n_teacher if cfg.alpha > 0 else 0), _peak_flops())
-            metrics.write(**rec)
+    # --- the loop --------------------------------------------------------------------------------------------------
+    def train(self) -> DistillResult:
+        cfg, dist = self.cfg, self.dist
+        if self.teacher_val is None:
+            self.teacher_val = score_lm(self.data.teacher, self.data.val, batch_size=cfg.batch_size, device=self.device)
+            tv = self.teacher_val
+            self.metrics.write(event="teacher", step=0, val_nll=tv.nll, val_ppl=tv.ppl, val_top1=tv.top1)
+            self.evaluate()
+        # every process reads the same global order and takes its slice
+        stream = iter(TokenStream(self.data.corpus, self.data.tok, "train", cfg.seq_len, seed=cfg.seed,
+                                  shuffle_buffer=SHUFFLE_BUFFER, loop=True))
+        for _ in range(self.seqs_done):
+            next(stream)
+        bar = None
+        if dist.main and cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step_no, desc="distill", unit="step", dynamic_ncols=True)
+        t_start = time.perf_counter()
+        last = {"loss": float("nan")}
+        try:
+            while self.step_no < self.total_steps:
+                t0 = time.perf_counter()
+                last = self.step(stream)
+                tps = tokens_per_second(self.tokens_per_step, time.perf_counter() - t0)
+                rec = dict(event="train", step=self.step_no, tokens=self.step_no * self.tokens_per_step, **last,
+                           lr=self.sched.get_last_lr()[0], tok_s=tps)
+                if self.device.type == "cuda":
+                    flops = train_flops_per_token(self.n_student, self.n_teacher if cfg.alpha > 0 else 0)
+                    rec["mfu"] = mfu(tps, flops, _peak_flops())
+                self.metrics.write(**rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                    bar.update(1)
+                mid_run = self.step_no < self.total_steps
+                if cfg.eval_every and self.step_no % cfg.eval_every == 0 and mid_run:
+                    self.evaluate()
+                if cfg.ckpt_every and self.step_no % cfg.ckpt_every == 0 and mid_run:
+                    self.save_checkpoint()
+                    dist.barrier()
+        except KeyboardInterrupt:
+            path = self.save_checkpoint()
+            raise Interrupted(f"interrupted at step {self.step_no}; checkpoint {path}; continue with --resume") from None
+        finally:
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_all:.3f}", tok_s=f"{tps:,.0f}")
-                bar.update(1)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                evaluate()
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total_steps:
-                save_checkpoint()
-                dist.barrier()
-    except KeyboardInterrupt:
-        path = save_checkpoint()
-        raise Interrupted(f"interrupted at step {step}; checkpoint {path}; continue with --resume") from None
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.close()
+        return self.finish(last["loss"], time.perf_counter() - t_start)
 
-    val_student = evaluate()
-    wall = time.perf_counter() - t_start
-    manifest: dict[str, Any] = {}
-    final_state = _full_state(student, None, cfg.fsdp and dist.world > 1)[0]  # collective under FSDP
-    if dist.main:
-        with atomic_dir(student_dir, overwrite=True) as tmp:
-            student.save_pretrained(tmp, state_dict=final_state)
-            tok.save_pretrained(tmp)
-            manifest = write_manifest(
-                tmp, "student",
-                source={"teacher": tsrc.spec, "teacher_kind": tsrc.kind, "teacher_sha256": tsrc.sha256, **tsrc.info},
-                data={"corpus": corpus.spec.describe(), "val_frac": corpus.spec.val_frac,
-                      "test_frac": corpus.spec.test_frac, "splits": counts},
-                student={"params": n_student, "teacher_params": n_teacher, "layers": student.config.num_hidden_layers,
-                         "intermediate_size": student.config.intermediate_size, **build_info},
-                training={"steps": step, "tokens_seen": step * tokens_per_step, "world_size": dist.world,
-                          "device": device.type, "final_loss": last["loss"], "wall_s_this_process": round(wall, 1),
-                          "config": cfg.as_dict()},
-                val={"student": val_student.as_dict(), "teacher": teacher_val.as_dict(), "seqs": len(val),
-                     "seq_len": cfg.seq_len},
-            )
-        log.info("student written to %s (val ppl %.3f, teacher %.3f)", student_dir, val_student.ppl, teacher_val.ppl)
-    dist.barrier()
-    return DistillResult(student_dir, run, step, step * tokens_per_step, val_student, teacher_val, manifest)
+    def finish(self, final_loss: float, wall: float) -> DistillResult:
+        """The final evaluation and the student folder with its manifest."""
+        cfg, dist, data, student = self.cfg, self.dist, self.data, self.student
+        val_student = self.evaluate()
+        student_dir = self.run / "student"
+        manifest: dict[str, Any] = {}
+        final_state = _full_state(student, None, self.fsdp)[0]  # collective under FSDP
+        tokens = self.step_no * self.tokens_per_step
+        if dist.main:
+            tsrc = data.source
+            with atomic_dir(student_dir, overwrite=True) as tmp:
+                student.save_pretrained(tmp, state_dict=final_state)
+                data.tok.save_pretrained(tmp)
+                manifest = write_manifest(
+                    tmp, "student",
+                    source={"teacher": tsrc.spec, "teacher_kind": tsrc.kind, "teacher_sha256": tsrc.sha256, **tsrc.info},
+                    data={"corpus": data.corpus.spec.describe(), "val_frac": data.corpus.spec.val_frac,
+                          "test_frac": data.corpus.spec.test_frac, "splits": data.counts},
+                    student={"params": self.n_student, "teacher_params": self.n_teacher,
+                             "layers": student.config.num_hidden_layers,
+                             "intermediate_size": student.config.intermediate_size, **self.build_info},
+                    training={"steps": self.step_no, "tokens_seen": tokens, "world_size": dist.world,
+                              "device": self.device.type, "final_loss": final_loss, "wall_s_this_process": round(wall, 1),
+                              "config": cfg.as_dict()},
+                    val={"student": val_student.as_dict(), "teacher": self.teacher_val.as_dict(),
+                         "seqs": len(data.val), "seq_len": cfg.seq_len},
+                )
+            log.info("student written to %s (val ppl %.3f, teacher %.3f)", student_dir, val_student.ppl,
+                     self.teacher_val.ppl)
+        dist.barrier()
+        return DistillResult(student_dir, self.run, self.step_no, tokens, val_student, self.teacher_val, manifest)
 
 
 def _full_state(student, opt, fsdp: bool) -> tuple[dict, dict | None]:

@@ -3,16 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from edgelm.converters.gguf import (
-    _rope_permute,
-    find_fallbacks,
-    llamacpp_quantize,
-    read_types,
-    write_gguf,
-)
 
-from edgelm.errors import EdgelmError
+from edgelm.converters.gguf import NameMap, find_fallbacks, llamacpp_quantize, read_types, write_gguf
 from edgelm.converters.source import read_source
+from edgelm.errors import EdgelmError
 
 
 def _write(folder, path):
@@ -34,23 +28,22 @@ def _gguf_weights(path) -> dict[str, np.ndarray]:
     ("gptq-int4-g32", {}, "Q4_0"),
     ("gptq-int4-g128", {}, "Q4_0"),  # one scale repeated over 4 blocks
     ("gptq-int8", {}, "Q8_0"),
-    ("int4-g32", {"sym": False}, "Q4_1"),
+    ("int4-g32", {"asym": True}, "Q4_1"),
 ])
 def test_gptq_weights_are_packed_without_rerounding(preset, opts, qtype, quantized, tmp_path):
-    from edgelm.converters.gguf import gguf_name
+    from edgelm.models.archs import get_arch
 
     folder, _ = quantized(preset, **opts)
     src = _write(folder, tmp_path / "m.gguf")
     got = _gguf_weights(tmp_path / "m.gguf")
-    heads = {"attn_q": src.config["num_attention_heads"], "attn_k": src.config["num_key_value_heads"]}
+    arch = get_arch(src.config["model_type"])
+    names = NameMap(arch, src.config["num_hidden_layers"])
     for name, ql in src.qlinears.items():
-        gname = gguf_name(name + ".weight")
+        gname = names(name + ".weight")
         w, t = got[gname]
         assert t == qtype
         ref = ql.dequantize().numpy()  # what PyTorch computes with, [out, in]
-        kind = gname.split(".")[2]
-        if kind in heads:
-            ref = _rope_permute(ref, heads[kind])
+        ref = arch.permute_rows(ref, gname, src.config["num_attention_heads"], src.config["num_key_value_heads"])
         if qtype == "Q4_1":  # d*q + m, with m = -d*z stored in fp16
             np.testing.assert_allclose(w, ref, rtol=0, atol=float(np.abs(ref).max()) * 2**-10)
         else:

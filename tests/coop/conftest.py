@@ -32,12 +32,14 @@ def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = N
 
 
 class FaultProxy:
-    """HTTP proxy to the cloud. ``mode``: pass | 500 | malformed | slow | cut. Counts requests it received."""
+    """HTTP proxy to the cloud. ``mode``: pass | 500 | malformed | slow | slow-first | cut. Counts the requests it
+    received (from many handler threads, so under a lock). "slow-first" stalls only the first request."""
 
     def __init__(self, upstream_port: int) -> None:
         self.mode = "pass"
-        self.delay = 3.0  # seconds, for "slow"
+        self.delay = 3.0  # seconds, for "slow" and "slow-first"
         self.count = 0
+        self._lock = threading.Lock()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -51,13 +53,15 @@ class FaultProxy:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                proxy.count += 1
+                with proxy._lock:
+                    proxy.count += 1
+                    n = proxy.count
                 mode = proxy.mode
                 if mode == "500":
                     return self._send(500, b'{"error": "boom"}')
                 if mode == "malformed":
                     return self._send(200, b'{"choices": [ this is not json')
-                if mode == "slow":
+                if mode == "slow" or mode == "slow-first" and n == 1:
                     time.sleep(proxy.delay)
                 self._forward(body, cut=mode == "cut")
 

@@ -29,17 +29,17 @@ def test_apgr_and_cpt_on_known_orders():
     oracle = summarize(j, "oracle", [x.cloud - x.device for x in j])
     worst = summarize(j, "worst", [x.device - x.cloud for x in j])
     rnd = random_summary(j)
-    assert oracle["pgr"][0] == 0 and oracle["pgr"][-1] == pytest.approx(1.0)
-    assert oracle["apgr"] > rnd["apgr"] > worst["apgr"]
-    assert rnd["apgr"] == pytest.approx(0.5, abs=0.03) and rnd["cpt80"] == pytest.approx(0.8, abs=0.1)
-    assert oracle["cpt80"] < 0.8 and oracle["cpt50"] < oracle["cpt80"]
+    assert oracle.pgr[0] == 0 and oracle.pgr[-1] == pytest.approx(1.0)
+    assert oracle.apgr > rnd.apgr > worst.apgr
+    assert rnd.apgr == pytest.approx(0.5, abs=0.03) and rnd.cpt80 == pytest.approx(0.8, abs=0.1)
+    assert oracle.cpt80 < 0.8 and oracle.cpt50 < oracle.cpt80
     # CPT is the first share at which the recovered gap reaches the target
-    k = next(i for i, p in enumerate(oracle["pgr"]) if p >= 0.8)
-    assert oracle["cpt80"] == oracle["shares"][k]
+    k = next(i for i, p in enumerate(oracle.pgr) if p >= 0.8)
+    assert oracle.cpt80 == oracle.shares[k]
     # the bootstrap interval holds the figure
     lo, hi = bootstrap_cpt80(j, [x.cloud - x.device for x in j], samples=200)
     rlo, rhi = bootstrap_cpt80(j, np.random.default_rng(1).random(len(j)), samples=200)
-    assert lo <= oracle["cpt80"] <= hi < rlo <= rhi  # the oracle's interval lies below a random order's
+    assert lo <= oracle.cpt80 <= hi < rlo <= rhi  # the oracle's interval lies below a random order's
 
 
 def test_no_gap_is_a_clear_error():

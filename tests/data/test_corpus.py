@@ -134,3 +134,21 @@ def test_eval_sequences_spread_over_documents(tmp_path, tok):
     # pass 0: the first window of each document; pass 1 starts again with the first document
     expected = [d[:8] for d in ids] + [ids[0][8:16], ids[1][8:16]]
     assert seqs.tolist() == expected
+
+
+def test_a_single_path_is_one_source_everywhere(tiny_corpus):
+    """A str or Path is one source, not a tuple of its characters: CorpusSpec normalises what every caller passes."""
+    from edgelm.bench.worker import prompt_ids
+    from edgelm.coop.data import function_queries
+    from edgelm.data.corpus import CorpusSpec, as_sources
+
+    assert CorpusSpec(str(tiny_corpus)).sources == (str(tiny_corpus),)
+    assert CorpusSpec(tiny_corpus).sources == (str(tiny_corpus),)
+    assert as_sources([tiny_corpus, "x.py"]) == (str(tiny_corpus), "x.py") and as_sources(None) == ()
+    as_str = function_queries(str(tiny_corpus), "train", 4)
+    assert len(as_str) == 4 and as_str == function_queries((str(tiny_corpus),), "train", 4)
+
+    class Chars:  # what the bench worker needs of a runtime: encode
+        encode = staticmethod(lambda text: list(text.encode()))
+
+    assert prompt_ids(Chars, str(tiny_corpus), "train", 16) == prompt_ids(Chars, (str(tiny_corpus),), "train", 16)
