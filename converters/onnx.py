@@ -21,10 +21,11 @@ log = logging.getLogger(__name__)
 def build_onnx(src: Path, out: Path, precision: str, work: Path, extra: dict[str, Any] | None = None) -> list[str]:
     """Run the builder in a child process (it prints a lot and holds the model twice); raise with its last line.
     Returns notes on where the artifact differs from the HF model (a context capped by its arch)."""
-    from edgelm.models.loader import check_arch, read_config
+    from edgelm.models.archs import get_arch
+    from edgelm.models.loader import read_config
 
     cfg = read_config(src)
-    context, note = check_arch(src).export_context(cfg)
+    context, note = get_arch(cfg.get("model_type"), str(src)).export_context(cfg)
     if note:
         extra = {**(extra or {}), "windowed_kv_cache": "false"}  # the cache holds the (capped) context plainly
     log_path = work / "onnx_builder.log"

@@ -87,11 +87,12 @@ class SourceWeights:
 
 def read_source(folder: str | Path) -> SourceWeights:
     """Index an HF folder's tensors; a GPTQ-format folder keeps its codes (loaded, at 1 byte per weight)."""
-    from edgelm.models.loader import check_arch, read_config
+    from edgelm.models.archs import get_arch
+    from edgelm.models.loader import read_config
 
     folder = Path(folder)
     cfg = read_config(folder)
-    check_arch(folder)
+    get_arch(cfg.get("model_type"), str(folder))
     quant = cfg.pop("quantization_config", None) or {}
     if quant:
         from edgelm.models.qformat import read_quantized

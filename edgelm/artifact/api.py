@@ -42,15 +42,14 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
     from edgelm.fsutil import atomic_dir
     from edgelm.manifest import read_manifest, write_manifest
     from edgelm.models.loader import check_arch, resolve
-    from edgelm.quant.api import quantize_to_folder, resolve_preset
+    from edgelm.quant.api import quantize_to_folder
     from edgelm.registry import TARGETS
 
     c = replace(config, **kwargs) if config is not None else ExportConfig(**kwargs)
     if not c.model or not c.out:
         raise EdgelmError("export needs a model and --out")
     target = TARGETS.get(c.target)
-    preset = resolve_preset(c.quant, act_order=c.act_order or None, sym=False if c.asym else None, damp=c.damp,
-                            mse=c.mse)
+    preset = c.preset()
     if c.target not in preset.targets:
         ok = [n for n, p in _presets() if c.target in p.targets]
         raise EdgelmError(f"preset {preset.name} cannot be exported to {c.target}; presets for {c.target}: {', '.join(ok)}")

@@ -10,7 +10,7 @@ from typing import Any
 
 from edgelm.errors import EdgelmError
 from edgelm.quant.config import QuantizeConfig
-from edgelm.quant.presets import QuantPreset, get_preset
+from edgelm.quant.presets import QuantPreset
 
 log = logging.getLogger(__name__)
 MIN_CALIB_SAMPLES = 4
@@ -22,11 +22,6 @@ class QuantizeResult:
     preset: QuantPreset  # what was applied
     quality: dict[str, Any] = field(default_factory=dict)  # ppl/KLD/top-1 against the fp32 source on val
     seconds: float = 0.0  # wall time of quantization itself
-
-
-def resolve_preset(quant: str | QuantPreset, **opts: Any) -> QuantPreset:
-    preset = quant if isinstance(quant, QuantPreset) else get_preset(quant)
-    return preset.with_options(**opts)
 
 
 def calibration_set(source_tok, data: tuple[str, ...], text_field: str, samples: int, seqlen: int, seed: int):
@@ -117,8 +112,7 @@ def quantize(config: QuantizeConfig | None = None, /, **kwargs: Any) -> Quantize
     c = replace(config, **kwargs) if config is not None else QuantizeConfig(**kwargs)
     if not c.model or not c.out:
         raise EdgelmError("quantize needs a model and --out")
-    preset = resolve_preset(c.quant, act_order=c.act_order or None, sym=False if c.asym else None, damp=c.damp,
-                            mse=c.mse)
+    preset = c.preset()
     t0 = time.perf_counter()
     with atomic_dir(c.out, overwrite=c.force) as tmp:
         fields = quantize_to_folder(c.model, preset, tmp, data=c.data, text_field=c.text_field,

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgelm.quant.presets import QuantPreset
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,13 @@ class QuantizeConfig:
         for k in ("model", "out"):
             object.__setattr__(self, k, os.fspath(getattr(self, k)))
         object.__setattr__(self, "data", as_sources(self.data))
+
+    def preset(self) -> "QuantPreset":
+        """The named preset with this config's GPTQ/RTN options applied (the name records them)."""
+        from edgelm.quant.presets import get_preset
+
+        return get_preset(self.quant).with_options(act_order=self.act_order or None, sym=False if self.asym else None,
+                                                   damp=self.damp, mse=self.mse)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
