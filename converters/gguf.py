@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 # ("x  +  1"); llama.cpp's "smollm", which the shipped SmolLM2 GGUF uses, does not.
 BYTELEVEL_PRE = "gpt-2"
 SPLIT_REGEX_PRE: dict[str, str] = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",  # Llama 3.x (tiktoken's cl100k split)
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "qwen2",
+        "qwen2",  # Qwen2, Qwen2.5 (digits one at a time)
 }
 
 # Weight-only checkpoint (bits, symmetric) -> the GGUF block type that holds its values exactly.

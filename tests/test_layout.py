@@ -88,3 +88,11 @@ def test_imports_point_down_the_pipeline(path):
         elif there[0] == here[0] and frozenset({here[1], there[1]}) in SIBLINGS and here[1] != there[1]:
             bad.append(f"line {line}: {here[1]} imports its sibling {target}")
     assert not bad, "; ".join(bad)
+
+
+def test_no_import_path_tricks():
+    """Benchmarks and child processes import the installed package: no sys.path edits, no PYTHONPATH set."""
+    files = sources() + sorted((ROOT / "benchmarks").glob("*.py"))
+    bad = [str(p.relative_to(ROOT)) for p in files
+           if "sys.path.insert" in p.read_text(encoding="utf-8") or '"PYTHONPATH"' in p.read_text(encoding="utf-8")]
+    assert not bad, bad

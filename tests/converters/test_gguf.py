@@ -94,3 +94,40 @@ def test_truncated_gguf_is_a_clear_error(tiny_q_model, tmp_path):
         read_types(p)
     with pytest.raises(EdgelmError, match="corrupt or truncated"):
         LlamaCppRuntime(p)
+
+
+def test_llama3_split_regex_tokenizes_like_hf(tmp_path, tiny_corpus):
+    """A byte-level BPE behind Llama 3's split regex (as Meta's tokenizer.json has it) is written with llama.cpp's
+    `llama-bpe` pre-tokenizer, and llama.cpp then splits and merges exactly as HF does."""
+    import gguf
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from edgelm.converters.gguf import SPLIT_REGEX_PRE
+    from edgelm.runtimes.llamacpp import LlamaCppRuntime
+    from tests.conftest import make_tiny_llama
+
+    llama3 = next(r for r, name in SPLIT_REGEX_PRE.items() if name == "llama-bpe")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(llama3), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(p) for p in sorted(tiny_corpus.glob("*.py"))[:40]],
+              trainers.BpeTrainer(vocab_size=600, special_tokens=["<|end_of_text|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end_of_text|>").save_pretrained(tmp_path / "tok")
+    folder = make_tiny_llama(tmp_path / "m", tmp_path / "tok", layers=1, hidden=64, inter=128, vocab=640)
+    hf = AutoTokenizer.from_pretrained(folder)
+    _write(folder, tmp_path / "m.gguf")
+    pre = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["tokenizer.ggml.pre"]
+    assert bytes(pre.parts[-1]).decode() == "llama-bpe"
+    rt = LlamaCppRuntime(tmp_path / "m.gguf", context=512)
+    texts = [p.read_text(encoding="utf-8")[:3000] for p in sorted(tiny_corpus.glob("*.py"))[-6:]]
+    texts += ["x  +  1\n\n\n    return  a\t\tb", "12345678 3.14159 1,000,000", "naïve café ½ Ⅻ 🙂 日本語",
+              "it's we'll I'M they'VE", "   leading\r\n\r\ntrailing   "]
+    try:
+        for t in texts:
+            assert rt.native_tokenize(t) == hf.encode(t, add_special_tokens=False), repr(t[:80])
+    finally:
+        rt.close()
