@@ -81,11 +81,9 @@ class NameMap:
         return found[1]
 
 
-def _pre_tokenizer(tokenizer) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenizer, or a one-line error saying which ones GGUF export takes."""
-    import json
-
-    tj = json.loads(tokenizer.backend_tokenizer.to_str())
+def _pre_tokenizer(tj: dict[str, Any]) -> str:
+    """llama.cpp's name for a byte-level BPE's pre-tokenizer (tokenizer.json as a dict), or a one-line error saying
+    which ones GGUF export takes."""
     pre = tj.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in steps]
@@ -96,39 +94,70 @@ def _pre_tokenizer(tokenizer) -> str:
         name = SPLIT_REGEX_PRE.get((steps[0].get("pattern") or {}).get("Regex", ""))
     if tj.get("model", {}).get("type") != "BPE" or name is None:
         raise EdgelmError(f"GGUF export takes byte-level BPE tokenizers that llama.cpp splits the same way (GPT-2's "
-                          f"ByteLevel, or the Split regexes of {', '.join(sorted(SPLIT_REGEX_PRE.values()))}); this one "
-                          f"is {tj.get('model', {}).get('type')} with pre-tokenizers {kinds}")
+                          f"ByteLevel, or the Split regexes of {', '.join(sorted(SPLIT_REGEX_PRE.values()))}) and "
+                          f"SentencePiece BPE ones; this one is {tj.get('model', {}).get('type')} with pre-tokenizers "
+                          f"{kinds}")
     return name
 
 
+def is_sentencepiece_bpe(tj: dict[str, Any]) -> bool:
+    """A SentencePiece BPE converted to HF (Llama 2, Mistral 7B, TinyLlama): byte fallback, spaces as "▁"."""
+    import json
+
+    model = tj.get("model") or {}
+    return (model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+            and "\u2581" in json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer")], ensure_ascii=False))
+
+
 def add_tokenizer(writer, tokenizer, folder: Path, n_vocab: int) -> None:
-    """Token list of the model's vocab size; rows past the tokenizer's (padding) become UNUSED [PADi] tokens."""
+    """The HF tokenizer as llama.cpp's "gpt2" (byte-level BPE: tokens, merges, pre-tokenizer) or "llama"
+    (SentencePiece BPE: tokens, scores, byte tokens) vocabulary, with special ids and the chat template. The token
+    list has the model's vocab size; rows past the tokenizer's (padding) become UNUSED [PADi] tokens."""
+    import json
+    import re
+
     import gguf
 
     if n_vocab < len(tokenizer):
         raise EdgelmError(f"the tokenizer has {len(tokenizer)} tokens but the model only {n_vocab} embedding rows")
+    tj = json.loads(tokenizer.backend_tokenizer.to_str())
+    spm = is_sentencepiece_bpe(tj)
     vocab = tokenizer.get_vocab()
     rev = {i: t for t, i in vocab.items()}
     added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
+    T = gguf.TokenType
     tokens, types = [], []
     for i in range(n_vocab):
         t = rev.get(i, f"[PAD{i}]")
         tokens.append(t)
-        if t in added:
-            types.append(gguf.TokenType.CONTROL if added[t].special else gguf.TokenType.USER_DEFINED)
+        if spm and t == tokenizer.unk_token:
+            types.append(T.UNKNOWN)
+        elif t in added:
+            types.append(T.CONTROL if added[t].special else T.USER_DEFINED)
+        elif i not in rev:
+            types.append(T.UNUSED)
+        elif spm and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t):
+            types.append(T.BYTE)
         else:
-            types.append(gguf.TokenType.NORMAL if i in rev else gguf.TokenType.UNUSED)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(tokenizer))
+            types.append(T.NORMAL)
+    if spm:
+        # llama.cpp merges the adjacent pair whose result scores highest; a converted SentencePiece vocab is sorted by
+        # score, so the negated id orders merges as the original scores did
+        writer.add_tokenizer_model("llama")
+        writer.add_token_scores([-float(i) if ty == T.NORMAL else 0.0 for i, ty in enumerate(types)])
+        first = tokenizer.convert_ids_to_tokens(tokenizer.encode("a", add_special_tokens=False))[:1]
+        writer.add_add_space_prefix(bool(first) and first[0].startswith("\u2581"))
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_pre_tokenizer(tj))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=n_vocab)
-    if not special.merges:
+    special = gguf.SpecialVocab(folder, load_merges=not spm, n_vocab=n_vocab)
+    if not spm and not special.merges:
         raise EdgelmError(f"{folder}: the tokenizer has no BPE merges; GGUF needs them")
-    special.add_to_gguf(writer, quiet=True)
     bos = tokenizer.bos_token_id
-    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-    writer.add_add_bos_token(adds_bos)  # SpecialVocab has added merges, special ids and the chat template
+    special.add_special_token["bos"] = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]  # what HF does
+    special.add_to_gguf(writer, quiet=True)  # merges, special ids, add_bos/eos, the chat template
 
 
 def add_hparams(writer, cfg: dict[str, Any], arch: "Arch", name: str, file_type: int) -> list[str]:

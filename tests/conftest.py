@@ -62,6 +62,39 @@ def tiny_tokenizer_dir(tmp_path_factory, tiny_corpus) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def sentencepiece_tokenizer_dir(tmp_path_factory, tiny_corpus) -> Path:
+    """A SentencePiece BPE with byte fallback (as Llama 2 and Mistral 7B ship), trained by sentencepiece on the tiny
+    corpus, written as the HF tokenizer.json those models have: the vocab in piece order, merges ranked by the piece
+    they make, "▁" for spaces (legacy normalizer), BOS added. Its tokens equal sentencepiece's own (tested)."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("spm")
+    text = out / "train.txt"
+    text.write_text("\n".join(p.read_text(encoding="utf-8") for p in sorted(tiny_corpus.glob("*.py"))[:80]))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(out / "spm"), vocab_size=600, model_type="bpe",
+                                   byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+                                   normalization_rule_name="identity", max_sentence_length=1 << 20, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = sorted((pid, vocab[p[:k]], vocab[p[k:]], p[:k], p[k:]) for p, pid in vocab.items()
+                    if sp.is_unknown(pid) + sp.is_control(pid) + sp.is_byte(pid) == 0
+                    for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token="<unk>", fuse_unk=True,
+                               byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    folder = out / "hf"
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
+    (folder / "spm.model").write_bytes((out / "spm.model").read_bytes())  # for the test that compares the two
+    return folder
+
+
 def make_tiny_llama(out: Path, tokenizer_dir: Path, *, layers: int = 4, hidden: int = 64, inter: int = 256,
                     seed: int = 0, heads: int = 4, kv_heads: int = 2, vocab: int | None = None) -> Path:
     import torch

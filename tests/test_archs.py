@@ -18,13 +18,16 @@ from .conftest import CALIB
 ARCH_EXTRAS = {
     "mistral": {"sliding_window": 96},  # below max_position_embeddings: GGUF caps its context, ONNX applies it
 }
+# The tokenizer each arch's tiny model gets, as its real models ship: Mistral 7B a SentencePiece BPE with byte
+# fallback; Qwen2's tokenizer class brings its own split regex to the byte-level BPE; the rest a GPT-2 ByteLevel BPE.
+ARCH_TOKENIZER = {"mistral": "sentencepiece_tokenizer_dir"}
 CHECK = dict(eval_seqs=4, eval_seqlen=64, prompts=2, new_tokens=8)
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
 NEW = 12
 
 
 def test_extras_name_registered_archs():
-    assert set(ARCH_EXTRAS) <= set(ARCHS.names())
+    assert set(ARCH_EXTRAS) | set(ARCH_TOKENIZER) <= set(ARCHS.names())
 
 
 def make_tiny(arch: str, out: Path, tokenizer_dir: Path) -> Path:
@@ -43,13 +46,13 @@ def make_tiny(arch: str, out: Path, tokenizer_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module", params=ARCHS.names())
-def arch_run(request, tmp_path_factory, tiny_tokenizer_dir, tiny_corpus):
+def arch_run(request, tmp_path_factory, tiny_corpus):
     """{"arch", "model": CE-trained tiny model (distilled as a student), "student": KD-distilled from it}."""
     from edgelm.distill.api import distill
 
     arch = request.param
     root = tmp_path_factory.mktemp(f"arch-{arch}")
-    base = make_tiny(arch, root / "init", tiny_tokenizer_dir)
+    base = make_tiny(arch, root / "init", request.getfixturevalue(ARCH_TOKENIZER.get(arch, "tiny_tokenizer_dir")))
     # as a student: continue training the random model on CE (alpha 0), so quantization error shows in perplexity
     trained = distill(teacher=str(base), student=str(base), alpha=0.0, data=tiny_corpus, seq_len=64, batch_size=8,
                       max_steps=80, lr=2e-3, warmup_steps=10, eval_every=0, ckpt_every=0, out=str(root / "ce"),

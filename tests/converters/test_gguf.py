@@ -123,11 +123,52 @@ def test_llama3_split_regex_tokenizes_like_hf(tmp_path, tiny_corpus):
     pre = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["tokenizer.ggml.pre"]
     assert bytes(pre.parts[-1]).decode() == "llama-bpe"
     rt = LlamaCppRuntime(tmp_path / "m.gguf", context=512)
-    texts = [p.read_text(encoding="utf-8")[:3000] for p in sorted(tiny_corpus.glob("*.py"))[-6:]]
-    texts += ["x  +  1\n\n\n    return  a\t\tb", "12345678 3.14159 1,000,000", "naïve café ½ Ⅻ 🙂 日本語",
-              "it's we'll I'M they'VE", "   leading\r\n\r\ntrailing   "]
     try:
-        for t in texts:
+        for t in _texts(tiny_corpus):
             assert rt.native_tokenize(t) == hf.encode(t, add_special_tokens=False), repr(t[:80])
     finally:
         rt.close()
+
+
+def test_sentencepiece_tokenizer_equals_sentencepiece(sentencepiece_tokenizer_dir, tiny_corpus):
+    """The fixture's HF tokenizer is a faithful SentencePiece BPE: its ids equal sentencepiece's on code and text."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(sentencepiece_tokenizer_dir / "spm.model"))
+    hf = AutoTokenizer.from_pretrained(sentencepiece_tokenizer_dir)
+    for t in _texts(tiny_corpus):
+        assert hf.encode(t, add_special_tokens=False) == sp.encode(t), repr(t[:80])
+    assert hf.encode("a")[0] == hf.bos_token_id  # adds BOS, as Llama 2 and Mistral 7B do
+
+
+def test_sentencepiece_bpe_is_llamas_vocab_and_tokenizes_like_hf(sentencepiece_tokenizer_dir, tiny_corpus, tmp_path):
+    """A SentencePiece BPE goes to llama.cpp's "llama" vocabulary (scores, byte tokens, space prefix), and llama.cpp
+    then tokenizes exactly as HF does, BOS included."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from edgelm.runtimes.llamacpp import LlamaCppRuntime
+    from tests.conftest import make_tiny_llama
+
+    folder = make_tiny_llama(tmp_path / "m", sentencepiece_tokenizer_dir, layers=1, hidden=64, inter=128, vocab=640)
+    hf = AutoTokenizer.from_pretrained(folder)
+    _write(folder, tmp_path / "m.gguf")
+    fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
+    types = [int(fields["tokenizer.ggml.token_type"].parts[i][0]) for i in fields["tokenizer.ggml.token_type"].data]
+    assert types.count(int(gguf.TokenType.BYTE)) == 256 and types[0] == int(gguf.TokenType.UNKNOWN)
+    rt = LlamaCppRuntime(tmp_path / "m.gguf", context=512)
+    try:
+        for t in _texts(tiny_corpus):
+            assert rt.native_tokenize(t) == hf.encode(t, add_special_tokens=False), repr(t[:80])
+        assert rt.llm.tokenize(b"def f():", add_bos=True) == hf.encode("def f():")  # BOS, as HF adds it
+    finally:
+        rt.close()
+
+
+def _texts(tiny_corpus) -> list[str]:
+    """Code from the corpus, and text that exercises whitespace runs, digits, bytes outside the vocab and CRLF."""
+    return [p.read_text(encoding="utf-8")[:3000] for p in sorted(tiny_corpus.glob("*.py"))[-6:]] + [
+        "x  +  1\n\n\n    return  a\t\tb", "12345678 3.14159 1,000,000", "naïve café ½ Ⅻ 🙂 日本語",
+        "it's we'll I'M they'VE", "   leading\r\n\r\ntrailing   ", "a"]
