@@ -31,7 +31,10 @@ class LocalCloud:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
-                 str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(threads)],
+                 str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
+                 # a cloud serves each client to the end: by default this server cuts a stream short when another
+                 # request arrives, which a real cloud never does to its clients
+                 "--interrupt_requests", "False"],
                 stdout=self._log_file, stderr=subprocess.STDOUT)
         except BaseException:
             self._log_file.close()

@@ -1,7 +1,9 @@
-"""LocalCloud closes its server log on every path (a server that fails to start included)."""
+"""LocalCloud: a cloud on loopback that serves overlapping requests to the end, and closes its log on every path."""
 from __future__ import annotations
 
 import gc
+import threading
+import time
 import warnings
 
 import pytest
@@ -29,3 +31,28 @@ def test_stop_closes_the_log(artifacts, tmp_path):
         del cloud
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_overlapping_streams_each_run_to_the_end(artifacts, tmp_path):
+    """llama-cpp-python's server cuts a stream short when another request arrives, unless told not to; a cloud must
+    serve every client in full (a cut stream once made a cooperative-runtime test fail at random)."""
+    from edgelm.coop.cloud import CloudClient, CloudConfig
+
+    payload = {"messages": [{"role": "user", "content": "def add(a, b):"}], "max_tokens": 96, "min_tokens": 96,
+               "temperature": 0}
+    with LocalCloud(artifacts["llamacpp"] / "model.gguf", tmp_path / "server.log", n_ctx=512) as cloud:
+        client = CloudClient(CloudConfig(url=cloud.url, read_timeout=60))
+        solo = "".join(client.stream("chat/completions", payload, time.monotonic() + 60))
+        got: dict[str, str] = {}
+
+        def ask(key: str, delay: float) -> None:
+            time.sleep(delay)
+            got[key] = "".join(client.stream("chat/completions", payload, time.monotonic() + 60))
+
+        threads = [threading.Thread(target=ask, args=(k, d)) for k, d in (("first", 0.0), ("second", 0.05))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        client.close()
+    assert len(solo) > 20 and got == {"first": solo, "second": solo}

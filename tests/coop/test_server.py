@@ -49,6 +49,7 @@ def test_openai_client_chat_and_stream(served, cloud, proxy, device):
 
     client = OpenAI(base_url=f"{served.url}/v1", api_key="unused")
     msgs = [{"role": "user", "content": "def add(a, b):"}]
+    direct_chat(cloud.url, msgs, 12)  # the server's cache holds this prompt for both requests (see direct_chat)
     r = client.chat.completions.create(model="edgelm", messages=msgs, max_tokens=12, temperature=0)
     meta = r.model_extra["edgelm"]
     assert meta["routed_to"] == "cloud" and meta["fallback_reason"] is None and meta["cloud_latency_s"] > 0
