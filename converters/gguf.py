@@ -196,7 +196,8 @@ def pack_exact(ql: "QLinear", qtype: str, permute: Callable[["np.ndarray"], "np.
     out_f, in_f = ql.shape
     block = block_size(qtype)[0]
     if gs is None or gs % block or in_f % block:
-        raise EdgelmError(f"a {out_f}x{in_f} weight with group size {gs} does not map onto {block}-element {qtype} blocks "
+        raise EdgelmError(f"a {out_f}x{in_f} weight with group size {gs} does not map onto {block}-element {qtype} "
+                          "blocks "
                           "(act-order without static groups, or a group size not a multiple of 32); "
                           "re-quantize with --act-order off, or export ONNX")
     codes = ql.codes.numpy().astype(np.int16)  # [out, in]
@@ -266,7 +267,8 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
             if hf.endswith("rotary_emb.inv_freq"):
                 continue
             raise EdgelmError(f"tensor {hf!r} has no name in llama.cpp's {names_of.gguf_arch_name} architecture "
-                              f"(gguf-py's tensor map); this {arch.name} checkpoint has a tensor llama.cpp would not read")
+                              f"(gguf-py's tensor map); this {arch.name} checkpoint has a tensor llama.cpp would "
+                              "not read")
 
         def permute(a, gname=gname):
             return arch.permute_rows(a, gname, n_head, n_kv)

@@ -338,10 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_dataclass_args(a, RouteConfig)
         a.set_defaults(func=cmd_route)
 
-    ls = sub.add_parser("list", help="list architectures, built-in teachers, student shapes, KD losses, quant presets, targets, runtimes and routers")
-    ls.add_argument("what", nargs="?", default="all", choices=["all", "archs", "teachers", "students", "losses", "quants",
-                                                                "targets",
-                                                                "runtimes", "routers"])
+    ls = sub.add_parser("list", help="list architectures, built-in teachers, student shapes, KD losses, quant presets, "
+                                     "targets, runtimes and routers")
+    ls.add_argument("what", nargs="?", default="all", choices=["all", "archs", "teachers", "students", "losses",
+                                                                "quants", "targets", "runtimes", "routers"])
     ls.set_defaults(func=cmd_list)
     return p
 

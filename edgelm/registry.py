@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 from importlib.metadata import entry_points
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Generic, Iterator, TypeVar
 
 from edgelm.errors import EdgelmError, UnknownNameError
 
@@ -44,7 +44,8 @@ class Registry(Generic[T]):
 
     def __init__(self, kind: str, builtins: str | tuple[str, ...] = ()) -> None:
         self.kind = kind  # shown in errors, e.g. "KD loss"
-        self.builtins = (builtins,) if isinstance(builtins, str) else tuple(builtins)  # modules that register built-ins
+        # modules that register the built-ins when first imported
+        self.builtins = (builtins,) if isinstance(builtins, str) else tuple(builtins)
         self._pending = list(self.builtins)  # not imported yet
         self._items: dict[str, T] = {}
 

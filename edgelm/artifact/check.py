@@ -7,7 +7,7 @@ fail threshold per preset.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 from edgelm.errors import EdgelmError
 

@@ -102,7 +102,8 @@ def export_suite(model: str, plan: Sequence[tuple[str, str]], out_root: str | Pa
 def gguf_file_row(path: str | Path, ref_model: str, label: str, preset: str, *, data: tuple[str, ...] = (),
                   eval_seqs: int = 32, eval_seqlen: int = 256, threads: int = 1) -> ArtifactRow:
     """A row for a GGUF file made elsewhere (e.g. the teacher's GGUF as shipped), measured like our artifacts."""
-    from edgelm.converters.gguf import block_size, read_types
+    from edgelm.converters.gguf import read_types
+    from edgelm.quant.presets import llamacpp_bpw
     from edgelm.quant.quality import quality_vs_reference
     from edgelm.registry import RUNTIMES, TARGETS
 
@@ -114,5 +115,5 @@ def gguf_file_row(path: str | Path, ref_model: str, label: str, preset: str, *, 
     rt.close()
     main = max(set(types), key=types.count)
     return ArtifactRow(label, preset, "gguf (shipped)", str(path), path.stat().st_size / 2**20,
-                       8 * block_size(main)[1] / block_size(main)[0], q.ppl, q.ppl_ref, q.kld,
+                       llamacpp_bpw(main), q.ppl, q.ppl_ref, q.kld,
                        q.top1_agree, 0, time.perf_counter() - t0)

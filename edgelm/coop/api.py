@@ -57,7 +57,8 @@ def build_runtime(config: ServeConfig | None = None, **kwargs: Any):
                 state.calibration["data"] = list(c.data) or "stdlib"
             if c.router_file:
                 state.save(c.router_file)
-        log.info("router %s, threshold %s (calibration: %s)", state.router, f"{state.threshold:.4g}", state.calibration)
+        log.info("router %s, threshold %s (calibration: %s)", state.router, f"{state.threshold:.4g}",
+                 state.calibration)
         coop = CooperativeRuntime(device, cloud, router, threshold=state.threshold, deadline=c.deadline,
                                   max_queue=c.max_queue)
         stack.pop_all()  # the cooperative runtime owns them now: coop.close()

@@ -1,7 +1,8 @@
 """`edgelm serve`: an OpenAI-compatible server (FastAPI + uvicorn) over a CooperativeRuntime.
 
 POST /v1/chat/completions and /v1/completions (``"stream": true`` for server-sent events), GET /v1/models, /health
-and /metrics (Prometheus text, from prometheus_client). Request bodies are pydantic models. Each response carries an ``edgelm`` object: routed_to, router score, threshold,
+and /metrics (Prometheus text, from prometheus_client). Request bodies are pydantic models. Each response carries
+an ``edgelm`` object: routed_to, router score, threshold,
 device and cloud latency, fallback reason. A request is private when its body has ``"edgelm": {"private": true}`` or
 the header ``X-Edgelm-Private: 1``, or when the privacy guard flags its text.
 """
@@ -33,6 +34,7 @@ class BadRequest(Exception):
 
 
 Number = Union[StrictInt, StrictFloat]  # JSON numbers; true/false and strings are refused
+Word = Annotated[StrictStr, Field(min_length=1)]  # a non-empty string
 
 
 class Message(BaseModel):
@@ -52,7 +54,7 @@ class _Body(BaseModel):
     top_k: Optional[Number] = None
     seed: Optional[Number] = None
     repetition_penalty: Optional[Number] = None
-    stop: Optional[Union[Annotated[StrictStr, Field(min_length=1)], list[Annotated[StrictStr, Field(min_length=1)]]]] = None
+    stop: Optional[Union[Word, list[Word]]] = None
     stream: StrictBool = False
     edgelm: Optional[dict[str, Any]] = None  # {"private": true}
 

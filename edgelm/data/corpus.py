@@ -41,7 +41,7 @@ def as_sources(data: "str | os.PathLike | Iterable[str | os.PathLike] | None") -
 
 @dataclass(frozen=True)
 class CorpusSpec:
-    sources: tuple[str, ...] = ()  # files, folders, globs, .jsonl (one path is taken as one); empty = the stdlib source
+    sources: tuple[str, ...] = ()  # files, folders, globs, .jsonl (a single path is one); empty = the stdlib source
     text_field: str = "text"  # field holding the text in .jsonl records
     extensions: tuple[str, ...] = (".py", ".txt", ".md", ".rst", ".jsonl")  # files taken from folders
     val_frac: float = 0.05  # share of documents in the val split

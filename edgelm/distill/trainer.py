@@ -204,7 +204,8 @@ class _Data:
             raise EdgelmError(f"--seq-len must be at most the teacher's context {max_pos}, got {cfg.seq_len}")
         val = eval_sequences(corpus, tok, "val", cfg.seq_len, cfg.eval_seqs)  # [N, T]
         if len(val) == 0:
-            raise EdgelmError(f"the val split has less than one {cfg.seq_len}-token sequence; add data or lower --seq-len")
+            raise EdgelmError(f"the val split has less than one {cfg.seq_len}-token sequence; add data or lower "
+                              "--seq-len")
         counts = state["split_stats"] if state is not None else {}
         if dist.main and state is None:
             counts = split_stats(corpus, tok)
@@ -427,7 +428,8 @@ class _Trainer:
                     dist.barrier()
         except KeyboardInterrupt:
             path = self.save_checkpoint()
-            raise Interrupted(f"interrupted at step {self.step_no}; checkpoint {path}; continue with --resume") from None
+            raise Interrupted(f"interrupted at step {self.step_no}; checkpoint {path}; "
+                              "continue with --resume") from None
         finally:
             if bar is not None:
                 bar.close()
@@ -448,15 +450,16 @@ class _Trainer:
                 data.tok.save_pretrained(tmp)
                 manifest = write_manifest(
                     tmp, "student",
-                    source={"teacher": tsrc.spec, "teacher_kind": tsrc.kind, "teacher_sha256": tsrc.sha256, **tsrc.info},
+                    source={"teacher": tsrc.spec, "teacher_kind": tsrc.kind, "teacher_sha256": tsrc.sha256,
+                            **tsrc.info},
                     data={"corpus": data.corpus.spec.describe(), "val_frac": data.corpus.spec.val_frac,
                           "test_frac": data.corpus.spec.test_frac, "splits": data.counts},
                     student={"params": self.n_student, "teacher_params": self.n_teacher,
                              "layers": student.config.num_hidden_layers,
                              "intermediate_size": student.config.intermediate_size, **self.build_info},
                     training={"steps": self.step_no, "tokens_seen": tokens, "world_size": dist.world,
-                              "device": self.device.type, "final_loss": final_loss, "wall_s_this_process": round(wall, 1),
-                              "config": cfg.as_dict()},
+                              "device": self.device.type, "final_loss": final_loss,
+                              "wall_s_this_process": round(wall, 1), "config": cfg.as_dict()},
                     val={"student": val_student.as_dict(), "teacher": self.teacher_val.as_dict(),
                          "seqs": len(data.val), "seq_len": cfg.seq_len},
                 )

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class Arch:
     name: str  # HF model_type, e.g. "qwen2"
     gguf_arch: str  # llama.cpp's architecture (a gguf.MODEL_ARCH member name, e.g. "LLAMA")
-    rope_permute: bool  # GGUF: llama.cpp rotates interleaved pairs for this arch, so q/k rows are permuted from HF's halves
+    rope_permute: bool  # GGUF: llama.cpp rotates interleaved pairs here, so q/k rows are permuted from HF's halves
     description: str  # one line for `edgelm list archs`
 
     def export_context(self, cfg: dict[str, Any]) -> tuple[int, str | None]:
@@ -59,7 +59,8 @@ class SlidingWindowArch(Arch):
 
 for _arch in (
     Arch("llama", "LLAMA", True, "Llama 2/3.x, SmolLM2, TinyLlama"),
-    SlidingWindowArch("mistral", "LLAMA", True, "Mistral 7B and its fine-tunes (a sliding window caps the exported context)"),
+    SlidingWindowArch("mistral", "LLAMA", True,
+                      "Mistral 7B and its fine-tunes (a sliding window caps the exported context)"),
     Arch("qwen2", "QWEN2", False, "Qwen2 and Qwen2.5 (q/k/v biases)"),
 ):
     ARCHS.register(_arch)

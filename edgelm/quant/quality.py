@@ -13,7 +13,8 @@ def val_sequences(tokenizer, data: tuple[str, ...], text_field: str, n: int, seq
 
     seqs = eval_sequences(Corpus(CorpusSpec(data, text_field=text_field)), tokenizer, "val", seq_len, n)
     if len(seqs) == 0:
-        raise EdgelmError(f"the val split has no {seq_len}-token sequence for the check; add data or lower --eval-seqlen")
+        raise EdgelmError(f"the val split has no {seq_len}-token sequence for the check; add data or lower "
+                          "--eval-seqlen")
     return seqs
 
 
