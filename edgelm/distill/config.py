@@ -8,6 +8,7 @@ from typing import Any
 
 from edgelm.errors import EdgelmError
 
+BF16_MODES = ("auto", "on", "require", "off")  # see DistillConfig.bf16
 # Fields that may change between a run and its --resume without changing the weights it produces.
 RESUME_FREE = {"resume", "force", "progress", "threads", "ckpt_every", "keep_ckpts", "out"}
 
@@ -31,6 +32,7 @@ class DistillConfig:
     alpha: float = 1.0  # weight of KD; (1 - alpha) goes to cross-entropy on the data
     temperature: float = 1.0  # softens both distributions before the KD loss
     beta: float = 0.5  # JSD interpolation (loss "jsd" only)
+    kd_chunk: int = 256  # positions per chunk of the fused lm_head + loss (no whole [B, T, V] logits); 0 = unfused
     # --- optimization ---
     batch_size: int = 4  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -45,6 +47,7 @@ class DistillConfig:
     compile: bool = False  # torch.compile the student
     fsdp: bool = False  # under torchrun: FSDP instead of DDP
     device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda"
+    bf16: str = "auto"  # bf16 autocast + bf16 teacher: auto (where native), on (else warn, fp32), require, off
     threads: int | None = None  # CPU threads for torch (default: torch's)
     # --- evaluation, checkpoints, output ---
     eval_every: int = 50  # steps between val evaluations (0 = only at start and end)
@@ -83,6 +86,8 @@ class DistillConfig:
         need(self.keep_ckpts >= 1, "keep_ckpts", "at least 1", self.keep_ckpts)
         need(self.calib_seqs >= 1, "calib_seqs", "at least 1", self.calib_seqs)
         need(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", self.device)
+        need(self.kd_chunk >= 0, "kd_chunk", "0 or more", self.kd_chunk)
+        need(self.bf16 in BF16_MODES, "bf16", " or ".join(BF16_MODES), self.bf16)
         need(self.threads is None or self.threads >= 1, "threads", "at least 1", self.threads)
         if self.max_steps is None and self.max_tokens is None:
             raise EdgelmError("set a budget: --max-steps N or --max-tokens N")

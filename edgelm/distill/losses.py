@@ -1,15 +1,20 @@
-"""KD losses, registered by name. Each takes student and teacher logits [N, V] and returns a scalar.
+"""KD losses, registered by name, and the fused lm_head + loss that the trainer runs in chunks.
 
-All are scaled by T^2 so gradients keep their size across temperatures (Hinton et al., 2015).
+Each registered loss takes student and teacher logits [N, V] and returns the loss per row [N] (callers average), so
+a loss over many positions can be summed chunk by chunk. All are scaled by T^2 so gradients keep their size across
+temperatures (Hinton et al., 2015).
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from edgelm.registry import KD_LOSSES
+
+KDLoss = Callable[..., torch.Tensor]  # (student [N, V], teacher [N, V], *, temperature, beta) -> [N]
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -21,14 +26,14 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 def forward_kl(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
     """KL(teacher || student): mode-covering, the classic KD loss."""
     t = temperature
-    return _kl(F.log_softmax(teacher / t, -1), F.log_softmax(student / t, -1)).mean() * t * t
+    return _kl(F.log_softmax(teacher / t, -1), F.log_softmax(student / t, -1)) * t * t
 
 
 @KD_LOSSES.register("reverse_kl")
 def reverse_kl(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
     """KL(student || teacher): mode-seeking (MiniLLM)."""
     t = temperature
-    return _kl(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1)).mean() * t * t
+    return _kl(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1)) * t * t
 
 
 @KD_LOSSES.register("jsd")
@@ -43,4 +48,71 @@ def jsd(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.
     log_s = F.log_softmax(student / t, -1)
     log_t = F.log_softmax(teacher / t, -1)
     log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1 - beta)]), dim=0)  # [N, V]
-    return (beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)).mean() * t * t
+    return (beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)) * t * t
+
+
+def kd_objective(s_logits: torch.Tensor, t_logits: torch.Tensor | None, targets: torch.Tensor, kd: KDLoss,
+                 alpha: float, temperature: float, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed (alpha * KD + (1 - alpha) * CE, KD, CE) over the rows of logits [n, V] (fp32) and targets [n].
+
+    KD is zero without teacher logits (alpha 0); CE is computed either way, for the log.
+    """
+    with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1):
+        ce = F.cross_entropy(s_logits, targets, reduction="sum")
+    if t_logits is None or alpha == 0:
+        kd_sum = torch.zeros((), device=s_logits.device)
+    else:
+        kd_sum = kd(s_logits, t_logits, temperature=temperature, beta=beta).sum()
+    total = (alpha * kd_sum if alpha > 0 else 0.0) + ((1 - alpha) * ce if alpha < 1 else 0.0)
+    return total, kd_sum, ce
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """The lm_head and the loss, fused and chunked over positions: each chunk's logits [c, V] are made, scored and
+    differentiated at once, so no [N, V] tensor (student's, teacher's or a gradient) is ever whole. The gradients for
+    the hidden states and the head are computed in forward and scaled in backward (as Liger's fused linear loss)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, h_t: torch.Tensor | None, w_t: torch.Tensor | None,
+                targets: torch.Tensor, kd: KDLoss, alpha: float, temperature: float, beta: float, chunk: int):
+        n = h.shape[0]  # h [N, H], w [V, H], h_t [N, Ht], w_t [V, Ht], targets [N]
+        grad_h = torch.zeros_like(h)
+        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        sums = torch.zeros(3, dtype=torch.float64)  # total, kd, ce
+        for s in range(0, n, chunk):
+            hc = h[s:s + chunk].detach().requires_grad_()  # [c, H]
+            wl = w.detach().requires_grad_(grad_w is not None)
+            t_logits = None
+            if h_t is not None:
+                t_logits = F.linear(h_t[s:s + chunk], w_t).float()  # [c, V], no grad
+            with torch.enable_grad():
+                s_logits = F.linear(hc, wl).float()  # [c, V]
+                total, kd_c, ce_c = kd_objective(s_logits, t_logits, targets[s:s + chunk], kd, alpha, temperature,
+                                                 beta)
+                leaves = [hc, wl] if grad_w is not None else [hc]
+                grads = torch.autograd.grad(total / n, leaves) if total.requires_grad else [None] * len(leaves)
+            if grads[0] is not None:
+                grad_h[s:s + chunk] = grads[0]
+                if grad_w is not None:
+                    grad_w += grads[1]
+            sums += torch.tensor([float(total), float(kd_c), float(ce_c)], dtype=torch.float64)
+        ctx.grads = (grad_h, grad_w)  # not inputs or outputs: kept on ctx, freed after backward
+        total, kd_mean, ce_mean = (sums / n).to(torch.float32).to(h.device).unbind()
+        ctx.mark_non_differentiable(kd_mean, ce_mean)
+        return total, kd_mean, ce_mean
+
+    @staticmethod
+    def backward(ctx, g_total, g_kd, g_ce):
+        grad_h, grad_w = ctx.grads
+        del ctx.grads
+        return (grad_h * g_total.to(grad_h.dtype), grad_w * g_total if grad_w is not None else None,
+                None, None, None, None, None, None, None, None)
+
+
+def chunked_head_loss(h: torch.Tensor, w: torch.Tensor, h_t: torch.Tensor | None, w_t: torch.Tensor | None,
+                      targets: torch.Tensor, kd: KDLoss, *, alpha: float, temperature: float = 1.0, beta: float = 0.5,
+                      chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean (alpha * KD + (1 - alpha) * CE, KD, CE) over N positions, from the student's final hidden states h [N, H]
+    and head w [V, H] and the teacher's h_t [N, Ht] and w_t [V, Ht] (None for CE only), ``chunk`` rows at a time.
+    Only the first value carries gradients (to h and w)."""
+    return _ChunkedHeadLoss.apply(h, w, h_t, w_t, targets, kd, alpha, temperature, beta, chunk)

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from edgelm.data.corpus import Corpus, CorpusSpec, TokenStream, eval_sequences, split_stats
 from edgelm.distill.config import DistillConfig
+from edgelm.distill.losses import chunked_head_loss, kd_objective
+from edgelm.distill.precision import resolve_bf16
 from edgelm.errors import EdgelmError, Interrupted, TrainingDiverged
 from edgelm.fsutil import atomic_dir, atomic_write_text
 from edgelm.manifest import read_manifest, write_manifest
@@ -229,7 +231,10 @@ class _Trainer:
         self.student.to(device).train()
         data.teacher.to(device)
         self.n_student, self.n_teacher = count_params(self.student), count_params(data.teacher)
-        self.model = self._wrap(self.student)  # what the forward pass runs: DDP, FSDP or compiled
+        # Fused: the student's body runs alone and the lm_head + loss go in chunks (one process; DDP and FSDP hook
+        # the whole model's forward, so they keep the unfused path).
+        self.fused = cfg.kd_chunk > 0 and dist.world == 1
+        self.model = self._wrap(self.student.base_model if self.fused else self.student)  # what the forward runs
         self.seqs_per_step = cfg.batch_size * cfg.grad_accum * dist.world
         self.tokens_per_step = self.seqs_per_step * cfg.seq_len
         self.total_steps = cfg.max_steps or math.ceil(cfg.max_tokens / self.tokens_per_step)
@@ -239,7 +244,8 @@ class _Trainer:
         if state is not None:
             self._restore(state)
         self.kd_fn = KD_LOSSES.get(cfg.loss)
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.bf16 = resolve_bf16(cfg.bf16, device)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
         self.metrics = _Metrics(run / "metrics.jsonl", dist.main, self.step_no if state is not None else None)
         run.mkdir(parents=True, exist_ok=True)
 
@@ -371,20 +377,32 @@ class _Trainer:
         return {"loss": loss_all, "kd": kd_sum, "ce": ce_sum, "grad_norm": grad_norm}
 
     def _loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(alpha * KD + (1 - alpha) * CE, KD, CE) of one micro-batch ids [B, T]."""
-        cfg = self.cfg
+        """(alpha * KD + (1 - alpha) * CE, KD, CE) of one micro-batch ids [B, T], each a mean over positions."""
+        cfg, teacher = self.cfg, self.data.teacher
+        targets = ids[:, 1:].reshape(-1)  # [N], N = B * (T-1)
+        if self.fused:
+            with self.autocast:
+                h = self.model(input_ids=ids).last_hidden_state[:, :-1]  # [B, T-1, H]
+            h_t = w_t = None
+            if cfg.alpha > 0:
+                with torch.no_grad(), self.autocast:
+                    h_t = teacher.base_model(input_ids=ids).last_hidden_state[:, :-1]  # [B, T-1, Ht]
+                h_t, w_t = h_t.reshape(-1, h_t.shape[-1]), teacher.get_output_embeddings().weight
+            with self.autocast:
+                return chunked_head_loss(h.reshape(-1, h.shape[-1]), self.student.get_output_embeddings().weight, h_t,
+                                         w_t, targets, self.kd_fn, alpha=cfg.alpha, temperature=cfg.temperature,
+                                         beta=cfg.beta, chunk=cfg.kd_chunk)
         with self.autocast:
             s_logits = self.model(input_ids=ids).logits[:, :-1]  # [B, T-1, V]
         V = s_logits.shape[-1]
-        s_flat = s_logits.reshape(-1, V).float()  # [N, V]
-        ce = F.cross_entropy(s_flat, ids[:, 1:].reshape(-1))
+        t_flat = None
         if cfg.alpha > 0:
             with torch.no_grad(), self.autocast:
-                t_logits = self.data.teacher(input_ids=ids).logits[:, :-1]  # [B, T-1, V]
-            kd = self.kd_fn(s_flat, t_logits.reshape(-1, V).float(), temperature=cfg.temperature, beta=cfg.beta)
-        else:
-            kd = torch.zeros((), device=self.device)
-        return cfg.alpha * kd + (1 - cfg.alpha) * ce, kd, ce
+                t_flat = teacher(input_ids=ids).logits[:, :-1].reshape(-1, V).float()  # [N, V]
+        total, kd, ce = kd_objective(s_logits.reshape(-1, V).float(), t_flat, targets, self.kd_fn, cfg.alpha,
+                                     cfg.temperature, cfg.beta)
+        n = targets.numel()
+        return total / n, kd / n, ce / n
 
     # --- the loop --------------------------------------------------------------------------------------------------
     def train(self) -> DistillResult:
@@ -394,6 +412,8 @@ class _Trainer:
             tv = self.teacher_val
             self.metrics.write(event="teacher", step=0, val_nll=tv.nll, val_ppl=tv.ppl, val_top1=tv.top1)
             self.evaluate()
+        if self.bf16:
+            self.data.teacher.to(torch.bfloat16)  # after its fp32 val score; only ever run forward
         # every process reads the same global order and takes its slice
         stream = iter(TokenStream(self.data.corpus, self.data.tok, "train", cfg.seq_len, seed=cfg.seed,
                                   shuffle_buffer=SHUFFLE_BUFFER, loop=True))
@@ -458,7 +478,8 @@ class _Trainer:
                              "layers": student.config.num_hidden_layers,
                              "intermediate_size": student.config.intermediate_size, **self.build_info},
                     training={"steps": self.step_no, "tokens_seen": tokens, "world_size": dist.world,
-                              "device": self.device.type, "final_loss": final_loss,
+                              "device": self.device.type, "precision": "bf16" if self.bf16 else "fp32",
+                              "fused_head_loss": self.fused, "final_loss": final_loss,
                               "wall_s_this_process": round(wall, 1), "config": cfg.as_dict()},
                     val={"student": val_student.as_dict(), "teacher": self.teacher_val.as_dict(),
                          "seqs": len(data.val), "seq_len": cfg.seq_len},

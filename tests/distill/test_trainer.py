@@ -19,7 +19,7 @@ from tests.conftest import run_cli
 def _args(teacher, corpus, out, **kw) -> dict:
     base = dict(teacher=str(teacher), data=(str(corpus),), layers=2, intermediate_size=128, seq_len=64, batch_size=4,
                 max_steps=12, lr=2e-3, warmup_steps=2, eval_every=4, ckpt_every=4, eval_seqs=8, out=str(out),
-                progress=False, threads=1)
+                progress=False, threads=1, bf16="off")
     base.update(kw)
     return base
 
@@ -192,3 +192,58 @@ def test_torch_compile_trains_and_saves_plain_names(tiny_teacher, tiny_corpus, t
     assert a.keys() == b.keys()  # no _orig_mod. prefixes
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_fused_head_loss_trains_like_the_whole_logits(tiny_teacher, tiny_corpus, tmp_path):
+    """--kd-chunk (the default) and --kd-chunk 0 compute the same loss, so fp32 runs end with the same weights."""
+    kw = dict(max_steps=4, eval_every=0, ckpt_every=0, alpha=0.7)
+    fused = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "fused", kd_chunk=48, **kw))
+    whole = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "whole", kd_chunk=0, **kw))
+    assert fused.manifest["training"]["fused_head_loss"] and not whole.manifest["training"]["fused_head_loss"]
+    a, b = load_file(fused.student_dir / "model.safetensors"), load_file(whole.student_dir / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5, msg=k)
+    assert fused.val_student.ppl == pytest.approx(whole.val_student.ppl, rel=1e-4)
+
+
+def test_bf16_training_agrees_with_fp32(tiny_teacher, tiny_corpus, tmp_path, monkeypatch):
+    """bf16 autocast (forced here, so the test runs on any CPU) reaches fp32's val perplexity within 1%."""
+    import edgelm.distill.precision as precision
+
+    fp32 = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "fp32", eval_every=0, ckpt_every=0))
+    monkeypatch.setattr(precision, "native_bf16", lambda device: (True, "forced by the test"))
+    bf16 = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "bf16", eval_every=0, ckpt_every=0, bf16="require"))
+    assert fp32.manifest["training"]["precision"] == "fp32" and bf16.manifest["training"]["precision"] == "bf16"
+    assert bf16.val_teacher.ppl == fp32.val_teacher.ppl  # the teacher is scored in fp32 before it turns bf16
+    first = json.loads(fp32.metrics_path.read_text().splitlines()[1])["val_ppl"]  # the pruned student, untrained
+    assert bf16.val_student.ppl < 0.95 * first and fp32.val_student.ppl < 0.95 * first
+    assert bf16.val_student.ppl == pytest.approx(fp32.val_student.ppl, rel=0.01)
+    wa = load_file(bf16.student_dir / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in wa.values()), "master weights stay fp32"
+
+
+@pytest.mark.parametrize("mode", ["on", "require", "auto"])
+def test_bf16_without_native_support(tiny_teacher, tiny_corpus, tmp_path, monkeypatch, caplog, mode):
+    """Without native bf16: `on` warns and trains in fp32, `require` refuses before any work, `auto` stays fp32."""
+    import edgelm.distill.precision as precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: (False, "CPU lacks amx_bf16 and avx512_bf16"))
+    args = _args(tiny_teacher, tiny_corpus, tmp_path / "run", max_steps=1, eval_every=0, ckpt_every=0, bf16=mode)
+    if mode == "require":
+        with pytest.raises(EdgelmError, match="--bf16 require: no native bf16 .*CPU lacks .*use --bf16 auto or off"):
+            distill(**args)
+        assert not (tmp_path / "run" / "student").exists()
+        return
+    with caplog.at_level("INFO", logger="edgelm.distill.precision"):
+        res = distill(**args)
+    assert res.manifest["training"]["precision"] == "fp32"
+    rec = [r for r in caplog.records if "precision: fp32" in r.getMessage()]
+    assert rec and rec[0].levelname == ("WARNING" if mode == "on" else "INFO")
+
+
+def test_bad_bf16_and_chunk_flags_are_one_line(tiny_teacher, tiny_corpus, tmp_path):
+    for flag, val, msg in (("--bf16", "maybe", "--bf16 must be auto or on or require or off, got 'maybe'"),
+                           ("--kd-chunk", "-1", "--kd-chunk must be 0 or more, got -1")):
+        r = run_cli("distill", "--teacher", str(tiny_teacher), "--data", str(tiny_corpus), "--max-steps", "1",
+                    "--out", str(tmp_path / "x"), flag, val)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr
