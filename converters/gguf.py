@@ -333,6 +333,7 @@ def llamacpp_quantize(src_gguf: Path, dst: Path, gguf_type: str, *, threads: int
 INTENDED = {
     "Q8_0": {"Q8_0"}, "Q4_0": {"Q4_0", "Q6_K", "Q8_0"}, "Q4_1": {"Q4_1", "Q6_K", "Q8_0"},
     "Q6_K": {"Q6_K"}, "Q5_K_M": {"Q5_K", "Q6_K"}, "Q4_K_M": {"Q4_K", "Q6_K"},
+    "Q2_K": {"Q2_K", "Q3_K", "Q4_K", "Q6_K"},  # its mix raises attn_v, ffn_down and the output
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:  # keep `import edgelm` free of torch
     import numpy as np
@@ -200,3 +200,48 @@ def peak_rss_bytes() -> int:
 def decode_roofline_tokens_per_s(bytes_per_token: float, bandwidth_bytes_per_s: float) -> float:
     """Upper bound on decode speed when every weight byte is read once per token."""
     return bandwidth_bytes_per_s / bytes_per_token if bytes_per_token > 0 else float("nan")
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """For (cost, loss) points, both lower-is-better: whether each is on the Pareto front (no other point is at
+    least as good on both and better on one)."""
+    return [not any((c2 <= c and l2 <= l) and (c2 < c or l2 < l) for c2, l2 in points) for c, l in points]
+
+
+@dataclass(frozen=True)
+class PowerLaw:
+    """loss(D) = floor + scale * D ** -exponent, fitted to a loss (nats) against tokens seen D."""
+
+    floor: float  # the loss no budget gets below
+    scale: float
+    exponent: float
+
+    def __call__(self, tokens: float) -> float:
+        return self.floor + self.scale * tokens ** -self.exponent
+
+    def tokens_to_reach(self, loss: float) -> float | None:
+        """Tokens at which the curve reaches ``loss``; None when ``loss`` is at or below its floor."""
+        if loss <= self.floor:
+            return None
+        return (self.scale / (loss - self.floor)) ** (1 / self.exponent)
+
+
+def fit_power_law(tokens: Sequence[float], loss: Sequence[float], grid: int = 400) -> PowerLaw:
+    """Least-squares fit of loss = floor + scale * tokens^-exponent: a grid over the floor (0 up to just under the
+    lowest loss), a linear fit of log(loss - floor) on log(tokens) at each. Needs three or more points, tokens > 0."""
+    import numpy as np
+
+    d, y = np.asarray(tokens, dtype=np.float64), np.asarray(loss, dtype=np.float64)
+    if len(d) < 3 or (d <= 0).any():
+        raise ValueError("a power-law fit needs three or more points with tokens > 0")
+    best = None
+    for floor in np.linspace(0.0, y.min() * (1 - 1e-6), grid):
+        slope, icpt = np.polyfit(np.log(d), np.log(y - floor), 1)
+        if slope >= 0:
+            continue  # a loss that does not fall has no power law
+        err = float(((floor + np.exp(icpt) * d ** slope - y) ** 2).sum())
+        if best is None or err < best[0]:
+            best = (err, PowerLaw(float(floor), float(np.exp(icpt)), float(-slope)))
+    if best is None:
+        raise ValueError("the loss does not fall with tokens; no power law fits")
+    return best[1]

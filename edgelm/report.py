@@ -214,3 +214,24 @@ def plot_bench(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     return save_figure(fig, path)
+
+
+def plot_pareto(points: list[dict[str, Any]], path: Path, *, xlabel: str = "model file size (MiB)",
+                ylabel: str = "test perplexity") -> Path:
+    """One point per {label, group, x, y, front}; each group in its own colour, the Pareto front as a line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for group in dict.fromkeys(p["group"] for p in points):
+        pts = [p for p in points if p["group"] == group]
+        ax.scatter([p["x"] for p in pts], [p["y"] for p in pts], label=group)
+        for p in pts:
+            ax.annotate(p["label"], (p["x"], p["y"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    front = sorted((p["x"], p["y"]) for p in points if p["front"])
+    if front:
+        ax.plot(*zip(*front), "k--", lw=0.8, label="Pareto front")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path)

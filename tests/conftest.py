@@ -120,7 +120,7 @@ def tiny_teacher(tmp_path_factory, tiny_tokenizer_dir, tiny_corpus) -> Path:
     run = tmp_path_factory.mktemp("tiny-teacher-run")
     res = distill(teacher=str(base), student=str(base), alpha=0.0, data=(str(tiny_corpus),), seq_len=64,
                   batch_size=8, max_steps=150, lr=3e-3, warmup_steps=10, eval_every=0, ckpt_every=0,
-                  out=str(run), force=True, progress=False, eval_seqs=8)
+                  out=str(run), force=True, progress=False, eval_seqs=8, bf16="off")
     return res.student_dir
 
 
@@ -137,7 +137,7 @@ def tiny_q_model(tmp_path_factory, tiny_tokenizer_dir, tiny_corpus) -> Path:
     run = tmp_path_factory.mktemp("tinyq-run")
     res = distill(teacher=str(base), student=str(base), alpha=0.0, data=(str(tiny_corpus),), seq_len=64,
                   batch_size=8, max_steps=120, lr=2e-3, warmup_steps=10, eval_every=0, ckpt_every=0,
-                  out=str(run), force=True, progress=False, eval_seqs=8)
+                  out=str(run), force=True, progress=False, eval_seqs=8, bf16="off")
     return res.student_dir
 
 

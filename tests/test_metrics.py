@@ -51,3 +51,29 @@ def test_score_lm_on_a_uniform_model():
 def test_mfu_accounting():
     assert train_flops_per_token(10, 100) == 6 * 10 + 2 * 100
     assert mfu(1000.0, 260.0, 1e6) == pytest.approx(0.26)
+
+
+def test_pareto_front_marks_the_undominated_points():
+    from edgelm.metrics import pareto_front
+
+    pts = [(10, 5.0), (20, 4.0), (15, 6.0), (30, 4.0), (5, 9.0), (20, 4.0)]
+    # (15, 6) is beaten by (10, 5); (30, 4) by (20, 4); ties on both axes are both on the front
+    assert pareto_front(pts) == [True, True, False, False, True, True]
+
+
+def test_power_law_fit_recovers_a_known_curve_and_inverts():
+    import math
+
+    from edgelm.metrics import fit_power_law
+
+    tokens = [2e4, 5e4, 1e5, 2e5, 5e5, 1e6]
+    true = [1.2 + 40.0 * d ** -0.35 for d in tokens]
+    law = fit_power_law(tokens, true, grid=2000)
+    assert law.floor == pytest.approx(1.2, abs=0.01) and law.exponent == pytest.approx(0.35, rel=0.02)
+    assert law(3e5) == pytest.approx(1.2 + 40.0 * 3e5 ** -0.35, rel=1e-3)
+    assert law.tokens_to_reach(law(2e6)) == pytest.approx(2e6, rel=1e-6)
+    assert law.tokens_to_reach(1.1) is None  # below the floor: no budget reaches it
+    with pytest.raises(ValueError, match="does not fall"):
+        fit_power_law(tokens, [1.0 + math.log(d) for d in tokens])
+    with pytest.raises(ValueError, match="three or more"):
+        fit_power_law(tokens[:2], true[:2])

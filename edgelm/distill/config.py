@@ -10,7 +10,7 @@ from edgelm.errors import EdgelmError
 
 BF16_MODES = ("auto", "on", "require", "off")  # see DistillConfig.bf16
 # Fields that may change between a run and its --resume without changing the weights it produces.
-RESUME_FREE = {"resume", "force", "progress", "threads", "ckpt_every", "keep_ckpts", "out"}
+RESUME_FREE = {"resume", "force", "progress", "threads", "ckpt_every", "keep_ckpts", "out", "eval_test"}
 
 
 @dataclass
@@ -21,6 +21,8 @@ class DistillConfig:
     zoo: str | None = None  # named student shape (random init) instead of pruning; see `edgelm list students`
     layers: int | None = None  # pruned student: decoder blocks to keep (by block importance)
     intermediate_size: int | None = None  # pruned student: MLP width (multiple of 32; 256 suits K-quants)
+    hidden_size: int | None = None  # pruned student: model width, by channel importance (multiple of 32; 256 best)
+    heads: int | None = None  # pruned student: query heads per block, a multiple of the KV heads (head size kept)
     init: str = "prune"  # "prune" keeps the teacher's weights; "random" uses the pruned shape with fresh weights
     calib_seqs: int = 8  # train-split sequences used to score layers and neurons
     # --- data ---
@@ -52,6 +54,7 @@ class DistillConfig:
     # --- evaluation, checkpoints, output ---
     eval_every: int = 50  # steps between val evaluations (0 = only at start and end)
     eval_seqs: int = 32  # val sequences scored (spread over documents)
+    eval_test: bool = False  # also score as many test-split sequences at each evaluation (scaling curves)
     ckpt_every: int = 50  # steps between checkpoints (0 = only on Ctrl-C)
     keep_ckpts: int = 2  # checkpoints kept on disk
     out: str = "runs/distill"  # run folder: checkpoints/, metrics.jsonl, student/
@@ -93,8 +96,9 @@ class DistillConfig:
             raise EdgelmError("set a budget: --max-steps N or --max-tokens N")
         need(self.max_steps is None or self.max_steps >= 1, "max_steps", "at least 1", self.max_steps)
         need(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "at least 1", self.max_tokens)
-        if self.student and (self.zoo or self.layers or self.intermediate_size):
-            raise EdgelmError("--student continues an existing model; drop --zoo/--layers/--intermediate-size")
+        if self.student and (self.zoo or self.layers or self.intermediate_size or self.hidden_size or self.heads):
+            raise EdgelmError("--student continues an existing model; drop --zoo/--layers/--intermediate-size/"
+                              "--hidden-size/--heads")
         from edgelm.registry import KD_LOSSES
 
         KD_LOSSES.get(self.loss)  # unknown name -> error listing the known ones

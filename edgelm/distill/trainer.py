@@ -194,6 +194,7 @@ class _Data:
     source: Any  # where the teacher came from (ModelSource)
     corpus: Corpus  # the text, split by file
     val: np.ndarray  # [N, T] val-split sequences, scored at every evaluation
+    test: np.ndarray | None  # [N, T] test-split sequences, also scored with --eval-test
     counts: dict[str, Any]  # per-split docs/bytes/tokens (main process)
 
     @classmethod
@@ -208,6 +209,7 @@ class _Data:
         if len(val) == 0:
             raise EdgelmError(f"the val split has less than one {cfg.seq_len}-token sequence; add data or lower "
                               "--seq-len")
+        test = eval_sequences(corpus, tok, "test", cfg.seq_len, cfg.eval_seqs) if cfg.eval_test else None
         counts = state["split_stats"] if state is not None else {}
         if dist.main and state is None:
             counts = split_stats(corpus, tok)
@@ -218,7 +220,7 @@ class _Data:
                 log.info("skipped %d train files (binary %d, non-UTF-8 %d, empty %d), e.g. %s", skipped.skipped,
                          skipped.skipped_binary, skipped.skipped_encoding, skipped.skipped_empty,
                          ", ".join(skipped.examples))
-        return cls(teacher, tok, tsrc, corpus, val, counts)
+        return cls(teacher, tok, tsrc, corpus, val, test, counts)
 
 
 class _Trainer:
@@ -244,7 +246,10 @@ class _Trainer:
         if state is not None:
             self._restore(state)
         self.kd_fn = KD_LOSSES.get(cfg.loss)
-        self.bf16 = resolve_bf16(cfg.bf16, device)
+        cfg_s = self.student.config
+        self.precision = resolve_bf16(cfg.bf16, device, (cfg.batch_size * cfg.seq_len, cfg_s.hidden_size,
+                                                         cfg_s.intermediate_size))
+        self.bf16 = self.precision.bf16
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
         self.metrics = _Metrics(run / "metrics.jsonl", dist.main, self.step_no if state is not None else None)
         run.mkdir(parents=True, exist_ok=True)
@@ -271,7 +276,7 @@ class _Trainer:
             calib_stream = TokenStream(data.corpus, data.tok, "train", cfg.seq_len, seed=cfg.seed + 1)
             calib = [torch.as_tensor(b)
                      for b in np.array_split(calib_stream.take(cfg.calib_seqs), max(1, cfg.calib_seqs // 4))]
-            spec = StudentSpec(cfg.layers, cfg.intermediate_size, cfg.init, cfg.zoo)
+            spec = StudentSpec(cfg.layers, cfg.intermediate_size, cfg.init, cfg.zoo, cfg.hidden_size, cfg.heads)
             student, build_info = build_student(data.teacher, spec, calib)
         if student.config.vocab_size != data.teacher.config.vocab_size:
             raise EdgelmError(f"tokenizer mismatch: student vocab {student.config.vocab_size} vs teacher "
@@ -325,8 +330,11 @@ class _Trainer:
     def evaluate(self) -> LMScore:
         """The student's val score, logged."""
         score = score_lm(self.student, self.data.val, batch_size=self.cfg.batch_size, device=self.device)
-        self.metrics.write(event="eval", step=self.step_no, tokens=self.step_no * self.tokens_per_step,
-                           val_nll=score.nll, val_ppl=score.ppl, val_top1=score.top1)
+        rec = dict(val_nll=score.nll, val_ppl=score.ppl, val_top1=score.top1)
+        if self.data.test is not None and len(self.data.test):
+            test = score_lm(self.student, self.data.test, batch_size=self.cfg.batch_size, device=self.device)
+            rec.update(test_nll=test.nll, test_ppl=test.ppl, test_top1=test.top1)
+        self.metrics.write(event="eval", step=self.step_no, tokens=self.step_no * self.tokens_per_step, **rec)
         return score
 
     def save_checkpoint(self) -> Path | None:
@@ -476,9 +484,13 @@ class _Trainer:
                           "test_frac": data.corpus.spec.test_frac, "splits": data.counts},
                     student={"params": self.n_student, "teacher_params": self.n_teacher,
                              "layers": student.config.num_hidden_layers,
-                             "intermediate_size": student.config.intermediate_size, **self.build_info},
+                             "intermediate_size": student.config.intermediate_size,
+                             "hidden_size": student.config.hidden_size,
+                             "heads": student.config.num_attention_heads, **self.build_info},
                     training={"steps": self.step_no, "tokens_seen": tokens, "world_size": dist.world,
                               "device": self.device.type, "precision": "bf16" if self.bf16 else "fp32",
+                              "precision_reason": self.precision.reason,
+                              "bf16_speedup": self.precision.bf16_speedup,
                               "fused_head_loss": self.fused, "final_loss": final_loss,
                               "wall_s_this_process": round(wall, 1), "config": cfg.as_dict()},
                     val={"student": val_student.as_dict(), "teacher": self.teacher_val.as_dict(),

@@ -1,5 +1,8 @@
-"""Build a student: prune the teacher (layers by block importance, MLP width by activation magnitude),
-or instantiate a zoo shape. Either way the student keeps the teacher's tokenizer and vocab.
+"""Build a student: prune the teacher, or instantiate a zoo shape. Either way the student keeps the teacher's
+tokenizer and vocab.
+
+Pruning is depth (whole blocks, by block influence) and width, Minitron style (Muralidharan et al., 2024): MLP
+neurons, attention heads and the model's hidden channels, each ranked by its mean activation on calibration text.
 """
 from __future__ import annotations
 
@@ -21,6 +24,27 @@ BLOCK_NAMES = {
     "layers": "model.layers",
     "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),  # rows are MLP neurons
     "mlp_out": "mlp.down_proj",  # columns are MLP neurons
+    "attn_out": "self_attn.o_proj",  # columns are the query heads' outputs, head by head
+    "norms": ("input_layernorm", "post_attention_layernorm"),  # their outputs rank the hidden channels
+}
+# Which axis of each weight runs over what width pruning removes: "hidden" channels (the residual stream), "mlp"
+# neurons or query "heads" (head_dim rows or columns each). Matched by the longest suffix of the weight's name.
+PRUNED_AXES: dict[str, dict[int, str]] = {
+    "embed_tokens.weight": {1: "hidden"},
+    "lm_head.weight": {1: "hidden"},
+    "norm.weight": {0: "hidden"},
+    "input_layernorm.weight": {0: "hidden"},
+    "post_attention_layernorm.weight": {0: "hidden"},
+    "self_attn.q_proj.weight": {0: "heads", 1: "hidden"},
+    "self_attn.q_proj.bias": {0: "heads"},
+    "self_attn.k_proj.weight": {1: "hidden"},
+    "self_attn.k_proj.bias": {},
+    "self_attn.v_proj.weight": {1: "hidden"},
+    "self_attn.v_proj.bias": {},
+    "self_attn.o_proj.weight": {0: "hidden", 1: "heads"},
+    "mlp.gate_proj.weight": {0: "mlp", 1: "hidden"},
+    "mlp.up_proj.weight": {0: "mlp", 1: "hidden"},
+    "mlp.down_proj.weight": {0: "hidden", 1: "mlp"},
 }
 # Per-layer config lists that must shrink along with the layers (transformers 5 configs).
 PER_LAYER_CONFIG_KEYS = ("layer_types",)
@@ -32,6 +56,8 @@ class StudentSpec:
     intermediate_size: int | None = None  # MLP width after pruning; None = teacher's
     init: str = "prune"  # "prune": weights from the teacher; "random": same shape, fresh init
     zoo: str | None = None  # a named shape from the zoo (random init) instead of pruning
+    hidden_size: int | None = None  # model width (hidden channels) after pruning; None = teacher's
+    heads: int | None = None  # query heads per block after pruning (a multiple of the KV heads); None = teacher's
 
     def validate(self, teacher_config) -> None:
         n, inter = teacher_config.num_hidden_layers, teacher_config.intermediate_size
@@ -42,15 +68,24 @@ class StudentSpec:
             return
         if self.layers is not None and not 1 <= self.layers <= n:
             raise EdgelmError(f"--layers must be between 1 and the teacher's {n}, got {self.layers}")
-        if self.intermediate_size is not None:
-            if not 32 <= self.intermediate_size <= inter or self.intermediate_size % 32:
-                raise EdgelmError(
-                    f"--intermediate-size must be a multiple of 32 between 32 and the teacher's {inter}, "
-                    f"got {self.intermediate_size}"
-                )
-            if self.intermediate_size % 256:
-                log.warning("intermediate size %d is not a multiple of 256: llama.cpp K-quants will fall back on down_proj",
-                            self.intermediate_size)
+        for flag, value, top in (("intermediate-size", self.intermediate_size, inter),
+                                 ("hidden-size", self.hidden_size, teacher_config.hidden_size)):
+            if value is None:
+                continue
+            if not 32 <= value <= top or value % 32:
+                raise EdgelmError(f"--{flag} must be a multiple of 32 between 32 and the teacher's {top}, got {value}")
+            if value % 256:
+                log.warning("--%s %d is not a multiple of 256: llama.cpp K-quants will fall back on the matrices "
+                            "whose rows are that long", flag, value)
+        nq, nkv = teacher_config.num_attention_heads, teacher_config.num_key_value_heads
+        if self.heads is not None and (not nkv <= self.heads <= nq or self.heads % nkv):
+            raise EdgelmError(f"--heads must be a multiple of the teacher's {nkv} KV heads, at most its {nq} "
+                              f"query heads, got {self.heads}")
+        hidden, heads = self.hidden_size or teacher_config.hidden_size, self.heads or nq
+        if hidden % heads:  # transformers refuses to save or load such a config
+            able = [h for h in range(nkv, nq + 1, nkv) if hidden % h == 0]
+            raise EdgelmError(f"a hidden size of {hidden} is not divisible by {heads} query heads, which transformers "
+                              f"refuses; pick --heads from {able or 'none: change --hidden-size'}")
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
@@ -118,10 +153,79 @@ def mlp_neuron_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     return [s / max(count, 1) for s in sums]
 
 
-def _shrunk_config(config, keep_layers: list[int], intermediate: int):
+@torch.no_grad()
+def head_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Per block, each query head's mean L2 norm of its attention output (the input of o_proj): [heads] per layer."""
+    cfg = model.config
+    nq = cfg.num_attention_heads
+    layers = _layers(model)
+    sums = [torch.zeros(nq, dtype=torch.float64) for _ in layers]
+    count = [0]
+
+    def hook(i):
+        def fn(module, args):
+            a = args[0]  # [B, T, nq * head_dim]
+            sums[i] += a.reshape(*a.shape[:-1], nq, -1).float().norm(dim=-1).double().sum(dim=(0, 1))
+
+        return fn
+
+    hooks = [layer.get_submodule(BLOCK_NAMES["attn_out"]).register_forward_pre_hook(hook(i))
+             for i, layer in enumerate(layers)]
+    try:
+        for ids in batches:
+            model(input_ids=ids)
+            count[0] += ids.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [s / max(count[0], 1) for s in sums]
+
+
+@torch.no_grad()
+def hidden_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Each hidden channel's mean |activation| at the outputs of every block's norms, summed over blocks: [H]."""
+    sums = torch.zeros(model.config.hidden_size, dtype=torch.float64)
+    count = 0
+
+    def fn(module, args, output):
+        sums.add_(output.abs().double().sum(dim=(0, 1)))  # output [B, T, H]
+
+    hooks = [layer.get_submodule(name).register_forward_hook(fn) for layer in _layers(model)
+             for name in BLOCK_NAMES["norms"]]
+    try:
+        for ids in batches:
+            model(input_ids=ids)
+            count += ids.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return sums / max(count, 1)
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores, in their original order."""
+    return torch.topk(scores, k).indices.sort().values
+
+
+def _kept_heads(scores: torch.Tensor, keep: int, n_kv: int) -> torch.Tensor:
+    """The ``keep`` query heads to keep: the same number from each KV group (GQA), the strongest of each."""
+    per_group = len(scores) // n_kv
+    return torch.cat([g * per_group + _top(scores[g * per_group:(g + 1) * per_group], keep // n_kv)
+                      for g in range(n_kv)])
+
+
+def _axes_of(key: str) -> dict[int, str] | None:
+    """The pruned axes of weight ``key`` (None when the name table does not know it)."""
+    matches = [suffix for suffix in PRUNED_AXES if key == suffix or key.endswith("." + suffix)]
+    return PRUNED_AXES[max(matches, key=len)] if matches else None
+
+
+def _shrunk_config(config, keep_layers: list[int], intermediate: int, hidden: int, heads: int):
     cfg = copy.deepcopy(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     cfg.num_hidden_layers = len(keep_layers)
     cfg.intermediate_size = intermediate
+    cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim = hidden, heads, head_dim  # head_dim stays the teacher's
     for key in PER_LAYER_CONFIG_KEYS:
         vals = getattr(cfg, key, None)
         if isinstance(vals, list) and len(vals) == config.num_hidden_layers:
@@ -135,34 +239,53 @@ def prune(
     keep_layers: list[int],
     intermediate_size: int | None = None,
     neuron_scores: list[torch.Tensor] | None = None,
+    *,
+    hidden_size: int | None = None,
+    hidden_scores: torch.Tensor | None = None,
+    heads: int | None = None,
+    head_scores: list[torch.Tensor] | None = None,
 ) -> nn.Module:
-    """Copy ``teacher`` keeping the given blocks and, per block, the top ``intermediate_size`` MLP neurons."""
+    """Copy ``teacher`` keeping the given blocks and, where a width is given, the top-scoring MLP neurons (per block),
+    query heads (per block, evenly from each KV group) and hidden channels (shared by every block)."""
     from transformers import AutoModelForCausalLM
 
-    inter = intermediate_size or teacher.config.intermediate_size
-    if inter < teacher.config.intermediate_size and neuron_scores is None:
-        raise EdgelmError("width pruning needs neuron importance scores; call mlp_neuron_importance first")
-    cfg = _shrunk_config(teacher.config, keep_layers, inter)
+    tc = teacher.config
+    inter = intermediate_size or tc.intermediate_size
+    hidden = hidden_size or tc.hidden_size
+    nq = heads or tc.num_attention_heads
+    for flag, (new, old, scores) in {"MLP width": (inter, tc.intermediate_size, neuron_scores),
+                                     "hidden size": (hidden, tc.hidden_size, hidden_scores),
+                                     "heads": (nq, tc.num_attention_heads, head_scores)}.items():
+        if new < old and scores is None:
+            raise EdgelmError(f"pruning the {flag} needs importance scores; compute them first (see build_student)")
+    cfg = _shrunk_config(tc, keep_layers, inter, hidden, nq)
+    head_dim = cfg.head_dim
+    keep_hidden = _top(hidden_scores, hidden) if hidden < tc.hidden_size else None
     student = AutoModelForCausalLM.from_config(cfg, dtype=next(teacher.parameters()).dtype)
-    src = teacher.state_dict()
     prefix = BLOCK_NAMES["layers"] + "."
     new_state = {}
-    for key, value in src.items():
-        if not key.startswith(prefix):
-            new_state[key] = value
-            continue
-        idx, rest = key[len(prefix):].split(".", 1)
-        old = int(idx)
-        if old not in keep_layers:
-            continue
-        new = keep_layers.index(old)
-        if inter < teacher.config.intermediate_size:
-            top = torch.topk(neuron_scores[old], inter).indices.sort().values  # keep original order
-            if any(rest.startswith(n + ".") for n in BLOCK_NAMES["mlp_in"]):
-                value = value[top]  # [I, H] rows = neurons
-            elif rest.startswith(BLOCK_NAMES["mlp_out"] + "."):
-                value = value[:, top]  # [H, I] columns = neurons
-        new_state[f"{prefix}{new}.{rest}"] = value.clone()
+    for key, value in teacher.state_dict().items():
+        old = None
+        if key.startswith(prefix):
+            idx, rest = key[len(prefix):].split(".", 1)
+            old = int(idx)
+            if old not in keep_layers:
+                continue
+            key = f"{prefix}{keep_layers.index(old)}.{rest}"
+        index: dict[str, torch.Tensor | None] = {"hidden": keep_hidden, "mlp": None, "heads": None}
+        if old is not None and inter < tc.intermediate_size:
+            index["mlp"] = _top(neuron_scores[old], inter)
+        if old is not None and nq < tc.num_attention_heads:
+            kept = _kept_heads(head_scores[old], nq, tc.num_key_value_heads)  # [nq]
+            index["heads"] = (kept[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)  # rows of kept heads
+        axes = _axes_of(key)
+        if axes is None and (keep_hidden is not None or index["mlp"] is not None or index["heads"] is not None):
+            raise EdgelmError(f"width pruning does not know the weight {key!r}; prune depth only (--layers) for this "
+                              "model")
+        for axis, kind in (axes or {}).items():
+            if index[kind] is not None:
+                value = value.index_select(axis, index[kind])
+        new_state[key] = value.clone()
     missing, unexpected = student.load_state_dict(new_state, strict=False)
     # Tied embeddings show up as a missing lm_head; anything else is a bug in the name table.
     missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
@@ -193,21 +316,25 @@ def build_student(teacher: nn.Module, spec: StudentSpec, calib: list[torch.Tenso
         info.update(zoo=spec.zoo, init="random")
         return AutoModelForCausalLM.from_config(cfg), info
 
-    n_layers = spec.layers or teacher.config.num_hidden_layers
+    tc = teacher.config
+    n_layers = spec.layers or tc.num_hidden_layers
     scores = layer_importance(teacher, calib)
     keep = choose_layers(scores, n_layers)
     info.update(layer_importance=[round(s, 6) for s in scores], kept_layers=keep)
-    neuron_scores = None
-    inter = spec.intermediate_size or teacher.config.intermediate_size
-    if inter < teacher.config.intermediate_size:
-        neuron_scores = mlp_neuron_importance(teacher, calib)
-    student = prune(teacher, keep, inter, neuron_scores)
+    inter = spec.intermediate_size or tc.intermediate_size
+    hidden = spec.hidden_size or tc.hidden_size
+    heads = spec.heads or tc.num_attention_heads
+    neuron_scores = mlp_neuron_importance(teacher, calib) if inter < tc.intermediate_size else None
+    hidden_scores = hidden_importance(teacher, calib) if hidden < tc.hidden_size else None
+    head_scores = head_importance(teacher, calib) if heads < tc.num_attention_heads else None
+    student = prune(teacher, keep, inter, neuron_scores, hidden_size=hidden, hidden_scores=hidden_scores,
+                    heads=heads, head_scores=head_scores)
     if spec.init == "random":
         fresh = AutoModelForCausalLM.from_config(student.config)
         fresh.eval()
         student = fresh
-    log.info("student: %d of %d layers %s, MLP width %d, init %s", len(keep), teacher.config.num_hidden_layers,
-             keep, inter, spec.init)
+    log.info("student: %d of %d layers %s, hidden %d, %d heads, MLP width %d, init %s", len(keep),
+             tc.num_hidden_layers, keep, hidden, heads, inter, spec.init)
     return student, info
 
 

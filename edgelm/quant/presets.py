@@ -92,8 +92,9 @@ _PRESETS = [
     QuantPreset("gptq-int8", "gptq", 8, 32, mse=2.4, max_kld=0.02, summary="GPTQ 8-bit, groups of 32 (-> GGUF Q8_0 exactly)"),
 ] + [
     QuantPreset(f"llamacpp-{t.lower()}", "llamacpp", 0, gguf_type=t, targets=("gguf",),
-                max_kld={"Q8_0": 0.02, "Q6_K": 0.05}.get(t, 0.8), summary=f"llama.cpp's own {t} quantizer")
-    for t in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
+                max_kld={"Q8_0": 0.02, "Q6_K": 0.05, "Q2_K": 2.0}.get(t, 0.8),
+                summary=f"llama.cpp's own {t} quantizer")
+    for t in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q2_K")
 ]
 for _p in _PRESETS:
     QUANTS.register(_p)

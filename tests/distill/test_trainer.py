@@ -247,3 +247,17 @@ def test_bad_bf16_and_chunk_flags_are_one_line(tiny_teacher, tiny_corpus, tmp_pa
         r = run_cli("distill", "--teacher", str(tiny_teacher), "--data", str(tiny_corpus), "--max-steps", "1",
                     "--out", str(tmp_path / "x"), flag, val)
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("target", ["gguf", "onnx"])
+def test_width_pruned_student_exports_with_parity(tiny_teacher, tiny_corpus, tmp_path, target):
+    """Fewer heads than hidden/head_dim implies (head_dim kept): both targets carry it, greedy-identical to PyTorch."""
+    from edgelm.artifact.api import export
+
+    res = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "run", layers=None, intermediate_size=96,
+                          hidden_size=32, heads=2, max_steps=2, eval_every=0, ckpt_every=0))
+    assert (res.manifest["student"]["hidden_size"], res.manifest["student"]["heads"]) == (32, 2)
+    out = tmp_path / target
+    m = export(model=str(res.student_dir), target=target, quant="fp32", out=str(out), data=(str(tiny_corpus),),
+               eval_seqs=4, eval_seqlen=64, prompts=2, new_tokens=8).manifest
+    assert m["parity"]["passed"] and m["parity"]["greedy_identical"] == 2

@@ -7,8 +7,8 @@ import torch
 from edgelm.data.corpus import Corpus, CorpusSpec, TokenStream
 from edgelm.errors import EdgelmError
 from edgelm.models.loader import load_model
-from edgelm.models.prune import (StudentSpec, build_student, choose_layers, count_params, layer_importance,
-                                 mlp_neuron_importance, prune)
+from edgelm.models.prune import (StudentSpec, build_student, choose_layers, count_params, head_importance,
+                                 hidden_importance, layer_importance, mlp_neuron_importance, prune)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,10 @@ def test_build_student_variants(teacher_and_calib):
     (StudentSpec(intermediate_size=4096), "multiple of 32 between"),
     (StudentSpec(zoo="huge"), "unknown student config 'huge'"),
     (StudentSpec(init="zeros"), "--init must be"),
+    (StudentSpec(hidden_size=40), "--hidden-size must be a multiple of 32 between 32 and the teacher's 64"),
+    (StudentSpec(hidden_size=128), "--hidden-size must be a multiple of 32"),
+    (StudentSpec(heads=3), "--heads must be a multiple of the teacher's 2 KV heads, at most its 4"),
+    (StudentSpec(heads=8), "--heads must be a multiple"),
 ])
 def test_bad_student_specs(teacher_and_calib, spec, msg):
     teacher, calib = teacher_and_calib
@@ -100,3 +104,78 @@ def test_zoo_dimensions_suit_block_quantization():
         for dim in (shape.hidden_size, shape.intermediate_size, shape.hidden_size // shape.num_attention_heads):
             assert dim % 32 == 0, (name, dim)
         assert shape.intermediate_size % 256 == 0 and shape.hidden_size % 256 == 0, name
+
+
+def test_full_width_plan_reproduces_the_teacher(teacher_and_calib):
+    """Scores given but every width kept: the student is the teacher, logits bit for bit."""
+    teacher, calib = teacher_and_calib
+    c = teacher.config
+    n = c.num_hidden_layers
+    student = prune(teacher, list(range(n)), c.intermediate_size, mlp_neuron_importance(teacher, calib),
+                    hidden_size=c.hidden_size, hidden_scores=hidden_importance(teacher, calib),
+                    heads=c.num_attention_heads, head_scores=head_importance(teacher, calib))
+    with torch.no_grad():
+        assert torch.equal(student(input_ids=calib[0]).logits, teacher(input_ids=calib[0]).logits)
+
+
+def test_hidden_and_head_prune_slice_every_weight(teacher_and_calib):
+    """Hidden channels leave every matrix along the residual stream; heads leave q_proj rows and o_proj columns,
+    evenly from each KV group; k/v and the head size stay."""
+    teacher, calib = teacher_and_calib
+    c = teacher.config  # hidden 64, 4 heads of 16, 2 KV heads
+    hs, heads = hidden_importance(teacher, calib), head_importance(teacher, calib)
+    assert hs.shape == (c.hidden_size,) and len(heads) == c.num_hidden_layers and heads[0].shape == (4,)
+    student = prune(teacher, [0, 2], 128, mlp_neuron_importance(teacher, calib), hidden_size=32, hidden_scores=hs,
+                    heads=2, head_scores=heads)
+    sc = student.config
+    assert (sc.hidden_size, sc.num_attention_heads, sc.num_key_value_heads, sc.head_dim) == (32, 2, 2, 16)
+    ch = torch.topk(hs, 32).indices.sort().values
+    t, s = teacher.model, student.model
+    assert torch.equal(s.embed_tokens.weight, t.embed_tokens.weight[:, ch])
+    assert torch.equal(s.norm.weight, t.norm.weight[ch])
+    assert torch.equal(s.layers[1].input_layernorm.weight, t.layers[2].input_layernorm.weight[ch])
+    assert torch.equal(s.layers[1].self_attn.k_proj.weight, t.layers[2].self_attn.k_proj.weight[:, ch])
+    # one head from each group of two: the stronger
+    g0, g1 = heads[2][:2], heads[2][2:]
+    kept = [int(g0.argmax()), 2 + int(g1.argmax())]
+    rows = torch.cat([torch.arange(h * 16, (h + 1) * 16) for h in kept])
+    assert torch.equal(s.layers[1].self_attn.q_proj.weight, t.layers[2].self_attn.q_proj.weight[rows][:, ch])
+    assert torch.equal(s.layers[1].self_attn.o_proj.weight, t.layers[2].self_attn.o_proj.weight[ch][:, rows])
+    with torch.no_grad():
+        assert torch.isfinite(student(input_ids=calib[0]).logits).all()
+
+
+def test_hidden_prune_beats_random_channel_choice(teacher_and_calib):
+    from edgelm.metrics import score_lm
+
+    teacher, calib = teacher_and_calib
+    seqs = torch.cat(calib).numpy()
+    layers = list(range(teacher.config.num_hidden_layers))
+    guided = score_lm(prune(teacher, layers, hidden_size=48, hidden_scores=hidden_importance(teacher, calib)), seqs).nll
+    g = torch.Generator().manual_seed(0)
+    rand = score_lm(prune(teacher, layers, hidden_size=48,
+                          hidden_scores=torch.rand(teacher.config.hidden_size, generator=g)), seqs).nll
+    assert guided < rand
+
+
+def test_build_student_prunes_width_everywhere(teacher_and_calib):
+    teacher, calib = teacher_and_calib
+    s, info = build_student(teacher, StudentSpec(hidden_size=32, heads=2, intermediate_size=96), calib)
+    c = s.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size) == (4, 32, 2, 96)
+    assert count_params(s) < count_params(teacher) / 2
+
+
+@pytest.mark.parametrize("spec, msg", [
+    (StudentSpec(hidden_size=512), r"hidden size of 512 is not divisible by 9 query heads.*none: change --hidden-size"),
+    (StudentSpec(hidden_size=480), r"hidden size of 480 is not divisible by 9 query heads.*pick --heads from \[3, 6\]"),
+])
+def test_hidden_size_must_divide_by_the_heads(spec, msg):
+    """transformers refuses to save a config whose hidden size the query heads don't divide: refused before work."""
+    from types import SimpleNamespace
+
+    smollm2 = SimpleNamespace(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                              num_key_value_heads=3)
+    with pytest.raises(EdgelmError, match=msg):
+        spec.validate(smollm2)
+    StudentSpec(hidden_size=480, heads=6).validate(smollm2)  # fine
