@@ -92,6 +92,19 @@ def _layers(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(BLOCK_NAMES["layers"])
 
 
+def _calibrate(model: nn.Module, batches: Iterable[torch.Tensor], hooks: list) -> int:
+    """Run ``model`` on every batch [B, T] with ``hooks`` (removed after, also on error); the tokens seen."""
+    count = 0
+    try:
+        for ids in batches:
+            model(input_ids=ids)
+            count += ids.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return count
+
+
 @torch.no_grad()
 def layer_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[float]:
     """Block influence per layer: 1 - cos(input, output) of its hidden states, averaged over tokens.
@@ -100,8 +113,6 @@ def layer_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[
     """
     layers = _layers(model)
     sums = torch.zeros(len(layers), dtype=torch.float64)
-    count = 0
-    hooks = []
 
     def hook(i):
         def fn(module, args, kwargs, output):
@@ -112,15 +123,8 @@ def layer_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[
 
         return fn
 
-    for i, layer in enumerate(layers):
-        hooks.append(layer.register_forward_hook(hook(i), with_kwargs=True))
-    try:
-        for ids in batches:  # [B, T]
-            model(input_ids=ids)
-            count += ids.numel()
-    finally:
-        for h in hooks:
-            h.remove()
+    count = _calibrate(model, batches, [layer.register_forward_hook(hook(i), with_kwargs=True)
+                                        for i, layer in enumerate(layers)])
     if count == 0:
         raise EdgelmError("no calibration tokens for layer importance; the train split is empty")
     return (sums / count).tolist()
@@ -131,8 +135,6 @@ def mlp_neuron_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     """Minitron-style width importance: mean |activation| of each MLP neuron (the input of down_proj)."""
     layers = _layers(model)
     sums = [torch.zeros(layer.get_submodule(BLOCK_NAMES["mlp_out"]).in_features, dtype=torch.float64) for layer in layers]
-    count = 0
-    hooks = []
 
     def hook(i):
         def fn(module, args):
@@ -141,15 +143,8 @@ def mlp_neuron_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
 
         return fn
 
-    for i, layer in enumerate(layers):
-        hooks.append(layer.get_submodule(BLOCK_NAMES["mlp_out"]).register_forward_pre_hook(hook(i)))
-    try:
-        for ids in batches:
-            model(input_ids=ids)
-            count += ids.numel()
-    finally:
-        for h in hooks:
-            h.remove()
+    count = _calibrate(model, batches, [layer.get_submodule(BLOCK_NAMES["mlp_out"]).register_forward_pre_hook(hook(i))
+                                        for i, layer in enumerate(layers)])
     return [s / max(count, 1) for s in sums]
 
 
@@ -160,7 +155,6 @@ def head_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[t
     nq = cfg.num_attention_heads
     layers = _layers(model)
     sums = [torch.zeros(nq, dtype=torch.float64) for _ in layers]
-    count = [0]
 
     def hook(i):
         def fn(module, args):
@@ -169,36 +163,21 @@ def head_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[t
 
         return fn
 
-    hooks = [layer.get_submodule(BLOCK_NAMES["attn_out"]).register_forward_pre_hook(hook(i))
-             for i, layer in enumerate(layers)]
-    try:
-        for ids in batches:
-            model(input_ids=ids)
-            count[0] += ids.numel()
-    finally:
-        for h in hooks:
-            h.remove()
-    return [s / max(count[0], 1) for s in sums]
+    count = _calibrate(model, batches, [layer.get_submodule(BLOCK_NAMES["attn_out"]).register_forward_pre_hook(hook(i))
+                                        for i, layer in enumerate(layers)])
+    return [s / max(count, 1) for s in sums]
 
 
 @torch.no_grad()
 def hidden_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> torch.Tensor:
     """Each hidden channel's mean |activation| at the outputs of every block's norms, summed over blocks: [H]."""
     sums = torch.zeros(model.config.hidden_size, dtype=torch.float64)
-    count = 0
 
     def fn(module, args, output):
         sums.add_(output.abs().double().sum(dim=(0, 1)))  # output [B, T, H]
 
-    hooks = [layer.get_submodule(name).register_forward_hook(fn) for layer in _layers(model)
-             for name in BLOCK_NAMES["norms"]]
-    try:
-        for ids in batches:
-            model(input_ids=ids)
-            count += ids.numel()
-    finally:
-        for h in hooks:
-            h.remove()
+    count = _calibrate(model, batches, [layer.get_submodule(name).register_forward_hook(fn) for layer in _layers(model)
+                                        for name in BLOCK_NAMES["norms"]])
     return sums / max(count, 1)
 
 
