@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from edgelm.data.corpus import Corpus, CorpusSpec, TokenStream, eval_sequences, split_stats
 from edgelm.distill.config import DistillConfig
