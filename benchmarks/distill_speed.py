@@ -120,6 +120,8 @@ def main() -> None:
     if a.breakdown:
         return breakdown(json.loads(a.breakdown), Path(a.result))
 
+    from edgelm.report import md_table, update_section
+
     t0 = time.perf_counter()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,6 +176,4 @@ def _cpu() -> str:
 
 
 if __name__ == "__main__":
-    from edgelm.report import md_table, update_section
-
     main()
