@@ -120,6 +120,7 @@ def main() -> None:
     if a.breakdown:
         return breakdown(json.loads(a.breakdown), Path(a.result))
 
+    from edgelm.bench.api import machine_info
     from edgelm.report import md_table, update_section
 
     t0 = time.perf_counter()
@@ -147,7 +148,7 @@ def main() -> None:
     cmd = "python benchmarks/distill_speed.py " + shlex.join(sys.argv[1:])
     body = f"""## Distillation throughput (`benchmarks/distill_speed.py`)
 
-Command: `{cmd.strip()}` on {platform.machine()} ({_cpu()}), torch's default threads,
+Command: `{cmd.strip()}` on {platform.machine()} ({machine_info()['cpu']}), torch's default threads,
 {(time.perf_counter() - t0) / 60:.0f} min in all. The demo's step: teacher `{a.teacher}` (30 blocks), student
 {a.layers} blocks with MLP {a.intermediate_size}, batch 4 x 256, forward KL; {a.max_tokens:,} tokens per variant, each
 in its own process; val perplexity on {a.eval_seqs} sequences after those tokens. What `--bf16 auto` decided here:
@@ -163,16 +164,6 @@ That step is {phases['step_flops'] / 1e9:,.0f} GFLOP (6 x student params + 2 x t
 """
     update_section(Path(a.docs) / "results.md", "distill_speed", body)
     logging.info("wrote %s", Path(a.docs) / "results.md")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 if __name__ == "__main__":

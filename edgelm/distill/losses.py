@@ -78,7 +78,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         n = h.shape[0]  # h [N, H], w [V, H], h_t [N, Ht], w_t [V, Ht], targets [N]
         grad_h = torch.zeros_like(h)
         grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
-        sums = torch.zeros(3, dtype=torch.float64)  # total, kd, ce
+        sums = torch.zeros(3, dtype=torch.float64, device=h.device)  # total, kd, ce; summed where computed
         for s in range(0, n, chunk):
             hc = h[s:s + chunk].detach().requires_grad_()  # [c, H]
             wl = w.detach().requires_grad_(grad_w is not None)
@@ -95,9 +95,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 grad_h[s:s + chunk] = grads[0]
                 if grad_w is not None:
                     grad_w += grads[1]
-            sums += torch.tensor([float(total), float(kd_c), float(ce_c)], dtype=torch.float64)
+            sums += torch.stack([total.detach(), kd_c.detach(), ce_c.detach()]).double()  # no sync per chunk
         ctx.grads = (grad_h, grad_w)  # not inputs or outputs: kept on ctx, freed after backward
-        total, kd_mean, ce_mean = (sums / n).to(torch.float32).to(h.device).unbind()
+        total, kd_mean, ce_mean = (sums / n).to(torch.float32).unbind()
         ctx.mark_non_differentiable(kd_mean, ce_mean)
         return total, kd_mean, ce_mean
 
