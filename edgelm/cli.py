@@ -88,12 +88,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     res = evaluate(args.model, data=tuple(args.data), text_field=args.text_field, split=args.split,
                    seq_len=args.seq_len, max_seqs=args.max_seqs, batch_size=args.batch_size, threads=args.threads)
+    chat = None
+    if args.chat:
+        from edgelm.distill.chat import chat_eval
+
+        chat = chat_eval({"model": args.model}, teacher=args.teacher, data=tuple(args.data), n=args.chat,
+                         max_new_tokens=args.chat_max_new_tokens, threads=args.threads)
     if args.json:
-        print(json.dumps(res.as_dict(), indent=2))
+        print(json.dumps({**res.as_dict(), **({"chat": chat.as_dict()} if chat else {})}, indent=2))
     else:
         s = res.score
         print(f"{res.model}: {res.split} perplexity {s.ppl:.4f}, top-1 accuracy {s.top1:.4f} "
               f"({s.tokens:,} predicted tokens, {res.seqs} x {res.seq_len})")
+        if chat:
+            from edgelm.report import chat_table
+
+            print(f"chat, {len(chat.instructions)} test-split instructions against {args.teacher}:")
+            print(chat_table(chat), end="")
     return 0
 
 
@@ -280,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-seqs", type=int, default=64, help="sequences to score (default: 64)")
     e.add_argument("--batch-size", type=int, default=4, help="sequences per forward (default: 4)")
     e.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    e.add_argument("--chat", type=int, default=0, metavar="N",
+                   help="also answer N test-split 'write a function' instructions and score them against --teacher")
+    e.add_argument("--teacher", default="smollm2-135m-instruct", help="reference for --chat (default: %(default)s)")
+    e.add_argument("--chat-max-new-tokens", type=int, default=192, help="longest answer for --chat (default: 192)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_eval)
 

@@ -25,6 +25,10 @@ class DemoConfig:
     lr: float = 5e-4  # peak learning rate
     eval_every: int = 25  # steps between val evaluations
     test_seqs: int = 64  # test-split sequences for the final comparison (one per file first)
+    chat_mix: float = 0.2  # share of training sequences from the teacher's chat answers (keeps its chat)
+    chat_examples: int = 256  # train-split instructions the teacher answers for the mix (cached after the first run)
+    chat_instructions: int = 100  # test-split "write a function" instructions both answer in the report (0 skips)
+    chat_max_new_tokens: int = 192  # longest answer, in tokens
     threads: int | None = None  # CPU threads (default: torch's)
     resume: bool = False  # continue an interrupted demo (training, then keep artifacts already exported and checked)
     export: bool = True  # quantize and export the student (--no-export stops after distillation)
@@ -48,6 +52,7 @@ class DemoResult:
     artifacts: list[Any] = field(default_factory=list)  # ArtifactRow per exported artifact
     bench: Any = None  # BenchResult, when benchmarked
     routing: Any = None  # RouteEvalResult, or a RoutingSkipped with the reason
+    chat: Any = None  # ChatEval of teacher and student, when measured
 
 
 @dataclass
@@ -69,6 +74,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         teacher=cfg.teacher, layers=cfg.layers, intermediate_size=cfg.intermediate_size, max_tokens=cfg.max_tokens,
         seq_len=cfg.seq_len, batch_size=cfg.batch_size, lr=cfg.lr, eval_every=cfg.eval_every, ckpt_every=cfg.eval_every * 2,
         out=str(out), threads=cfg.threads, resume=cfg.resume, force=not cfg.resume, progress=cfg.progress,
+        chat_mix=cfg.chat_mix, chat_examples=cfg.chat_examples, chat_max_new_tokens=cfg.chat_max_new_tokens,
     )
     res = distill(dcfg)
     log.info("[2/6] evaluate teacher and student on the test split (%d x %d tokens)", cfg.test_seqs, cfg.seq_len)
@@ -77,6 +83,13 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                        threads=cfg.threads)
         for name, model in (("teacher", cfg.teacher), ("student", str(res.student_dir)))
     }
+    chat = None
+    if cfg.chat_instructions:
+        from edgelm.distill.chat import chat_eval
+
+        log.info("[2/6] chat: teacher and student answer %d test-split instructions", cfg.chat_instructions)
+        chat = chat_eval({"student": res.student_dir}, teacher=cfg.teacher, n=cfg.chat_instructions,
+                         max_new_tokens=cfg.chat_max_new_tokens, threads=cfg.threads, progress=cfg.progress)
     rows = []
     if cfg.export:
         plan = demo_plan(cfg.quant)
@@ -93,13 +106,34 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         routing = route_step(cfg, out, rows)
     log.info("[6/6] report")
     report = write_distill_report(out, res, test, wall_s=time.perf_counter() - t0)
+    if chat is not None:
+        write_chat_section(report, chat, out)
     if rows:
         write_export_section(report, rows, out)
     if bench is not None:
         write_bench_section(report, bench, out)
     if routing is not None:
         write_routing_section(report, routing, out)
-    return DemoResult(res.student_dir, report, test, rows, bench, routing)
+    return DemoResult(res.student_dir, report, test, rows, bench, routing, chat)
+
+
+def write_chat_section(report: Path, chat, out: Path) -> None:
+    """The chat measure and three answers side by side, appended to the report (figures also in chat.json)."""
+    import json
+
+    from edgelm.fsutil import atomic_write_text
+    from edgelm.report import chat_side_by_side, chat_table
+
+    atomic_write_text(out / "chat.json", json.dumps(chat.as_dict(answers=True), indent=1))
+    with open(report, "a", encoding="utf-8") as f:
+        f.write(f"""
+## Chat: does the student keep the teacher's?
+
+Greedy answers (PyTorch, at most {chat.max_new_tokens} tokens) to {len(chat.instructions)} "write a function"
+instructions made from test-split files, scored against the teacher's answers.
+
+{chat_table(chat)}
+{chat_side_by_side(chat, 3)}""")
 
 
 def demo_plan(quant: str) -> list[tuple[str, str]]:

@@ -3,7 +3,9 @@ the benchmarks and the report all use these functions.
 """
 from __future__ import annotations
 
+import ast
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -245,3 +247,82 @@ def fit_power_law(tokens: Sequence[float], loss: Sequence[float], grid: int = 40
     if best is None:
         raise ValueError("the loss does not fall with tokens; no power law fits")
     return best[1]
+
+
+# --- chat answers ------------------------------------------------------------------------------------------------
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.S)
+
+
+def code_blocks(answer: str) -> list[str]:
+    """The fenced code blocks of a markdown answer, in order (an unclosed last fence runs to the end); blocks
+    tagged with a language other than python/py are left out."""
+    return [body for lang, body in _FENCE.findall(answer) if lang.lower() in ("", "python", "py", "python3")]
+
+
+def defines_function(answer: str) -> bool:
+    """Whether the answer's first code block parses as Python and defines a function (at any depth)."""
+    blocks = code_blocks(answer)
+    if not blocks:
+        return False
+    try:
+        tree = ast.parse(blocks[0])
+    except (SyntaxError, ValueError):
+        return False
+    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(tree))
+
+
+def edit_similarity(a: str, b: str) -> float:
+    """1 - Levenshtein distance / length of the longer string, over characters: 1 for equal strings, 0 for
+    nothing in common."""
+    import numpy as np
+
+    if not a and not b:
+        return 1.0
+    if len(a) < len(b):
+        a, b = b, a
+    cb = np.frombuffer(b.encode("utf-32-le"), dtype=np.uint32)  # [m] code points
+    j = np.arange(len(b) + 1)
+    prev = j.copy()  # distances from a[:0] to b[:j]
+    for i, ch in enumerate(a, 1):
+        # deletion / substitution first, then insertion chains along the row: cur[j] = min_k (x[k] + j - k)
+        x = np.empty_like(prev)
+        x[0] = i
+        x[1:] = np.minimum(prev[1:] + 1, prev[:-1] + (cb != ord(ch)))
+        prev = np.minimum.accumulate(x - j) + j
+    return 1.0 - float(prev[-1]) / len(a)
+
+
+@dataclass(frozen=True)
+class ChatScore:
+    """A model's answers to instructions, against a reference model's (the teacher's) answers."""
+
+    answers: int  # instructions answered
+    finished: float  # share of answers that ended (end of turn) before the token limit
+    defines_function: float  # share of answers whose first code block parses and defines a function
+    edit_similarity: float  # mean edit similarity to the reference answer
+    answer_ppl: float  # perplexity of the reference answers' tokens, given their prompts
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def score_answers(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], *,
+                  device: str | None = None) -> tuple[float, int]:
+    """Summed NLL (nats) and count of the ``answers`` tokens, each given its prompt (token ids, one pair at a time)."""
+    import torch
+    import torch.nn.functional as F
+
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for p, a in zip(prompts, answers):
+            if not a:
+                continue
+            ids = torch.as_tensor([list(p) + list(a)], device=device)  # [1, P+A]
+            logits = model(input_ids=ids).logits[0, len(p) - 1:-1].float()  # [A, V]: position t predicts t + 1
+            nll += float(F.cross_entropy(logits, ids[0, len(p):], reduction="sum"))
+            n += len(a)
+    model.train(was_training)
+    return nll, n

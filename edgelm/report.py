@@ -235,3 +235,25 @@ def plot_pareto(points: list[dict[str, Any]], path: Path, *, xlabel: str = "mode
     ax.grid(alpha=0.3)
     ax.legend()
     return save_figure(fig, path)
+
+
+def chat_table(ev) -> str:
+    """The chat measure (a ChatEval) as a table: one row per model, the teacher first."""
+    rows = [[label, f"{100 * s.defines_function:.0f}%", f"{100 * s.finished:.0f}%", s.edit_similarity, s.answer_ppl]
+            for label, s in ev.scores.items()]
+    return md_table(["model", "answers with a parsing code block that defines a function",
+                     f"answers ended within {ev.max_new_tokens} tokens", "edit similarity to the teacher's answer",
+                     "ppl of the teacher's answers"], rows)
+
+
+def chat_side_by_side(ev, k: int = 3, max_chars: int = 700) -> str:
+    """The first ``k`` instructions of a ChatEval with each model's answer, in a table of code-free cells."""
+    def cell(text: str) -> str:
+        text = text if len(text) <= max_chars else text[:max_chars] + " …"
+        return "<pre>" + text.replace("&", "&amp;").replace("<", "&lt;").replace("|", "&#124;").replace(
+            "\n", "<br>") + "</pre>"
+
+    labels = list(ev.answers)
+    rows = [[cell(ev.instructions[i].prompt)] + [cell(ev.answers[lb][i].text) for lb in labels]
+            for i in range(min(k, len(ev.instructions)))]
+    return md_table(["instruction"] + labels, rows)

@@ -77,3 +77,25 @@ def test_power_law_fit_recovers_a_known_curve_and_inverts():
         fit_power_law(tokens, [1.0 + math.log(d) for d in tokens])
     with pytest.raises(ValueError, match="three or more"):
         fit_power_law(tokens[:2], true[:2])
+
+
+def test_code_blocks_and_defines_function():
+    from edgelm.metrics import code_blocks, defines_function
+
+    ans = "Here:\n```python\ndef f(x):\n    return x\n```\nand\n```bash\nls\n```\n```\nprint(1)\n```"
+    assert code_blocks(ans) == ["def f(x):\n    return x\n", "print(1)\n"]
+    assert defines_function(ans)
+    assert not defines_function("```python\nprint(1)\n```")  # parses, defines nothing
+    assert not defines_function("```python\ndef f(:\n```")  # does not parse
+    assert not defines_function("def f(): pass")  # no code block
+    assert defines_function("```python\nclass A:\n    def m(self):\n        pass")  # unclosed fence runs to the end
+
+
+def test_edit_similarity_is_levenshtein():
+    from edgelm.metrics import edit_similarity
+
+    assert edit_similarity("kitten", "sitting") == pytest.approx(1 - 3 / 7)
+    assert edit_similarity("flaw", "lawn") == pytest.approx(0.5)
+    assert edit_similarity("", "") == 1.0 and edit_similarity("abc", "") == 0.0 and edit_similarity("ab", "ab") == 1.0
+    assert edit_similarity("αβγ🙂", "αβγ") == pytest.approx(0.75)
+    assert edit_similarity("abc", "xabcx") == edit_similarity("xabcx", "abc") == pytest.approx(0.6)

@@ -69,7 +69,8 @@ def test_demo_writes_a_report(tmp_path):
     r = run_cli("demo", "--out", str(tmp_path / "demo"), "--max-tokens", "1024", "--test-seqs", "2",
                 "--eval-every", "1", "--no-progress", "--calib-samples", "4", "--calib-seqlen", "64",
                 "--check-seqs", "2", "--bench-repeat", "1", "--route-train-queries", "12",
-                "--route-eval-queries", "8", timeout=1800)
+                "--route-eval-queries", "8", "--chat-examples", "8", "--chat-instructions", "3",
+                "--chat-max-new-tokens", "48", timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"report:  {tmp_path / 'demo' / 'report.md'}" in r.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
@@ -88,6 +89,15 @@ def test_demo_writes_a_report(tmp_path):
             assert json.loads((folder / "edgelm.json").read_text())["parity"]["passed"], (preset, target)
         else:
             assert "quality check failed: KL divergence" in row.group(2) and not folder.exists()
+    # step 2: the chat measure and three answers of teacher and student side by side
+    chat = json.loads((tmp_path / "demo" / "chat.json").read_text())
+    assert chat["instructions"] == 3 and set(chat["scores"]) == {"teacher", "student"}
+    assert chat["scores"]["teacher"]["edit_similarity"] == 1.0
+    assert "## Chat: does the student keep the teacher's?" in report
+    assert report.count("| <pre>Write a Python function ") == 3
+    manifest = json.loads((tmp_path / "demo" / "student" / "edgelm.json").read_text())
+    assert manifest["training"]["chat"] == {"mix": 0.2, "answers": 8, "finished": manifest["training"]["chat"][
+        "finished"]} and 0 <= manifest["training"]["chat"]["finished"] <= 8
     assert "(quant.png)" in report and (tmp_path / "demo" / "quant.png").stat().st_size > 1000
     q4km = tmp_path / "demo" / "export" / "gguf-llamacpp-q4_k_m" / "edgelm.json"
     if q4km.exists():  # rows of 576 don't fit K-quant blocks: reported in the manifest and the report

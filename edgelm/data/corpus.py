@@ -147,6 +147,11 @@ class Corpus:
 
     def texts(self, split: str, *, seed: int | None = None, epoch: int = 0) -> Iterator[str]:
         """Yield document texts. With ``seed``, documents are shuffled per (seed, epoch)."""
+        for _, text in self.documents(split, seed=seed, epoch=epoch):
+            yield text
+
+    def documents(self, split: str, *, seed: int | None = None, epoch: int = 0) -> Iterator[tuple[str, str]]:
+        """Yield (key, text) of readable documents, in split order or shuffled per (seed, epoch)."""
         docs = self.docs(split)
         order = np.arange(len(docs))
         if seed is not None:
@@ -156,7 +161,7 @@ class Corpus:
             text = self._read(docs[i], stats)
             if text is not None:
                 stats.docs += 1
-                yield text
+                yield docs[i].key, text
 
     def _read(self, doc: Doc, stats: ReadStats) -> str | None:
         try:

@@ -29,6 +29,9 @@ class DistillConfig:
     data: tuple[str, ...] = ()  # files, folders, globs, .jsonl; empty = the stdlib's source
     text_field: str = "text"  # field of .jsonl records that holds the text
     seq_len: int = 256  # tokens per packed sequence
+    chat_mix: float = 0.0  # share of training sequences from the teacher's chat answers (needs a chat template)
+    chat_examples: int = 256  # train-split instructions the teacher answers for --chat-mix (answers are cached)
+    chat_max_new_tokens: int = 192  # longest teacher answer, in tokens
     # --- loss ---
     loss: str = "forward_kl"  # KD loss name; see `edgelm list losses`
     alpha: float = 1.0  # weight of KD; (1 - alpha) goes to cross-entropy on the data
@@ -89,6 +92,9 @@ class DistillConfig:
         need(self.keep_ckpts >= 1, "keep_ckpts", "at least 1", self.keep_ckpts)
         need(self.calib_seqs >= 1, "calib_seqs", "at least 1", self.calib_seqs)
         need(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", self.device)
+        need(0.0 <= self.chat_mix < 1.0, "chat_mix", "in [0, 1)", self.chat_mix)
+        need(self.chat_examples >= 1, "chat_examples", "at least 1", self.chat_examples)
+        need(self.chat_max_new_tokens >= 8, "chat_max_new_tokens", "at least 8", self.chat_max_new_tokens)
         need(self.kd_chunk >= 0, "kd_chunk", "0 or more", self.kd_chunk)
         need(self.bf16 in BF16_MODES, "bf16", " or ".join(BF16_MODES), self.bf16)
         need(self.threads is None or self.threads >= 1, "threads", "at least 1", self.threads)

@@ -161,7 +161,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
         return done
     state = _setup(cfg, run, dist)
     torch.manual_seed(cfg.seed)
-    data = _Data.load(cfg, dist, state)
+    data = _Data.load(cfg, dist, state, device)
     return _Trainer(cfg, run, device, dist, data, state).train()
 
 
@@ -195,11 +195,14 @@ class _Data:
     val: np.ndarray  # [N, T] val-split sequences, scored at every evaluation
     test: np.ndarray | None  # [N, T] test-split sequences, also scored with --eval-test
     counts: dict[str, Any]  # per-split docs/bytes/tokens (main process)
+    chat: list[Any] = field(default_factory=list)  # the teacher's answers mixed in with --chat-mix (chat.Answer)
 
     @classmethod
-    def load(cls, cfg: DistillConfig, dist: _Dist, state: dict[str, Any] | None) -> "_Data":
-        """Data: the teacher and its tokenizer, the corpus and its val sequences."""
+    def load(cls, cfg: DistillConfig, dist: _Dist, state: dict[str, Any] | None, device: torch.device) -> "_Data":
+        """Data: the teacher (on ``device``) and its tokenizer, the corpus, its val sequences and, with --chat-mix,
+        the teacher's chat answers."""
         teacher, tok, tsrc = load_model(cfg.teacher)
+        teacher.to(device)
         corpus = Corpus(CorpusSpec(cfg.data, text_field=cfg.text_field))
         max_pos = getattr(teacher.config, "max_position_embeddings", None)
         if max_pos and cfg.seq_len > max_pos:
@@ -219,7 +222,17 @@ class _Data:
                 log.info("skipped %d train files (binary %d, non-UTF-8 %d, empty %d), e.g. %s", skipped.skipped,
                          skipped.skipped_binary, skipped.skipped_encoding, skipped.skipped_empty,
                          ", ".join(skipped.examples))
-        return cls(teacher, tok, tsrc, corpus, val, test, counts)
+        chat = []
+        if cfg.chat_mix > 0:
+            from edgelm.distill.chat import teacher_chat
+
+            if dist.main:  # the others read the answers from the cache it writes
+                chat = teacher_chat(teacher, tok, corpus, cfg.chat_examples, cfg.chat_max_new_tokens,
+                                    progress=cfg.progress)
+            dist.barrier()
+            if not dist.main:
+                chat = teacher_chat(teacher, tok, corpus, cfg.chat_examples, cfg.chat_max_new_tokens)
+        return cls(teacher, tok, tsrc, corpus, val, test, counts, chat)
 
 
 class _Trainer:
@@ -424,6 +437,14 @@ class _Trainer:
         # every process reads the same global order and takes its slice
         stream = iter(TokenStream(self.data.corpus, self.data.tok, "train", cfg.seq_len, seed=cfg.seed,
                                   shuffle_buffer=SHUFFLE_BUFFER, loop=True))
+        if self.data.chat:
+            from edgelm.distill.chat import ChatStream, mix_streams, render
+
+            chat = ChatStream([render(self.data.tok, a.instruction.prompt, a.text, a.finished) for a in self.data.chat],
+                              self.data.tok, cfg.seq_len, seed=cfg.seed)
+            log.info("chat mix: %.0f%% of sequences from %d teacher answers (%s tokens)", 100 * cfg.chat_mix,
+                     len(self.data.chat), f"{chat.tokens:,}")
+            stream = mix_streams(stream, iter(chat), cfg.chat_mix, cfg.seed)
         for _ in range(self.seqs_done):
             next(stream)
         bar = None
@@ -491,6 +512,8 @@ class _Trainer:
                               "precision_reason": self.precision.reason,
                               "bf16_speedup": self.precision.bf16_speedup,
                               "fused_head_loss": self.fused, "final_loss": final_loss,
+                              "chat": {"mix": cfg.chat_mix, "answers": len(data.chat),
+                                       "finished": sum(a.finished for a in data.chat)},
                               "wall_s_this_process": round(wall, 1), "config": cfg.as_dict()},
                     val={"student": val_student.as_dict(), "teacher": self.teacher_val.as_dict(),
                          "seqs": len(data.val), "seq_len": cfg.seq_len},

@@ -1,0 +1,283 @@
+"""Keep an instruct teacher's chat in its student: the teacher answers instructions made from the corpus (greedy, in
+its chat template), and those conversations are mixed into the distillation stream, where they get logit KD like any
+other tokens (sequence-level KD on the teacher's own text, plus the teacher's full distribution at each token).
+
+Teacher answers are cached per teacher (a fingerprint of its weights) under ``cache_dir()/chat``, so every later run,
+ablation and benchmark on the same data reuses them. ``chat_eval`` measures what a user sees: answers to test-split
+instructions, whether their code parses and defines a function, how close they are to the teacher's, and the
+perplexity of the teacher's answers under each model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from edgelm.data.chat import Instruction, instructions
+from edgelm.data.corpus import Corpus, CorpusSpec
+from edgelm.errors import EdgelmError
+from edgelm.fsutil import atomic_write_text, cache_dir
+from edgelm.metrics import ChatScore, defines_function, edit_similarity, perplexity, score_answers
+
+log = logging.getLogger(__name__)
+
+GEN_BATCH = 32  # prompts generated together (left-padded); 32 is ~3.5x the tok/s of 8 on a 2-core CPU
+
+
+def need_chat_template(tok, what: str) -> None:
+    if not getattr(tok, "chat_template", None):
+        raise EdgelmError(f"{what} needs a tokenizer with a chat template (an instruct model); this one has none")
+
+
+def render(tok, prompt: str, answer: str | None = None, finished: bool = True) -> str:
+    """The conversation as text in the tokenizer's chat template: the prompt ready for an answer, or with the answer
+    (closed as the template closes a turn when ``finished``; a cut-off answer is left open)."""
+    head = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    if answer is None:
+        return head
+    if finished:
+        full = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                                       tokenize=False)
+        if full.startswith(head + answer):
+            return full
+        return head + answer + (tok.eos_token or "")
+    return head + answer
+
+
+def _stop_ids(model, tok) -> list[int]:
+    ids = {tok.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = GEN_BATCH,
+             progress: bool = False, desc: str = "generate") -> list[tuple[str, bool]]:
+    """Greedy answers (text, finished) to chat prompts, in order. Batched with left padding, longest prompts
+    first so a batch pads little; ``finished`` is False for an answer cut at ``max_new_tokens``."""
+    device = next(model.parameters()).device
+    heads = [tok(render(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    stop = _stop_ids(model, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
+    order = sorted(range(len(prompts)), key=lambda i: -len(heads[i]))
+    out: list[tuple[str, bool] | None] = [None] * len(prompts)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc=desc, unit="answer", dynamic_ncols=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            width = max(len(heads[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)  # [B, P], left-padded
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, width - len(heads[i]):] = torch.as_tensor(heads[i])
+                mask[r, width - len(heads[i]):] = 1
+            with torch.no_grad():
+                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                     max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad)
+            for r, i in enumerate(idx):
+                new = gen[r, width:].tolist()  # [<= max_new_tokens]
+                ends = [k for k, t in enumerate(new) if t in stop]
+                finished = bool(ends)
+                new = new[:ends[0]] if ends else new
+                out[i] = (tok.decode(new, skip_special_tokens=True), finished)
+            if bar is not None:
+                bar.update(len(idx))
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    return out  # type: ignore[return-value]
+
+
+def fingerprint(model) -> str:
+    """sha256 over a model's weights (names, shapes, dtypes and bytes): what the answer cache is keyed by."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Answer:
+    instruction: Instruction  # what was asked
+    text: str  # the greedy answer
+    finished: bool  # False when cut at the token limit
+
+
+class AnswerCache:
+    """Greedy answers of one model, one JSON line each, keyed by the rendered prompt and the token limit. Rewritten
+    atomically after every batch, so an interrupted run keeps what it generated and never leaves half a file."""
+
+    def __init__(self, model, tok, root: Path | None = None) -> None:
+        self.model, self.tok = model, tok
+        self.path = (root or cache_dir() / "chat") / f"{fingerprint(model)[:24]}.jsonl"
+        self.entries: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                rec = json.loads(line)
+                self.entries[rec["key"]] = rec
+
+    def _key(self, prompt: str, max_new_tokens: int) -> str:
+        return hashlib.sha256(f"{max_new_tokens}\0{render(self.tok, prompt)}".encode()).hexdigest()
+
+    def answers(self, instrs: Sequence[Instruction], *, max_new_tokens: int, progress: bool = False,
+                desc: str = "teacher answers") -> list[Answer]:
+        keys = [self._key(i.prompt, max_new_tokens) for i in instrs]
+        todo = sorted({k: i for k, i in zip(keys, range(len(instrs))) if k not in self.entries}.values())
+        if todo:
+            log.info("%s: generating %d of %d (the rest cached in %s)", desc, len(todo), len(instrs), self.path)
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(todo), desc=desc, unit="answer", dynamic_ncols=True)
+            for b in range(0, len(todo), GEN_BATCH * 2):
+                part = todo[b:b + GEN_BATCH * 2]
+                got = generate(self.model, self.tok, [instrs[i].prompt for i in part], max_new_tokens=max_new_tokens)
+                for i, (text, finished) in zip(part, got):
+                    self.entries[keys[i]] = {"key": keys[i], "instruction": instrs[i].key, "text": text,
+                                             "finished": finished}
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.path, "".join(json.dumps(e) + "\n" for e in self.entries.values()))
+                if bar is not None:
+                    bar.update(len(part))
+            if bar is not None:
+                bar.close()
+        return [Answer(i, self.entries[k]["text"], self.entries[k]["finished"]) for i, k in zip(instrs, keys)]
+
+
+def fitting(instrs: Sequence[Instruction], tok, context: int, max_new_tokens: int) -> list[Instruction]:
+    """The instructions whose prompt and longest answer fit the model's context."""
+    keep = [i for i in instrs if len(tok(render(tok, i.prompt), add_special_tokens=False)["input_ids"])
+            + max_new_tokens <= context]
+    if len(keep) < len(instrs):
+        log.info("%d of %d instructions left out: prompt + %d answer tokens exceed the context of %d",
+                 len(instrs) - len(keep), len(instrs), max_new_tokens, context)
+    return keep
+
+
+def teacher_chat(teacher, tok, corpus: Corpus, n: int, max_new_tokens: int, *, progress: bool = False) -> list[Answer]:
+    """The teacher's answers to the first ``n`` train-split instructions (cached)."""
+    need_chat_template(tok, "--chat-mix")
+    context = getattr(teacher.config, "max_position_embeddings", None) or 1 << 30
+    instrs = fitting(instructions(corpus, "train", n), tok, context, max_new_tokens)
+    if not instrs:
+        raise EdgelmError(f"--chat-mix: no documented Python functions in the train split of "
+                          f"{corpus.spec.describe()} to make instructions from; drop --chat-mix or add .py files")
+    return AnswerCache(teacher, tok).answers(instrs, max_new_tokens=max_new_tokens, progress=progress)
+
+
+class ChatStream:
+    """Teacher conversations packed into fixed-length sequences [T], like TokenStream packs documents: the
+    conversations are shuffled per (seed, epoch) and looped. Deterministic, so a resumed run skips exactly."""
+
+    def __init__(self, texts: Sequence[str], tok, seq_len: int, *, seed: int = 0) -> None:
+        self.ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        self.seq_len, self.seed = seq_len, seed
+        self.tokens = sum(len(i) for i in self.ids)
+        if self.tokens < seq_len:
+            raise EdgelmError(f"--chat-mix: the teacher's answers hold {self.tokens} tokens, less than one "
+                              f"{seq_len}-token sequence; raise --chat-examples")
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        buf: list[int] = []
+        epoch = 0
+        while True:
+            order = np.arange(len(self.ids))
+            np.random.default_rng([self.seed, 17, epoch]).shuffle(order)
+            for i in order:
+                buf.extend(self.ids[i])
+                while len(buf) >= self.seq_len:
+                    yield np.asarray(buf[: self.seq_len], dtype=np.int64)  # [T]
+                    del buf[: self.seq_len]
+            epoch += 1
+
+
+def mix_streams(code: Iterator[np.ndarray], chat: Iterator[np.ndarray], share: float, seed: int
+                ) -> Iterator[np.ndarray]:
+    """Sequence i comes from ``chat`` with probability ``share`` (a fixed draw per i), else from ``code``."""
+    rng = np.random.default_rng([seed, 19])
+    while True:
+        yield next(chat) if rng.random() < share else next(code)
+
+
+# --- the measure -------------------------------------------------------------------------------------------------
+@dataclass
+class ChatEval:
+    instructions: list[Instruction]  # test-split "write" instructions, in order
+    answers: dict[str, list[Answer]]  # label -> that model's greedy answers ("teacher" first)
+    scores: dict[str, ChatScore] = field(default_factory=dict)  # label -> its figures against the teacher's answers
+    max_new_tokens: int = 192  # answer length limit
+
+    def as_dict(self, answers: bool = False) -> dict[str, Any]:
+        out = {"instructions": len(self.instructions), "max_new_tokens": self.max_new_tokens,
+               "scores": {k: v.as_dict() for k, v in self.scores.items()}}
+        if answers:
+            out["answers"] = [{"instruction": i.key, "prompt": i.prompt,
+                               **{lb: {"text": a[k].text, "finished": a[k].finished} for lb, a in self.answers.items()}}
+                              for k, i in enumerate(self.instructions)]
+        return out
+
+
+def score_chat(model, tok, reference: Sequence[Answer], answers: Sequence[Answer]) -> ChatScore:
+    """A model's answers against the reference (teacher's) answers to the same instructions."""
+    prompts = [tok(render(tok, a.instruction.prompt), add_special_tokens=False)["input_ids"] for a in reference]
+    ref_ids = [tok(a.text, add_special_tokens=False)["input_ids"] for a in reference]
+    nll, n = score_answers(model, prompts, ref_ids)
+    return ChatScore(answers=len(answers), finished=float(np.mean([a.finished for a in answers])),
+                     defines_function=float(np.mean([defines_function(a.text) for a in answers])),
+                     edit_similarity=float(np.mean([edit_similarity(a.text, r.text)
+                                                    for a, r in zip(answers, reference)])),
+                     answer_ppl=perplexity(nll, n))
+
+
+def chat_eval(models: dict[str, str | os.PathLike], *, teacher: str | os.PathLike = "smollm2-135m-instruct",
+              data: Sequence[str] = (), n: int = 100, max_new_tokens: int = 192, threads: int | None = None,
+              progress: bool = False) -> ChatEval:
+    """Greedy answers of the teacher and of each model in ``models`` (label -> model) to ``n`` test-split "write"
+    instructions, scored against the teacher's: the share whose code parses and defines a function, the edit
+    similarity to the teacher's answer, and the perplexity of the teacher's answers under the model."""
+    from edgelm.models.loader import load_model
+
+    if n < 1 or max_new_tokens < 8:
+        raise EdgelmError(f"chat eval needs n >= 1 and max_new_tokens >= 8 (--chat, --chat-max-new-tokens), got {n} "
+                          f"and {max_new_tokens}")
+    if threads:
+        torch.set_num_threads(threads)
+    t_model, tok, _ = load_model(teacher)
+    need_chat_template(tok, "the chat measure")
+    corpus = Corpus(CorpusSpec(tuple(data)))
+    context = getattr(t_model.config, "max_position_embeddings", None) or 1 << 30
+    instrs = fitting(instructions(corpus, "test", n, kinds=("write",)), tok, context, max_new_tokens)
+    if not instrs:
+        raise EdgelmError(f"no documented Python functions in the test split of {corpus.spec.describe()}")
+    ref = AnswerCache(t_model, tok).answers(instrs, max_new_tokens=max_new_tokens, progress=progress,
+                                            desc="teacher answers (test)")
+    res = ChatEval(instrs, {"teacher": ref}, {"teacher": score_chat(t_model, tok, ref, ref)}, max_new_tokens)
+    del t_model
+    for label, path in models.items():
+        model, _, _ = load_model(path)
+        got = generate(model, tok, [i.prompt for i in instrs], max_new_tokens=max_new_tokens, progress=progress,
+                       desc=f"{label} answers")
+        res.answers[label] = [Answer(i, t, f) for i, (t, f) in zip(instrs, got)]
+        res.scores[label] = score_chat(model, tok, ref, res.answers[label])
+        log.info("chat %s: %.0f%% define a function (teacher %.0f%%), edit similarity %.2f, teacher-answer ppl %.2f",
+                 label, 100 * res.scores[label].defines_function, 100 * res.scores["teacher"].defines_function,
+                 res.scores[label].edit_similarity, res.scores[label].answer_ppl)
+    return res
