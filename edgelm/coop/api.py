@@ -74,12 +74,39 @@ def serve(config: ServeConfig | None = None, **kwargs: Any) -> None:
         from edgelm.coop.server import create_app
     except ImportError:
         raise EdgelmError("serving needs fastapi and uvicorn; pip install 'edgelm[serve]'") from None
+    key = inbound_key(c)
     coop, _ = build_runtime(c)
     try:
-        log.info("serving on http://%s:%d/v1 (OpenAI-compatible; /health, /metrics)", c.host, c.port)
-        uvicorn.run(create_app(coop), host=c.host, port=c.port, log_level="warning")
+        log.info("serving on http://%s:%d/v1 (OpenAI-compatible; /health, /metrics)%s", c.host, c.port,
+                 "; clients must send the API key" if key else "")
+        uvicorn.run(create_app(coop, api_key=key), host=c.host, port=c.port, log_level="warning")
     finally:
         coop.close()
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def inbound_key(c: ServeConfig) -> str | None:
+    """The key clients must send, if any; refuses a server reachable beyond this machine without one, since it holds
+    the cloud key and anyone who reaches it spends the user's cloud budget (as llama.cpp's server asks --api-key)."""
+    from edgelm.coop.cloud import read_key
+
+    key = read_key(c.serve_key_env, c.serve_key_file)
+    if key is None and not is_loopback(c.host):
+        if not c.insecure:
+            raise EdgelmError(f"--host {c.host} lets other machines reach this server and spend its cloud budget; set "
+                              f"{c.serve_key_env} (or --serve-key-file) to a key clients must send, or pass --insecure")
+        log.warning("serving %s without an API key (--insecure): anyone who reaches it can use the cloud", c.host)
+    return key
 
 
 def _open_device_and_cloud(c, stack: contextlib.ExitStack):

@@ -54,14 +54,15 @@ class CloudError(Exception):
         self.reason = reason
 
 
-def _read_key(cfg: CloudConfig) -> str | None:
-    if cfg.api_key_file:
-        p = Path(cfg.api_key_file).expanduser()
+def read_key(env: str, file: str = "") -> str | None:
+    """An API key from the first line of ``file`` when given, else from the environment variable ``env``."""
+    if file:
+        p = Path(file).expanduser()
         try:
             return p.read_text(encoding="utf-8").splitlines()[0].strip() or None
         except (OSError, IndexError):
             raise EdgelmError(f"cannot read the API key file {p}; pass an existing file with the key on its first line") from None
-    return os.environ.get(cfg.api_key_env) or None
+    return os.environ.get(env) or None
 
 
 class CloudClient:
@@ -73,7 +74,7 @@ class CloudClient:
         if not cfg.url.startswith(("http://", "https://")):
             raise EdgelmError(f"cloud URL {cfg.url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8001/v1)")
         self.cfg = cfg
-        key = _read_key(cfg)
+        key = read_key(cfg.api_key_env, cfg.api_key_file)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.Client(base_url=cfg.url.rstrip("/") + "/", headers=headers,
                                   timeout=httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout),

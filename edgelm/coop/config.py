@@ -24,6 +24,9 @@ class ServeConfig:
     max_queue: int = 8  # device requests waiting or running before 503
     host: str = "127.0.0.1"  # address to listen on
     port: int = 8000  # port to listen on
+    serve_key_env: str = "EDGELM_SERVE_API_KEY"  # environment variable with the key clients must send (Bearer)
+    serve_key_file: str = ""  # or a file with it; a key is required when --host is not loopback
+    insecure: bool = False  # serve a non-loopback --host without a key (anyone who reaches it spends the cloud budget)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

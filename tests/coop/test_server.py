@@ -15,10 +15,11 @@ from tests.coop.conftest import free_port, wait_http
 
 
 class Served:
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "EDGELM_CLOUD_API_KEY": "sk-never-printed-0123456789abcdef"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "EDGELM_CLOUD_API_KEY": "sk-never-printed-0123456789abcdef",
+               **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "edgelm", "serve", "--port", str(self.port), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
         wait_http(f"{self.url}/health", timeout=120, proc=self.proc)
@@ -179,3 +180,62 @@ def test_unreachable_cloud_at_startup_warns_and_serves(artifacts, caplog, tmp_pa
     assert all(a.routed_to == "device" for a in answers)
     assert {a.fallback_reason for a in answers if a.score > a.threshold} <= {"unreachable", "circuit_open"}
     coop.device.close()
+
+
+def test_a_server_beyond_loopback_needs_a_key(artifacts, tmp_path):
+    base = ("serve", "--device", str(artifacts["llamacpp"]), "--router", "always-device", "--threads", "1")
+    r = run_cli(*base, "--host", "0.0.0.0", env={"EDGELM_SERVE_API_KEY": ""})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert ("--host 0.0.0.0 lets other machines reach this server and spend its cloud budget; set "
+            "EDGELM_SERVE_API_KEY (or --serve-key-file) to a key clients must send, or pass --insecure") in r.stderr
+    r = run_cli(*base, "--host", "0.0.0.0", "--serve-key-file", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "cannot read the API key file" in r.stderr
+
+
+def test_with_a_key_every_path_but_health_needs_it(artifacts):
+    import httpx
+
+    s = Served("--device", str(artifacts["llamacpp"]), "--router", "always-device", "--threads", "1",
+               env={"EDGELM_SERVE_API_KEY": "inbound-secret-42"})
+    try:
+        body = {"prompt": "def add(a, b):", "max_tokens": 4, "temperature": 0}
+        assert httpx.get(f"{s.url}/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "inbound-secret-42"}):
+            r = httpx.post(f"{s.url}/v1/completions", json=body, headers=headers, timeout=60)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", headers
+        assert httpx.get(f"{s.url}/metrics").status_code == 401
+        assert httpx.get(f"{s.url}/v1/models").status_code == 401
+        ok = httpx.post(f"{s.url}/v1/completions", json=body, headers={"Authorization": "Bearer inbound-secret-42"},
+                        timeout=60)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"]
+        assert httpx.get(f"{s.url}/metrics", headers={"x-api-key": "inbound-secret-42"}).status_code == 200
+        from openai import AuthenticationError, OpenAI
+
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=f"{s.url}/v1", api_key="nope").completions.create(model="edgelm", prompt="x", max_tokens=2)
+        r = OpenAI(base_url=f"{s.url}/v1", api_key="inbound-secret-42").completions.create(
+            model="edgelm", prompt="def add(a, b):", max_tokens=4, temperature=0)
+        assert r.choices[0].text == ok.json()["choices"][0]["text"]
+    finally:
+        log = s.stop()
+    assert "inbound-secret-42" not in log
+
+
+def test_inbound_key_rules(monkeypatch, caplog):
+    import logging
+
+    from edgelm.coop.api import inbound_key, is_loopback
+    from edgelm.coop.config import ServeConfig
+    from edgelm.errors import EdgelmError
+
+    assert [is_loopback(h) for h in ("127.0.0.1", "127.5.0.1", "::1", "localhost", "0.0.0.0", "192.168.1.5",
+                                     "myhost")] == [True, True, True, True, False, False, False]
+    monkeypatch.delenv("EDGELM_SERVE_API_KEY", raising=False)
+    assert inbound_key(ServeConfig(host="::1")) is None
+    with pytest.raises(EdgelmError, match="pass --insecure"):
+        inbound_key(ServeConfig(host="192.168.1.5"))
+    with caplog.at_level(logging.WARNING):
+        assert inbound_key(ServeConfig(host="0.0.0.0", insecure=True)) is None
+    assert "without an API key (--insecure)" in caplog.text
+    monkeypatch.setenv("EDGELM_SERVE_API_KEY", "k1")
+    assert inbound_key(ServeConfig(host="0.0.0.0")) == "k1" and inbound_key(ServeConfig()) == "k1"
