@@ -87,19 +87,21 @@ def instructions_from_source(doc_key: str, text: str, kinds: tuple[str, ...] = K
 def iter_instructions(corpus: Corpus, split: str, kinds: tuple[str, ...] = KINDS,
                       per_file: int = PER_FILE) -> Iterator[Instruction]:
     """Instructions of a split spread over files: at most ``per_file`` from each file in split order, then the next
-    ``per_file`` of each, ... (a prefix is a fair sample of many files, and only the files it needs are parsed).
-    Only ``.py`` documents are read."""
-    rounds = 0
-    while True:
-        more = False
-        for key, text in corpus.documents(split):
-            if key.split("#", 1)[0].endswith(".py"):
-                found = instructions_from_source(key, text, kinds)
-                yield from found[rounds * per_file:(rounds + 1) * per_file]
-                more = more or len(found) > (rounds + 1) * per_file
-        if not more:
-            return
-        rounds += 1
+    ``per_file`` of each, ... (a prefix is a fair sample of many files). The first pass reads and parses files
+    lazily, only as far as it is taken; later passes reuse what it parsed. Only ``.py`` documents are read."""
+    rest: list[list[Instruction]] = []  # files with more than the pass has taken
+    for key, text in corpus.documents(split):
+        if key.split("#", 1)[0].endswith(".py"):
+            found = instructions_from_source(key, text, kinds)
+            yield from found[:per_file]
+            if len(found) > per_file:
+                rest.append(found)
+    k = per_file
+    while rest:
+        for found in rest:
+            yield from found[k:k + per_file]
+        k += per_file
+        rest = [f for f in rest if len(f) > k]
 
 
 def instructions(corpus: Corpus, split: str, n: int, kinds: tuple[str, ...] = KINDS) -> list[Instruction]:

@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -60,9 +60,11 @@ def _stop_ids(model, tok) -> list[int]:
 
 
 def generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = GEN_BATCH,
-             progress: bool = False, desc: str = "generate") -> list[tuple[str, bool]]:
+             progress: bool = False, desc: str = "generate",
+             on_batch: Callable[[list[int], list[tuple[str, bool]]], None] | None = None) -> list[tuple[str, bool]]:
     """Greedy answers (text, finished) to chat prompts, in order. Batched with left padding, longest prompts
-    first so a batch pads little; ``finished`` is False for an answer cut at ``max_new_tokens``."""
+    first so a batch pads little; ``finished`` is False for an answer cut at ``max_new_tokens``. ``on_batch``
+    gets each batch's prompt indices and answers as soon as they are done."""
     device = next(model.parameters()).device
     heads = [tok(render(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
     stop = _stop_ids(model, tok)
@@ -94,6 +96,8 @@ def generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int, batch_s
                 finished = bool(ends)
                 new = new[:ends[0]] if ends else new
                 out[i] = (tok.decode(new, skip_special_tokens=True), finished)
+            if on_batch is not None:
+                on_batch(idx, [out[i] for i in idx])  # type: ignore[misc]
             if bar is not None:
                 bar.update(len(idx))
     finally:
@@ -122,7 +126,8 @@ class Answer:
 
 class AnswerCache:
     """Greedy answers of one model, one JSON line each, keyed by the rendered prompt and the token limit. Rewritten
-    atomically after every batch, so an interrupted run keeps what it generated and never leaves half a file."""
+    atomically after every generated batch, so an interrupted run keeps what it generated and never leaves half a
+    file."""
 
     def __init__(self, model, tok, root: Path | None = None) -> None:
         self.model, self.tok = model, tok
@@ -142,23 +147,17 @@ class AnswerCache:
         todo = sorted({k: i for k, i in zip(keys, range(len(instrs))) if k not in self.entries}.values())
         if todo:
             log.info("%s: generating %d of %d (the rest cached in %s)", desc, len(todo), len(instrs), self.path)
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
 
-                bar = tqdm(total=len(todo), desc=desc, unit="answer", dynamic_ncols=True)
-            for b in range(0, len(todo), GEN_BATCH * 2):
-                part = todo[b:b + GEN_BATCH * 2]
-                got = generate(self.model, self.tok, [instrs[i].prompt for i in part], max_new_tokens=max_new_tokens)
-                for i, (text, finished) in zip(part, got):
+            def keep(done: list[int], got: list[tuple[str, bool]]) -> None:
+                for j, (text, finished) in zip(done, got):
+                    i = todo[j]
                     self.entries[keys[i]] = {"key": keys[i], "instruction": instrs[i].key, "text": text,
                                              "finished": finished}
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(self.path, "".join(json.dumps(e) + "\n" for e in self.entries.values()))
-                if bar is not None:
-                    bar.update(len(part))
-            if bar is not None:
-                bar.close()
+
+            generate(self.model, self.tok, [instrs[i].prompt for i in todo], max_new_tokens=max_new_tokens,
+                     progress=progress, desc=desc, on_batch=keep)
         return [Answer(i, self.entries[k]["text"], self.entries[k]["finished"]) for i, k in zip(instrs, keys)]
 
 
