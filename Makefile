@@ -4,7 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgelm-installed
 
-.PHONY: demo test bench-distill bench-quant bench-runtimes bench-route clean
+APP_STAMP := android_demo/node_modules/.edgelm-installed
+
+.PHONY: demo test app-deps bench-distill bench-quant bench-runtimes bench-route clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,10 +19,21 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev,all]'
 	touch $@
 
-demo: $(STAMP)
+# The app's runtime (wllama) and its browser tests' driver (playwright-core) from npm, pinned in the lockfile, and
+# Debian's chromium for those tests (never a downloaded browser). Where either can't be installed the browser tests
+# skip with the reason (and fail under CI).
+$(APP_STAMP): android_demo/package.json android_demo/package-lock.json
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install \
+		-y -qq --no-install-recommends chromium >/dev/null; } || echo "warning: could not install Debian's chromium"
+	cd android_demo && npm ci --no-audit --no-fund --loglevel=error && npm run --silent vendor
+	touch $@
+
+app-deps: $(APP_STAMP)
+
+demo: $(STAMP) $(APP_STAMP)
 	$(VENV)/bin/edgelm demo
 
-test: $(STAMP)
+test: $(STAMP) $(APP_STAMP)
 	$(PY) -m pytest
 
 bench-distill: $(STAMP)
@@ -36,4 +49,4 @@ bench-route: $(STAMP)
 	$(PY) benchmarks/routing.py
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs build *.egg-info android_demo/node_modules android_demo/www/vendor

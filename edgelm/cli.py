@@ -114,6 +114,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     res = run_demo(_from_args(DemoConfig, args))
     print(f"student: {res.student}")
     print(f"report:  {res.report}")
+    if getattr(res.app, "out", None):
+        print(f"app:     edgelm app serve {res.app.out}   (then open http://127.0.0.1:8090/)")
     return 0
 
 
@@ -224,6 +226,25 @@ def cmd_route(args: argparse.Namespace) -> int:
               f"{res.queries} test queries\n")
         print(res.table)
         print(f"wrote {cfg.out}/routing.md, routing.png, routing.json")
+    return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from edgelm.app.config import AppBuildConfig, AppServeConfig
+
+    if args.app_command == "build":
+        from edgelm.app.build import build_app
+
+        res = build_app(_from_args(AppBuildConfig, args))
+        for m in res.models:
+            r = m["route"]
+            print(f"  {m['name']}: {m['bytes'] / 2**20:.1f} MiB, {m['runtime']}; router {r['router']} threshold "
+                  f"{r['threshold']:.4g}")
+        print(f"app: {res.out} ({res.total_bytes / 2**20:.1f} MiB); serve it with `edgelm app serve {res.out}`")
+    else:
+        from edgelm.app.serve import serve_app
+
+        serve_app(_from_args(AppServeConfig, args))
     return 0
 
 
@@ -352,6 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
         a = rsub.add_parser(action, help=text)
         add_dataclass_args(a, RouteConfig)
         a.set_defaults(func=cmd_route)
+
+    from edgelm.app.config import AppBuildConfig, AppServeConfig
+
+    ap = sub.add_parser("app", help="the mobile app: pack artifacts into a web app (wrapped for Android), and serve it")
+    asub = ap.add_subparsers(dest="app_command", metavar="ACTION", parser_class=_Parser, required=True)
+    ab = asub.add_parser("build", help="artifacts, runtime files and a router the page computes, in one servable folder")
+    ab.add_argument("artifacts", nargs="+", help="GGUF artifact folders; the first is the default model")
+    add_dataclass_args(ab, AppBuildConfig, skip=("artifacts",))
+    ab.set_defaults(func=cmd_app)
+    as_ = asub.add_parser("serve", help="serve an app folder with the headers threads need, and proxy /v1 to a cloud")
+    as_.add_argument("folder", help="the folder `edgelm app build` wrote")
+    add_dataclass_args(as_, AppServeConfig, skip=("folder",))
+    as_.set_defaults(func=cmd_app)
 
     ls = sub.add_parser("list", help="list architectures, built-in teachers, student shapes, KD losses, quant presets, "
                                      "targets, runtimes and routers")

@@ -41,6 +41,7 @@ class DemoConfig:
     route: bool = True  # serve the teacher as a local cloud and judge the routers (--no-route skips)
     route_train_queries: int = 200  # train-split functions the learned router is fitted on
     route_eval_queries: int = 100  # test-split functions the routers are judged on
+    app: bool = True  # build the mobile app from the GGUF artifacts into out/app (--no-app skips)
     progress: bool = True  # progress bars
 
 
@@ -51,13 +52,14 @@ class DemoResult:
     test: dict[str, Any]  # "teacher" / "student" -> EvalResult on the test split
     artifacts: list[Any] = field(default_factory=list)  # ArtifactRow per exported artifact
     bench: Any = None  # BenchResult, when benchmarked
-    routing: Any = None  # RouteEvalResult, or a RoutingSkipped with the reason
+    routing: Any = None  # RouteEvalResult, or a StepSkipped with the reason
     chat: Any = None  # ChatEval of teacher and student, when measured
+    app: Any = None  # AppBuild, or a StepSkipped with the reason
 
 
 @dataclass
-class RoutingSkipped:
-    error: str  # why the routing step has no figures
+class StepSkipped:
+    error: str  # why a step (routing, the app) has no figures
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
@@ -104,6 +106,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     routing = None
     if rows and cfg.route:
         routing = route_step(cfg, out, rows)
+    app = app_step(cfg, out, rows) if rows and cfg.app else None
     log.info("[6/6] report")
     report = write_distill_report(out, res, test, wall_s=time.perf_counter() - t0)
     if chat is not None:
@@ -114,7 +117,9 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         write_bench_section(report, bench, out)
     if routing is not None:
         write_routing_section(report, routing, out)
-    return DemoResult(res.student_dir, report, test, rows, bench, routing, chat)
+    if app is not None:
+        write_app_section(report, app)
+    return DemoResult(res.student_dir, report, test, rows, bench, routing, chat, app)
 
 
 def write_chat_section(report: Path, chat, out: Path) -> None:
@@ -204,7 +209,7 @@ def route_step(cfg: DemoConfig, out: Path, rows):
     device = next((r.path for r in sorted(ggufs, key=lambda r: r.preset != cfg.quant)), None)
     gguf = resolve(cfg.teacher).info.get("gguf")
     if device is None or gguf is None:
-        return RoutingSkipped("needs a GGUF of the student and a built-in (GGUF) teacher")
+        return StepSkipped("needs a GGUF of the student and a built-in (GGUF) teacher")
     log.info("[5/6] route: %s as the device, the teacher as a local cloud; %d + %d queries", Path(device).name,
              cfg.route_train_queries, cfg.route_eval_queries)
     folder = out / "route"
@@ -217,7 +222,40 @@ def route_step(cfg: DemoConfig, out: Path, rows):
                               out=str(folder / "eval"), **common)
     except EdgelmError as e:
         log.warning("routing step failed: %s", e)
-        return RoutingSkipped(str(e))
+        return StepSkipped(str(e))
+
+
+def app_step(cfg: DemoConfig, out: Path, rows):
+    """The mobile app from the checked GGUF artifacts, the chosen preset first. A failure is reported, not fatal."""
+    from edgelm.app.build import build_app
+    from edgelm.errors import EdgelmError
+
+    ggufs = [r.path for r in sorted((r for r in rows if not r.error and r.target == "gguf"),
+                                    key=lambda r: (r.preset != cfg.quant, r.model_mib))]
+    if not ggufs:
+        return StepSkipped("no checked GGUF artifact")
+    log.info("[5/6] app: %d GGUF artifact(s) into %s", len(ggufs), out / "app")
+    try:
+        return build_app(artifacts=tuple(ggufs), out=str(out / "app"), force=True)
+    except EdgelmError as e:
+        log.warning("app step failed: %s", e)
+        return StepSkipped(str(e))
+
+
+def write_app_section(report: Path, app) -> None:
+    from edgelm.report import md_table, update_section
+
+    if isinstance(app, StepSkipped):
+        body = f"## Mobile app\n\nNot built: {app.error}\n"
+    else:
+        rows = [[m["name"], m["bytes"] / 2**20, m["route"]["router"], m["route"]["threshold"]] for m in app.models]
+        body = f"""## Mobile app
+
+`{app.out}` holds the web app with these models (the first is its default); open it with
+`edgelm app serve {app.out} --cloud URL` and a browser at http://127.0.0.1:8090/ (a phone: see android_demo/README.md).
+
+{md_table(["model", "MiB", "auto-mode router", "threshold"], rows)}"""
+    update_section(report, "app", body)
 
 
 def write_routing_section(report: Path, res, out: Path) -> None:
@@ -225,7 +263,7 @@ def write_routing_section(report: Path, res, out: Path) -> None:
 
     from edgelm.report import update_section
 
-    if isinstance(res, RoutingSkipped):
+    if isinstance(res, StepSkipped):
         body = f"## Device and cloud routing\n\nNot measured: {res.error}\n"
     else:
         shutil.copy(out / "route" / "eval" / "routing.png", out / "routing.png")

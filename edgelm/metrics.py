@@ -138,6 +138,21 @@ def compare_logits(pairs) -> QualityDelta:
                         top1_agree=agree / n, max_abs_logit_diff=max_diff, tokens=positions)
 
 
+def top_entropy(top_logprobs: Sequence[Sequence[float]]) -> float:
+    """Mean over steps of -sum(p * log p) over each step's top-n log-probs (nats; the part of the entropy the top n
+    carry). Plain float64 in a fixed order, so the mobile app's JavaScript (android_demo/www/router.js) gives the same
+    number from wllama's ``top_logprobs``."""
+    if not top_logprobs:
+        return 0.0
+    total = 0.0
+    for step in top_logprobs:
+        h = 0.0
+        for lp in step:
+            h -= math.exp(lp) * lp
+        total += h
+    return total / len(top_logprobs)
+
+
 def log_softmax_np(logits: "np.ndarray") -> "np.ndarray":
     """log-softmax over the last axis of a numpy array [..., V], in float64."""
     import numpy as np

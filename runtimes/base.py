@@ -76,6 +76,7 @@ class Draft:
     ids: list[int]  # greedy token ids
     entropy: list[float]  # nats, of the next-token distribution at each step
     logprob: list[float]  # of each chosen token
+    top_logprobs: list[list[float]] = field(default_factory=list)  # the n largest log-probs at each step, if asked
 
     @property
     def mean_entropy(self) -> float:
@@ -285,10 +286,11 @@ class Runtime:
         yield Generation(text=text, ids=best, prompt_tokens=len(ids), finish_reason=finish, ttft_s=t_end - t_call,
                          decode_s=0.0, timings={"beam_search_s": t_end - t0})
 
-    def draft(self, ids: Sequence[int], k: int) -> Draft:
+    def draft(self, ids: Sequence[int], k: int, *, top_n: int = 0) -> Draft:
         """``k`` greedy tokens after ``ids`` (fewer at a stop id), with the entropy of each step's distribution and
         the log-prob of each chosen token: how sure the model is of its own start. The cooperative runtime's draft
-        routers reuse the tokens when they answer here."""
+        routers reuse the tokens when they answer here. ``top_n``: also the n largest log-probs of each step,
+        largest first (what llama.cpp's server and wllama report as ``top_logprobs``)."""
         import numpy as np
 
         from edgelm.metrics import log_softmax_np
@@ -303,6 +305,8 @@ class Runtime:
             d.ids.append(int(np.argmax(logits)))
             d.entropy.append(float(-(np.exp(lp) * lp).sum()))
             d.logprob.append(float(lp[d.ids[-1]]))
+            if top_n:
+                d.top_logprobs.append(np.sort(np.partition(lp, -top_n)[-top_n:])[::-1].tolist())
             if d.ids[-1] in stop or i + 1 == k:
                 break
             logits = self._step(d.ids[-1])

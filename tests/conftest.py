@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytest_plugins = ["tests.runtime_fixtures"]  # the tiny model on every backend (tests/runtimes, tests/bench)
+# the tiny model on every backend (tests/runtimes, tests/bench); a real cloud on loopback (tests/coop, tests/app)
+pytest_plugins = ["tests.runtime_fixtures", "tests.cloud_fixtures"]
 
 # Small, readable stdlib modules for the tiny corpus: enough files for every split.
 STDLIB_FILES = 160

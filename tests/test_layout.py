@@ -2,7 +2,7 @@
 
 Layers, bottom to top (a module may import its own layer and the ones below):
     core (errors, registry, fsutil, manifest, metrics, report) → data → models → distill → quant → converters →
-    artifact → runtimes → bench | coop → demo → cli
+    artifact → runtimes → bench | coop → app → demo → cli
 Upward dependencies that are real (the export check runs the artifact in its runtime) go through a registry by name
 (``TARGET.runtime`` → ``RUNTIMES``), not through an import.
 """
@@ -28,6 +28,7 @@ LAYERS = [
     ("runtimes", ["edgelm.runtimes"]),
     ("bench", ["edgelm.bench"]),
     ("coop", ["edgelm.coop"]),
+    ("app", ["edgelm.app"]),
     ("demo", ["edgelm.demo"]),
     ("cli", ["edgelm.cli", "edgelm.__main__"]),
 ]

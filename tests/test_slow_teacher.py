@@ -117,6 +117,10 @@ def test_demo_writes_a_report(tmp_path):
         assert "| learned |" in report and (tmp_path / "demo" / "routing.png").stat().st_size > 1000
     else:
         assert "the cloud is not better than the device" in report
+    # the mobile app, built from the checked GGUF artifacts, the chosen preset first
+    app = json.loads((tmp_path / "demo" / "app" / "app.json").read_text())
+    assert app["default_model"] == "gguf-gptq-int4-g32" and "## Mobile app" in report
+    assert {m["name"] for m in app["models"]} == {p for p in exported if p.startswith("gguf-")}
 
 
 def test_cli_eval_of_the_builtin_teacher():

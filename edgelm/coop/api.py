@@ -109,6 +109,15 @@ def inbound_key(c: ServeConfig) -> str | None:
     return key
 
 
+def has_key(headers: Any, key: str) -> bool:
+    """Whether request ``headers`` carry ``key`` as ``Authorization: Bearer <key>`` or ``x-api-key`` (constant-time)."""
+    import hmac
+
+    auth = headers.get("authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-api-key", "")
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
 def _open_device_and_cloud(c, stack: contextlib.ExitStack):
     """The device runtime and cloud client of a RouteConfig, each closed by ``stack`` on every path."""
     from edgelm.coop.cloud import CloudClient, CloudConfig

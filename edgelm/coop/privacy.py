@@ -34,6 +34,14 @@ register_detector("api_key", r"\b(?:sk|pk|rk|ghp|gho|github_pat|xox[abpr]|AKIA|h
 register_detector("card", r"\b(?:\d[ -]?){13,19}\b", _luhn)
 
 
+def detector_table(names: tuple[str, ...] | None = None) -> list[dict[str, str | None]]:
+    """The detectors as data, for the mobile app's copy of the guard: name, regex source and the name of the extra
+    check (``luhn``) or None. The app's JavaScript compiles the same patterns."""
+    chosen = names if names is not None else tuple(_DETECTORS)
+    return [{"name": n, "pattern": _DETECTORS[n][0].pattern,
+             "check": _DETECTORS[n][1].__name__.lstrip("_") if _DETECTORS[n][1] else None} for n in chosen]
+
+
 @dataclass(frozen=True)
 class PrivacyGuard:
     detectors: tuple[str, ...] = ("email", "phone", "api_key", "card")  # names of detectors to apply

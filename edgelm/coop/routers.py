@@ -119,6 +119,36 @@ class DraftConfidence(Router):
         return Decision(d.mean_entropy, draft=d.ids, seconds=time.perf_counter() - t0)
 
 
+@ROUTERS.register
+class TopLogprobConfidence(Router):
+    """entropy of the top-n log-probs of the device's first k greedy tokens (what wllama and llama.cpp's server
+    report: the mobile app's auto mode)"""
+
+    name = "confidence-topn"
+
+    def __init__(self, k: int = 8, n: int = 5) -> None:
+        if k < 1 or n < 1:
+            raise EdgelmError(f"confidence-topn needs k >= 1 draft tokens and n >= 1 log-probs, got k={k}, n={n}")
+        self.k = k  # draft tokens
+        self.n = n  # log-probs per token, largest first
+
+    def score(self, device, ids):
+        import time
+
+        from edgelm.metrics import top_entropy
+
+        t0 = time.perf_counter()
+        d = device.draft(ids, self.k, top_n=self.n)
+        return Decision(top_entropy(d.top_logprobs), draft=d.ids, seconds=time.perf_counter() - t0)
+
+    def state(self):
+        return {"k": self.k, "n": self.n}
+
+    @classmethod
+    def from_state(cls, params):
+        return cls(**params)
+
+
 @dataclass
 class RouterState:
     """A router with its threshold, as stored next to a served model (``--router-file``)."""

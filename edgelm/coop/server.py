@@ -125,8 +125,7 @@ def _parse(body: Any, kind: str) -> tuple[Any, int, dict[str, Any], bool, bool]:
 def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_key: str | None = None):
     """The FastAPI app. With ``api_key``, every path but /health needs ``Authorization: Bearer <key>`` (or
     ``x-api-key``), else 401."""
-    import hmac
-
+    from edgelm.coop.api import has_key
     from edgelm.coop.runtime import Busy, CoopStream
 
     app = FastAPI(title="edgelm cooperative runtime")
@@ -137,12 +136,9 @@ def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_ke
     if api_key:
         @app.middleware("http")
         async def check_key(req: Request, call_next):
-            if req.url.path != "/health":
-                auth = req.headers.get("authorization", "")
-                given = auth[7:].strip() if auth[:7].lower() == "bearer " else req.headers.get("x-api-key", "")
-                if not hmac.compare_digest(given.encode(), api_key.encode()):
-                    return error(401, "missing or wrong API key: send the server's key as 'Authorization: Bearer "
-                                      "<key>'", "authentication_error")
+            if req.url.path != "/health" and not has_key(req.headers, api_key):
+                return error(401, "missing or wrong API key: send the server's key as 'Authorization: Bearer <key>'",
+                             "authentication_error")
             return await call_next(req)
 
     def reply(kind: str, ans, created: int, rid: str) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from edgelm.errors import EdgelmError
-from tests.coop.conftest import free_port
+from tests.cloud_fixtures import free_port
 
 
 @pytest.fixture()

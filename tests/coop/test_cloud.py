@@ -8,7 +8,7 @@ import time
 import pytest
 
 from edgelm.coop.cloud import CloudClient, CloudConfig, CloudError
-from tests.coop.conftest import direct_chat
+from tests.cloud_fixtures import direct_chat
 
 MSGS = [{"role": "user", "content": "def add(a, b):"}]
 PAYLOAD = {"messages": MSGS, "max_tokens": 8, "temperature": 0}

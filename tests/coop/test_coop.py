@@ -9,7 +9,7 @@ from edgelm.coop.cloud import CloudClient, CloudConfig
 from edgelm.coop.runtime import Busy, CooperativeRuntime
 from edgelm.errors import EdgelmError
 from edgelm.registry import ROUTERS
-from tests.coop.conftest import direct_chat, free_port
+from tests.cloud_fixtures import direct_chat, free_port
 
 MSGS = [{"role": "user", "content": "def add(a, b):"}]
 
@@ -177,11 +177,27 @@ def test_calibration_hits_the_budget(device):
 
     queries = function_queries(n=20)
     ids = [device.encode(q.prompt) for q in queries]
-    for name in ("confidence", "confidence-draft", "random"):
+    for name in ("confidence", "confidence-draft", "confidence-topn", "random"):
         router = ROUTERS.get(name)()
         state = calibrate(router, device, ids, 0.3)
         share = sum(router.score(device, i).score > state.threshold for i in ids) / len(ids)
         assert abs(share - 0.3) <= 0.1, (name, share)
+
+
+def test_top_n_draft_is_the_head_of_the_full_distribution(device):
+    """The quantities the app's router reads (wllama's top-n log-probs) come out of the same draft: the chosen
+    token's log-prob first, then the next largest; their entropy share is at most the full entropy."""
+    from edgelm.metrics import top_entropy
+
+    ids = device.encode("def add(a, b):\n    ")
+    d = device.draft(ids, 4, top_n=5)
+    full = device.draft(ids, 4)
+    assert d.ids == full.ids and len(d.top_logprobs) == len(d.ids)
+    for step, lp in zip(d.top_logprobs, d.logprob):
+        assert len(step) == 5 and step == sorted(step, reverse=True) and step[0] == lp
+    assert 0 < top_entropy(d.top_logprobs) <= full.mean_entropy + 1e-9
+    with pytest.raises(EdgelmError, match="k >= 1"):
+        ROUTERS.get("confidence-topn").from_state({"k": 0, "n": 5})
 
 
 def test_draft_router_reuses_its_draft(device, proxy):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT, run_cli
-from tests.coop.conftest import free_port, wait_http
+from tests.cloud_fixtures import free_port, wait_http
 
 
 class Served:
@@ -46,7 +46,7 @@ def served(artifacts, proxy):
 def test_openai_client_chat_and_stream(served, cloud, proxy, device):
     from openai import OpenAI
 
-    from tests.coop.conftest import direct_chat
+    from tests.cloud_fixtures import direct_chat
 
     client = OpenAI(base_url=f"{served.url}/v1", api_key="unused")
     msgs = [{"role": "user", "content": "def add(a, b):"}]

@@ -1,0 +1,134 @@
+// The device side: the model's bytes (downloaded once, kept in Cache Storage, sha256-checked before every use) and
+// wllama (llama.cpp in WebAssembly) running them.
+import { Wllama } from './vendor/wllama/index.js';
+import { sha256 } from './sha256.js';
+
+export const MODEL_CACHE = 'edgelm-models-v1';
+const MiB = 2 ** 20;
+
+export class AppError extends Error {}  // a message meant for the user, shown as it is
+
+/** Bytes of a model entry of app.json: from the cache, else downloaded (with progress) and cached; checked. */
+export async function modelBlob(entry, onProgress = () => {}) {
+  const cache = globalThis.caches ? await caches.open(MODEL_CACHE) : null;  // none outside a secure context
+  let blob = null;
+  const hit = cache && (await cache.match(entry.path));
+  if (hit) blob = await hit.blob();
+  if (!blob) {
+    if (navigator.storage && navigator.storage.estimate) {
+      const { quota, usage } = await navigator.storage.estimate();
+      if (quota !== undefined && quota - (usage || 0) < entry.bytes) {
+        throw new AppError(`${entry.name} needs ${(entry.bytes / MiB).toFixed(1)} MiB but this browser lets the app ` +
+          `store only ${((quota - (usage || 0)) / MiB).toFixed(1)} MiB more; free some storage or pick a smaller model`);
+      }
+    }
+    let resp;
+    try {
+      resp = await fetch(entry.path);
+    } catch (e) {
+      throw new AppError(`could not download ${entry.path} (${e.message}); check the connection to the app's server`);
+    }
+    if (!resp.ok) throw new AppError(`${entry.path}: the server answered HTTP ${resp.status}; rebuild the app`);
+    const reader = resp.body.getReader();
+    const parts = [];
+    let got = 0;
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      parts.push(value);
+      got += value.length;
+      onProgress(got, entry.bytes);
+    }
+    blob = new Blob(parts);
+  }
+  const digest = await sha256(blob);
+  if (digest !== entry.sha256) {
+    if (cache) await cache.delete(entry.path);
+    throw new AppError(`${entry.name}: the model file's sha256 does not match app.json (got ${digest.slice(0, 12)}…, ` +
+      `want ${entry.sha256.slice(0, 12)}…); it is corrupt or was changed, so it is not used`);
+  }
+  if (cache && !hit) {
+    try {
+      await cache.put(entry.path, new Response(blob, { headers: { 'Content-Type': 'application/octet-stream' } }));
+    } catch (e) {
+      throw new AppError(`${entry.name} (${(entry.bytes / MiB).toFixed(1)} MiB) does not fit the browser's storage ` +
+        `(${e.name}); free some storage or pick a smaller model`);
+    }
+  }
+  return blob;
+}
+
+/**
+ * wllama (llama.cpp in WebAssembly) over one GGUF model, through its low-level API: tokenize, decode, the top-n
+ * probabilities of the next token, detokenize. Greedy decoding happens here, one token at a time, so the page gets
+ * token ids and log-probs and decodes partial UTF-8 itself. (wllama 3.x's OpenAI-style results fail on a token that
+ * is an incomplete UTF-8 sequence, which emoji produce; see android_demo/README.md.)
+ */
+export class WllamaDevice {
+  constructor(entry) {
+    this.entry = entry;
+    this.wllama = null;
+    this.loadSeconds = 0;
+  }
+
+  async load({ threads = 1, context = 2048, onProgress } = {}) {
+    const t0 = performance.now();
+    const blob = await modelBlob(this.entry, onProgress);
+    const wasm = (kind) => new URL(`./vendor/wllama/${kind}/wllama.wasm`, import.meta.url).href;
+    this.wllama = new Wllama({ 'single-thread/wllama.wasm': wasm('single-thread'),
+                               'multi-thread/wllama.wasm': wasm('multi-thread') }, { suppressNativeLog: true });
+    try {
+      // flash attention off, as in llama-cpp-python: the page's log-probs then match the Python router's
+      await this.wllama.loadModel([blob], { n_threads: threads, n_ctx: context, flash_attn: false });
+    } catch (e) {
+      throw new AppError(`wllama could not load ${this.entry.name} (${e.message})`);
+    }
+    this.context = this.wllama.getLoadedContextInfo().n_ctx;
+    this.threads = this.wllama.getNumThreads();
+    this.loadSeconds = (performance.now() - t0) / 1000;
+  }
+
+  /**
+   * Greedy completion of `prompt` (a user message with `chat`), streamed: onToken({id, text, top}) per token, with
+   * top = its top-n log-probs, largest first. Returns {ids, text, finish, ttft, seconds, decodeSeconds}.
+   * `signal` stops it (the router's verdict after the draft, or the Stop button).
+   */
+  async complete(prompt, { maxTokens, topN, onToken, signal, chat = false }) {
+    const w = this.wllama;
+    const t0 = performance.now();
+    const text0 = chat ? await w.formatChat([{ role: 'user', content: prompt }], true) : prompt;
+    const prompt_ids = await w.tokenize(text0, true);
+    if (prompt_ids.length + maxTokens > this.context) {
+      throw new AppError(`the prompt has ${prompt_ids.length} tokens and the answer may take ${maxTokens} more, but ` +
+        `the model's context holds ${this.context}; shorten the prompt or lower max tokens`);
+    }
+    const ids = [];
+    const utf8 = new TextDecoder('utf-8');  // streaming: a character split over byte tokens comes out whole
+    let text = '';
+    let finish = 'length';
+    let tFirst = null;
+    try {
+      await w.kvClear();
+      await w.decode(prompt_ids, {});
+      while (ids.length < maxTokens) {
+        if (signal && signal.aborted) { finish = 'stopped'; break; }
+        const top = await w.getLogits(topN);  // [{token, p}], most probable first
+        const id = top[0].token;
+        if (tFirst === null) tFirst = performance.now();
+        if (w.isTokenEOG(id)) { finish = 'stop'; break; }
+        ids.push(id);
+        const piece = utf8.decode(await w.detokenize([id]), { stream: true });
+        text += piece;
+        onToken({ id, text: piece, top: top.map((t) => Math.log(t.p)) });
+        if (ids.length < maxTokens) await w.decode([id], {});
+      }
+    } catch (e) {
+      throw new AppError(`the device model failed (${e.message || e})`);
+    }
+    const tail = utf8.decode();
+    if (tail) { text += tail; onToken({ id: null, text: tail, top: null }); }
+    const end = performance.now();
+    return { ids, text, finish, ttft: tFirst === null ? null : (tFirst - t0) / 1000, seconds: (end - t0) / 1000,
+             decodeSeconds: tFirst === null ? 0 : (end - tFirst) / 1000 };
+  }
+}

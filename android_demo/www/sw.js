@@ -1,0 +1,30 @@
+// Offline: the app's files are cached at install and refreshed whenever the network answers; models are cached by
+// the page itself (device.js, after their sha256 check) and served from there. /v1 (the cloud) is never cached.
+const SHELL = 'edgelm-app-v1';
+const FILES = ['./', 'index.html', 'app.js', 'app.css', 'device.js', 'cloud.js', 'router.js', 'sha256.js', 'app.json',
+               'manifest.webmanifest', 'icon.svg', 'vendor/wllama/index.js', 'vendor/wllama/single-thread/wllama.wasm',
+               'vendor/wllama/multi-thread/wllama.wasm'];
+
+self.addEventListener('install', (event) => {
+  event.waitUntil(caches.open(SHELL).then((c) => c.addAll(FILES)).then(() => self.skipWaiting()));
+});
+
+self.addEventListener('activate', (event) => event.waitUntil(self.clients.claim()));
+
+self.addEventListener('fetch', (event) => {
+  const url = new URL(event.request.url);
+  if (event.request.method !== 'GET' || url.origin !== self.location.origin) return;
+  const path = url.pathname;
+  if (path.includes('/v1/') || path.endsWith('/edgelm-serve.json')) return;  // live only
+  if (path.includes('/models/')) {  // large and checked by sha256: cache first
+    event.respondWith(caches.match(event.request).then((hit) => hit || fetch(event.request)));
+    return;
+  }
+  event.respondWith(fetch(event.request).then((resp) => {  // network first, so a rebuilt app shows at once
+    if (resp.ok) {
+      const copy = resp.clone();
+      caches.open(SHELL).then((c) => c.put(event.request, copy));
+    }
+    return resp;
+  }).catch(() => caches.match(event.request, { ignoreSearch: true }).then((hit) => hit || Response.error())));
+});

@@ -1,0 +1,138 @@
+"""`edgelm app build`: the web app, its runtime files, the artifacts and a router the page can compute, in one folder.
+
+The folder is static: any web server can serve it (`edgelm app serve` adds the headers that enable threads and a
+/v1 proxy to the cloud), and Capacitor wraps the same files for Android. ``app.json`` tells the page what it holds:
+each model's files with their sha256 (checked in the page before use), its router threshold, the privacy rules.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from edgelm.app.config import AppBuildConfig
+from edgelm.errors import EdgelmError
+
+log = logging.getLogger(__name__)
+
+APP_JSON = "app.json"
+# artifact kind -> (the page's runtime, the runtime files it needs under the web folder)
+PAGE_RUNTIMES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "export-gguf": ("wllama", ("vendor/wllama/index.js", "vendor/wllama/single-thread/wllama.wasm",
+                               "vendor/wllama/multi-thread/wllama.wasm")),
+}
+# routers the page computes from what its runtimes report (top-n log-probs of greedy tokens), and the baselines
+PAGE_ROUTERS = ("confidence-topn", "always-device", "always-cloud")
+DEFAULT_ROUTER = "confidence-topn"
+
+
+@dataclass(frozen=True)
+class AppBuild:
+    out: Path  # the app folder
+    models: list[dict[str, Any]]  # what app.json lists, one per artifact
+    total_bytes: int  # the whole folder
+
+
+def default_web() -> Path:
+    """android_demo/www of this checkout (the package is installed from it in editable mode)."""
+    return Path(__file__).resolve().parents[2] / "android_demo" / "www"
+
+
+def _artifact(path: str) -> tuple[Path, dict[str, Any], str]:
+    from edgelm.manifest import read_manifest
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise EdgelmError(f"{path} is not an artifact folder; pass what `edgelm export --target gguf` wrote")
+    m = read_manifest(folder)  # refuses a changed or corrupt file
+    if m is None:
+        raise EdgelmError(f"{path} has no edgelm.json; pass what `edgelm export --target gguf` wrote")
+    kind = m.get("kind", "")
+    if kind not in PAGE_RUNTIMES:
+        ok = ", ".join(k.removeprefix("export-") for k in PAGE_RUNTIMES)
+        raise EdgelmError(f"{path} is a {kind!r} artifact; the app runs {ok} artifacts (edgelm export --target gguf)")
+    return folder, m, PAGE_RUNTIMES[kind][0]
+
+
+def _check_web(web: Path, kinds: set[str]) -> None:
+    if not (web / "index.html").is_file():
+        raise EdgelmError(f"{web} has no index.html; pass --web with the app's folder (android_demo/www of a checkout)")
+    missing = [f for k in sorted(kinds) for f in PAGE_RUNTIMES[k][1] if not (web / f).is_file()]
+    if missing:
+        raise EdgelmError(f"{web / missing[0]} is missing: the runtime files are copied from npm packages; run "
+                          "`make app-deps` (npm ci in android_demo) first")
+
+
+def _route(state) -> dict[str, Any]:
+    """What the page needs of a router state; infinite thresholds (always-*, budgets 0 and 1) become +-1e300, since
+    JSON has no infinity."""
+    t = max(min(state.threshold, 1e300), -1e300)
+    return {"router": state.router, "threshold": t, "params": state.params, "budget": state.budget,
+            "calibration": state.calibration}
+
+
+def _router_for(c: AppBuildConfig, folder: Path, queries: list[str]) -> dict[str, Any]:
+    """The router state the page uses for this model: the given file's, or confidence-topn calibrated on it."""
+    from edgelm.coop.routers import RouterState, calibrate, router_from_state
+    from edgelm.registry import ROUTERS
+    from edgelm.runtimes.api import load
+
+    if c.router:
+        state = RouterState.load(c.router)
+        if state.router not in PAGE_ROUTERS:
+            raise EdgelmError(f"{c.router} holds router {state.router!r}, which the page cannot compute; it runs "
+                              f"{', '.join(PAGE_ROUTERS)} (omit --router to calibrate {DEFAULT_ROUTER})")
+        router_from_state(state)  # refuses bad parameters here, not in the page
+        return _route(state)
+    router = ROUTERS.get(DEFAULT_ROUTER).from_state({})
+    with load(folder, threads=None) as rt:
+        state = calibrate(router, rt, [rt.encode(q) for q in queries], c.cloud_budget)
+    log.info("%s: %s threshold %.4g sends %.0f%% of %d val-split queries to the cloud", folder.name, state.router,
+             state.threshold, 100 * state.calibration.get("achieved_share", 0), len(queries))
+    return _route(state)
+
+
+def build_app(config: AppBuildConfig | None = None, **kwargs: Any) -> AppBuild:
+    """Write the app folder. Keyword arguments are :class:`AppBuildConfig` fields."""
+    from edgelm.coop.data import function_queries
+    from edgelm.coop.privacy import PrivacyGuard, detector_table
+    from edgelm.coop.routers import check_budget
+    from edgelm.fsutil import atomic_dir, atomic_write_json
+    from edgelm.manifest import write_manifest
+
+    c = replace(config or AppBuildConfig(), **kwargs)
+    if not c.artifacts or not c.out:
+        raise EdgelmError("app build needs at least one artifact folder and --out")
+    check_budget(c.cloud_budget)
+    arts = [_artifact(a) for a in c.artifacts]
+    names = [f.name for f, _, _ in arts]
+    if len(set(names)) != len(names):
+        raise EdgelmError(f"two artifacts share the folder name {max(names, key=names.count)!r}; the app names "
+                          "models by folder, so rename one")
+    web = Path(c.web) if c.web else default_web()
+    _check_web(web, {m["kind"] for _, m, _ in arts})
+    queries = [] if c.router else [q.prompt for q in function_queries(c.data, "val", c.calib_queries)]
+    if not c.router and not queries:
+        raise EdgelmError("no calibration queries in the corpus's val split; pass --data with Python source or --router")
+    models = []
+    with atomic_dir(c.out, overwrite=c.force) as tmp:
+        shutil.copytree(web, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*", "*.map"))
+        for folder, m, runtime in arts:
+            dest = tmp / "models" / folder.name
+            shutil.copytree(folder, dest)
+            files = m["files"]
+            models.append({
+                "name": folder.name, "runtime": runtime, "target": m.get("target"),
+                "preset": m.get("preset", {}).get("name"), "file": m["file"],
+                "path": f"models/{folder.name}/{m['file']}", "bytes": files[m["file"]]["size"],
+                "sha256": files[m["file"]]["sha256"],
+                "route": _router_for(c, folder, queries),
+            })
+        guard = PrivacyGuard()
+        atomic_write_json(tmp / APP_JSON, {"models": models, "default_model": models[0]["name"],
+                                           "privacy": detector_table(guard.detectors)})
+        manifest = write_manifest(tmp, "app", models=[m["name"] for m in models])
+    log.info("app: %s (%d model(s), %.1f MiB)", c.out, len(models), manifest["total_bytes"] / 2**20)
+    return AppBuild(Path(c.out), models, manifest["total_bytes"])

@@ -1,0 +1,136 @@
+"""`edgelm app serve`: the app folder over HTTP, and a /v1 proxy to the cloud.
+
+Every response carries COOP/COEP (cross-origin isolation: the runtimes may use threads) and the MIME types the
+runtimes need. The page talks to the cloud through /v1 on its own origin, so no CORS is needed and the cloud's key
+stays on this machine: the proxy adds it. Bound beyond loopback, /v1 needs the server's own key (as `edgelm serve`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import mimetypes
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from edgelm.app.config import AppServeConfig
+from edgelm.errors import EdgelmError
+
+log = logging.getLogger(__name__)
+
+ISOLATION = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp",
+             "Cross-Origin-Resource-Policy": "same-origin"}
+NO_CACHE = ("/", "/index.html", "/app.json", "/sw.js")  # the service worker decides what is cached, not the HTTP cache
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host",
+              "authorization", "x-api-key"}
+for _ext, _type in ((".mjs", "text/javascript"), (".js", "text/javascript"), (".wasm", "application/wasm"),
+                    (".webmanifest", "application/manifest+json"), (".gguf", "application/octet-stream"),
+                    (".onnx", "application/octet-stream"), (".data", "application/octet-stream")):
+    mimetypes.add_type(_type, _ext)
+
+
+def check_app(folder: str | Path) -> dict[str, Any]:
+    """The app folder's manifest, every file's sha256 checked; a one-line error for anything else."""
+    from edgelm.manifest import read_manifest
+
+    m = read_manifest(folder) if Path(folder).is_dir() else None
+    if m is None or m.get("kind") != "app":
+        raise EdgelmError(f"{folder} is not an app folder; write one with `edgelm app build ARTIFACT... --out DIR`")
+    return m
+
+
+def create_server(folder: str | Path, *, cloud: str = "", cloud_key: str | None = None, api_key: str | None = None):
+    """The Starlette app: static files from ``folder``, /v1/* proxied to ``cloud``, /edgelm-serve.json for the page."""
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.datastructures import MutableHeaders
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    from edgelm.coop.api import has_key
+
+    def error(status: int, msg: str, typ: str) -> JSONResponse:
+        return JSONResponse({"error": {"message": msg, "type": typ}}, status_code=status)
+
+    upstream = cloud.rstrip("/") + "/" if cloud else ""
+    client = httpx.AsyncClient(timeout=httpx.Timeout(120.0, connect=5.0)) if cloud else None
+
+    async def proxy(req: Request):
+        if api_key and not has_key(req.headers, api_key):
+            return error(401, "missing or wrong API key: enter this server's key in the app's settings",
+                         "authentication_error")
+        if client is None:
+            return error(503, "no cloud is configured: start `edgelm app serve` with --cloud URL", "no_cloud")
+        url = upstream + req.path_params["path"]
+        headers = {k: v for k, v in req.headers.items() if k.lower() not in HOP_BY_HOP}
+        if cloud_key:
+            headers["authorization"] = f"Bearer {cloud_key}"
+        try:
+            r = await client.send(client.build_request(req.method, url, headers=headers, content=await req.body(),
+                                                       params=req.query_params), stream=True)
+        except httpx.HTTPError as e:
+            return error(502, f"the cloud at {cloud} did not answer ({type(e).__name__})", "cloud_unreachable")
+
+        async def body():
+            try:
+                async for part in r.aiter_raw():
+                    yield part
+            except httpx.HTTPError:  # a cut stream ends the page's stream; the page falls back on the device
+                pass
+            finally:
+                await r.aclose()
+
+        keep = {k: v for k, v in r.headers.items() if k.lower() not in HOP_BY_HOP}
+        return StreamingResponse(body(), status_code=r.status_code, headers=keep)
+
+    async def info(req: Request):
+        return JSONResponse({"cloud": bool(cloud), "key_required": bool(api_key)})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if client is not None:
+            await client.aclose()
+
+    def isolate(app):
+        """ASGI wrapper: the isolation headers on every response, no-cache on the app's entry files."""
+        async def wrapped(scope, receive, send):
+            async def send_with_headers(msg):
+                if msg["type"] == "http.response.start":
+                    h = MutableHeaders(scope=msg)
+                    h.update(ISOLATION)
+                    if scope["path"] in NO_CACHE:
+                        h["Cache-Control"] = "no-cache"
+                await send(msg)
+
+            await app(scope, receive, send_with_headers if scope["type"] == "http" else send)
+
+        return wrapped
+
+    return Starlette(routes=[Route("/v1/{path:path}", proxy, methods=["GET", "POST"]),
+                             Route("/edgelm-serve.json", info),
+                             Mount("/", StaticFiles(directory=str(folder), html=True))],
+                     middleware=[Middleware(isolate)], lifespan=lifespan)
+
+
+def serve_app(config: AppServeConfig | None = None, **kwargs: Any) -> None:
+    """Serve the app folder until interrupted."""
+    c = replace(config or AppServeConfig(), **kwargs)
+    try:
+        import uvicorn
+    except ImportError:
+        raise EdgelmError("serving needs uvicorn and starlette; pip install 'edgelm[serve]'") from None
+    from edgelm.coop.api import inbound_key
+    from edgelm.coop.cloud import read_key
+
+    if c.cloud and not c.cloud.startswith(("http://", "https://")):
+        raise EdgelmError(f"--cloud {c.cloud!r} must start with http:// or https:// (e.g. http://127.0.0.1:8080/v1)")
+    m = check_app(c.folder)
+    key = inbound_key(c)
+    app = create_server(c.folder, cloud=c.cloud, cloud_key=read_key(c.api_key_env, c.api_key_file), api_key=key)
+    log.info("app (%s) on http://%s:%d/ ; cloud: %s", ", ".join(m.get("models", [])), c.host, c.port,
+             c.cloud or "none (device only)")
+    uvicorn.run(app, host=c.host, port=c.port, log_level="warning")

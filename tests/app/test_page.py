@@ -1,0 +1,171 @@
+"""The app in Debian's chromium as a Pixel 7: greedy tokens equal edgelm's Python runtime on the same GGUF, the
+router's score equals the Python router's, the cloud answers through the proxy and the device takes over when it
+fails, private queries make no cloud request, a reload offline still answers, and bad input gets a message."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from tests.app.conftest import DEMO, SHOTS, start_app_server
+from tests.cloud_fixtures import FaultProxy
+from tests.runtime_fixtures import EMOJI, LONG, PROMPT
+
+N = 16  # tokens per answer
+
+
+def test_device_answer_is_pythons_greedy(browser, app_url, runtimes, rt_model):
+    seen = browser.step("open", url=app_url)["seen"]
+    assert seen["loaded"] and not seen["error"], seen
+    out = browser.step("run", prompt=PROMPT, maxTokens=N, mode="device")
+    page = out["seen"]
+    py = runtimes["llamacpp"].greedy(rt_model["prompt_ids"], N)
+    assert page["side"] == "device" and page["reason"] == "device mode", json.dumps(page)
+    assert page["ids"] == py
+    assert page["text"] == runtimes["llamacpp"].decode(py)
+    assert LONG in page["text"] and EMOJI in page["text"]  # the 41-byte token and the emoji split over 4 tokens
+    assert out["v1_requests"] == 0 and page["tps"] > 0 and page["ttft"] > 0
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    browser.step("screenshot", path=str(SHOTS / "app-pixel7.png"))
+    assert (SHOTS / "app-pixel7.png").stat().st_size > 10_000
+
+
+def test_auto_mode_scores_like_the_python_router(browser, app_url, app_dir, runtimes, rt_model):
+    from edgelm.coop.routers import router_from_state, RouterState
+
+    browser.step("open", url=app_url)
+    page = browser.step("run", prompt=PROMPT, maxTokens=N, mode="auto")["seen"]
+    route = json.loads((app_dir / "app.json").read_text())["models"][0]["route"]
+    router = router_from_state(RouterState(route["router"], route["threshold"], params=route["params"]))
+    py = router.score(runtimes["llamacpp"], rt_model["prompt_ids"]).score
+    assert route["router"] == "confidence-topn"
+    assert page["score"] == pytest.approx(py, abs=1e-4)
+    assert page["side"] == ("cloud" if page["score"] > route["threshold"] else "device")
+    assert f"threshold {route['threshold']:.3f}" in page["reason"]
+
+
+def test_router_formula_and_privacy_rules_match_python():
+    """router.js's topEntropy and privacy guard against edgelm.metrics and edgelm.coop.privacy, in node."""
+    from edgelm.coop.privacy import PrivacyGuard, detector_table
+    from edgelm.metrics import top_entropy
+
+    steps = [[-0.01, -5.2, -6.0], [-1.3, -1.4, -2.9, -3.3, -7.5], [-0.0]]
+    texts = ["mail bob@example.com", "call +1 415 555 0100", "card 4111 1111 1111 1111", "card 4111 1111 1111 1112",
+             "key sk-abcdefghijklmnop1234", "def f(x):\n    return x", "(415) 555-0100", "v1.2.3-4"]
+    script = f"""
+import {{ topEntropy, makeGuard }} from '{(DEMO / "www" / "router.js").as_posix()}';
+const g = makeGuard({json.dumps(detector_table())});
+console.log(JSON.stringify({{ h: topEntropy({json.dumps(steps)}), flags: {json.dumps(texts)}.map((t) => g.flags(t)) }}));
+"""
+    r = subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["h"] == pytest.approx(top_entropy(steps), abs=1e-12)
+    assert out["flags"] == [PrivacyGuard().flags(t) for t in texts]
+    assert out["flags"][0] == ["email"] and out["flags"][3] == [] and out["flags"][5] == []
+
+
+def test_cloud_answers_through_the_proxy(browser, app_url, cloud, cloud_proxy):
+    import httpx
+
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    httpx.post(f"{cloud.url}/completions", json=body, timeout=60)  # same prompt first: see direct_chat
+    cloud_proxy.mode = "pass"
+    browser.step("open", url=app_url)
+    out = browser.step("run", prompt=PROMPT, maxTokens=8, mode="cloud")
+    want = httpx.post(f"{cloud.url}/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    assert out["seen"]["side"] == "cloud" and out["seen"]["reason"] == "cloud mode", out
+    assert out["seen"]["text"] == want and want
+    assert out["v1_requests"] == 1 and "cloud · cloud mode" in out["seen"]["badge"]
+
+
+@pytest.mark.parametrize("mode, reason", [("500", "http_500"), ("malformed", "malformed")])
+def test_cloud_failure_falls_back_on_the_device(browser, app_url, cloud_proxy, runtimes, rt_model, mode, reason):
+    cloud_proxy.mode = mode
+    try:
+        browser.step("open", url=app_url)
+        out = browser.step("run", prompt=PROMPT, maxTokens=N, mode="cloud")["seen"]
+    finally:
+        cloud_proxy.mode = "pass"
+    assert out["side"] == "device" and out["cloudError"] == reason, out
+    assert "cloud failed" in out["reason"] and "answered on the device" in out["badge"]
+    assert out["ids"] == runtimes["llamacpp"].greedy(rt_model["prompt_ids"], N)
+
+
+def test_stopped_cloud_falls_back_on_the_device(browser, app_dir, cloud):
+    proxy = FaultProxy(cloud.port)
+    proc, url = start_app_server(app_dir, "--cloud", proxy.url)
+    try:
+        browser.step("open", url=url)
+        assert browser.step("run", prompt=PROMPT, maxTokens=4, mode="cloud")["seen"]["side"] == "cloud"
+        proxy.stop()  # the cloud is gone
+        out = browser.step("run", prompt=PROMPT, maxTokens=4, mode="cloud")["seen"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert out["side"] == "device" and out["cloudError"] == "http_502", out
+    assert "did not answer" in out["reason"]
+
+
+@pytest.mark.parametrize("prompt, private", [("send it to bob@example.com\ndef f(", False), (PROMPT, True)])
+def test_private_queries_make_no_cloud_request(browser, app_url, cloud_proxy, prompt, private):
+    browser.step("open", url=app_url)
+    before = cloud_proxy.count
+    for mode in ("cloud", "auto"):
+        out = browser.step("run", prompt=prompt, maxTokens=4, mode=mode, private=private)
+        assert out["seen"]["side"] == "device" and out["seen"]["reason"].startswith("private ("), out
+        assert out["v1_requests"] == 0
+    assert cloud_proxy.count == before
+
+
+def test_reload_offline_still_answers(browser, app_url, runtimes, rt_model):
+    browser.step("open", url=app_url)
+    assert browser.step("wait-sw")["seen"] is True
+    browser.step("offline", value=True)
+    try:
+        seen = browser.step("reload")["seen"]
+        assert seen["loaded"] and not seen["error"], seen
+        out = browser.step("run", prompt=PROMPT, maxTokens=N, mode="auto")["seen"]
+    finally:
+        browser.step("offline", value=False)
+    assert out["ids"][:8] == runtimes["llamacpp"].greedy(rt_model["prompt_ids"], 8)
+    assert out["side"] == "device"  # offline: the cloud fails or the router kept it here
+
+
+def test_bad_input_gets_a_message(browser, app_url):
+    browser.step("open", url=app_url)
+    out = browser.step("run", prompt="   ", maxTokens=4, mode="device")["seen"]
+    assert out["error"] == "type a prompt first" and out["ids"] == []
+    long = browser.step("run", prompt="x " * 3000, maxTokens=4, mode="device")["seen"]
+    assert "context" in long["error"], long
+    ok = browser.step("run", prompt=PROMPT, maxTokens=2, mode="device")["seen"]  # still usable
+    assert len(ok["ids"]) == 2 and not ok["error"]
+
+
+def test_corrupt_model_is_refused_in_the_page(browser, app_dir, tmp_path):
+    copy = tmp_path / "app"
+    shutil.copytree(app_dir, copy)
+    proc, url = start_app_server(copy)
+    try:
+        model = next((copy / "models").glob("*/model.gguf"))
+        data = bytearray(model.read_bytes())
+        data[-1] ^= 0xFF  # after the server checked the folder: only the page can notice
+        model.write_bytes(bytes(data))
+        seen = browser.step("open", url=url)["seen"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert not seen["loaded"] and "sha256 does not match" in seen["error"], seen
+
+
+def test_model_over_the_storage_quota_is_refused_plainly(browser, app_dir):
+    proc, url = start_app_server(app_dir)
+    try:
+        browser.step("quota", origin=url.rstrip("/"), bytes=1_000_000)
+        seen = browser.step("open", url=url)["seen"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert not seen["loaded"] and "free some storage or pick a smaller model" in seen["error"], seen
