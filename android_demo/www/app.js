@@ -54,7 +54,10 @@ async function loadModel(name) {
   $('progress').hidden = false;
   const device = new WllamaDevice(entry);
   try {
-    await device.load({ threads: Number($('threads').value), onProgress: (got, total) => {
+    // auto: up to 4 of the cores (2 beat 1 on a 2-core desktop: docs/results.md); without cross-origin isolation
+    // wllama runs single-threaded whatever is asked
+    const threads = Number($('threads').value) || Math.min(4, navigator.hardwareConcurrency || 1);
+    await device.load({ threads, onProgress: (got, total) => {
       $('progress').value = got / total;
     } });
   } catch (e) {
@@ -95,11 +98,11 @@ async function onDevice(prompt, opts, draft = null) {
     else { $('answer').textContent += held; showRoute('device', verdict.reason); }
   };
   const res = await state.device.complete(prompt, {
-    maxTokens: opts.maxTokens, topN: n, chat: opts.chat, signal: ctl.signal,
+    maxTokens: opts.maxTokens, topN: n, topFor: draft ? k : 0, chat: opts.chat, signal: ctl.signal,
     onToken: ({ text, top }) => {
       if (verdict) { $('answer').textContent += text; return; }
       held += text;
-      if (top === null) return;  // the tail of a character split over tokens
+      if (top === null) return;  // the tail of a character split over tokens, or past the draft
       tops.push(top);
       if (tops.length >= k) decide();
     },
@@ -200,14 +203,18 @@ async function main() {
     state.server = r.ok ? await r.json() : null;
   } catch { state.server = null; }  // offline, or served by another web server: the cloud URL setting decides
   for (const m of state.app.models) $('model').add(new Option(`${m.name} (${(m.bytes / MiB).toFixed(0)} MiB)`, m.name));
-  $('model').value = state.app.default_model;
+  const query = new URLSearchParams(location.search);  // ?model=NAME&threads=N: a link that picks both
+  const asked = query.get('model');
+  if (asked && !state.app.models.some((m) => m.name === asked)) showError(`no model ${asked} in this app`);
+  $('model').value = asked && state.app.models.some((m) => m.name === asked) ? asked : state.app.default_model;
+  if (query.get('threads')) $('threads').value = query.get('threads');
   $('model').addEventListener('change', () => loadModel($('model').value));
   $('run').addEventListener('click', run);
   $('stop').addEventListener('click', () => {
     state.stopped = true;
     if (state.abort) state.abort.abort();
   });
-  await loadModel(state.app.default_model);
+  await loadModel($('model').value);
 }
 
 state.ready = main();

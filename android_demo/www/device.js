@@ -5,6 +5,8 @@ import { sha256 } from './sha256.js';
 
 export const MODEL_CACHE = 'edgelm-models-v1';
 const MiB = 2 ** 20;
+// llama.cpp's sampler as plain argmax: one candidate, no penalties
+const GREEDY = { temp: 0, top_k: 1, penalty_repeat: 1, penalty_freq: 0, penalty_present: 0 };
 
 export class AppError extends Error {}  // a message meant for the user, shown as it is
 
@@ -89,11 +91,13 @@ export class WllamaDevice {
   }
 
   /**
-   * Greedy completion of `prompt` (a user message with `chat`), streamed: onToken({id, text, top}) per token, with
-   * top = its top-n log-probs, largest first. Returns {ids, text, finish, ttft, seconds, decodeSeconds}.
-   * `signal` stops it (the router's verdict after the draft, or the Stop button).
+   * Greedy completion of `prompt` (a user message with `chat`), streamed: onToken({id, text, top}) per token. For
+   * the first `topFor` tokens, top = their top-`topN` log-probs, largest first (what the router reads); later tokens
+   * come from llama.cpp's greedy sampler, which skips the softmax over the vocabulary (top = null).
+   * Returns {ids, text, finish, ttft, seconds, decodeSeconds}. `signal` stops it (the router's verdict after the
+   * draft, or the Stop button).
    */
-  async complete(prompt, { maxTokens, topN, onToken, signal, chat = false }) {
+  async complete(prompt, { maxTokens, topN = 5, topFor = 0, onToken, signal, chat = false }) {
     const w = this.wllama;
     const t0 = performance.now();
     const text0 = chat ? await w.formatChat([{ role: 'user', content: prompt }], true) : prompt;
@@ -109,17 +113,27 @@ export class WllamaDevice {
     let tFirst = null;
     try {
       await w.kvClear();
+      await w.samplingInit(GREEDY);
       await w.decode(prompt_ids, {});
       while (ids.length < maxTokens) {
         if (signal && signal.aborted) { finish = 'stopped'; break; }
-        const top = await w.getLogits(topN);  // [{token, p}], most probable first
-        const id = top[0].token;
+        let id;
+        let bytes;
+        let top = null;
+        if (ids.length < topFor) {
+          const probs = await w.getLogits(topN);  // [{token, p}], most probable first
+          id = probs[0].token;
+          top = probs.map((t) => Math.log(t.p));
+          bytes = w.isTokenEOG(id) ? null : await w.detokenize([id]);
+        } else {
+          ({ token: id, piece: bytes } = await w.samplingSample());
+        }
         if (tFirst === null) tFirst = performance.now();
         if (w.isTokenEOG(id)) { finish = 'stop'; break; }
         ids.push(id);
-        const piece = utf8.decode(await w.detokenize([id]), { stream: true });
+        const piece = utf8.decode(bytes, { stream: true });
         text += piece;
-        onToken({ id, text: piece, top: top.map((t) => Math.log(t.p)) });
+        onToken({ id, text: piece, top });
         if (ids.length < maxTokens) await w.decode([id], {});
       }
     } catch (e) {

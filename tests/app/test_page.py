@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-from tests.app.conftest import DEMO, SHOTS, start_app_server
+from edgelm.app.browser import DEMO, AppServer
+from tests.app.conftest import SHOTS
 from tests.cloud_fixtures import FaultProxy
 from tests.runtime_fixtures import EMOJI, LONG, PROMPT
 
@@ -96,15 +97,12 @@ def test_cloud_failure_falls_back_on_the_device(browser, app_url, cloud_proxy, r
 
 def test_stopped_cloud_falls_back_on_the_device(browser, app_dir, cloud):
     proxy = FaultProxy(cloud.port)
-    proc, url = start_app_server(app_dir, "--cloud", proxy.url)
-    try:
+    with AppServer(app_dir, "--cloud", proxy.url) as srv:
+        url = srv.url
         browser.step("open", url=url)
         assert browser.step("run", prompt=PROMPT, maxTokens=4, mode="cloud")["seen"]["side"] == "cloud"
         proxy.stop()  # the cloud is gone
         out = browser.step("run", prompt=PROMPT, maxTokens=4, mode="cloud")["seen"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     assert out["side"] == "device" and out["cloudError"] == "http_502", out
     assert "did not answer" in out["reason"]
 
@@ -147,25 +145,19 @@ def test_bad_input_gets_a_message(browser, app_url):
 def test_corrupt_model_is_refused_in_the_page(browser, app_dir, tmp_path):
     copy = tmp_path / "app"
     shutil.copytree(app_dir, copy)
-    proc, url = start_app_server(copy)
-    try:
+    with AppServer(copy) as srv:
+        url = srv.url
         model = next((copy / "models").glob("*/model.gguf"))
         data = bytearray(model.read_bytes())
         data[-1] ^= 0xFF  # after the server checked the folder: only the page can notice
         model.write_bytes(bytes(data))
         seen = browser.step("open", url=url)["seen"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     assert not seen["loaded"] and "sha256 does not match" in seen["error"], seen
 
 
 def test_model_over_the_storage_quota_is_refused_plainly(browser, app_dir):
-    proc, url = start_app_server(app_dir)
-    try:
+    with AppServer(app_dir) as srv:
+        url = srv.url
         browser.step("quota", origin=url.rstrip("/"), bytes=1_000_000)
         seen = browser.step("open", url=url)["seen"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     assert not seen["loaded"] and "free some storage or pick a smaller model" in seen["error"], seen

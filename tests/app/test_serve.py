@@ -9,7 +9,7 @@ import threading
 import httpx
 import pytest
 
-from tests.app.conftest import start_app_server
+from edgelm.app.browser import AppServer
 from tests.cloud_fixtures import free_port
 from tests.conftest import run_cli
 
@@ -51,16 +51,13 @@ def recorder():
 
 
 def test_headers_and_types(app_dir):
-    proc, url = start_app_server(app_dir)
-    try:
+    with AppServer(app_dir) as srv:
+        url = srv.url
         page = httpx.get(url)
         wasm = httpx.get(url + "vendor/wllama/single-thread/wllama.wasm")
         js = httpx.get(url + "app.js")
         no_cloud = httpx.post(url + "v1/completions", json={"prompt": "x"})
         info = httpx.get(url + "edgelm-serve.json").json()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     for r in (page, wasm, js):
         assert r.status_code == 200
         assert r.headers["cross-origin-opener-policy"] == "same-origin"
@@ -73,16 +70,13 @@ def test_headers_and_types(app_dir):
 
 def test_proxy_adds_the_cloud_key_and_needs_its_own(app_dir, recorder):
     env = {"EDGELM_CLOUD_API_KEY": "cloud-secret", "EDGELM_SERVE_API_KEY": "app-secret"}
-    proc, url = start_app_server(app_dir, "--cloud", recorder.url, env=env)
-    try:
+    with AppServer(app_dir, "--cloud", recorder.url, env=env) as srv:
+        url = srv.url
         assert httpx.get(url).status_code == 200  # the app itself needs no key
         denied = httpx.get(url + "v1/models")
         wrong = httpx.get(url + "v1/models", headers={"Authorization": "Bearer nope"})
         ok = httpx.get(url + "v1/models", headers={"Authorization": "Bearer app-secret"})
         info = httpx.get(url + "edgelm-serve.json").json()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     assert denied.status_code == wrong.status_code == 401 and "settings" in denied.json()["error"]["message"]
     assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "recorder"
     assert len(recorder.headers) == 1 and recorder.headers[0]["authorization"] == "Bearer cloud-secret"
@@ -90,12 +84,9 @@ def test_proxy_adds_the_cloud_key_and_needs_its_own(app_dir, recorder):
 
 
 def test_unreachable_cloud_is_a_502(app_dir):
-    proc, url = start_app_server(app_dir, "--cloud", f"http://127.0.0.1:{free_port()}/v1")
-    try:
+    with AppServer(app_dir, "--cloud", f"http://127.0.0.1:{free_port()}/v1") as srv:
+        url = srv.url
         r = httpx.post(url + "v1/completions", json={"prompt": "x"})
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     assert r.status_code == 502 and "did not answer" in r.json()["error"]["message"]
 
 

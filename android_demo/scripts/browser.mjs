@@ -1,7 +1,7 @@
 // Drives the app in Debian's chromium (playwright-core, never a downloaded browser) as a Pixel 7, for tests/app and
-// benchmarks/app.py. Usage: node browser.mjs PLAYWRIGHT_DIR CHROMIUM, then one JSON step per line on stdin; each
-// step's answer is one JSON line on stdout ({"seen": ..., "v1_requests": N} or {"error": ...}). Every request that
-// does not go to 127.0.0.1 is aborted and listed under "blocked".
+// benchmarks/app.py (through edgelm/app/browser.py). Usage: node browser.mjs PLAYWRIGHT_DIR CHROMIUM, then one JSON
+// step per line on stdin; each step's answer is one JSON line on stdout ({"seen": ..., "v1_requests": N} or
+// {"error": ...}). Every request that does not go to 127.0.0.1 is aborted and listed under "blocked".
 import { createRequire } from 'node:module';
 import { createInterface } from 'node:readline';
 
@@ -89,6 +89,30 @@ try {
       } else if (step.do === 'screenshot') {
         await page.screenshot({ path: step.path, fullPage: false });
         seen = step.path;
+      } else if (step.do === 'profile') {  // where a token's time goes: llama_decode, the top-n softmax, detokenize
+        seen = await page.evaluate(async ({ prompt, n }) => {
+          const w = window.edgelmApp.device.wllama;
+          const ids = await w.tokenize(prompt, true);
+          const ms = { decode: 0, top_n: 0, sample: 0, detokenize: 0 };
+          await w.kvClear();
+          await w.decode(ids, {});
+          for (let i = 0; i < n; i++) {
+            let t = performance.now();
+            const top = await w.getLogits(5);
+            ms.top_n += performance.now() - t;
+            t = performance.now();
+            await w.samplingSample();
+            ms.sample += performance.now() - t;
+            t = performance.now();
+            await w.detokenize([top[0].token]);
+            ms.detokenize += performance.now() - t;
+            t = performance.now();
+            await w.decode([top[0].token], {});
+            ms.decode += performance.now() - t;
+          }
+          for (const k of Object.keys(ms)) ms[k] /= n;
+          return ms;
+        }, step);
       } else if (step.do === 'log') {
         seen = { console: out.console.splice(0), blocked: out.blocked.splice(0) };
       } else {
