@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.edgelm-installed
 
 APP_STAMP := android_demo/node_modules/.edgelm-installed
 
-.PHONY: demo test app-deps bench-distill bench-quant bench-runtimes bench-route clean
+.PHONY: demo test app-deps bench-app bench-distill bench-quant bench-runtimes bench-route clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ bench-runtimes: $(STAMP)
 
 bench-route: $(STAMP)
 	$(PY) benchmarks/routing.py
+
+bench-app: $(STAMP) $(APP_STAMP)
+	$(PY) benchmarks/app.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info android_demo/node_modules android_demo/www/vendor

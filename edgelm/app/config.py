@@ -27,3 +27,4 @@ class AppServeConfig:
     serve_key_env: str = "EDGELM_SERVE_API_KEY"  # environment variable with the key the page must send for /v1
     serve_key_file: str = ""  # or a file with it; a key is required when --host is not loopback
     insecure: bool = False  # proxy /v1 for a non-loopback --host without a key (anyone who reaches it spends the cloud)
+    cors_origin: tuple[str, ...] = ()  # other origins whose pages may call /v1 (the Android app: http://localhost)

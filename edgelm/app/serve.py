@@ -39,12 +39,15 @@ def check_app(folder: str | Path) -> dict[str, Any]:
     return m
 
 
-def create_server(folder: str | Path, *, cloud: str = "", cloud_key: str | None = None, api_key: str | None = None):
-    """The Starlette app: static files from ``folder``, /v1/* proxied to ``cloud``, /edgelm-serve.json for the page."""
+def create_server(folder: str | Path, *, cloud: str = "", cloud_key: str | None = None, api_key: str | None = None,
+                  cors_origins: tuple[str, ...] = ()):
+    """The Starlette app: static files from ``folder``, /v1/* proxied to ``cloud``, /edgelm-serve.json for the page.
+    ``cors_origins``: pages elsewhere that may call it (the Android app's WebView is http://localhost)."""
     import httpx
     from starlette.applications import Starlette
     from starlette.datastructures import MutableHeaders
     from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Mount, Route
@@ -113,7 +116,10 @@ def create_server(folder: str | Path, *, cloud: str = "", cloud_key: str | None 
     return Starlette(routes=[Route("/v1/{path:path}", proxy, methods=["GET", "POST"]),
                              Route("/edgelm-serve.json", info),
                              Mount("/", StaticFiles(directory=str(folder), html=True))],
-                     middleware=[Middleware(isolate)], lifespan=lifespan)
+                     middleware=[Middleware(CORSMiddleware, allow_origins=list(cors_origins),
+                                            allow_methods=["GET", "POST"], allow_headers=["authorization",
+                                                                                          "content-type", "x-api-key"]),
+                                 Middleware(isolate)], lifespan=lifespan)
 
 
 def serve_app(config: AppServeConfig | None = None, **kwargs: Any) -> None:
@@ -130,7 +136,8 @@ def serve_app(config: AppServeConfig | None = None, **kwargs: Any) -> None:
         raise EdgelmError(f"--cloud {c.cloud!r} must start with http:// or https:// (e.g. http://127.0.0.1:8080/v1)")
     m = check_app(c.folder)
     key = inbound_key(c)
-    app = create_server(c.folder, cloud=c.cloud, cloud_key=read_key(c.api_key_env, c.api_key_file), api_key=key)
+    app = create_server(c.folder, cloud=c.cloud, cloud_key=read_key(c.api_key_env, c.api_key_file), api_key=key,
+                        cors_origins=c.cors_origin)
     log.info("app (%s) on http://%s:%d/ ; cloud: %s", ", ".join(m.get("models", [])), c.host, c.port,
              c.cloud or "none (device only)")
     uvicorn.run(app, host=c.host, port=c.port, log_level="warning")

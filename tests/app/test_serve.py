@@ -95,3 +95,15 @@ def test_beyond_loopback_needs_a_key(app_dir):
     assert r.returncode == 2 and "--insecure" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("app", "serve", str(app_dir), "--cloud", "127.0.0.1:8080")
     assert r.returncode == 2 and "must start with http" in r.stderr
+
+
+def test_cors_only_for_the_origins_given(app_dir, recorder):
+    pre = {"Origin": "http://localhost", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type"}
+    with AppServer(app_dir, "--cloud", recorder.url, "--cors-origin", "http://localhost") as srv:
+        ok = httpx.options(srv.url + "v1/completions", headers=pre)
+        other = httpx.options(srv.url + "v1/completions", headers={**pre, "Origin": "http://evil.example"})
+        get = httpx.get(srv.url + "v1/models", headers={"Origin": "http://localhost"})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost"
+    assert "access-control-allow-origin" not in other.headers
+    assert get.status_code == 200 and get.headers["access-control-allow-origin"] == "http://localhost"
