@@ -9,7 +9,7 @@ wllama may use threads) and, at the largest thread count, also by a plain static
 headers (wllama then falls back on one thread). The page answers the same prompt greedily in device mode
 `--repeat` times after one warm-up; load time, time to first token and decode tok/s come from the page. Native rows
 are `edgelm bench` (llama.cpp through llama-cpp-python, one process per row, 128-token prompt). This is desktop x86
-Chromium on 2 cores, not a phone.
+Chromium on 2 cores, not a phone. ONNX artifacts run in onnxruntime-web (WebAssembly), natively in onnxruntime-genai.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = ["gguf-gptq-int4-g32", "gguf-llamacpp-q4_0", "gguf-gptq-int8", "gguf-llamacpp-q8_0"]
+DEFAULT = ["gguf-gptq-int4-g32", "gguf-llamacpp-q4_0", "gguf-gptq-int8", "gguf-llamacpp-q8_0", "onnx-gptq-int4-g32"]
 PROMPT = '''import os
 import sys
 
@@ -39,7 +39,7 @@ def walk(top, topdown=True, onerror=None, followlinks=False):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("artifacts", nargs="*", help="GGUF artifact folders (default: the demo's, where they exist)")
+    p.add_argument("artifacts", nargs="*", help="GGUF and ONNX artifact folders (default: the demo's, where they exist)")
     p.add_argument("--threads", default="1,2", help="thread counts (default: 1,2)")
     p.add_argument("--tokens", type=int, default=64, help="tokens per answer (default: 64)")
     p.add_argument("--repeat", type=int, default=3, help="measured answers per row, after one warm-up (default: 3)")
@@ -161,13 +161,14 @@ def _write(a, arts, native, page, wall: float) -> None:
 
 Command: `{cmd.strip()}` on {platform.machine()} ({a.repeat} answers of {a.tokens} tokens per row after a warm-up;
 {wall / 60:.0f} min). Headless desktop Chromium (Debian's), Pixel 7 emulation, wllama 2.4.0 (llama.cpp in
-WebAssembly) in device mode; native = `edgelm bench` on llama.cpp (llama-cpp-python), one process per row. **This is
+WebAssembly) for GGUF and onnxruntime-web 1.30.0 (WebAssembly) for ONNX, in device mode; native = `edgelm bench`
+(llama.cpp through llama-cpp-python; onnxruntime-genai), one process per row. **This is
 desktop x86 Chromium on 2 cores, not a phone.** "isolated": served with COOP/COEP (`edgelm app serve`); without
 them the page cannot share memory between threads and wllama runs one. {verdict}.
 
 {md_table(["artifact", "MiB", "threads asked", "isolated", "threads used", "page load s", "page TTFT ms",
            "page decode tok/s", "native TTFT ms", "native decode tok/s", "page / native"], rows)}
-Where a page token's time goes (ms per token, each wllama call timed alone over {a.tokens} tokens): `llama_decode`
+Where a GGUF page token's time goes (ms per token, each wllama call timed alone over {a.tokens} tokens): `llama_decode`
 is the model itself in WebAssembly; the device answer then takes the greedy sampler's token and its bytes; the top-5
 softmax over the 49,152-word vocabulary is paid only for the auto mode's 8 draft tokens.
 

@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = sub.add_parser("app", help="the mobile app: pack artifacts into a web app (wrapped for Android), and serve it")
     asub = ap.add_subparsers(dest="app_command", metavar="ACTION", parser_class=_Parser, required=True)
     ab = asub.add_parser("build", help="artifacts, runtime files and a router the page computes, in one servable folder")
-    ab.add_argument("artifacts", nargs="+", help="GGUF artifact folders; the first is the default model")
+    ab.add_argument("artifacts", nargs="+", help="GGUF and ONNX artifact folders; the first is the default model")
     add_dataclass_args(ab, AppBuildConfig, skip=("artifacts",))
     ab.set_defaults(func=cmd_app)
     as_ = asub.add_parser("serve", help="serve an app folder with the headers threads need, and proxy /v1 to a cloud")

@@ -226,17 +226,20 @@ def route_step(cfg: DemoConfig, out: Path, rows):
 
 
 def app_step(cfg: DemoConfig, out: Path, rows):
-    """The mobile app from the checked GGUF artifacts, the chosen preset first. A failure is reported, not fatal."""
+    """The mobile app from the checked GGUF artifacts (the chosen preset first, then the smallest) and the chosen
+    preset's ONNX. A failure is reported, not fatal."""
     from edgelm.app.build import build_app
     from edgelm.errors import EdgelmError
 
-    ggufs = [r.path for r in sorted((r for r in rows if not r.error and r.target == "gguf"),
+    ok = [r for r in rows if not r.error]
+    ggufs = [r.path for r in sorted((r for r in ok if r.target == "gguf"),
                                     key=lambda r: (r.preset != cfg.quant, r.model_mib))]
     if not ggufs:
         return StepSkipped("no checked GGUF artifact")
-    log.info("[5/6] app: %d GGUF artifact(s) into %s", len(ggufs), out / "app")
+    onnx = [r.path for r in ok if r.target == "onnx" and r.preset == cfg.quant]
+    log.info("[5/6] app: %d GGUF and %d ONNX artifact(s) into %s", len(ggufs), len(onnx), out / "app")
     try:
-        return build_app(artifacts=tuple(ggufs), out=str(out / "app"), force=True)
+        return build_app(artifacts=(*ggufs, *onnx), out=str(out / "app"), force=True)
     except EdgelmError as e:
         log.warning("app step failed: %s", e)
         return StepSkipped(str(e))

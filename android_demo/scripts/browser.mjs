@@ -92,6 +92,7 @@ try {
       } else if (step.do === 'profile') {  // where a token's time goes: llama_decode, the top-n softmax, detokenize
         seen = await page.evaluate(async ({ prompt, n }) => {
           const w = window.edgelmApp.device.wllama;
+          if (!w) return null;  // wllama's calls only
           const ids = await w.tokenize(prompt, true);
           const ms = { decode: 0, top_n: 0, sample: 0, detokenize: 0 };
           await w.kvClear();

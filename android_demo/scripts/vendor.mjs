@@ -9,6 +9,11 @@ const FILES = {  // destination under www/vendor -> source under node_modules
   'wllama/index.js': '@wllama/wllama/esm/index.js',
   'wllama/single-thread/wllama.wasm': '@wllama/wllama/esm/single-thread/wllama.wasm',
   'wllama/multi-thread/wllama.wasm': '@wllama/wllama/esm/multi-thread/wllama.wasm',
+  // onnxruntime-web's WebAssembly build alone (no WebGPU), and the tokenizer for ONNX artifacts
+  'ort/ort.wasm.min.mjs': 'onnxruntime-web/dist/ort.wasm.min.mjs',
+  'ort/ort-wasm-simd-threaded.mjs': 'onnxruntime-web/dist/ort-wasm-simd-threaded.mjs',
+  'ort/ort-wasm-simd-threaded.wasm': 'onnxruntime-web/dist/ort-wasm-simd-threaded.wasm',
+  'tokenizers/tokenizers.min.mjs': '@huggingface/tokenizers/dist/tokenizers.min.mjs',
 };
 for (const [dest, src] of Object.entries(FILES)) {
   const to = join(root, 'www', 'vendor', dest);

@@ -52,8 +52,10 @@ async function loadModel(name) {
   showError('');
   $('model-info').textContent = `loading ${entry.name} (${(entry.bytes / MiB).toFixed(1)} MiB)…`;
   $('progress').hidden = false;
-  const device = new WllamaDevice(entry);
+  let device;
   try {
+    // ONNX artifacts load onnxruntime-web only when picked
+    device = entry.runtime === 'ort' ? new (await import('./onnx.js')).OrtDevice(entry) : new WllamaDevice(entry);
     // auto: up to 4 of the cores (2 beat 1 on a 2-core desktop: docs/results.md); without cross-origin isolation
     // wllama runs single-threaded whatever is asked
     const threads = Number($('threads').value) || Math.min(4, navigator.hardwareConcurrency || 1);
@@ -124,6 +126,11 @@ async function run() {
     return;
   }
   const opts = { maxTokens, chat: $('chat').checked };
+  if (opts.chat && !state.entry.chat) {
+    showError(`${state.entry.name} has no chat template; untick Chat`);
+    state.last = { prompt, side: null, ids: [], error: 'no chat template' };
+    return;
+  }
   const mode = document.querySelector('input[name=mode]:checked').value;
   const flags = state.guard.flags(prompt).concat($('private').checked ? ['marked private'] : []);
   let route = firstRoute(mode, flags, cloudAvailable());

@@ -10,54 +10,64 @@ const GREEDY = { temp: 0, top_k: 1, penalty_repeat: 1, penalty_freq: 0, penalty_
 
 export class AppError extends Error {}  // a message meant for the user, shown as it is
 
-/** Bytes of a model entry of app.json: from the cache, else downloaded (with progress) and cached; checked. */
-export async function modelBlob(entry, onProgress = () => {}) {
-  const cache = globalThis.caches ? await caches.open(MODEL_CACHE) : null;  // none outside a secure context
+/** One file of a model entry (app.json's files[]): from the cache, else downloaded and cached; sha256-checked. */
+async function modelFile(entry, f, cache, onBytes) {
   let blob = null;
-  const hit = cache && (await cache.match(entry.path));
+  const hit = cache && (await cache.match(f.path));
   if (hit) blob = await hit.blob();
   if (!blob) {
-    if (navigator.storage && navigator.storage.estimate) {
-      const { quota, usage } = await navigator.storage.estimate();
-      if (quota !== undefined && quota - (usage || 0) < entry.bytes) {
-        throw new AppError(`${entry.name} needs ${(entry.bytes / MiB).toFixed(1)} MiB but this browser lets the app ` +
-          `store only ${((quota - (usage || 0)) / MiB).toFixed(1)} MiB more; free some storage or pick a smaller model`);
-      }
-    }
     let resp;
     try {
-      resp = await fetch(entry.path);
+      resp = await fetch(f.path);
     } catch (e) {
-      throw new AppError(`could not download ${entry.path} (${e.message}); check the connection to the app's server`);
+      throw new AppError(`could not download ${f.path} (${e.message}); check the connection to the app's server`);
     }
-    if (!resp.ok) throw new AppError(`${entry.path}: the server answered HTTP ${resp.status}; rebuild the app`);
+    if (!resp.ok) throw new AppError(`${f.path}: the server answered HTTP ${resp.status}; rebuild the app`);
     const reader = resp.body.getReader();
     const parts = [];
-    let got = 0;
     for (;;) {
       const { done, value } = await reader.read();
       if (done) break;
       parts.push(value);
-      got += value.length;
-      onProgress(got, entry.bytes);
+      onBytes(value.length);
     }
     blob = new Blob(parts);
   }
   const digest = await sha256(blob);
-  if (digest !== entry.sha256) {
-    if (cache) await cache.delete(entry.path);
-    throw new AppError(`${entry.name}: the model file's sha256 does not match app.json (got ${digest.slice(0, 12)}…, ` +
-      `want ${entry.sha256.slice(0, 12)}…); it is corrupt or was changed, so it is not used`);
+  if (digest !== f.sha256) {
+    if (cache) await cache.delete(f.path);
+    throw new AppError(`${entry.name}: ${f.name}'s sha256 does not match app.json (got ${digest.slice(0, 12)}…, ` +
+      `want ${f.sha256.slice(0, 12)}…); it is corrupt or was changed, so it is not used`);
   }
   if (cache && !hit) {
     try {
-      await cache.put(entry.path, new Response(blob, { headers: { 'Content-Type': 'application/octet-stream' } }));
+      await cache.put(f.path, new Response(blob, { headers: { 'Content-Type': 'application/octet-stream' } }));
     } catch (e) {
       throw new AppError(`${entry.name} (${(entry.bytes / MiB).toFixed(1)} MiB) does not fit the browser's storage ` +
         `(${e.name}); free some storage or pick a smaller model`);
     }
   }
   return blob;
+}
+
+/** Every file of a model entry of app.json, by name: from the cache, else downloaded (with progress) and cached. */
+export async function modelFiles(entry, onProgress = () => {}) {
+  const cache = globalThis.caches ? await caches.open(MODEL_CACHE) : null;  // none outside a secure context
+  const cached = cache ? await Promise.all(entry.files.map((f) => cache.match(f.path))) : entry.files.map(() => null);
+  const missing = entry.files.filter((f, i) => !cached[i]).reduce((n, f) => n + f.bytes, 0);
+  if (missing && navigator.storage && navigator.storage.estimate) {
+    const { quota, usage } = await navigator.storage.estimate();
+    if (quota !== undefined && quota - (usage || 0) < missing) {
+      throw new AppError(`${entry.name} needs ${(missing / MiB).toFixed(1)} MiB but this browser lets the app ` +
+        `store only ${((quota - (usage || 0)) / MiB).toFixed(1)} MiB more; free some storage or pick a smaller model`);
+    }
+  }
+  let got = 0;
+  const out = {};
+  for (const f of entry.files) {
+    out[f.name] = await modelFile(entry, f, cache, (n) => { got += n; onProgress(got, missing); });
+  }
+  return out;
 }
 
 /**
@@ -75,7 +85,7 @@ export class WllamaDevice {
 
   async load({ threads = 1, context = 2048, onProgress } = {}) {
     const t0 = performance.now();
-    const blob = await modelBlob(this.entry, onProgress);
+    const blob = (await modelFiles(this.entry, onProgress))[this.entry.file];
     const wasm = (kind) => new URL(`./vendor/wllama/${kind}/wllama.wasm`, import.meta.url).href;
     this.wllama = new Wllama({ 'single-thread/wllama.wasm': wasm('single-thread'),
                                'multi-thread/wllama.wasm': wasm('multi-thread') }, { suppressNativeLog: true });
@@ -100,7 +110,7 @@ export class WllamaDevice {
   async complete(prompt, { maxTokens, topN = 5, topFor = 0, onToken, signal, chat = false }) {
     const w = this.wllama;
     const t0 = performance.now();
-    const text0 = chat ? await w.formatChat([{ role: 'user', content: prompt }], true) : prompt;
+    const text0 = chat ? this.entry.chat.prefix + prompt + this.entry.chat.suffix : prompt;  // Python's template
     const prompt_ids = await w.tokenize(text0, true);
     if (prompt_ids.length + maxTokens > this.context) {
       throw new AppError(`the prompt has ${prompt_ids.length} tokens and the answer may take ${maxTokens} more, but ` +

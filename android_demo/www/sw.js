@@ -1,12 +1,11 @@
 // Offline: the app's files are cached at install and refreshed whenever the network answers; models are cached by
 // the page itself (device.js, after their sha256 check) and served from there. /v1 (the cloud) is never cached.
 const SHELL = 'edgelm-app-v1';
-const FILES = ['./', 'index.html', 'app.js', 'app.css', 'device.js', 'cloud.js', 'router.js', 'sha256.js', 'app.json',
-               'manifest.webmanifest', 'icon.svg', 'vendor/wllama/index.js', 'vendor/wllama/single-thread/wllama.wasm',
-               'vendor/wllama/multi-thread/wllama.wasm'];
 
-self.addEventListener('install', (event) => {
-  event.waitUntil(caches.open(SHELL).then((c) => c.addAll(FILES)).then(() => self.skipWaiting()));
+self.addEventListener('install', (event) => {  // app.json lists the app's own files (edgelm app build writes it)
+  event.waitUntil(fetch('app.json').then((r) => r.json())
+    .then((app) => caches.open(SHELL).then((c) => c.addAll(['./', 'app.json', ...app.shell])))
+    .then(() => self.skipWaiting()));
 });
 
 self.addEventListener('activate', (event) => event.waitUntil(self.clients.claim()));

@@ -18,11 +18,23 @@ from edgelm.errors import EdgelmError
 log = logging.getLogger(__name__)
 
 APP_JSON = "app.json"
-# artifact kind -> (the page's runtime, the runtime files it needs under the web folder)
-PAGE_RUNTIMES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "export-gguf": ("wllama", ("vendor/wllama/index.js", "vendor/wllama/single-thread/wllama.wasm",
-                               "vendor/wllama/multi-thread/wllama.wasm")),
+
+@dataclass(frozen=True)
+class PageRuntime:
+    """How the page runs one kind of artifact."""
+
+    name: str  # the page's runtime (app.json's model.runtime)
+    vendor: tuple[str, ...]  # folders under the web folder's vendor/ it needs (copied only when used)
+    files: tuple[str, ...]  # artifact files the page downloads; the first is the model itself
+
+
+# artifact kind (its manifest's "kind") -> how the page runs it
+PAGE_RUNTIMES: dict[str, PageRuntime] = {
+    "export-gguf": PageRuntime("wllama", ("wllama",), ("model.gguf",)),
+    "export-onnx": PageRuntime("ort", ("ort", "tokenizers"), ("model.onnx", "model.onnx.data", "genai_config.json",
+                                                             "tokenizer.json", "tokenizer_config.json")),
 }
+CHAT_MARK = "\x00edgelm-message\x00"  # split the rendered chat template around the user's message
 # routers the page computes from what its runtimes report (top-n log-probs of greedy tokens), and the baselines
 PAGE_ROUTERS = ("confidence-topn", "always-device", "always-cloud")
 DEFAULT_ROUTER = "confidence-topn"
@@ -45,24 +57,40 @@ def _artifact(path: str) -> tuple[Path, dict[str, Any], str]:
 
     folder = Path(path)
     if not folder.is_dir():
-        raise EdgelmError(f"{path} is not an artifact folder; pass what `edgelm export --target gguf` wrote")
+        raise EdgelmError(f"{path} is not an artifact folder; pass what `edgelm export` wrote")
     m = read_manifest(folder)  # refuses a changed or corrupt file
     if m is None:
-        raise EdgelmError(f"{path} has no edgelm.json; pass what `edgelm export --target gguf` wrote")
+        raise EdgelmError(f"{path} has no edgelm.json; pass what `edgelm export` wrote")
     kind = m.get("kind", "")
     if kind not in PAGE_RUNTIMES:
-        ok = ", ".join(k.removeprefix("export-") for k in PAGE_RUNTIMES)
-        raise EdgelmError(f"{path} is a {kind!r} artifact; the app runs {ok} artifacts (edgelm export --target gguf)")
-    return folder, m, PAGE_RUNTIMES[kind][0]
+        ok = " and ".join(k.removeprefix("export-") for k in PAGE_RUNTIMES)
+        raise EdgelmError(f"{path} is a {kind!r} artifact; the app runs {ok} artifacts (edgelm export --target "
+                          "gguf or onnx)")
+    return folder, m, PAGE_RUNTIMES[kind]
 
 
-def _check_web(web: Path, kinds: set[str]) -> None:
+def _check_web(web: Path, vendor: set[str]) -> None:
     if not (web / "index.html").is_file():
         raise EdgelmError(f"{web} has no index.html; pass --web with the app's folder (android_demo/www of a checkout)")
-    missing = [f for k in sorted(kinds) for f in PAGE_RUNTIMES[k][1] if not (web / f).is_file()]
+    missing = [v for v in sorted(vendor) if not any((web / "vendor" / v).glob("*"))]
     if missing:
-        raise EdgelmError(f"{web / missing[0]} is missing: the runtime files are copied from npm packages; run "
-                          "`make app-deps` (npm ci in android_demo) first")
+        raise EdgelmError(f"{web / 'vendor' / missing[0]} is missing: the runtime files are copied from npm packages; "
+                          "run `make app-deps` (npm ci in android_demo) first")
+
+
+def _chat(folder: Path) -> dict[str, str] | None:
+    """The model's chat template around one user message, as the text before and after it (the page adds the
+    message between, so it renders chats exactly as Python does); None without a template."""
+    from edgelm.runtimes.text import TextTokenizer
+
+    tok = TextTokenizer.from_folder(folder)
+    if not tok.chat_template:
+        return None
+    text = tok.apply_chat_template([{"role": "user", "content": CHAT_MARK}])
+    if text.count(CHAT_MARK) != 1:
+        return None  # a template that transforms the message: not expressible as prefix + message + suffix
+    prefix, suffix = text.split(CHAT_MARK)
+    return {"prefix": prefix, "suffix": suffix}
 
 
 def _route(state) -> dict[str, Any]:
@@ -112,26 +140,29 @@ def build_app(config: AppBuildConfig | None = None, **kwargs: Any) -> AppBuild:
         raise EdgelmError(f"two artifacts share the folder name {max(names, key=names.count)!r}; the app names "
                           "models by folder, so rename one")
     web = Path(c.web) if c.web else default_web()
-    _check_web(web, {m["kind"] for _, m, _ in arts})
+    vendor = {v for _, _, rt in arts for v in rt.vendor}
+    _check_web(web, vendor)
     queries = [] if c.router else [q.prompt for q in function_queries(c.data, "val", c.calib_queries)]
     if not c.router and not queries:
         raise EdgelmError("no calibration queries in the corpus's val split; pass --data with Python source or --router")
     models = []
+    unused = {p.name for p in (web / "vendor").glob("*")} - vendor if (web / "vendor").is_dir() else set()
     with atomic_dir(c.out, overwrite=c.force) as tmp:
-        shutil.copytree(web, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*", "*.map"))
-        for folder, m, runtime in arts:
+        shutil.copytree(web, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*", "*.map", *unused))
+        shell = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        for folder, m, rt in arts:
             dest = tmp / "models" / folder.name
             shutil.copytree(folder, dest)
-            files = m["files"]
+            files = [{"name": f, "path": f"models/{folder.name}/{f}", "bytes": m["files"][f]["size"],
+                      "sha256": m["files"][f]["sha256"]} for f in rt.files if f in m["files"]]
             models.append({
-                "name": folder.name, "runtime": runtime, "target": m.get("target"),
-                "preset": m.get("preset", {}).get("name"), "file": m["file"],
-                "path": f"models/{folder.name}/{m['file']}", "bytes": files[m["file"]]["size"],
-                "sha256": files[m["file"]]["sha256"],
+                "name": folder.name, "runtime": rt.name, "target": m.get("target"),
+                "preset": m.get("preset", {}).get("name"), "file": files[0]["name"], "files": files,
+                "bytes": sum(f["bytes"] for f in files), "chat": _chat(folder),
                 "route": _router_for(c, folder, queries),
             })
         guard = PrivacyGuard()
-        atomic_write_json(tmp / APP_JSON, {"models": models, "default_model": models[0]["name"],
+        atomic_write_json(tmp / APP_JSON, {"models": models, "default_model": models[0]["name"], "shell": shell,
                                            "privacy": detector_table(guard.detectors)})
         manifest = write_manifest(tmp, "app", models=[m["name"] for m in models])
     log.info("app: %s (%d model(s), %.1f MiB)", c.out, len(models), manifest["total_bytes"] / 2**20)

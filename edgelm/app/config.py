@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class AppBuildConfig:
-    artifacts: tuple[str, ...] = ()  # GGUF artifact folders (edgelm export --target gguf); the first is the default
+    artifacts: tuple[str, ...] = ()  # GGUF and ONNX artifact folders (edgelm export); the first is the default
     out: str = ""  # the app folder to write
     router: str = ""  # a router file (edgelm serve --router-file) the page can compute; default: calibrate one
     cloud_budget: float = 0.3  # share of calibration queries the page's auto mode sends to the cloud

@@ -34,11 +34,12 @@ def browser(browser_ready):
 
 @pytest.fixture(scope="session")
 def app_dir(artifacts, tiny_corpus, tmp_path_factory) -> Path:
-    """The app built from the tiny fp32 GGUF, its router calibrated on the tiny corpus."""
+    """The app built from the tiny fp32 GGUF (the default model) and ONNX, routers calibrated on the tiny corpus."""
     from edgelm.app.build import build_app
 
     out = tmp_path_factory.mktemp("app") / "app"
-    build_app(artifacts=(str(artifacts["llamacpp"]),), out=str(out), data=(str(tiny_corpus),), calib_queries=8)
+    build_app(artifacts=(str(artifacts["llamacpp"]), str(artifacts["onnx"])), out=str(out),
+              data=(str(tiny_corpus),), calib_queries=8)
     return out
 
 

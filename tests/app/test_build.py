@@ -17,19 +17,33 @@ def test_app_json_lists_models_files_router_and_privacy_rules(app_dir, artifacts
     from edgelm.manifest import read_manifest
 
     app = json.loads((app_dir / "app.json").read_text())
-    art = read_manifest(artifacts["llamacpp"])
-    (m,) = app["models"]
-    assert app["default_model"] == m["name"] == artifacts["llamacpp"].name
-    assert m["runtime"] == "wllama" and m["path"] == f"models/{m['name']}/model.gguf"
-    assert m["sha256"] == art["files"]["model.gguf"]["sha256"] and m["bytes"] == art["files"]["model.gguf"]["size"]
-    assert (app_dir / m["path"]).stat().st_size == m["bytes"]
-    r = m["route"]
-    assert r["router"] == "confidence-topn" and r["params"] == {"k": 8, "n": 5} and math.isfinite(r["threshold"])
-    assert r["budget"] == 0.3 and r["calibration"]["prompts"] == 8
+    gguf, onnx = app["models"]
+    assert app["default_model"] == gguf["name"] == artifacts["llamacpp"].name and onnx["name"] == "onnx"
+    assert gguf["runtime"] == "wllama" and onnx["runtime"] == "ort"
+    assert [f["name"] for f in gguf["files"]] == ["model.gguf"] and gguf["file"] == "model.gguf"
+    assert [f["name"] for f in onnx["files"]] == ["model.onnx", "model.onnx.data", "genai_config.json",
+                                                  "tokenizer.json", "tokenizer_config.json"]
+    for m, backend in ((gguf, "llamacpp"), (onnx, "onnx")):
+        art = read_manifest(artifacts[backend])
+        for f in m["files"]:
+            assert f["sha256"] == art["files"][f["name"]]["sha256"] and f["bytes"] == art["files"][f["name"]]["size"]
+            assert (app_dir / f["path"]).stat().st_size == f["bytes"]
+        assert m["bytes"] == sum(f["bytes"] for f in m["files"])
+        r = m["route"]
+        assert r["router"] == "confidence-topn" and r["params"] == {"k": 8, "n": 5} and math.isfinite(r["threshold"])
+        assert r["budget"] == 0.3 and r["calibration"]["prompts"] == 8
+    # the chat template around a message, as Python renders it
+    from edgelm.runtimes.text import TextTokenizer
+
+    msg = [{"role": "user", "content": "hi"}]
+    assert gguf["chat"]["prefix"] + "hi" + gguf["chat"]["suffix"] == \
+        TextTokenizer.from_folder(artifacts["llamacpp"]).apply_chat_template(msg)
     assert app["privacy"] == detector_table()
     assert check_app(app_dir)["kind"] == "app"
-    for f in ("index.html", "app.js", "sw.js", "vendor/wllama/index.js", "vendor/wllama/single-thread/wllama.wasm"):
-        assert (app_dir / f).is_file(), f
+    for f in ("index.html", "app.js", "sw.js", "vendor/wllama/index.js", "vendor/wllama/single-thread/wllama.wasm",
+              "vendor/ort/ort-wasm-simd-threaded.wasm", "vendor/tokenizers/tokenizers.min.mjs"):
+        assert (app_dir / f).is_file() and f in app["shell"], f
+    assert not [f for f in app["shell"] if f.startswith("models/")]
 
 
 @pytest.mark.parametrize("router, threshold", [("always-cloud", -math.inf), ("always-device", math.inf)])
@@ -43,6 +57,9 @@ def test_a_router_file_is_taken_as_it_is(artifacts, tmp_path, router, threshold)
     route = json.loads(text)["models"][0]["route"]
     assert route["router"] == router and abs(route["threshold"]) == 1e300  # JSON has no infinity
     assert "Infinity" not in text
+    shell = json.loads(text)["shell"]  # GGUF only: onnxruntime-web is not copied
+    assert "vendor/wllama/index.js" in shell and not [f for f in shell if f.startswith(("vendor/ort", "vendor/tok"))]
+    assert not (tmp_path / "app" / "vendor" / "ort").exists()
 
 
 def test_bad_input(artifacts, tmp_path):
@@ -50,8 +67,13 @@ def test_bad_input(artifacts, tmp_path):
     from edgelm.coop.routers import RouterState
 
     gguf = str(artifacts["llamacpp"])
-    with pytest.raises(EdgelmError, match="'export-onnx' artifact; the app runs gguf artifacts"):
-        build_app(artifacts=(str(artifacts["onnx"]),), out=str(tmp_path / "a"))
+    from edgelm.manifest import write_manifest
+
+    other = tmp_path / "quantized"
+    other.mkdir()
+    write_manifest(other, "quantized")
+    with pytest.raises(EdgelmError, match="'quantized' artifact; the app runs gguf and onnx artifacts"):
+        build_app(artifacts=(str(other),), out=str(tmp_path / "a"))
     with pytest.raises(EdgelmError, match="is not an artifact folder"):
         build_app(artifacts=(str(tmp_path / "nope"),), out=str(tmp_path / "a"))
     RouterState("confidence", 1.0).save(tmp_path / "r.json")
@@ -70,7 +92,7 @@ def test_bad_input(artifacts, tmp_path):
 
 
 def test_cli_refuses_in_one_line(artifacts, app_dir, tmp_path):
-    r = run_cli("app", "build", str(artifacts["onnx"]), "--out", str(tmp_path / "a"))
+    r = run_cli("app", "build", str(tmp_path / "nope"), "--out", str(tmp_path / "a"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("edgelm: error:") and len(r.stderr.strip().splitlines()) == 1
     r = run_cli("app", "build", str(artifacts["llamacpp"]), "--out", str(app_dir))

@@ -161,3 +161,46 @@ def test_model_over_the_storage_quota_is_refused_plainly(browser, app_dir):
         browser.step("quota", origin=url.rstrip("/"), bytes=1_000_000)
         seen = browser.step("open", url=url)["seen"]
     assert not seen["loaded"] and "free some storage or pick a smaller model" in seen["error"], seen
+
+
+def test_onnx_answer_is_pythons_greedy_and_scores_alike(browser, app_url, app_dir, runtimes, rt_model):
+    """The ONNX artifact in onnxruntime-web, its tokenizer in the page: the same greedy ids and text as edgelm's
+    ONNX Runtime backend, and the same router score as the Python router on it."""
+    from edgelm.coop.routers import RouterState, router_from_state
+
+    seen = browser.step("open", url=app_url + "?model=onnx")["seen"]
+    assert seen["loaded"] and "onnx" in seen["info"] and not seen["error"], seen
+    page = browser.step("run", prompt=PROMPT, maxTokens=N, mode="device")["seen"]
+    py = runtimes["onnx"].greedy(rt_model["prompt_ids"], N)
+    assert page["ids"] == py, json.dumps(page)
+    assert page["text"] == runtimes["onnx"].decode(py) and EMOJI in page["text"] and LONG in page["text"]
+    auto = browser.step("run", prompt=PROMPT, maxTokens=N, mode="auto")["seen"]
+    route = json.loads((app_dir / "app.json").read_text())["models"][1]["route"]
+    router = router_from_state(RouterState(route["router"], route["threshold"], params=route["params"]))
+    assert auto["score"] == pytest.approx(router.score(runtimes["onnx"], rt_model["prompt_ids"]).score, abs=1e-4)
+
+
+def test_page_tokenizer_is_pythons(browser_ready, rt_model, artifacts, tiny_corpus):
+    """tokenizer.json in the page's tokenizer (@huggingface/tokenizers) gives Python's ids: the corpus's test split,
+    emoji, the 41-byte token, special tokens."""
+    from edgelm.data.corpus import Corpus, CorpusSpec
+    from edgelm.runtimes.text import TextTokenizer
+
+    texts = [text[:3000] for _, text in Corpus(CorpusSpec((str(tiny_corpus),))).documents("test")]
+    texts += [f"emoji {EMOJI}👍🏽 中文  tabs\t\n", LONG * 3 + "x", "<|im_start|>user\nhi<|im_end|>\n", PROMPT]
+    folder = artifacts["onnx"]
+    script = f"""
+import {{ Tokenizer }} from '{(DEMO / "www" / "vendor" / "tokenizers" / "tokenizers.min.mjs").as_posix()}';
+import {{ readFileSync }} from 'node:fs';
+const read = (f) => JSON.parse(readFileSync('{folder.as_posix()}/' + f, 'utf8'));
+const tok = new Tokenizer(read('tokenizer.json'), read('tokenizer_config.json'));
+const texts = JSON.parse(readFileSync(0, 'utf8'));
+console.log(JSON.stringify(texts.map((t) => tok.encode(t, {{ add_special_tokens: false }}).ids)));
+"""
+    r = subprocess.run(["node", "--input-type=module", "-e", script], input=json.dumps(texts), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    py = TextTokenizer.from_folder(folder)
+    want = [py.encode(t) for t in texts]
+    assert len(texts) > 5 and sum(map(len, want)) > 2000
+    assert json.loads(r.stdout) == want
