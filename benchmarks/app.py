@@ -39,7 +39,7 @@ def walk(top, topdown=True, onerror=None, followlinks=False):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("artifacts", nargs="*", help="GGUF and ONNX artifact folders (default: the demo's, where they exist)")
+    p.add_argument("artifacts", nargs="*", help="GGUF and ONNX artifact folders (default: the demo's that exist)")
     p.add_argument("--threads", default="1,2", help="thread counts (default: 1,2)")
     p.add_argument("--tokens", type=int, default=64, help="tokens per answer (default: 64)")
     p.add_argument("--repeat", type=int, default=3, help="measured answers per row, after one warm-up (default: 3)")
@@ -145,8 +145,9 @@ def _write(a, arts, native, page, wall: float) -> None:
         rows.append([r["model"], r["mib"], r["threads"], "yes" if r["isolated"] else "no", r["threads_used"],
                      r["load_s"], r["ttft_ms"], f"{r['tps']:.1f} ± {r['tps_std']:.1f}",
                      nat.get("ttft_ms_mean", ""), n_tps or "", f"{r['tps'] / n_tps:.2f}" if n_tps else ""])
-    prof_rows = [[r["model"], r["threads_used"], r["profile"]["decode"], r["profile"]["sample"],
-                  r["profile"]["detokenize"], r["profile"]["top_n"]] for r in page if r.get("profile") and r["isolated"]]
+    calls = ("decode", "sample", "detokenize", "top_n")
+    prof_rows = [[r["model"], r["threads_used"], *(r["profile"][k] for k in calls)]
+                 for r in page if r.get("profile") and r["isolated"]]
     best = max((r for r in page if not r.get("error")), key=lambda r: r["tps"], default=None)
     goal = 60.0
     verdict = "no row measured"
@@ -168,9 +169,9 @@ them the page cannot share memory between threads and wllama runs one. {verdict}
 
 {md_table(["artifact", "MiB", "threads asked", "isolated", "threads used", "page load s", "page TTFT ms",
            "page decode tok/s", "native TTFT ms", "native decode tok/s", "page / native"], rows)}
-Where a GGUF page token's time goes (ms per token, each wllama call timed alone over {a.tokens} tokens): `llama_decode`
-is the model itself in WebAssembly; the device answer then takes the greedy sampler's token and its bytes; the top-5
-softmax over the 49,152-word vocabulary is paid only for the auto mode's 8 draft tokens.
+Where a GGUF page token's time goes (ms per token, each wllama call timed alone over {a.tokens} tokens):
+`llama_decode` is the model itself in WebAssembly; the device answer then takes the greedy sampler's token and its
+bytes; the top-5 softmax over the 49,152-word vocabulary is paid only for the auto mode's 8 draft tokens.
 
 {md_table(["artifact", "threads", "llama_decode", "greedy sample", "detokenize", "top-5 log-probs"], prof_rows)}"""
     update_section(Path(a.docs) / "results.md", "app", body)

@@ -8,7 +8,8 @@ export class CloudError extends Error {
   }
 }
 
-/** Stream a completion (or a chat answer) from `base`; onText(delta) per piece. Returns {text, finish, ttft, seconds}. */
+/** Stream a completion (or a chat answer) from `base`; onText(delta) per piece.
+ * Returns {text, finish, ttft, seconds}. */
 export async function cloudComplete(base, prompt, { maxTokens, key = '', model = '', chat = false, onText,
                                                     deadline = 15 }) {
   const ctl = new AbortController();

@@ -49,18 +49,19 @@ export class OrtDevice {
     this.context = this.config.context_length || 2048;
     ort.env.wasm.wasmPaths = new URL('./vendor/ort/', import.meta.url).href;
     ort.env.wasm.numThreads = self.crossOriginIsolated ? threads : 1;
+    const bytes = async (n) => new Uint8Array(await blobs[n].arrayBuffer());
     const external = Object.keys(blobs).filter((n) => n.startsWith('model.onnx.'));
     try {
-      this.session = await ort.InferenceSession.create(new Uint8Array(await blobs['model.onnx'].arrayBuffer()), {
+      this.session = await ort.InferenceSession.create(await bytes('model.onnx'), {
         executionProviders: ['wasm'], graphOptimizationLevel: 'all',
-        externalData: await Promise.all(external.map(async (n) => ({ path: n,
-                                                                     data: new Uint8Array(await blobs[n].arrayBuffer()) }))),
+        externalData: await Promise.all(external.map(async (n) => ({ path: n, data: await bytes(n) }))),
       });
     } catch (e) {
       throw new AppError(`onnxruntime-web could not load ${this.entry.name} (${e.message})`);
     }
-    this.kvType = this.session.inputMetadata
-      ? (this.session.inputMetadata.find?.((m) => m.name.startsWith('past_'))?.type || 'float32') : 'float32';
+    // the cache's type as the graph declares it (edgelm's CPU exports keep it float32)
+    const pastMeta = (this.session.inputMetadata || []).find((m) => m.name.startsWith('past_key_values'));
+    this.kvType = pastMeta && pastMeta.type === 'float16' ? 'float16' : 'float32';
     this.threads = ort.env.wasm.numThreads;
     this.loadSeconds = (performance.now() - t0) / 1000;
   }

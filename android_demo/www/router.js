@@ -44,7 +44,9 @@ export function makeGuard(table) {
  * privateFlags: detectors that fired (or ['marked private']); such a query never leaves the device.
  */
 export function firstRoute(mode, privateFlags, cloudAvailable) {
-  if (privateFlags.length) return { side: 'device', reason: `private (${privateFlags.join(', ')}): kept on the device` };
+  if (privateFlags.length) {
+    return { side: 'device', reason: `private (${privateFlags.join(', ')}): kept on the device` };
+  }
   if (mode === 'device') return { side: 'device', reason: 'device mode' };
   if (!cloudAvailable) return { side: 'device', reason: 'no cloud configured' };
   if (mode === 'cloud') return { side: 'cloud', reason: 'cloud mode' };

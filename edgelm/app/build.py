@@ -144,7 +144,8 @@ def build_app(config: AppBuildConfig | None = None, **kwargs: Any) -> AppBuild:
     _check_web(web, vendor)
     queries = [] if c.router else [q.prompt for q in function_queries(c.data, "val", c.calib_queries)]
     if not c.router and not queries:
-        raise EdgelmError("no calibration queries in the corpus's val split; pass --data with Python source or --router")
+        raise EdgelmError("no calibration queries in the corpus's val split; pass --data with Python source, or "
+                          "--router")
     models = []
     unused = {p.name for p in (web / "vendor").glob("*")} - vendor if (web / "vendor").is_dir() else set()
     with atomic_dir(c.out, overwrite=c.force) as tmp:

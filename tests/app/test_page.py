@@ -58,7 +58,8 @@ def test_router_formula_and_privacy_rules_match_python():
     script = f"""
 import {{ topEntropy, makeGuard }} from '{(DEMO / "www" / "router.js").as_posix()}';
 const g = makeGuard({json.dumps(detector_table())});
-console.log(JSON.stringify({{ h: topEntropy({json.dumps(steps)}), flags: {json.dumps(texts)}.map((t) => g.flags(t)) }}));
+const flags = {json.dumps(texts)}.map((t) => g.flags(t));
+console.log(JSON.stringify({{ h: topEntropy({json.dumps(steps)}), flags }}));
 """
     r = subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

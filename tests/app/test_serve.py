@@ -62,7 +62,8 @@ def test_headers_and_types(app_dir):
         assert r.status_code == 200
         assert r.headers["cross-origin-opener-policy"] == "same-origin"
         assert r.headers["cross-origin-embedder-policy"] == "require-corp"
-    assert wasm.headers["content-type"] == "application/wasm" and js.headers["content-type"].startswith("text/javascript")
+    assert wasm.headers["content-type"] == "application/wasm"
+    assert js.headers["content-type"].startswith("text/javascript")
     assert page.headers["cache-control"] == "no-cache" and "<title>edgelm on device</title>" in page.text
     assert no_cloud.status_code == 503 and "--cloud" in no_cloud.json()["error"]["message"]
     assert info == {"cloud": False, "key_required": False}
