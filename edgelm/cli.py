@@ -290,6 +290,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(sub: Any, name: str, help: str, cls: type, func: Callable[[argparse.Namespace], int],
+             *positional: tuple[str, dict[str, Any]]) -> argparse.ArgumentParser:
+    """A subcommand: its positional arguments, then one flag per other field of ``cls``."""
+    p = sub.add_parser(name, help=help)
+    for arg, kw in positional:
+        p.add_argument(arg, **kw)
+    add_dataclass_args(p, cls, skip=tuple(arg for arg, _ in positional))
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edgelm.distill.config import DistillConfig
 
@@ -322,15 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     from edgelm.artifact.config import ExportConfig
     from edgelm.quant.config import QuantizeConfig
 
-    q = sub.add_parser("quantize", help="quantize with a preset (RTN, GPTQ) into a GPTQ-format checkpoint")
-    q.add_argument("model", help="HF folder, .gguf, built-in name or hub id")
-    add_dataclass_args(q, QuantizeConfig, skip=("model",))
-    q.set_defaults(func=cmd_quantize)
-
-    x = sub.add_parser("export", help="export to GGUF or ONNX (quantizing first if the preset says so), checked against PyTorch")
-    x.add_argument("model", help="HF folder, .gguf, built-in name, hub id, or an `edgelm quantize` folder")
-    add_dataclass_args(x, ExportConfig, skip=("model",))
-    x.set_defaults(func=cmd_export)
+    _command(sub, "quantize", "quantize with a preset (RTN, GPTQ) into a GPTQ-format checkpoint", QuantizeConfig,
+             cmd_quantize, ("model", {"help": "HF folder, .gguf, built-in name or hub id"}))
+    _command(sub, "export", "export to GGUF or ONNX (quantizing first if the preset says so), checked against PyTorch",
+             ExportConfig, cmd_export,
+             ("model", {"help": "HF folder, .gguf, built-in name, hub id, or an `edgelm quantize` folder"}))
 
     from edgelm.demo import DemoConfig
 
@@ -378,14 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = sub.add_parser("app", help="the mobile app: pack artifacts into a web app (wrapped for Android), and serve it")
     asub = ap.add_subparsers(dest="app_command", metavar="ACTION", parser_class=_Parser, required=True)
-    ab = asub.add_parser("build", help="artifacts, runtime files and a router the page computes, in one servable folder")
-    ab.add_argument("artifacts", nargs="+", help="GGUF and ONNX artifact folders; the first is the default model")
-    add_dataclass_args(ab, AppBuildConfig, skip=("artifacts",))
-    ab.set_defaults(func=cmd_app)
-    as_ = asub.add_parser("serve", help="serve an app folder with the headers threads need, and proxy /v1 to a cloud")
-    as_.add_argument("folder", help="the folder `edgelm app build` wrote")
-    add_dataclass_args(as_, AppServeConfig, skip=("folder",))
-    as_.set_defaults(func=cmd_app)
+    _command(asub, "build", "artifacts, runtime files and a router the page computes, in one servable folder",
+             AppBuildConfig, cmd_app,
+             ("artifacts", {"nargs": "+", "help": "GGUF and ONNX artifact folders; the first is the default model"}))
+    _command(asub, "serve", "serve an app folder with the headers threads need, and proxy /v1 to a cloud",
+             AppServeConfig, cmd_app, ("folder", {"help": "the folder `edgelm app build` wrote"}))
 
     ls = sub.add_parser("list", help="list architectures, built-in teachers, student shapes, KD losses, quant presets, "
                                      "targets, runtimes and routers")
