@@ -101,11 +101,9 @@ class _Static:
     """A plain static server (no isolation headers), as a web host without them would serve the app."""
 
     def __init__(self, folder: Path) -> None:
-        import socket
+        from edgelm.coop.localcloud import free_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
                                       "--directory", str(folder)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)

@@ -70,14 +70,13 @@ class AppServer:
     """`edgelm app serve FOLDER ARGS...` in a child process on a free loopback port, until ``stop``."""
 
     def __init__(self, folder: str | Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> None:
-        import socket
         import sys
         import time
         import urllib.request
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        from edgelm.coop.localcloud import free_port
+
+        port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "edgelm", "app", "serve", str(folder), "--port",
                                       str(port), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True, env={**os.environ, **(env or {})})
