@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.edgelm-installed
 
 APP_STAMP := android_demo/node_modules/.edgelm-installed
 
-.PHONY: demo test app-deps bench-app bench-distill bench-quant bench-runtimes bench-route clean
+.PHONY: demo test app-deps llama-quantize bench-app bench-distill bench-quant bench-runtimes bench-route clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,25 @@ $(APP_STAMP): android_demo/package.json android_demo/package-lock.json
 	else echo "warning: npm is missing, so the app's browser tests will skip"; fi
 
 app-deps: $(APP_STAMP)
+
+# llama.cpp's own `llama-quantize` tool (it takes an importance matrix; llama-cpp-python's C API can't), built from
+# the llama.cpp that llama-cpp-python vendors, so it matches the runtime. ~6 min on 2 cores; on a machine that has
+# `llama-quantize` on PATH, edgelm uses that one.
+LLAMA_CPP_PYTHON := $(shell sed -n 's/.*llama-cpp-python\[server\]==\([0-9.]*\).*/\1/p' pyproject.toml)
+LQ_BUILD := build/llama-quantize
+$(VENV)/bin/llama-quantize: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	rm -rf $(LQ_BUILD) && mkdir -p $(LQ_BUILD)
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(LQ_BUILD)
+	tar xzf $(LQ_BUILD)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LQ_BUILD)
+	cmake -S $(LQ_BUILD)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $(LQ_BUILD)/cmake -DCMAKE_BUILD_TYPE=Release \
+		-DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >$(LQ_BUILD)/cmake.log
+	cmake --build $(LQ_BUILD)/cmake --target llama-quantize -j $$(nproc) >$(LQ_BUILD)/build.log
+	cp $(LQ_BUILD)/cmake/bin/llama-quantize $@
+	rm -rf $(LQ_BUILD)
+
+llama-quantize: $(VENV)/bin/llama-quantize
 
 demo: $(STAMP) $(APP_STAMP)
 	$(VENV)/bin/edgelm demo

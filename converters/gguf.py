@@ -3,8 +3,9 @@
 Tensor names, architecture names, file types and block sizes come from gguf-py's tables (llama.cpp's own); what
 differs per architecture (RoPE row layout, context) is a hook of its ``Arch``.
 
-Quantized linears from a GPTQ-format checkpoint are packed into Q4_0 (symmetric 4-bit), Q4_1 (asymmetric 4-bit) or
-Q8_0 (symmetric 8-bit) blocks holding exactly the codes and fp16 scales GPTQ chose. ``llamacpp-*`` presets write an
+Quantized linears from a GPTQ-format checkpoint are packed, each into the 32-wide block type that holds its codes
+(edgelm.quant.grids: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), exactly the codes and fp16 scales GPTQ chose; a mixed plan's
+tied lm_head becomes the token embedding. ``llamacpp-*`` presets write an
 f32 GGUF and hand it to llama.cpp's own quantizer (``llama_model_quantize``), then list any tensor it fell back on.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from edgelm.converters.source import SourceWeights
 from edgelm.errors import EdgelmError, require_llama_cpp
+from edgelm.quant.grids import type_of
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,9 +39,6 @@ SPLIT_REGEX_PRE: dict[str, str] = {
         "qwen2",  # Qwen2, Qwen2.5 (digits one at a time)
 }
 
-# Weight-only checkpoint (bits, symmetric) -> the GGUF block type that holds its values exactly.
-EXACT_BLOCKS: dict[tuple[int, bool], str] = {(4, True): "Q4_0", (4, False): "Q4_1", (8, True): "Q8_0"}
-_SYM = {True: "sym", False: "asym"}
 
 
 def block_size(qtype: str) -> tuple[int, int]:
@@ -188,10 +187,14 @@ def add_hparams(writer, cfg: dict[str, Any], arch: "Arch", name: str, file_type:
 
 
 def pack_exact(ql: "QLinear", qtype: str, permute: Callable[["np.ndarray"], "np.ndarray"]) -> "np.ndarray":
-    """A QLinear as GGUF blocks, uint8 [out, bytes per row], holding its exact codes and fp16 scales. ``permute``
-    reorders output rows (the arch's RoPE layout) and is applied to codes, scales and zeros alike."""
+    """A QLinear as GGUF blocks of a 32-wide type (edgelm.quant.grids), uint8 [out, bytes per row], holding its exact
+    codes and fp16 scales. ``permute`` reorders output rows (the arch's RoPE layout) and is applied to codes, scales
+    and zeros alike."""
     import numpy as np
 
+    from edgelm.quant.grids import block_type
+
+    bt = block_type(qtype)
     gs = ql.contiguous_groups()
     out_f, in_f = ql.shape
     block = block_size(qtype)[0]
@@ -200,6 +203,8 @@ def pack_exact(ql: "QLinear", qtype: str, permute: Callable[["np.ndarray"], "np.
                           "blocks "
                           "(act-order without static groups, or a group size not a multiple of 32); "
                           "re-quantize with --act-order off, or export ONNX")
+    if ql.bits != bt.bits:
+        raise EdgelmError(f"{qtype} holds {bt.bits}-bit codes; this weight has {ql.bits}-bit codes")
     codes = ql.codes.numpy().astype(np.int16)  # [out, in]
     rep = gs // block
     scales = np.repeat(ql.scales.numpy(), rep, axis=1)  # fp16 [out, in/32]
@@ -208,21 +213,23 @@ def pack_exact(ql: "QLinear", qtype: str, permute: Callable[["np.ndarray"], "np.
     nb = in_f // block
     q = codes.reshape(out_f, nb, block)
     d = scales.astype(np.float16).reshape(out_f, nb, 1).view(np.uint8)  # [out, nb, 2]
-    if qtype == "Q8_0":
-        if not (zeros == 128).all():
-            raise EdgelmError("Q8_0 needs symmetric 8-bit codes (zero point 128)")
-        qs = (q - 128).astype(np.int8).view(np.uint8)  # [out, nb, 32]
-        blocks = np.concatenate([d, qs], axis=-1)
+    mid = 2 ** (bt.bits - 1)
+    if bt.sym and not (zeros == mid).all():
+        raise EdgelmError(f"{qtype} needs symmetric {bt.bits}-bit codes (zero point {mid}); asymmetric codes go to "
+                          f"Q{bt.bits}_1")
+    parts = [d]
+    if not bt.sym:  # w = d*q + m with m = -d*z (the fp16 rounding of m is the one difference from the checkpoint)
+        parts.append((-(scales.astype(np.float32) * zeros)).astype(np.float16).reshape(out_f, nb, 1).view(np.uint8))
+    if bt.bits == 8:
+        parts.append((q - 128).astype(np.int8).view(np.uint8))  # [out, nb, 32]
     else:
         half = block // 2
-        nib = (q[..., :half] | (q[..., half:] << 4)).astype(np.uint8)  # element j low nibble, j+16 high nibble
-        if qtype == "Q4_0":
-            if not (zeros == 8).all():
-                raise EdgelmError("Q4_0 needs symmetric 4-bit codes (zero point 8); asymmetric codes go to Q4_1")
-            blocks = np.concatenate([d, nib], axis=-1)
-        else:  # Q4_1: w = d*q + m with m = -d*z
-            m = (-(scales.astype(np.float32) * zeros)).astype(np.float16).reshape(out_f, nb, 1).view(np.uint8)
-            blocks = np.concatenate([d, m, nib], axis=-1)
+        low = q & 0x0F
+        if bt.bits == 5:  # bit 4 of element j is bit j of a little-endian uint32
+            high = ((q >> 4) & 1).astype(np.uint32) << np.arange(block, dtype=np.uint32)  # [out, nb, 32]
+            parts.append(high.sum(-1, dtype=np.uint32).astype("<u4").reshape(out_f, nb, 1).view(np.uint8))
+        parts.append((low[..., :half] | (low[..., half:] << 4)).astype(np.uint8))  # j low nibble, j+16 high
+    blocks = np.concatenate(parts, axis=-1)
     return np.ascontiguousarray(blocks.reshape(out_f, -1))
 
 
@@ -252,11 +259,8 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
     arch = get_arch(cfg.get("model_type"), str(src.folder))
     names_of = NameMap(arch, int(cfg["num_hidden_layers"]))
     n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    bits, sym = int(src.quant.get("bits", 16)), bool(src.quant.get("sym", True))
-    exact = EXACT_BLOCKS.get((bits, sym)) if src.qlinears else None
-    if src.qlinears and exact is None:
-        raise EdgelmError(f"no GGUF block type holds {bits}-bit {'symmetric' if sym else 'asymmetric'} codes exactly; "
-                          f"supported: {', '.join(f'{b}-bit {_SYM[s]} -> {t}' for (b, s), t in EXACT_BLOCKS.items())}")
+    exact = {n: type_of(ql).name for n, ql in src.qlinears.items()}  # module -> the type holding its codes
+    tied_q = "lm_head" in src.qlinears and src.tied  # a mixed plan's tied embedding: one exact matrix
     plan: list[_Planned] = []
     names = list(src.tensors) + [f"{n}.weight" for n in src.qlinears]
     if src.tied:
@@ -274,11 +278,13 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
             return arch.permute_rows(a, gname, n_head, n_kv)
 
         module = hf.rsplit(".", 1)[0]
+        if tied_q and gname == "token_embd.weight":
+            module = "lm_head"
         if hf.endswith(".weight") and module in src.qlinears:
-            ql = src.qlinears[module]
-            shape = (ql.shape[0], tensor_bytes((1, ql.shape[1]), exact))
-            plan.append(_Planned(gname, shape, exact, shape[0] * shape[1],
-                                 lambda ql=ql, permute=permute: pack_exact(ql, exact, permute)))
+            ql, qtype = src.qlinears[module], exact[module]
+            shape = (ql.shape[0], tensor_bytes((1, ql.shape[1]), qtype))
+            plan.append(_Planned(gname, shape, qtype, shape[0] * shape[1],
+                                 lambda ql=ql, qtype=qtype, permute=permute: pack_exact(ql, qtype, permute)))
             continue
         shape = src.shape(hf)
         qtype = "F32" if len(shape) == 1 else float_type
@@ -296,7 +302,8 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
         stored = shape if qtype in ("F32", "F16") else (shape[0], tensor_bytes((1, shape[1]), qtype))
         plan.append(_Planned(gname, stored, qtype, tensor_bytes(shape, qtype), make))
 
-    file_type = gguf.LlamaFileType[f"MOSTLY_{exact}" if exact else {"F32": "ALL_F32", "F16": "MOSTLY_F16"}[float_type]]
+    common = max(set(exact.values()), key=list(exact.values()).count) if exact else None  # the file's main type
+    file_type = gguf.LlamaFileType[f"MOSTLY_{common}" if common else {"F32": "ALL_F32", "F16": "MOSTLY_F16"}[float_type]]
     writer = gguf.GGUFWriter(str(path), names_of.gguf_arch_name)
     notes = add_hparams(writer, cfg, arch, name, int(file_type))
     add_tokenizer(writer, tokenizer, src.folder, int(cfg["vocab_size"]))
@@ -357,3 +364,72 @@ def find_fallbacks(path: Path, gguf_type: str) -> list[dict[str, Any]]:
         if info["type"] not in INTENDED[gguf_type]:
             out.append({"tensor": name, "type": info["type"], "row": info["shape"][0]})
     return out
+
+
+IMATRIX_FILE = "imatrix.gguf"  # where export leaves the importance matrix for a target (in its work folder)
+
+
+def write_imatrix(stats: dict[str, "np.ndarray"], tokens: int, folder: Path, path: Path, *, dataset: str,
+                  chunk_size: int) -> int:
+    """llama.cpp's importance matrix (GGUF format, as its `llama-imatrix` tool writes it): per weight, ``.in_sum2``
+    (sum over tokens of each input column squared) and ``.counts`` (tokens), under the GGUF tensor names. ``stats``
+    is keyed by HF module name (edgelm.quant.hessian); the lm_head's goes to token_embd when tied. Returns entries."""
+    import gguf
+    import numpy as np
+
+    from edgelm.models.archs import get_arch
+    from edgelm.models.loader import read_config
+
+    cfg = read_config(folder)
+    names = NameMap(get_arch(cfg.get("model_type"), str(folder)), int(cfg["num_hidden_layers"]))
+    w = gguf.GGUFWriter(str(path), arch="imatrix")  # the arch key is ignored by the loader
+    w.add_type(gguf.GGUFType.IMATRIX)
+    w.add_array(gguf.Keys.IMatrix.DATASETS, [dataset])
+    w.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, max(1, tokens // chunk_size))
+    w.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, chunk_size)
+    n = 0
+    for module in sorted(stats):
+        gname = ("token_embd.weight" if cfg.get("tie_word_embeddings") else "output.weight") if module == "lm_head" \
+            else names(module + ".weight")
+        if gname is None:
+            raise EdgelmError(f"{module} has no name in llama.cpp's tensor map; cannot write its importance")
+        w.add_tensor(f"{gname}.in_sum2", np.asarray(stats[module], dtype=np.float32)[None, :])  # [1, in]
+        w.add_tensor(f"{gname}.counts", np.array([[float(tokens)]], dtype=np.float32))  # [1, 1]
+        n += 1
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return n
+
+
+def find_llama_quantize() -> str:
+    """llama.cpp's `llama-quantize` tool: on PATH, or beside this Python (where `make llama-quantize` puts it)."""
+    import shutil
+    import sys
+
+    found = shutil.which("llama-quantize") or shutil.which("llama-quantize", path=str(Path(sys.executable).parent))
+    if not found:
+        raise EdgelmError("--imatrix needs llama.cpp's llama-quantize tool (llama-cpp-python's API can't take an "
+                          "importance matrix): run `make llama-quantize`, which builds it from the llama.cpp "
+                          "llama-cpp-python vendors, or put one on PATH")
+    return found
+
+
+def llamacpp_quantize_tool(src_gguf: Path, dst: Path, gguf_type: str, *, imatrix: Path, threads: int,
+                           log_path: Path) -> int:
+    """Run `llama-quantize --imatrix` on an f32 GGUF (its output goes to ``log_path``); returns how many importance
+    entries the tool says it loaded."""
+    import re
+    import subprocess
+
+    args = [find_llama_quantize(), "--imatrix", str(imatrix), str(src_gguf), str(dst), gguf_type, str(max(1, threads))]
+    with open(log_path, "w", encoding="utf-8") as logf:
+        rc = subprocess.run(args, stdout=logf, stderr=subprocess.STDOUT).returncode
+    if rc != 0 or not dst.is_file():
+        lines = [ln for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        raise EdgelmError(f"llama-quantize failed for {gguf_type} (exit {rc}): {lines[-1][:300] if lines else ''}")
+    found = re.search(r"loaded (\d+) importance matrix entries", log_path.read_text(encoding="utf-8", errors="replace"))
+    if not found:
+        raise EdgelmError(f"llama-quantize did not report loading the importance matrix (log: {log_path})")
+    return int(found.group(1))

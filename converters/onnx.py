@@ -41,10 +41,49 @@ def build_onnx(src: Path, out: Path, precision: str, work: Path, extra: dict[str
         if any("No module named 'onnxruntime_genai'" in ln or "No module named 'onnx_ir'" in ln for ln in lines):
             raise EdgelmError("onnxruntime-genai (with onnx_ir) is not installed; pip install 'edgelm[onnx]'")
         raise EdgelmError(f"the ONNX builder failed (exit {rc}): {lines[-1][:300] if lines else 'no output'}")
+    if (extra or {}).get("shared_embeddings") == "true":
+        reshape_shared_gather(out / "model.onnx")
     if note:
         _cap_context(out / "genai_config.json", context)
         log.warning("ONNX: %s", note)
     return [note] if note else []
+
+
+def reshape_shared_gather(model_path: Path) -> int:
+    """Make the builder's shared embedding load: when GatherBlockQuantized reuses a pre-quantized lm_head's
+    MatMulNBits scales and zero points (flat, [N * blocks]), onnxruntime wants them [N, blocks]; insert Reshape
+    nodes (the initializers stay shared on disk). Rewrites the graph file only; returns the nodes fixed."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    rows = _logits_width(m)  # the gathered matrix's rows
+    inits = {i.name: i for i in m.graph.initializer}
+    fixed = 0
+    for node in [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]:
+        for slot in (2, 3):  # scales, zero points
+            if slot >= len(node.input) or node.input[slot] not in inits or len(inits[node.input[slot]].dims) != 1:
+                continue
+            name = node.input[slot]
+            shape = numpy_helper.from_array(np.array([rows, -1], dtype=np.int64), f"{name}/shape2d")
+            m.graph.initializer.append(shape)
+            out = f"{name}/2d"
+            m.graph.node.insert(list(m.graph.node).index(node), helper.make_node(
+                "Reshape", [name, shape.name], [out], name=f"{node.name}/Reshape_{slot}"))
+            node.input[slot] = out
+            fixed += 1
+    if fixed:
+        onnx.save(m, str(model_path))
+    return fixed
+
+
+def _logits_width(m) -> int:
+    """The vocabulary size, from the graph's logits output."""
+    for o in m.graph.output:
+        if o.name == "logits":
+            return int(o.type.tensor_type.shape.dim[-1].dim_value)
+    raise EdgelmError("the ONNX graph has no logits output; cannot size the shared embedding")
 
 
 def _cap_context(genai_config: Path, context: int) -> None:

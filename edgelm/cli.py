@@ -125,7 +125,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     res = quantize(_from_args(QuantizeConfig, args))
     q = res.quality
-    print(f"quantized: {res.out} ({res.preset.name}, {res.preset.bits_per_weight:.2f} bits/weight, {res.seconds:.1f} s)")
+    bpw = res.plan["bits_per_weight"] if res.plan else res.preset.bits_per_weight
+    print(f"quantized: {res.out} ({res.preset.name}, {bpw:.2f} bits/weight, {res.seconds:.1f} s)")
+    if res.plan:
+        print(f"types: {res.plan['summary']}")
     if q:
         print(f"val perplexity {q['ppl']:.4f} (fp32 {q['ppl_ref']:.4f}, +{q['dppl']:.4f}), KLD {q['kld']:.5f}, "
               f"top-1 agreement {q['top1_agree']:.4f}")
@@ -139,6 +142,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     res = export(_from_args(ExportConfig, args))
     m = res.manifest
     print(f"exported: {res.out} ({res.target}, {res.preset}, {m['total_bytes'] / 2**20:.1f} MiB)")
+    if m.get("plan"):
+        print(f"types: {m['plan']['summary']}")
     par = m.get("parity", {})
     if par.get("skipped"):
         print("check: skipped (--no-check)")

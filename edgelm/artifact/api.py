@@ -53,14 +53,20 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
     if c.target not in preset.targets:
         ok = [n for n, p in _presets() if c.target in p.targets]
         raise EdgelmError(f"preset {preset.name} cannot be exported to {c.target}; presets for {c.target}: {', '.join(ok)}")
+    target.check_preset(preset)
     if Path(c.out).exists() and not c.force:
         raise EdgelmError(f"{c.out} already exists; remove it or pass --force")
+    if preset.imatrix:
+        from edgelm.converters.gguf import find_llama_quantize
+
+        find_llama_quantize()  # before any work
     t0 = time.perf_counter()
     prior = _existing_quantized(c.model)
     with tempfile.TemporaryDirectory(prefix="edgelm-export-") as work_s, atomic_dir(c.out, overwrite=c.force) as tmp:
         work = Path(work_s)
         ref_spec = c.model
         source: dict[str, Any]
+        plan = None  # a mixed preset's per-tensor types
         if prior is not None:  # an `edgelm quantize` folder: export its exact values
             if prior["preset"]["name"] != preset.name:
                 raise EdgelmError(f"{c.model} was quantized with {prior['preset']['name']}; export it with --quant "
@@ -68,6 +74,7 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
             src = Path(c.model)
             ref_spec = prior["source"]["spec"]
             source = {**prior["source"], "quantized_folder": str(Path(c.model).resolve())}
+            plan = prior.get("plan")
         else:
             if os.path.isdir(c.model):
                 read_manifest(c.model)  # refuses a folder whose files don't match its manifest
@@ -76,15 +83,18 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
                 resolved = replace(resolved, path=_hub_snapshot(resolved.spec))
             check_arch(resolved.path)
             source = {"spec": resolved.spec, "kind": resolved.kind, "sha256": resolved.sha256}
-            if preset.method in ("rtn", "gptq"):
+            if preset.weight_only:
                 src = work / "quantized"
                 src.mkdir()
                 fields = quantize_to_folder(c.model, preset, src, data=c.data, text_field=c.text_field,
                                             calib_samples=c.calib_samples, calib_seqlen=c.calib_seqlen, seed=c.seed,
                                             device=c.device or None)
                 source.update({k: v for k, v in fields.items() if k == "calibration"})
+                plan = fields.get("plan")
             else:
                 src = Path(resolved.path)
+            if preset.imatrix:
+                source["imatrix"] = _write_imatrix(c, src, work)
         log.info("exporting %s -> %s (%s)", c.model, c.target, preset.name)
         fields = target.export(src, preset, tmp, work)
         fields_time = time.perf_counter() - t0
@@ -103,8 +113,23 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
             parity = {"skipped": True}
         manifest = write_manifest(tmp, f"export-{c.target}", target=c.target, runtime=target.runtime,
                                   preset=preset.as_dict(), source=source, parity=parity,
-                                  export_seconds=round(fields_time, 2), **fields)
+                                  export_seconds=round(fields_time, 2), **({"plan": plan} if plan else {}), **fields)
     return ExportResult(Path(c.out), c.target, preset.name, manifest)
+
+
+def _write_imatrix(c: ExportConfig, src: Path, work: Path) -> dict[str, Any]:
+    """llama.cpp's importance matrix of ``src`` from the calibration set (train split), into the work folder."""
+    from edgelm.converters.gguf import IMATRIX_FILE, write_imatrix
+    from edgelm.models.loader import load_model
+    from edgelm.quant.api import calibration_set
+    from edgelm.quant.hessian import input_importance
+
+    model, tok, _ = load_model(str(src))
+    calib = calibration_set(tok, c.data, c.text_field, c.calib_samples, c.calib_seqlen, c.seed)
+    stats, tokens = input_importance(model.float().eval(), calib)
+    n = write_imatrix(stats, tokens, src, work / IMATRIX_FILE, dataset="train split", chunk_size=c.calib_seqlen)
+    log.info("importance matrix: %d tensors from %d train-split tokens", n, tokens)
+    return {"split": "train", "samples": c.calib_samples, "seqlen": c.calib_seqlen, "seed": c.seed, "tensors": n}
 
 
 def _hub_snapshot(repo_id: str) -> str:

@@ -3,8 +3,12 @@ the preset says so, so it takes every `edgelm quantize` option too."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edgelm.quant.config import QuantizeConfig
+
+if TYPE_CHECKING:
+    from edgelm.quant.presets import QuantPreset
 
 
 @dataclass(frozen=True)
@@ -18,3 +22,8 @@ class ExportConfig(QuantizeConfig):
     prompts: int = 4  # prompts for the greedy-token parity of fp32 artifacts
     new_tokens: int = 16  # greedy tokens per prompt in that check
     threads: int = 1  # CPU threads of the artifact's runtime during the check
+    imatrix: bool = False  # llamacpp-* presets: an importance matrix from the calibration set, for llama-quantize
+
+    def preset(self) -> "QuantPreset":
+        p = super().preset()
+        return p.with_options(imatrix=True) if self.imatrix else p

@@ -76,7 +76,7 @@ def export_suite(model: str, plan: Sequence[tuple[str, str]], out_root: str | Pa
                 rows.append(_row(label or model, preset, target, done, m, float(m.get("export_seconds", 0))))
                 continue
         try:
-            if preset.method in ("rtn", "gptq"):
+            if preset.weight_only:
                 folder = out_root / f"quantized-{preset_name}"
                 prior = read_manifest(folder) if reuse and (folder / "edgelm.json").is_file() else None
                 if prior and prior["preset"]["name"] == preset_name and preset_name not in quantized:

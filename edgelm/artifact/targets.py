@@ -26,6 +26,9 @@ class Target:
         """Write the artifact into ``tmp``; return manifest fields. ``work`` is scratch space."""
         raise NotImplementedError
 
+    def check_preset(self, preset: QuantPreset) -> None:
+        """Refuse, before any work, a preset whose output this target can't hold (beyond ``preset.targets``)."""
+
     def open(self, folder: Path, *, threads: int = 1):
         """The artifact in its runtime (edgelm.runtimes), without the manifest check (export calls it on tmp)."""
         from edgelm.registry import RUNTIMES
@@ -34,7 +37,8 @@ class Target:
 
 
 class GgufTarget(Target):
-    """llama.cpp GGUF: exact Q4_0/Q4_1/Q8_0 blocks from rtn/gptq presets, or llama.cpp's own quantizer."""
+    """llama.cpp GGUF: exact 32-wide blocks (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0) from rtn/gptq/mixed presets, or llama.cpp's
+    own quantizer (its `llama-quantize` tool when the preset takes an importance matrix)."""
 
     # llama.cpp keeps the KV cache in f16: fp32 GGUF logits differ from PyTorch by ~0.03-0.1 on real models
     name, runtime, logit_atol = "gguf", "llamacpp", 0.25
@@ -44,8 +48,10 @@ class GgufTarget(Target):
         from transformers import AutoTokenizer
 
         from edgelm.converters.gguf import (
+            IMATRIX_FILE,
             find_fallbacks,
             llamacpp_quantize,
+            llamacpp_quantize_tool,
             read_types,
             write_gguf,
         )
@@ -60,8 +66,13 @@ class GgufTarget(Target):
             base = work / "f32.gguf"
             notes = write_gguf(weights, tok, base, float_type="F32").notes
             del weights
-            with capture_fds(work / "llama_quantize.log"):
-                llamacpp_quantize(base, out, preset.gguf_type or "", threads=os.cpu_count() or 1)
+            if preset.imatrix:  # export left the importance matrix in the work folder
+                fields["imatrix_entries_loaded"] = llamacpp_quantize_tool(
+                    base, out, preset.gguf_type or "", imatrix=work / IMATRIX_FILE, threads=os.cpu_count() or 1,
+                    log_path=work / "llama_quantize.log")
+            else:
+                with capture_fds(work / "llama_quantize.log"):
+                    llamacpp_quantize(base, out, preset.gguf_type or "", threads=os.cpu_count() or 1)
             fallbacks = find_fallbacks(out, preset.gguf_type or "")
             if fallbacks:
                 log.warning("llama.cpp fell back from %s on %d tensors (rows not a multiple of its block), e.g. %s -> %s",
@@ -91,15 +102,29 @@ class OnnxTarget(Target):
         # A GPTQ-format source keeps its linears as they are; "int8" applies to what the checkpoint left float (lm_head).
         return "int8"
 
+    MATMULNBITS_BITS = (4, 8)  # what edgelm packs into MatMulNBits (and the builder's GatherBlockQuantized shares)
+
+    def check_preset(self, preset: QuantPreset) -> None:
+        from edgelm.quant.grids import BLOCK_TYPES
+
+        bad = [t for t in preset.types if BLOCK_TYPES[t].bits not in self.MATMULNBITS_BITS]
+        if bad:
+            ok = [t for t, b in BLOCK_TYPES.items() if b.bits in self.MATMULNBITS_BITS]
+            raise EdgelmError(f"ONNX MatMulNBits takes 4- and 8-bit codes; {preset.name} may choose {', '.join(bad)}; "
+                              f"pass --types from {', '.join(ok)}")
+
     def export(self, src: Path, preset: QuantPreset, tmp: Path, work: Path) -> dict[str, Any]:
         from edgelm.converters.onnx import build_onnx, op_counts
 
-        precision = self.precision(preset)
-        if preset.method in ("rtn", "gptq"):
+        precision, extra = self.precision(preset), None
+        if preset.weight_only:
             _check_matmulnbits_blocks(src, preset)
-        notes = build_onnx(src, tmp, precision, work)
+        if preset.method == "mixed" and _shared_4bit_head(src):
+            # one GPTQ-calibrated 4-bit matrix for the lm_head (MatMulNBits) and the embedding (GatherBlockQuantized)
+            precision, extra = "int4", {"shared_embeddings": "true"}
+        notes = build_onnx(src, tmp, precision, work, extra)
         return {"file": "model.onnx", "builder": "onnxruntime-genai", "precision": precision, "notes": notes,
-                "ops": op_counts(tmp / "model.onnx")}
+                "shared_embeddings": bool(extra), "ops": op_counts(tmp / "model.onnx")}
 
 
 
@@ -117,6 +142,18 @@ def _check_matmulnbits_blocks(src: Path, preset: QuantPreset) -> None:
         if block < 16 or block & (block - 1):
             raise EdgelmError(f"ONNX MatMulNBits needs power-of-two blocks of at least 16 columns; {preset.name} gives "
                               f"blocks of {block} on rows of {cols}; use a grouped preset (e.g. gptq-int8, groups of 32)")
+
+
+def _shared_4bit_head(src: Path) -> bool:
+    """A tied model whose checkpoint holds a 4-bit lm_head: the builder can share it with the embedding (its 8-bit
+    GatherBlockQuantized does not load in onnxruntime 1.32: "scales must have the same rank as data")."""
+    import json
+
+    from edgelm.models.qformat import module_bits
+
+    cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    q = cfg.get("quantization_config") or {}
+    return bool(cfg.get("tie_word_embeddings") and q.get("lm_head") and module_bits(q, "lm_head") == 4)
 
 
 def _count(items) -> dict[str, int]:

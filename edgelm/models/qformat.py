@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
 # Linear layers that weight-only presets quantize (every supported arch has the Llama block's names); lm_head and
-# embeddings stay float.
+# embeddings stay float, except in mixed plans (edgelm.quant.mixed), which also quantize the lm_head.
 QUANT_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -56,10 +56,17 @@ class QLinear:
         return gs if torch.equal(self.g_idx.long(), torch.arange(n_in) // gs) else None
 
 
+def container_bits(bits: int) -> int:
+    """Bits each code takes when packed: GPTQ packs 2/4/8-bit codes densely; 5- and 6-bit codes (mixed plans only,
+    which no GPTQ packing defines) take a byte each."""
+    return bits if 32 % bits == 0 else 8
+
+
 def _pack(values: "torch.Tensor", bits: int) -> "torch.Tensor":
     """Pack non-negative ints along dim 0: [n, m] -> int32 [n*bits/32, m]."""
     import torch
 
+    bits = container_bits(bits)
     per = 32 // bits
     v = values.to(torch.int64).reshape(-1, per, values.shape[1])  # [n/per, per, m]
     shifts = (torch.arange(per, dtype=torch.int64) * bits)[None, :, None]
@@ -71,6 +78,7 @@ def _unpack(packed: "torch.Tensor", bits: int) -> "torch.Tensor":
     """Inverse of :func:`_pack`: int32 [n, m] -> int64 [n*32/bits, m]."""
     import torch
 
+    bits = container_bits(bits)
     per = 32 // bits
     p = packed.to(torch.int64) & 0xFFFFFFFF  # [n, m]
     shifts = (torch.arange(per, dtype=torch.int64) * bits)[None, :, None]
@@ -80,8 +88,8 @@ def _unpack(packed: "torch.Tensor", bits: int) -> "torch.Tensor":
 
 def pack_gptq(ql: QLinear) -> dict[str, "torch.Tensor"]:
     """QLinear -> GPTQ v1 tensors (zeros stored minus one)."""
-    if ql.bits not in (4, 8):
-        raise EdgelmError(f"GPTQ packing supports 4 and 8 bits, got {ql.bits}")
+    if ql.bits not in (4, 5, 8):
+        raise EdgelmError(f"GPTQ packing supports 4 and 8 bits (5 bits one per byte), got {ql.bits}")
     stored_zeros = (ql.zeros.long() - 1) & (2**ql.bits - 1)
     return {"qweight": _pack(ql.codes.T.contiguous(), ql.bits), "qzeros": _pack_zeros(stored_zeros, ql.bits),
             "scales": ql.scales.T.contiguous(), "g_idx": ql.g_idx}
@@ -115,15 +123,20 @@ def save_quantized(folder: Path, model, tokenizer, qlinears: dict[str, QLinear],
     from safetensors.torch import save_file
 
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied:
         sd.pop("lm_head.weight", None)
     for name, ql in qlinears.items():
-        sd.pop(f"{name}.weight")
+        sd.pop(f"{name}.weight", None)
         for k, v in pack_gptq(ql).items():
             sd[f"{name}.{k}"] = v
+    if tied and "lm_head" in qlinears:  # the embedding is the same matrix: keep its dequantized values
+        emb = model.get_input_embeddings()
+        key = next(k for k, p in model.named_parameters(remove_duplicate=False) if p is emb.weight)
+        sd[key] = qlinears["lm_head"].dequantize()
     save_file(sd, str(folder / WEIGHTS), metadata={"format": "pt"})
     cfg = model.config.to_dict()
-    cfg["quantization_config"] = {"quant_method": "gptq", "checkpoint_format": "gptq", "lm_head": False,
+    cfg["quantization_config"] = {"quant_method": "gptq", "checkpoint_format": "gptq", "lm_head": "lm_head" in qlinears,
                                   "desc_act": False, **qcfg}
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, default=str), encoding="utf-8")
     tokenizer.save_pretrained(folder)
@@ -140,7 +153,7 @@ def read_quantized(folder: str | Path) -> tuple[dict, dict[str, "torch.Tensor"],
     q = cfg.get("quantization_config") or {}
     if q.get("quant_method") != "gptq":
         raise EdgelmError(f"{folder} is not a GPTQ-format checkpoint (quantization_config.quant_method != 'gptq')")
-    bits, v1 = int(q["bits"]), q.get("checkpoint_format", "gptq") == "gptq"
+    v1 = q.get("checkpoint_format", "gptq") == "gptq"
     tensors: dict[str, Any] = {}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -156,8 +169,27 @@ def read_quantized(folder: str | Path) -> tuple[dict, dict[str, "torch.Tensor"],
     for k in [k for k in tensors if k.endswith(".qweight")]:
         name = k[: -len(".qweight")]
         parts = {p: tensors.pop(f"{name}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx")}
-        qlinears[name] = unpack_gptq(parts, bits, v1=v1)
+        qlinears[name] = unpack_gptq(parts, module_bits(q, name), v1=v1)
     return cfg, tensors, qlinears
+
+
+def dynamic_pattern(module: str) -> str:
+    """A GPTQModel-style ``dynamic`` key for one module, matching its name and its tensors' (``NAME.qweight``), as
+    GPTQModel and onnxruntime-genai's builder both match them (``re.match``)."""
+    import re
+
+    return f"+:^{re.escape(module)}(\\.|$)"
+
+
+def module_bits(q: dict[str, Any], name: str) -> int:
+    """A module's bits: the checkpoint's, unless a GPTQModel-style ``dynamic`` rule ("+:regex" -> {"bits": b}) that
+    matches the module name overrides them (mixed plans write one per module)."""
+    import re
+
+    for pattern, override in (q.get("dynamic") or {}).items():
+        if pattern.startswith("+:") and re.match(pattern[2:], name) and "bits" in override:
+            return int(override["bits"])
+    return int(q["bits"])
 
 
 def load_quantized_model(folder: str | Path):

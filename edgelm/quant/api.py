@@ -22,6 +22,7 @@ class QuantizeResult:
     preset: QuantPreset  # what was applied
     quality: dict[str, Any] = field(default_factory=dict)  # ppl/KLD/top-1 against the fp32 source on val
     seconds: float = 0.0  # wall time of quantization itself
+    plan: dict[str, Any] = field(default_factory=dict)  # mixed presets: the per-tensor types (MixedPlan.as_dict)
 
 
 def calibration_set(source_tok, data: tuple[str, ...], text_field: str, samples: int, seqlen: int, seed: int):
@@ -60,6 +61,9 @@ def quantize_to_folder(model_spec: str, preset: QuantPreset, tmp: Path, *, data:
         model.to(torch.float16 if preset.method == "cast" else torch.float32).save_pretrained(tmp)
         tok.save_pretrained(tmp)
         return fields
+    if preset.method == "mixed":
+        return _mixed(model, tok, preset, tmp, fields, data=data, text_field=text_field, samples=calib_samples,
+                      seqlen=calib_seqlen, seed=seed)
     names = quantized_linears(model)
     gs = preset.group_size
     for n in names:
@@ -79,6 +83,57 @@ def quantize_to_folder(model_spec: str, preset: QuantPreset, tmp: Path, *, data:
             raise EdgelmError(f"GPTQ left {len(missing)} linear layers unquantized (e.g. {sorted(missing)[0]})")
     save_quantized(tmp, model, tok, qlinears, qcfg)
     return fields
+
+
+def _mixed(model, tok, preset: QuantPreset, tmp: Path, fields: dict[str, Any], *, data, text_field, samples, seqlen,
+           seed) -> dict[str, Any]:
+    """A block type per tensor (edgelm.quant.mixed), written as a GPTQ-format folder with per-module bits."""
+    from edgelm.quant.mixed import check_plannable, plan_mixed, save_mixed
+
+    model = model.float().eval()
+    check_plannable(model, preset.types, budget_bpw=preset.budget_bpw, max_mib=preset.max_mib)
+    calib = calibration_set(tok, data, text_field, samples, seqlen, seed)
+    plan, qlinears = plan_mixed(model, calib, preset.types, budget_bpw=preset.budget_bpw, max_mib=preset.max_mib,
+                                damp=preset.damp)
+    save_mixed(tmp, model, tok, plan, qlinears, preset.group_size)
+    fields["calibration"] = {"split": "train", "samples": samples, "seqlen": seqlen, "seed": seed}
+    fields["plan"] = plan.as_dict()
+    return fields
+
+
+def quantize_mixed_sweep(model_spec: str, presets: list[QuantPreset], out_root: str | Path, *, data: tuple[str, ...] = (),
+                         text_field: str = "text", calib_samples: int = 128, calib_seqlen: int = 512,
+                         seed: int = 0, force: bool = False) -> list[QuantizeResult]:
+    """Several mixed presets (budgets, type sets) of one model from one sensitivity measurement, the costly part:
+    one GPTQ-format folder per preset under ``out_root`` (``quantized-PRESET``). Quality is left to the export check."""
+    from edgelm.fsutil import atomic_dir
+    from edgelm.manifest import write_manifest
+    from edgelm.models.loader import load_model
+    from edgelm.quant.mixed import check_plannable, measure_sensitivity, save_mixed
+
+    if not presets or any(p.method != "mixed" for p in presets):
+        raise EdgelmError("quantize_mixed_sweep takes mixed presets only (e.g. gptq-mixed with options)")
+    model, tok, source = load_model(model_spec)
+    model = model.float().eval()
+    types = tuple(dict.fromkeys(t for p in presets for t in p.types))
+    for p in presets:
+        check_plannable(model, p.types, budget_bpw=p.budget_bpw, max_mib=p.max_mib)
+    t0 = time.perf_counter()
+    calib = calibration_set(tok, data, text_field, calib_samples, calib_seqlen, seed)
+    sens = measure_sensitivity(model, calib, types, damp=presets[0].damp)
+    measured = time.perf_counter() - t0
+    results = []
+    for p in presets:
+        plan, qlinears = sens.choose(budget_bpw=p.budget_bpw, max_mib=p.max_mib, types=p.types)
+        out = Path(out_root) / f"quantized-{p.name}"  # edgelm.artifact.suite's name for a preset's checkpoint
+        with atomic_dir(out, overwrite=force) as tmp:
+            save_mixed(tmp, model, tok, plan, qlinears, p.group_size)
+            write_manifest(tmp, "quantized", source={"spec": source.spec, "kind": source.kind, "sha256": source.sha256},
+                           preset=p.as_dict(), quality={}, quantize_seconds=round(measured, 2), plan=plan.as_dict(),
+                           calibration={"split": "train", "samples": calib_samples, "seqlen": calib_seqlen, "seed": seed})
+        log.info("%s: %s", p.name, plan.summary())
+        results.append(QuantizeResult(out, p, {}, measured, plan.as_dict()))
+    return results
 
 
 def _gptq(source, tok, preset: QuantPreset, tmp: Path, *, data, text_field, samples, seqlen, seed, device):
@@ -124,4 +179,4 @@ def quantize(config: QuantizeConfig | None = None, /, **kwargs: Any) -> Quantize
             quality = quality_vs_reference(c.model, tmp, data=c.data, text_field=c.text_field, n=c.eval_seqs,
                                            seq_len=c.eval_seqlen).as_dict()
         write_manifest(tmp, "quantized", **fields, quality=quality, quantize_seconds=round(seconds, 2))
-    return QuantizeResult(Path(c.out), preset, quality, seconds)
+    return QuantizeResult(Path(c.out), preset, quality, seconds, fields.get("plan") or {})

@@ -27,6 +27,9 @@ class QuantizeConfig:
     damp: float | None = None  # GPTQ: Hessian dampening fraction (default: the preset's)
     mse: float | None = None  # GPTQ: Lp norm of a per-group scale search, e.g. 2.4 (default: the preset's)
     device: str = ""  # GPTQ: cpu or cuda (default: cuda when visible)
+    budget_bpw: float | None = None  # mixed presets: bits per planned weight, scales included (default: the preset's)
+    max_size: float | None = None  # mixed presets: file size budget in MiB, instead of --budget-bpw
+    types: tuple[str, ...] = ()  # mixed presets: block types a tensor may get, e.g. Q4_0 Q5_0 Q8_0 (default: the preset's)
 
     def __post_init__(self) -> None:
         from edgelm.data.corpus import as_sources
@@ -40,7 +43,8 @@ class QuantizeConfig:
         from edgelm.quant.presets import get_preset
 
         return get_preset(self.quant).with_options(act_order=self.act_order or None, sym=False if self.asym else None,
-                                                   damp=self.damp, mse=self.mse)
+                                                   damp=self.damp, mse=self.mse, types=self.types or None,
+                                                   budget_bpw=self.budget_bpw, max_mib=self.max_size)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,7 +15,7 @@ from edgelm.registry import QUANTS
 @dataclass(frozen=True)
 class QuantPreset:
     name: str  # registry name, e.g. "gptq-int4-g32"
-    method: str  # "none" (keep fp32), "cast" (fp16), "rtn", "gptq" or "llamacpp"
+    method: str  # "none" (keep fp32), "cast" (fp16), "rtn", "gptq", "mixed" (a GPTQ grid per tensor) or "llamacpp"
     bits: int = 16  # bits per weight code (32/16 for none/cast)
     group_size: int = -1  # input columns sharing one scale; -1 = one scale per output row
     sym: bool = True  # symmetric (zero point fixed at 2^(bits-1)) or asymmetric (a zero per group)
@@ -23,13 +23,22 @@ class QuantPreset:
     damp: float = 0.05  # GPTQ: dampening added to the Hessian diagonal, as a fraction of its mean (GPTQModel default)
     mse: float = 0.0  # GPTQ: Lp norm of a per-group scale search that shrinks the range; 0 = min/max scales
     gguf_type: str | None = None  # llama.cpp file type for method "llamacpp", e.g. "Q4_K_M"
+    types: tuple[str, ...] = ()  # method "mixed": the 32-wide block types a tensor may get (edgelm.quant.grids)
+    budget_bpw: float = 0.0  # method "mixed": bits per planned weight (linears and lm_head/embedding), scales included
+    max_mib: float = 0.0  # method "mixed": a file size budget in MiB instead (0 = use budget_bpw)
+    imatrix: bool = False  # method "llamacpp": llama-quantize with an importance matrix from the calibration set
     targets: tuple[str, ...] = ("gguf", "onnx")  # export targets that can hold this preset
     max_kld: float = 0.0  # export check fails above this mean KL(fp32 || artifact), nats (fp32: greedy parity instead)
     summary: str = ""  # one line for `edgelm list quants`
 
     @property
     def quantized(self) -> bool:
-        return self.method in ("rtn", "gptq", "llamacpp")
+        return self.method in ("rtn", "gptq", "mixed", "llamacpp")
+
+    @property
+    def weight_only(self) -> bool:
+        """Produces a GPTQ-format checkpoint (codes, scales, zeros) that the exporters pack as it is."""
+        return self.method in ("rtn", "gptq", "mixed")
 
     @property
     def bits_per_weight(self) -> float:
@@ -38,6 +47,8 @@ class QuantPreset:
             return llamacpp_bpw(self.gguf_type or "")
         if self.method in ("none", "cast"):
             return float(self.bits)
+        if self.method == "mixed":
+            return self.budget_bpw  # at most; the plan's own figure is in the artifact's manifest
         if self.group_size <= 0:
             return float(self.bits)  # per-row scale: negligible
         return self.bits + 16 / self.group_size + (0 if self.sym else self.bits / self.group_size)
@@ -47,23 +58,44 @@ class QuantPreset:
         opts = {k: v for k, v in opts.items() if v is not None and getattr(self, k) != v}
         if not opts:
             return self
-        bad = set(opts) - {"act_order", "sym", "damp", "mse"}
+        bad = set(opts) - {"act_order", "sym", "damp", "mse", "types", "budget_bpw", "max_mib", "imatrix"}
         if bad:
-            raise EdgelmError(f"unknown preset option(s) {sorted(bad)}; known: act_order, sym, damp, mse")
-        if self.method not in ("rtn", "gptq"):
+            raise EdgelmError(f"unknown preset option(s) {sorted(bad)}; known: act_order, sym, damp, mse, types, "
+                              "budget_bpw, max_mib, imatrix")
+        if "imatrix" in opts:
+            if self.method != "llamacpp" or len(opts) > 1:
+                raise EdgelmError("--imatrix applies to llamacpp-* presets (llama.cpp's own quantizer) only")
+            return replace(self, name=self.name + "+imatrix", imatrix=True)
+        mixed_only = {"types", "budget_bpw", "max_mib"} & set(opts)
+        if mixed_only and self.method != "mixed":
+            raise EdgelmError(f"--{sorted(mixed_only)[0].replace('_', '-').replace('max-mib', 'max-size')} applies to "
+                              "mixed presets only (e.g. gptq-mixed)")
+        if self.method == "mixed":
+            if set(opts) - {"types", "budget_bpw", "max_mib", "damp"}:
+                raise EdgelmError(f"{self.name} takes --budget-bpw, --max-size, --types and --damp only")
+            if "types" in opts:
+                from edgelm.quant.grids import block_type
+
+                opts["types"] = tuple(block_type(t).name for t in opts["types"])
+            if "max_mib" in opts:
+                opts["budget_bpw"] = 0.0
+        elif self.method not in ("rtn", "gptq"):
             raise EdgelmError(f"preset {self.name} takes no options ({', '.join(sorted(opts))}); only rtn/gptq presets do")
         for k in ("act_order", "mse"):
             if k in opts and self.method != "gptq":
                 raise EdgelmError(f"--{k.replace('_', '-')} applies to GPTQ presets only")
         if "damp" in opts and not 0 < opts["damp"] < 1:
             raise EdgelmError(f"--damp must be in (0, 1), got {opts['damp']}")
-        tag = "".join(f"+{k}={v}" for k, v in sorted(opts.items()))
+        tag = "".join(f"+{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in sorted(opts.items())
+                      if not (k == "budget_bpw" and not v))
         return replace(self, name=self.name + tag, **opts)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "method": self.method, "bits": self.bits, "group_size": self.group_size,
                 "sym": self.sym, "act_order": self.act_order, "damp": self.damp, "mse": self.mse, "gguf_type": self.gguf_type,
-                "bits_per_weight": round(self.bits_per_weight, 4)}
+                "bits_per_weight": round(self.bits_per_weight, 4), **({"imatrix": True} if self.imatrix else {}),
+                **({"types": list(self.types), "budget_bpw": self.budget_bpw, "max_mib": self.max_mib}
+                   if self.method == "mixed" else {})}
 
 
 # Nominal bits per weight of llama.cpp's mixed file types, which no single block layout gives (approximate).
@@ -90,6 +122,10 @@ _PRESETS = [
     QuantPreset("gptq-int4-g32", "gptq", 4, 32, mse=2.4, max_kld=0.5, summary="GPTQ 4-bit, groups of 32 (-> GGUF Q4_0 exactly)"),
     QuantPreset("gptq-int4-g128", "gptq", 4, 128, mse=2.4, max_kld=0.8, summary="GPTQ 4-bit, groups of 128"),
     QuantPreset("gptq-int8", "gptq", 8, 32, mse=2.4, max_kld=0.02, summary="GPTQ 8-bit, groups of 32 (-> GGUF Q8_0 exactly)"),
+    # The fast types on CPUs (Q5_x decodes at ~0.6x Q4_0 here); --types adds Q4_1/Q5_0/Q5_1.
+    QuantPreset("gptq-mixed", "mixed", 0, 32, types=("Q4_0", "Q8_0"), budget_bpw=6.0,
+                max_kld=0.5, summary="a GPTQ grid per tensor, lm_head/embedding included, by measured sensitivity "
+                                     "(--budget-bpw, --max-size, --types)"),
 ] + [
     QuantPreset(f"llamacpp-{t.lower()}", "llamacpp", 0, gguf_type=t, targets=("gguf",),
                 max_kld={"Q8_0": 0.02, "Q6_K": 0.05, "Q2_K": 2.0}.get(t, 0.8),

@@ -11,7 +11,8 @@ from edgelm.quant.presets import get_preset
 from edgelm.registry import QUANTS, TARGETS
 
 LLAMACPP = ["llamacpp-q8_0", "llamacpp-q6_k", "llamacpp-q5_k_m", "llamacpp-q4_k_m", "llamacpp-q4_0", "llamacpp-q2_k"]
-WEIGHT_ONLY = ["fp32", "fp16", "int8", "int4-g32", "int4-g128", "gptq-int4-g32", "gptq-int4-g128", "gptq-int8"]
+WEIGHT_ONLY = ["fp32", "fp16", "int8", "int4-g32", "int4-g128", "gptq-int4-g32", "gptq-int4-g128", "gptq-int8",
+               "gptq-mixed"]
 # Every pair must be listed; a new preset or target without a test fails test_every_pair_is_tested.
 PAIRS = [(p, "gguf") for p in WEIGHT_ONLY + LLAMACPP] + [(p, "onnx") for p in WEIGHT_ONLY + LLAMACPP]
 CHECK = dict(eval_seqs=4, eval_seqlen=64, prompts=2, new_tokens=8)
@@ -32,7 +33,7 @@ def test_pair(preset, target, tmp_path, tiny_q_model, tiny_corpus, quantized):
         assert not out.exists()
         return
     # rtn/gptq presets export an `edgelm quantize` folder (the one-step path is tested in test_cli_export)
-    src = quantized(preset)[0] if p.method in ("rtn", "gptq") else tiny_q_model
+    src = quantized(preset)[0] if p.weight_only else tiny_q_model
     res = export(model=src, target=target, quant=preset, out=out, data=data, **CHECK)
     m = read_manifest(out)  # checks every sha256
     assert m == res.manifest and m["kind"] == f"export-{target}" and m["preset"]["name"] == preset
@@ -52,9 +53,17 @@ def test_pair(preset, target, tmp_path, tiny_q_model, tiny_corpus, quantized):
             exact = {(4, True): "Q4_0", (8, True): "Q8_0"}[(p.bits, p.sym)]
             # 2 layers x 7 linears; the (tied) embedding is Q8_0 in quantized exports
             assert m["tensor_types"][exact] == 14 + (exact == "Q8_0") and m["tensor_types"]["Q8_0"] >= 1
+        if p.method == "mixed":  # 14 linears and the tied embedding, each in its planned type
+            planned = [t["type"] for t in m["plan"]["tensors"].values()]
+            assert len(planned) == 15 and m["plan"]["bits_per_weight"] <= p.budget_bpw
+            assert {t: planned.count(t) for t in set(planned)} == {t: n for t, n in m["tensor_types"].items()
+                                                                  if t not in ("F32",)}
     else:
         # per layer: fused qkv, o, gate, up, down; plus the 8-bit lm_head
         assert m["ops"].get("MatMulNBits", 0) == (0 if p.method in ("none", "cast") else 2 * 5 + 1)
+        if p.method == "mixed":  # a 4-bit lm_head is shared with the embedding; an 8-bit one can't be (yet)
+            shared = m["plan"]["tensors"]["lm_head"]["type"] == "Q4_0"
+            assert m["shared_embeddings"] == shared and m["ops"].get("GatherBlockQuantized", 0) == int(shared)
     rt = open_artifact(out)
     assert len(rt.greedy([5, 6, 7], 3)) == 3
 

@@ -172,3 +172,35 @@ def _texts(tiny_corpus) -> list[str]:
     return [p.read_text(encoding="utf-8")[:3000] for p in sorted(tiny_corpus.glob("*.py"))[-6:]] + [
         "x  +  1\n\n\n    return  a\t\tb", "12345678 3.14159 1,000,000", "naïve café ½ Ⅻ 🙂 日本語",
         "it's we'll I'M they'VE", "   leading\r\n\r\ntrailing   ", "a"]
+
+
+def test_imatrix_is_read_by_llama_quantize(tiny_q_model, tiny_corpus, tmp_path):
+    """edgelm's importance matrix (GGUF imatrix format) is loaded whole by llama.cpp's own tool, and changes what
+    it writes."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from edgelm.artifact.api import export
+
+    if not (shutil.which("llama-quantize") or (Path(sys.executable).parent / "llama-quantize").is_file()):
+        pytest.skip("llama.cpp's llama-quantize tool is absent; `make llama-quantize` builds it")
+    kw = dict(target="gguf", data=(str(tiny_corpus),), calib_samples=8, calib_seqlen=64, eval_seqs=4, eval_seqlen=64)
+    with_im = export(model=tiny_q_model, quant="llamacpp-q4_k_m", imatrix=True, out=tmp_path / "im", **kw).manifest
+    plain = export(model=tiny_q_model, quant="llamacpp-q4_k_m", out=tmp_path / "plain", **kw).manifest
+    assert with_im["preset"]["name"] == "llamacpp-q4_k_m+imatrix" and with_im["preset"]["imatrix"]
+    assert with_im["source"]["imatrix"]["tensors"] == 2 * 7 + 1  # 14 linears and the tied output
+    assert with_im["imatrix_entries_loaded"] == 2 * 7 + 1
+    assert with_im["parity"]["passed"] and with_im["tensor_types"] == plain["tensor_types"]
+    assert (tmp_path / "im/model.gguf").read_bytes() != (tmp_path / "plain/model.gguf").read_bytes()
+
+
+def test_imatrix_without_the_tool_is_one_line(tiny_q_model, tmp_path, monkeypatch):
+    import shutil
+
+    from edgelm.artifact.api import export
+
+    monkeypatch.setattr(shutil, "which", lambda *a, **k: None)
+    with pytest.raises(EdgelmError, match="needs llama.cpp's llama-quantize tool .* make llama-quantize"):
+        export(model=tiny_q_model, target="gguf", quant="llamacpp-q4_k_m", imatrix=True, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
