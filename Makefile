@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.edgelm-installed
 
 APP_STAMP := android_demo/node_modules/.edgelm-installed
 
-.PHONY: demo test app-deps llama-quantize bench-app bench-distill bench-quant bench-runtimes bench-route clean
+.PHONY: demo test app-deps llama-quantize bench-app bench-mixed bench-distill bench-quant bench-runtimes bench-route clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,7 +54,7 @@ llama-quantize: $(VENV)/bin/llama-quantize
 demo: $(STAMP) $(APP_STAMP)
 	$(VENV)/bin/edgelm demo
 
-test: $(STAMP) $(APP_STAMP)
+test: $(STAMP) $(APP_STAMP) $(VENV)/bin/llama-quantize
 	$(PY) -m pytest
 
 bench-distill: $(STAMP)
@@ -62,6 +62,9 @@ bench-distill: $(STAMP)
 
 bench-quant: $(STAMP)
 	$(PY) benchmarks/quant_quality.py
+
+bench-mixed: $(STAMP) $(VENV)/bin/llama-quantize
+	$(PY) benchmarks/quant_mixed.py
 
 bench-runtimes: $(STAMP)
 	$(PY) benchmarks/runtimes.py

@@ -27,23 +27,44 @@ from edgelm.report import md_table, plot_pareto, update_section
 
 MODELS = {"student": str(ROOT / "runs/bench-scale/run/student"), "teacher": "smollm2-135m-instruct"}
 ANCHORS = ["llamacpp-q4_k_m", "llamacpp-q4_0", "gptq-int4-g32", "llamacpp-q8_0"]
+IMATRIX = ["llamacpp-q4_k_m", "llamacpp-q4_0"]  # also with an importance matrix, when llama-quantize is there
 TYPE_SETS = [("Q4_0", "Q8_0"), ("Q4_0", "Q4_1", "Q5_0", "Q8_0")]
 FRACTIONS = (0.85, 0.9, 0.95, 1.0)  # of Q4_K_M's file size
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
 
-def mixed_presets(q4km_mib: float, fractions, type_sets):
-    from edgelm.quant.presets import get_preset
+def register(p):
+    """A preset variant, registered so the export suite finds it by name, like any plugin preset."""
     from edgelm.registry import QUANTS
 
-    out = []
+    if p.name not in QUANTS.names():
+        QUANTS.register(p)
+    return p
+
+
+def mixed_presets(q4km_mib: float, fractions, type_sets):
+    """Plans at fractions of Q4_K_M's size over each type set, and the smallest plan (every matrix at Q4_0)."""
+    from edgelm.quant.presets import get_preset
+
+    base = get_preset("gptq-mixed")
+    out = [register(base.with_options(budget_bpw=4.5, types=type_sets[0]))]
     for types in type_sets:
         for f in fractions:
-            p = get_preset("gptq-mixed").with_options(max_mib=round(q4km_mib * f, 1), types=types)
-            if p.name not in QUANTS.names():
-                QUANTS.register(p)  # so the export suite finds it by name, like any plugin preset
-            out.append(p)
+            out.append(register(base.with_options(max_mib=round(q4km_mib * f, 1), types=types)))
     return out
+
+
+def imatrix_anchors() -> list[str]:
+    from edgelm.converters.gguf import find_llama_quantize
+    from edgelm.errors import EdgelmError
+    from edgelm.quant.presets import get_preset
+
+    try:
+        find_llama_quantize()
+    except EdgelmError as e:
+        logging.warning("no imatrix anchors: %s", e)
+        return []
+    return [register(get_preset(q).with_options(imatrix=True)).name for q in IMATRIX]
 
 
 def sensitivity_table(plan: dict) -> str:
@@ -97,7 +118,8 @@ def main() -> None:
               eval_seqlen=a.eval_seqlen, threads=2)
     for name in a.models:
         out = Path(a.out) / name
-        anchors = export_suite(models[name], [(q, "gguf") for q in ANCHORS], out, label=name, reuse=a.reuse, **kw)
+        anchors = export_suite(models[name], [(q, "gguf") for q in ANCHORS + imatrix_anchors()], out, label=name,
+                               reuse=a.reuse, **kw)
         q4km = next(r for r in anchors if r.preset == "llamacpp-q4_k_m" and not r.error)
         presets = mixed_presets(q4km.model_mib, a.fractions, TYPE_SETS)
         todo = [q for q in presets if not (a.reuse and (out / f"quantized-{q.name}" / "edgelm.json").is_file())]
@@ -106,7 +128,9 @@ def main() -> None:
             quantize_mixed_sweep(models[name], todo, out, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen,
                                  force=True)
             sweep_s[name] = time.perf_counter() - t1
-        mixed = export_suite(models[name], [(q.name, "gguf") for q in presets], out, label=name, reuse=True, **kw)
+        onnx_ok = [q.name for q in presets if q.types == TYPE_SETS[0]]  # 4- and 8-bit plans: ONNX holds them too
+        mixed = export_suite(models[name], [(q.name, "gguf") for q in presets] + [(q, "onnx") for q in onnx_ok], out,
+                             label=name, reuse=True, **kw)
         for q in presets:
             plans[(name, q.name)] = read_manifest(out / f"quantized-{q.name}")["plan"]
         rows += anchors + mixed
@@ -126,6 +150,7 @@ def main() -> None:
         return speed.get((str(Path(r.path).resolve()), t))
 
     docs = Path(a.docs)
+    docs.mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "rows.json").write_text(json.dumps([{**r.as_dict(), "tg_tps": {t: tps(r, t) for t in a.threads}}
                                                        for r in rows], indent=2))
     table, points, goals, sens = [], [], [], []
@@ -134,35 +159,46 @@ def main() -> None:
         front = pareto_front([(r.model_mib, r.dppl) for r in mine])
         for r, f in zip(mine, front):
             plan = plans.get((name, r.preset))
-            label = plan["summary"] if plan else r.preset
-            table.append([name, label, f"{r.model_mib:.1f}", f"{r.ppl:.3f}", f"{r.dppl:+.3f}", f"{r.kld:.4f}",
-                          f"{r.top1_agree:.3f}", *[f"{tps(r, t):.1f}" if tps(r, t) else "" for t in a.threads],
-                          "yes" if f else ""])
-            points.append({"label": r.preset.replace("gptq-mixed+", "mixed ").replace("llamacpp-", ""),
-                           "group": f"{name}: {'mixed' if plan else 'anchors'}", "x": r.model_mib,
+            label = f"{r.preset}: {plan['summary'].rsplit(' (', 1)[0]}" if plan else r.preset
+            table.append([name, label, r.target, f"{r.model_mib:.1f}", f"{r.ppl:.3f}", f"{r.dppl:+.3f}",
+                          f"{r.kld:.4f}", f"{r.top1_agree:.3f}",
+                          *[f"{tps(r, t):.1f}" if tps(r, t) else "" for t in a.threads], "yes" if f else ""])
+            points.append({"label": r.preset.replace("gptq-mixed+", "").replace("llamacpp-", "") +
+                           (" onnx" if r.target == "onnx" else ""),
+                           "group": f"{name}: {'edgelm mixed' if plan else 'anchors'}", "x": r.model_mib,
                            "y": max(r.dppl, 1e-3), "front": f})
-        q4km = next(r for r in mine if r.preset == "llamacpp-q4_k_m")
-        fits = [r for r in mine if (name, r.preset) in plans and r.model_mib <= q4km.model_mib]
-        better = [r for r in fits if r.dppl <= q4km.dppl and r.kld <= q4km.kld]
+        refs = [r for r in mine if r.preset in ("llamacpp-q4_k_m+imatrix", "llamacpp-q4_k_m")]
+        ref = refs[0]  # with imatrix when it was made
+        mixed_gguf = [r for r in mine if (name, r.preset) in plans and r.target == "gguf"]
+        fits = [r for r in mixed_gguf if r.model_mib <= ref.model_mib]
+        better = [r for r in fits if r.dppl <= ref.dppl and r.kld <= ref.kld]
         best_q = min(fits, key=lambda r: r.kld) if fits else None
-        goals.append(f"- {name}, quality at no more bytes than Q4_K_M ({q4km.model_mib:.1f} MiB, ΔPPL "
-                     f"{q4km.dppl:+.3f}, KLD {q4km.kld:.4f}): best mixed plan "
-                     f"{f'{best_q.model_mib:.1f} MiB, ΔPPL {best_q.dppl:+.3f}, KLD {best_q.kld:.4f}' if best_q else 'none'}"
+        goals.append(f"- {name}, quality at no more bytes than {ref.preset} ({ref.model_mib:.1f} MiB, ΔPPL "
+                     f"{ref.dppl:+.3f}, KLD {ref.kld:.4f}): best mixed plan that fits "
+                     f"{f'{best_q.preset} at {best_q.model_mib:.1f} MiB, ΔPPL {best_q.dppl:+.3f}, KLD {best_q.kld:.4f}' if best_q else 'none'}"
                      f" — {'met' if better else 'NOT met'}.")
         if speed:
             for t, need in zip(a.threads, (1.3, 1.2)):
-                base = tps(q4km, t)
-                cands = [(tps(r, t) or 0) / base for r in better] if base else []
-                best = max(cands) if cands else None
-                goals.append(f"- {name}, decode at {t} thread(s) against Q4_K_M ({base:.1f} tok/s) among plans at "
-                             f"its quality: {f'{best:.2f}x' if best else 'no plan at its quality'} "
-                             f"(goal ≥ {need}x) — {'met' if best and best >= need else 'NOT met'}.")
-        ref = max((r for r in mine if (name, r.preset) in plans), key=lambda r: r.model_mib, default=None)
-        if ref is not None:
-            sens.append(f"**{name}**, plan `{ref.preset}`:\n\n{sensitivity_table(plans[(name, ref.preset)])}")
+                base = tps(ref, t)
+                cands = [((tps(r, t) or 0) / base, r) for r in better] if base else []
+                best = max(cands, key=lambda c: c[0]) if cands else None
+                goals.append(f"- {name}, decode at {t} thread(s) against {ref.preset} ({base:.1f} tok/s) among plans "
+                             f"at its quality: {f'{best[0]:.2f}x ({best[1].preset})' if best else 'no plan at its quality'}"
+                             f" (goal ≥ {need}x) — {'met' if best and best[0] >= need else 'NOT met'}.")
+        for r in [r for r in mine if r.target == "onnx" and (name, r.preset) in plans]:
+            g = next((x for x in mixed_gguf if x.preset == r.preset), None)
+            if g is not None and r.preset.startswith("gptq-mixed+budget_bpw=4.5"):
+                ratio = r.model_mib / g.model_mib
+                goals.append(f"- {name}, ONNX with the embedding shared with the 4-bit lm_head ({r.preset}): "
+                             f"{r.model_mib:.1f} MiB against its GGUF's {g.model_mib:.1f} ({ratio:.2f}x, goal ≤ 1.15x) "
+                             f"— {'met' if ratio <= 1.15 else 'NOT met'}; KLD {r.kld:.4f} against the GGUF's "
+                             f"{g.kld:.4f}.")
+        big = max(mixed_gguf, key=lambda r: r.model_mib, default=None)
+        if big is not None:
+            sens.append(f"**{name}**, plan `{big.preset}`:\n\n{sensitivity_table(plans[(name, big.preset)])}")
     plot = plot_pareto(points, docs / "quant_mixed.png", ylabel="ΔPPL against fp32 (val)")
     cmd = "python " + shlex.join(["benchmarks/quant_mixed.py", *sys.argv[1:]])
-    heads = ["model", "artifact (mixed: types chosen)", "MiB", "val ppl", "ΔPPL", "KLD", "top-1 agree",
+    heads = ["model", "artifact (mixed: types chosen)", "target", "MiB", "val ppl", "ΔPPL", "KLD", "top-1 agree",
              *[f"tg tok/s, {t} thr" for t in a.threads], "Pareto"]
     timing = ", ".join(f"{n} {s / 60:.1f} min" for n, s in sweep_s.items())
     body = f"""## Mixed precision against llama.cpp at the same size (`benchmarks/quant_mixed.py`)
@@ -172,8 +208,8 @@ def main() -> None:
 Val split, {a.eval_seqs} × {a.eval_seqlen} tokens, the same for every row, each GGUF in llama.cpp against the fp32
 PyTorch model. Mixed plans (`gptq-mixed --max-size`) at {', '.join(f'{f:g}' for f in a.fractions)} × Q4_K_M's size, over
 {' and '.join('/'.join(t) for t in TYPE_SETS)}; calibration {a.calib_samples} × {a.calib_seqlen} train-split tokens.
-Decode: `edgelm bench`, {a.repeat} runs after a warm-up, one process per row. The llama.cpp anchors are without an
-importance matrix (llama.cpp's `llama-quantize` tool, which takes one, is not built here yet).
+Decode: `edgelm bench`, {a.repeat} runs after a warm-up, one process per row (llama.cpp for GGUF, ONNX Runtime for
+ONNX). `+imatrix` anchors: llama.cpp's `llama-quantize` with edgelm's importance matrix from the same calibration set.
 
 {md_table(heads, table)}
 
