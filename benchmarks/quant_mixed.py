@@ -54,6 +54,14 @@ def mixed_presets(q4km_mib: float, fractions, type_sets):
     return out
 
 
+def tensor_mib(artifact: str) -> float:
+    """MiB of tensor data in an artifact's GGUF (the file adds its tokenizer and other metadata): what
+    `--max-size` budgets."""
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(Path(artifact) / "model.gguf")).tensors) / 2**20
+
+
 def imatrix_anchors() -> list[str]:
     from edgelm.converters.gguf import find_llama_quantize
     from edgelm.errors import EdgelmError
@@ -121,7 +129,7 @@ def main() -> None:
         anchors = export_suite(models[name], [(q, "gguf") for q in ANCHORS + imatrix_anchors()], out, label=name,
                                reuse=a.reuse, **kw)
         q4km = next(r for r in anchors if r.preset == "llamacpp-q4_k_m" and not r.error)
-        presets = mixed_presets(q4km.model_mib, a.fractions, TYPE_SETS)
+        presets = mixed_presets(tensor_mib(q4km.path), a.fractions, TYPE_SETS)
         todo = [q for q in presets if not (a.reuse and (out / f"quantized-{q.name}" / "edgelm.json").is_file())]
         if todo:
             t1 = time.perf_counter()
@@ -206,7 +214,7 @@ def main() -> None:
 `{cmd}` on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {wall / 60:.1f} min
 (quality {quality_s / 60:.1f} min{f'; sensitivity sweeps: {timing}' if timing else ''}). Student: `{Path(a.student).relative_to(ROOT) if Path(a.student).is_relative_to(ROOT) else a.student}`.
 Val split, {a.eval_seqs} × {a.eval_seqlen} tokens, the same for every row, each GGUF in llama.cpp against the fp32
-PyTorch model. Mixed plans (`gptq-mixed --max-size`) at {', '.join(f'{f:g}' for f in a.fractions)} × Q4_K_M's size, over
+PyTorch model. Mixed plans (`gptq-mixed --max-size`) at {', '.join(f'{f:g}' for f in a.fractions)} × Q4_K_M's tensor data, over
 {' and '.join('/'.join(t) for t in TYPE_SETS)}; calibration {a.calib_samples} × {a.calib_seqlen} train-split tokens.
 Decode: `edgelm bench`, {a.repeat} runs after a warm-up, one process per row (llama.cpp for GGUF, ONNX Runtime for
 ONNX). `+imatrix` anchors: llama.cpp's `llama-quantize` with edgelm's importance matrix from the same calibration set.

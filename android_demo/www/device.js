@@ -1,6 +1,5 @@
 // The device side: the model's bytes (downloaded once, kept in Cache Storage, sha256-checked before every use) and
 // wllama (llama.cpp in WebAssembly) running them.
-import { Wllama } from './vendor/wllama/index.js';
 import { sha256 } from './sha256.js';
 
 export const MODEL_CACHE = 'edgelm-models-v1';
@@ -87,6 +86,8 @@ export class WllamaDevice {
     const t0 = performance.now();
     const blob = (await modelFiles(this.entry, onProgress))[this.entry.file];
     const wasm = (kind) => new URL(`./vendor/wllama/${kind}/wllama.wasm`, import.meta.url).href;
+    // loaded on first use: an app built from ONNX artifacts only ships no wllama
+    const { Wllama } = await import('./vendor/wllama/index.js');
     this.wllama = new Wllama({ 'single-thread/wllama.wasm': wasm('single-thread'),
                                'multi-thread/wllama.wasm': wasm('multi-thread') }, { suppressNativeLog: true });
     try {

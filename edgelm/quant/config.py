@@ -28,7 +28,7 @@ class QuantizeConfig:
     mse: float | None = None  # GPTQ: Lp norm of a per-group scale search, e.g. 2.4 (default: the preset's)
     device: str = ""  # GPTQ: cpu or cuda (default: cuda when visible)
     budget_bpw: float | None = None  # mixed presets: bits per planned weight, scales included (default: the preset's)
-    max_size: float | None = None  # mixed presets: file size budget in MiB, instead of --budget-bpw
+    max_size: float | None = None  # mixed presets: MiB of tensor data (the file adds its tokenizer), not --budget-bpw
     types: tuple[str, ...] = ()  # mixed presets: block types a tensor may get, e.g. Q4_0 Q5_0 Q8_0 (default: the preset's)
 
     def __post_init__(self) -> None:

@@ -65,9 +65,9 @@ class MixedPlan:
         return dict(sorted(out.items(), key=lambda kv: BLOCK_TYPES[kv[0]].bpw))
 
     def summary(self) -> str:
-        """One line, e.g. "62 x Q4_0, 18 x Q8_0, 5.12 bits/weight (53.4 MiB)"."""
+        """One line, e.g. "62 x Q4_0, 18 x Q8_0, 5.12 bits/weight, 53.4 MiB of tensors"."""
         parts = ", ".join(f"{n} x {t}" for t, n in self.counts().items())
-        return f"{parts}, {self.bpw:.2f} bits/weight ({(self.nbytes + self.other_bytes) / 2**20:.1f} MiB)"
+        return f"{parts}, {self.bpw:.2f} bits/weight, {(self.nbytes + self.other_bytes) / 2**20:.1f} MiB of tensors"
 
     def as_dict(self) -> dict[str, Any]:
         return {"summary": self.summary(), "bits_per_weight": round(self.bpw, 4), "bytes": self.nbytes,

@@ -25,7 +25,7 @@ class QuantPreset:
     gguf_type: str | None = None  # llama.cpp file type for method "llamacpp", e.g. "Q4_K_M"
     types: tuple[str, ...] = ()  # method "mixed": the 32-wide block types a tensor may get (edgelm.quant.grids)
     budget_bpw: float = 0.0  # method "mixed": bits per planned weight (linears and lm_head/embedding), scales included
-    max_mib: float = 0.0  # method "mixed": a file size budget in MiB instead (0 = use budget_bpw)
+    max_mib: float = 0.0  # method "mixed": MiB of tensor data instead (the file adds its metadata; 0 = use budget_bpw)
     imatrix: bool = False  # method "llamacpp": llama-quantize with an importance matrix from the calibration set
     targets: tuple[str, ...] = ("gguf", "onnx")  # export targets that can hold this preset
     max_kld: float = 0.0  # export check fails above this mean KL(fp32 || artifact), nats (fp32: greedy parity instead)

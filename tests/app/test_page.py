@@ -181,6 +181,34 @@ def test_onnx_answer_is_pythons_greedy_and_scores_alike(browser, app_url, app_di
     assert auto["score"] == pytest.approx(router.score(runtimes["onnx"], rt_model["prompt_ids"]).score, abs=1e-4)
 
 
+def test_mixed_onnx_with_a_shared_4bit_embedding_runs_in_the_page(browser, rt_model, tiny_corpus, tmp_path_factory):
+    """A mixed plan at its smallest (every matrix Q4_0) exported to ONNX shares one GPTQ 4-bit matrix between the
+    embedding (GatherBlockQuantized) and the lm_head: onnxruntime-web runs it and answers with edgelm's ONNX
+    Runtime backend's greedy ids."""
+    from edgelm.app.build import build_app
+    from edgelm.artifact.api import export
+    from edgelm.quant.api import quantize
+    from edgelm.runtimes.api import load
+    from tests.runtime_fixtures import CHECK
+
+    root, data = tmp_path_factory.mktemp("mixed-app"), (str(tiny_corpus),)
+    quantize(model=str(rt_model["folder"]), quant="gptq-mixed", budget_bpw=4.5, out=root / "q", data=data,
+             calib_samples=8, calib_seqlen=64, eval_seqs=0)
+    m = export(model=root / "q", target="onnx", quant="gptq-mixed", budget_bpw=4.5, out=root / "mixed", data=data,
+               **CHECK).manifest
+    assert m["shared_embeddings"] and m["ops"]["GatherBlockQuantized"] == 1
+    build_app(artifacts=(str(root / "mixed"),), out=str(root / "app"), data=data, calib_queries=8)
+    with AppServer(root / "app") as srv:
+        seen = browser.step("open", url=srv.url + "?model=mixed")["seen"]
+        assert seen["loaded"] and not seen["error"], seen
+        page = browser.step("run", prompt=PROMPT, maxTokens=N, mode="device")["seen"]
+    rt = load(root / "mixed", runtime="onnx", threads=1)
+    try:
+        assert page["ids"] == rt.greedy(rt_model["prompt_ids"], N), json.dumps(page)
+    finally:
+        rt.close()
+
+
 def test_page_tokenizer_is_pythons(browser_ready, rt_model, artifacts, tiny_corpus):
     """tokenizer.json in the page's tokenizer (@huggingface/tokenizers) gives Python's ids: the corpus's test split,
     emoji, the 41-byte token, special tokens."""

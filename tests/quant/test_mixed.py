@@ -180,3 +180,18 @@ def test_onnx_shares_the_4bit_lm_head_with_the_embedding(quantized, tmp_path, ti
     emb_fp32 = 640 * 256 * 4
     assert size(onnx, (".onnx", ".onnx.data")) <= size(gguf, ".gguf") + emb_fp32 // 2
     assert abs(onnx["parity"]["kld"] - gguf["parity"]["kld"]) < 0.02  # the same codes in both
+
+
+def test_cli_prints_the_plan_in_one_line(tmp_path, tiny_q_model, tiny_corpus):
+    import re
+
+    from tests.conftest import run_cli
+
+    r = run_cli("quantize", str(tiny_q_model), "--quant", "gptq-mixed", "--budget-bpw", "5.5", "--out",
+                str(tmp_path / "q"), "--data", str(tiny_corpus), "--calib-samples", "8", "--calib-seqlen", "64",
+                "--eval-seqs", "2", "--eval-seqlen", "64")
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("types: "))
+    counts = [int(n) for n in re.findall(r"(\d+) x Q\d_\d", line)]
+    assert sum(counts) == 15 and re.search(r", (\d\.\d\d) bits/weight, [\d.]+ MiB of tensors$", line), line
+    assert float(re.search(r"(\d\.\d\d) bits/weight", line).group(1)) <= 5.5
