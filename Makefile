@@ -44,8 +44,8 @@ $(VENV)/bin/llama-quantize: pyproject.toml
 	tar xzf $(LQ_BUILD)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LQ_BUILD)
 	cmake -S $(LQ_BUILD)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $(LQ_BUILD)/cmake -DCMAKE_BUILD_TYPE=Release \
 		-DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
-		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >$(LQ_BUILD)/cmake.log
-	cmake --build $(LQ_BUILD)/cmake --target llama-quantize -j $$(nproc) >$(LQ_BUILD)/build.log
+		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >$(LQ_BUILD)/cmake.log 2>&1
+	cmake --build $(LQ_BUILD)/cmake --target llama-quantize -j $$(nproc) >$(LQ_BUILD)/build.log 2>&1 || { tail -20 $(LQ_BUILD)/build.log; exit 1; }
 	cp $(LQ_BUILD)/cmake/bin/llama-quantize $@
 	rm -rf $(LQ_BUILD)
 
