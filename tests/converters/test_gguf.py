@@ -201,6 +201,6 @@ def test_imatrix_without_the_tool_is_one_line(tiny_q_model, tmp_path, monkeypatc
     from edgelm.artifact.api import export
 
     monkeypatch.setattr(shutil, "which", lambda *a, **k: None)
-    with pytest.raises(EdgelmError, match="needs llama.cpp's llama-quantize tool .* make llama-quantize"):
+    with pytest.raises(EdgelmError, match="needs llama.cpp's llama-quantize tool .*make llama-quantize"):
         export(model=tiny_q_model, target="gguf", quant="llamacpp-q4_k_m", imatrix=True, out=tmp_path / "o")
     assert not (tmp_path / "o").exists()
