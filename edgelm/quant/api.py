@@ -88,13 +88,14 @@ def quantize_to_folder(model_spec: str, preset: QuantPreset, tmp: Path, *, data:
 def _mixed(model, tok, preset: QuantPreset, tmp: Path, fields: dict[str, Any], *, data, text_field, samples, seqlen,
            seed) -> dict[str, Any]:
     """A block type per tensor (edgelm.quant.mixed), written as a GPTQ-format folder with per-module bits."""
-    from edgelm.quant.mixed import check_plannable, plan_mixed, save_mixed
+    from edgelm.quant.mixed import check_plannable, measure_sensitivity, save_mixed
 
     model = model.float().eval()
-    check_plannable(model, preset.types, budget_bpw=preset.budget_bpw, max_mib=preset.max_mib)
+    check_plannable(model, preset.types, budget_bpw=preset.budget_bpw, max_mib=preset.max_mib)  # before any work
     calib = calibration_set(tok, data, text_field, samples, seqlen, seed)
-    plan, qlinears = plan_mixed(model, calib, preset.types, budget_bpw=preset.budget_bpw, max_mib=preset.max_mib,
-                                damp=preset.damp)
+    sens = measure_sensitivity(model, calib, preset.types, damp=preset.damp)
+    plan, qlinears = sens.choose(budget_bpw=preset.budget_bpw, max_mib=preset.max_mib)
+    log.info("mixed plan: %s, predicted KLD %.4f", plan.summary(), plan.as_dict()["predicted_kld"])
     save_mixed(tmp, model, tok, plan, qlinears, preset.group_size)
     fields["calibration"] = {"split": "train", "samples": samples, "seqlen": seqlen, "seed": seed}
     fields["plan"] = plan.as_dict()

@@ -263,15 +263,6 @@ def measure_sensitivity(model, calib: "np.ndarray", types: tuple[str, ...], *, d
     return Sensitivity(plans, solved, tuple(types), other_bytes(model, planned))
 
 
-def plan_mixed(model, calib: "np.ndarray", types: tuple[str, ...], *, budget_bpw: float = 0.0, max_mib: float = 0.0,
-               damp: float = 0.05) -> tuple[MixedPlan, dict[str, "QLinear"]]:
-    """Plan and quantize: (the plan, QLinear per planned module at its chosen type)."""
-    check_plannable(model, types, budget_bpw=budget_bpw, max_mib=max_mib)
-    plan, qlinears = measure_sensitivity(model, calib, types, damp=damp).choose(budget_bpw=budget_bpw, max_mib=max_mib)
-    log.info("mixed plan: %s, predicted KLD %.4f", plan.summary(), plan.as_dict()["predicted_kld"])
-    return plan, qlinears
-
-
 def save_mixed(folder, model, tokenizer, plan: MixedPlan, qlinears: dict[str, "QLinear"], group_size: int) -> None:
     """A GPTQ-format folder whose per-module bits are GPTQModel-style ``dynamic`` rules."""
     from edgelm.models.qformat import dynamic_pattern, save_quantized
