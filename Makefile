@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.edgelm-installed
 
 APP_STAMP := android_demo/node_modules/.edgelm-installed
 
-.PHONY: demo test app-deps llama-quantize bench-app bench-mixed bench-distill bench-quant bench-runtimes bench-route clean
+.PHONY: demo test app-deps cross-gxx llama-quantize bench-app bench-mixed bench-distill bench-quant bench-runtimes bench-route clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,7 +54,13 @@ llama-quantize: $(VENV)/bin/llama-quantize
 demo: $(STAMP) $(APP_STAMP)
 	$(VENV)/bin/edgelm demo
 
-test: $(STAMP) $(APP_STAMP) $(VENV)/bin/llama-quantize
+# The TVM target's aarch64 cross build links with Debian's cross g++ (its tests need it).
+cross-gxx:
+	@command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends g++-aarch64-linux-gnu >/dev/null; } \
+		|| echo "warning: could not install g++-aarch64-linux-gnu; the aarch64 test will fail"
+
+test: $(STAMP) $(APP_STAMP) $(VENV)/bin/llama-quantize cross-gxx
 	$(PY) -m pytest
 
 bench-distill: $(STAMP)

@@ -11,13 +11,13 @@ from edgelm.errors import EdgelmError
 log = logging.getLogger(__name__)
 
 # Manifest kind -> artifact format. Folders without an export manifest are HF folders.
-FORMAT_OF_KIND = {"export-gguf": "gguf", "export-onnx": "onnx"}
+FORMAT_OF_KIND = {"export-gguf": "gguf", "export-onnx": "onnx", "export-tvm": "tvm"}
 # The backend each format opens with unless --runtime says otherwise.
-DEFAULT_RUNTIME = {"gguf": "llamacpp", "onnx": "onnx", "hf": "torch"}
+DEFAULT_RUNTIME = {"gguf": "llamacpp", "onnx": "onnx", "tvm": "tvm", "hf": "torch"}
 
 
 def artifact_format(path: str | os.PathLike) -> tuple[str, dict | None]:
-    """("gguf" | "onnx" | "hf", manifest or None). Verifies the manifest's sha256 and schema when there is one."""
+    """("gguf" | "onnx" | "tvm" | "hf", manifest or None). Verifies the manifest's sha256 and schema when there is one."""
     from edgelm.manifest import read_manifest
 
     p = Path(path)
@@ -33,6 +33,8 @@ def artifact_format(path: str | os.PathLike) -> tuple[str, dict | None]:
             return "onnx", m
         if (p / "model.gguf").is_file():
             return "gguf", m
+        if (p / "tvm_config.json").is_file():
+            return "tvm", m
         if (p / "config.json").is_file():
             return "hf", m
         raise EdgelmError(f"{p} holds no model (edgelm.json, model.gguf, model.onnx or config.json expected)")

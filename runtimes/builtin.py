@@ -5,6 +5,7 @@ from edgelm.registry import RUNTIMES
 from edgelm.runtimes.llamacpp import LlamaCppRuntime
 from edgelm.runtimes.onnxrt import OnnxRuntime
 from edgelm.runtimes.pytorch import TorchRuntime
+from edgelm.runtimes.tvmrt import TvmRuntime
 
-for _cls in (TorchRuntime, OnnxRuntime, LlamaCppRuntime):
+for _cls in (TorchRuntime, OnnxRuntime, LlamaCppRuntime, TvmRuntime):
     RUNTIMES.register(_cls)

@@ -1,4 +1,4 @@
-"""One tiny model on every backend: the HF folder (torch), its fp32 GGUF (llama.cpp) and fp32 ONNX (onnx).
+"""One tiny model on every backend: the HF folder (torch), its fp32 GGUF (llama.cpp), ONNX (onnx) and TVM (tvm).
 
 Its greedy output is made to contain a 41-byte token (llama-cpp-python's detokenize drops tokens over 32 bytes)
 and an emoji split over four byte tokens: embedding rows (tied with the lm_head) of tokens the model generates are
@@ -94,12 +94,12 @@ def rt_model(tmp_path_factory, tiny_tokenizer_dir) -> dict:
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory, rt_model, tiny_corpus) -> dict[str, Path]:
-    """backend name -> what it opens: the HF folder, the fp32 GGUF artifact, the fp32 ONNX artifact."""
+    """backend name -> what it opens: the HF folder, and its fp32 GGUF, ONNX and TVM artifacts."""
     from edgelm.artifact.api import export
 
     root = tmp_path_factory.mktemp("rt-artifacts")
     out = {"torch": rt_model["folder"]}
-    for target, backend in (("gguf", "llamacpp"), ("onnx", "onnx")):
+    for target, backend in (("gguf", "llamacpp"), ("onnx", "onnx"), ("tvm", "tvm")):
         export(model=str(rt_model["folder"]), target=target, quant="fp32", out=root / target,
                data=(str(tiny_corpus),), **CHECK)
         out[backend] = root / target

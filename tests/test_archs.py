@@ -88,14 +88,15 @@ def _torch_greedy(folder: Path, prompt_ids: list[int], n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def arch_artifacts(arch_run, tiny_corpus):
-    """(preset, target) -> exported artifact folder: fp32 and GPTQ int4 (from one `edgelm quantize`), GGUF and ONNX."""
+    """(preset, target) -> exported artifact folder: fp32 and GPTQ int4 (from one `edgelm quantize`), GGUF, ONNX
+    and TVM."""
     from edgelm.artifact.api import export
     from edgelm.quant.api import quantize
 
     root, model = arch_run["root"], str(arch_run["model"])
     gptq = quantize(model=model, quant="gptq-int4-g32", out=root / "gptq", data=tiny_corpus, **CALIB)
     out = {}
-    for target in ("gguf", "onnx"):
+    for target in ("gguf", "onnx", "tvm"):
         out["fp32", target] = export(model=model, target=target, quant="fp32", out=root / f"{target}-fp32",
                                      data=tiny_corpus, **CHECK).out
         out["gptq-int4-g32", target] = export(model=str(gptq.out), target=target, quant="gptq-int4-g32",
@@ -119,7 +120,7 @@ def test_quantize_rtn_and_gptq(arch_run, arch_artifacts, tiny_corpus):
 
 
 @pytest.mark.parametrize("preset", ["fp32", "gptq-int4-g32"])
-@pytest.mark.parametrize("target", ["gguf", "onnx"])
+@pytest.mark.parametrize("target", ["gguf", "onnx", "tvm"])
 def test_export_checks_itself(arch_run, arch_artifacts, preset, target):
     from edgelm.manifest import read_manifest
 
@@ -140,20 +141,21 @@ def test_export_checks_itself(arch_run, arch_artifacts, preset, target):
 
 
 def test_gptq_artifacts_agree_across_targets(arch_artifacts):
-    """GGUF and ONNX hold the same GPTQ codes, so their loss against fp32 is nearly the same."""
+    """GGUF, ONNX and TVM hold the same GPTQ codes, so their loss against fp32 is nearly the same."""
     from edgelm.manifest import read_manifest
 
-    kld = [read_manifest(arch_artifacts["artifacts"]["gptq-int4-g32", t])["parity"]["kld"] for t in ("gguf", "onnx")]
-    assert abs(kld[0] - kld[1]) <= 0.25 * max(kld) + 1e-3
+    kld = [read_manifest(arch_artifacts["artifacts"]["gptq-int4-g32", t])["parity"]["kld"]
+           for t in ("gguf", "onnx", "tvm")]
+    assert max(kld) - min(kld) <= 0.25 * max(kld) + 1e-3
 
 
-@pytest.mark.parametrize("runtime", ["torch", "llamacpp", "onnx"])
+@pytest.mark.parametrize("runtime", ["torch", "llamacpp", "onnx", "tvm"])
 def test_load_and_generate_on_every_runtime(arch_run, arch_artifacts, runtime):
     import edgelm
     from edgelm.runtimes.sampling import GenerationConfig
 
-    path = {"torch": arch_run["model"], "llamacpp": arch_artifacts["artifacts"]["fp32", "gguf"],
-            "onnx": arch_artifacts["artifacts"]["fp32", "onnx"]}[runtime]
+    target = {"llamacpp": "gguf", "onnx": "onnx", "tvm": "tvm", "torch": "onnx"}[runtime]
+    path = arch_run["model"] if runtime == "torch" else arch_artifacts["artifacts"]["fp32", target]
     with edgelm.load(path, threads=1) as rt:
         assert rt.name == runtime
         ids = rt.encode(PROMPT)
@@ -161,8 +163,7 @@ def test_load_and_generate_on_every_runtime(arch_run, arch_artifacts, runtime):
         assert g.ids == _torch_greedy(arch_run["model"], ids, NEW)
         streamed = "".join(rt.generate(ids, GenerationConfig(max_new_tokens=NEW, min_new_tokens=NEW), stream=True))
         assert streamed == g.text
-    with edgelm.load(arch_artifacts["artifacts"]["gptq-int4-g32", "gguf" if runtime == "llamacpp" else "onnx"],
-                     threads=1) as q:
+    with edgelm.load(arch_artifacts["artifacts"]["gptq-int4-g32", target], threads=1) as q:
         assert len(q.generate(ids, GenerationConfig(max_new_tokens=NEW, min_new_tokens=NEW)).ids) == NEW
 
 
@@ -179,7 +180,7 @@ def test_llamacpp_tokenizes_like_hf(arch_run, arch_artifacts, tiny_corpus):
             assert rt.native_tokenize(t) == tok.encode(t, add_special_tokens=False), repr(t[:80])
 
 
-@pytest.mark.parametrize("target", ["gguf", "onnx"])
+@pytest.mark.parametrize("target", ["gguf", "onnx", "tvm"])
 def test_sliding_window_caps_the_exported_context(arch_run, arch_artifacts, target):
     """A window below the context: neither llama.cpp's graph nor the ONNX builder's CPU attention applies it, so
     the artifact's context stops at the window (where both attentions are equal), and its manifest says so."""

@@ -54,6 +54,7 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
         ok = [n for n, p in _presets() if c.target in p.targets]
         raise EdgelmError(f"preset {preset.name} cannot be exported to {c.target}; presets for {c.target}: {', '.join(ok)}")
     target.check_preset(preset)
+    target.check_options(c)
     if Path(c.out).exists() and not c.force:
         raise EdgelmError(f"{c.out} already exists; remove it or pass --force")
     if preset.imatrix:
@@ -96,10 +97,10 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
             if preset.imatrix:
                 source["imatrix"] = _write_imatrix(c, src, work)
         log.info("exporting %s -> %s (%s)", c.model, c.target, preset.name)
-        fields = target.export(src, preset, tmp, work)
+        fields = target.export(src, preset, tmp, work, c)
         fields_time = time.perf_counter() - t0
         if c.check:
-            rt = target.open(tmp, threads=c.threads)
+            rt = target.open(tmp, threads=c.threads, work=work)
             try:
                 parity = check_artifact(rt, preset, ref_spec, logit_atol=target.logit_atol, data=c.data,
                                         text_field=c.text_field, eval_seqs=c.eval_seqs, eval_seqlen=c.eval_seqlen,

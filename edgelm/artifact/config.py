@@ -23,6 +23,17 @@ class ExportConfig(QuantizeConfig):
     new_tokens: int = 16  # greedy tokens per prompt in that check
     threads: int = 1  # CPU threads of the artifact's runtime during the check
     imatrix: bool = False  # llamacpp-* presets: an importance matrix from the calibration set, for llama-quantize
+    arch: str = ""  # tvm: CPU to compile for, x86-64 or aarch64 (default: this machine's; --device aarch64 too)
+    tune: int = 0  # tvm: meta-schedule trials (0: a stored database for these shapes if any, else dlight's rules)
+    tuning_db: str = ""  # tvm: a tuning database folder to apply (an artifact's tuning/), ignored if for other shapes
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from edgelm.converters.tvm import ARCH_ALIASES, ARCHES
+
+        if self.device.lower() in set(ARCHES) | set(ARCH_ALIASES):  # `--device aarch64`: the CPU to compile for
+            object.__setattr__(self, "arch", self.arch or self.device)
+            object.__setattr__(self, "device", "")
 
     def preset(self) -> "QuantPreset":
         p = super().preset()

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from edgelm.artifact.config import ExportConfig
 from edgelm.errors import EdgelmError
 from edgelm.quant.presets import QuantPreset
 from edgelm.registry import TARGETS
@@ -22,15 +23,19 @@ class Target:
     runtime = ""  # the runtime that runs its artifacts
     logit_atol = 0.0  # fp32 artifacts: max |logit - PyTorch logit| allowed
 
-    def export(self, src: Path, preset: QuantPreset, tmp: Path, work: Path) -> dict[str, Any]:
+    def export(self, src: Path, preset: QuantPreset, tmp: Path, work: Path, config: ExportConfig) -> dict[str, Any]:
         """Write the artifact into ``tmp``; return manifest fields. ``work`` is scratch space."""
         raise NotImplementedError
 
     def check_preset(self, preset: QuantPreset) -> None:
         """Refuse, before any work, a preset whose output this target can't hold (beyond ``preset.targets``)."""
 
-    def open(self, folder: Path, *, threads: int = 1):
-        """The artifact in its runtime (edgelm.runtimes), without the manifest check (export calls it on tmp)."""
+    def check_options(self, config: ExportConfig) -> None:
+        """Refuse, before any work, options this target can't honour (a missing toolchain, say)."""
+
+    def open(self, folder: Path, *, threads: int = 1, work: Path | None = None):
+        """The artifact in its runtime (edgelm.runtimes), without the manifest check (export calls it on tmp, with
+        its work folder)."""
         from edgelm.registry import RUNTIMES
 
         return RUNTIMES.get(self.runtime)(folder, threads=threads)
@@ -44,7 +49,7 @@ class GgufTarget(Target):
     name, runtime, logit_atol = "gguf", "llamacpp", 0.25
     FILE = "model.gguf"
 
-    def export(self, src: Path, preset: QuantPreset, tmp: Path, work: Path) -> dict[str, Any]:
+    def export(self, src: Path, preset: QuantPreset, tmp: Path, work: Path, config: ExportConfig) -> dict[str, Any]:
         from transformers import AutoTokenizer
 
         from edgelm.converters.gguf import (
@@ -113,7 +118,7 @@ class OnnxTarget(Target):
             raise EdgelmError(f"ONNX MatMulNBits takes 4- and 8-bit codes; {preset.name} may choose {', '.join(bad)}; "
                               f"pass --types from {', '.join(ok)}")
 
-    def export(self, src: Path, preset: QuantPreset, tmp: Path, work: Path) -> dict[str, Any]:
+    def export(self, src: Path, preset: QuantPreset, tmp: Path, work: Path, config: ExportConfig) -> dict[str, Any]:
         from edgelm.converters.onnx import build_onnx, op_counts
 
         precision, extra = self.precision(preset), None
@@ -128,8 +133,55 @@ class OnnxTarget(Target):
 
 
 
+class TvmTarget(Target):
+    """Apache TVM: the decoder compiled (Relax, dlight or tuned schedules) into a shared library for x86-64 or
+    aarch64, weights in a params file beside it, TVM's paged KV cache."""
+
+    # fp32 TVM logits match PyTorch's within ~1e-6 on real models (same fp32 math, another summation order)
+    name, runtime, logit_atol = "tvm", "tvm", 1e-3
+    BITS = (4, 8)  # code widths its dequantizing matmul takes
+
+    def check_preset(self, preset: QuantPreset) -> None:
+        from edgelm.quant.grids import BLOCK_TYPES
+
+        bad = [t for t in preset.types if BLOCK_TYPES[t].bits not in self.BITS]
+        if bad:
+            ok = [t for t, b in BLOCK_TYPES.items() if b.bits in self.BITS]
+            raise EdgelmError(f"the TVM target takes 4- and 8-bit codes; {preset.name} may choose {', '.join(bad)}; "
+                              f"pass --types from {', '.join(ok)}")
+
+    def check_options(self, config: ExportConfig) -> None:
+        from edgelm.converters.tvm import get_arch
+        from edgelm.errors import require
+
+        require("tvm", "tvm")
+        get_arch(config.arch)
+        if config.tune < 0:
+            raise EdgelmError(f"--tune takes a number of trials >= 0, got {config.tune}")
+
+    def export(self, src: Path, preset: QuantPreset, tmp: Path, work: Path, config: ExportConfig) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        from edgelm.converters.tvm import compile_artifact
+
+        fields = compile_artifact(src, tmp, work, arch=config.arch, tune_trials=config.tune,
+                                  tuning_db=Path(config.tuning_db) if config.tuning_db else None,
+                                  threads=config.threads)
+        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        return fields
+
+    def open(self, folder: Path, *, threads: int = 1, work: Path | None = None):
+        from edgelm.converters.tvm import HOST_LIB
+        from edgelm.registry import RUNTIMES
+
+        host = work / HOST_LIB if work is not None else None  # a cross build is checked through its host build
+        return RUNTIMES.get(self.runtime)(folder, threads=threads,
+                                          library=host if host is not None and host.is_file() else None)
+
+
 TARGETS.register(GgufTarget())
 TARGETS.register(OnnxTarget())
+TARGETS.register(TvmTarget())
 
 
 def _check_matmulnbits_blocks(src: Path, preset: QuantPreset) -> None:

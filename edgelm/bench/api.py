@@ -101,7 +101,7 @@ def machine_info() -> dict[str, Any]:
     except (OSError, StopIteration):
         pass
     libs = {}
-    for name in ("torch", "transformers", "onnxruntime", "onnxruntime-genai", "llama-cpp-python", "numpy"):
+    for name in ("torch", "transformers", "onnxruntime", "onnxruntime-genai", "llama-cpp-python", "apache-tvm", "numpy"):
         try:
             libs[name] = version(name)
         except PackageNotFoundError:

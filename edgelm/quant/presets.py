@@ -27,7 +27,7 @@ class QuantPreset:
     budget_bpw: float = 0.0  # method "mixed": bits per planned weight (linears and lm_head/embedding), scales included
     max_mib: float = 0.0  # method "mixed": MiB of tensor data instead (the file adds its metadata; 0 = use budget_bpw)
     imatrix: bool = False  # method "llamacpp": llama-quantize with an importance matrix from the calibration set
-    targets: tuple[str, ...] = ("gguf", "onnx")  # export targets that can hold this preset
+    targets: tuple[str, ...] = ("gguf", "onnx", "tvm")  # export targets that can hold this preset
     max_kld: float = 0.0  # export check fails above this mean KL(fp32 || artifact), nats (fp32: greedy parity instead)
     summary: str = ""  # one line for `edgelm list quants`
 
@@ -116,7 +116,8 @@ _PRESETS = [
     # ONNX fp16 is left out: onnxruntime-genai 0.18 builds it for GPU EPs, and its CPU generation loop fails on it
     # ("Shape mismatch attempting to re-use buffer" in repeat_kv); fp32, int8 and int4 ONNX run on CPU.
     QuantPreset("fp16", "cast", 16, targets=("gguf",), max_kld=1e-3, summary="float16 weights (GGUF F16)"),
-    QuantPreset("int8", "rtn", 8, -1, max_kld=0.02, summary="8-bit round-to-nearest, one scale per output row"),
+    # per-row scales: TVM's dequantizing matmul takes one group size for every linear
+    QuantPreset("int8", "rtn", 8, -1, targets=("gguf", "onnx"), max_kld=0.02, summary="8-bit round-to-nearest, one scale per output row"),
     QuantPreset("int4-g32", "rtn", 4, 32, max_kld=0.5, summary="4-bit round-to-nearest, groups of 32"),
     QuantPreset("int4-g128", "rtn", 4, 128, max_kld=0.8, summary="4-bit round-to-nearest, groups of 128"),
     QuantPreset("gptq-int4-g32", "gptq", 4, 32, mse=2.4, max_kld=0.5, summary="GPTQ 4-bit, groups of 32 (-> GGUF Q4_0 exactly)"),

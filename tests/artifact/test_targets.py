@@ -14,7 +14,7 @@ LLAMACPP = ["llamacpp-q8_0", "llamacpp-q6_k", "llamacpp-q5_k_m", "llamacpp-q4_k_
 WEIGHT_ONLY = ["fp32", "fp16", "int8", "int4-g32", "int4-g128", "gptq-int4-g32", "gptq-int4-g128", "gptq-int8",
                "gptq-mixed"]
 # Every pair must be listed; a new preset or target without a test fails test_every_pair_is_tested.
-PAIRS = [(p, "gguf") for p in WEIGHT_ONLY + LLAMACPP] + [(p, "onnx") for p in WEIGHT_ONLY + LLAMACPP]
+PAIRS = [(p, t) for t in ("gguf", "onnx", "tvm") for p in WEIGHT_ONLY + LLAMACPP]
 CHECK = dict(eval_seqs=4, eval_seqlen=64, prompts=2, new_tokens=8)
 
 
@@ -58,6 +58,16 @@ def test_pair(preset, target, tmp_path, tiny_q_model, tiny_corpus, quantized):
             assert len(planned) == 15 and m["plan"]["bits_per_weight"] <= p.budget_bpw
             assert {t: planned.count(t) for t in set(planned)} == {t: n for t, n in m["tensor_types"].items()
                                                                   if t not in ("F32",)}
+    elif target == "tvm":
+        bits = m["quantized_tensors"]  # HF module -> code width; a quantized preset's tied embedding is Q8_0
+        assert m["arch"] == "x86-64" and m["checked_on"] == "this build"
+        if p.method == "none":
+            assert bits == {}
+        elif p.method == "mixed":
+            width = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+            assert bits == {n.removeprefix("model."): width[t["type"]] for n, t in m["plan"]["tensors"].items()}
+        else:
+            assert len(bits) == 15 and bits.pop("lm_head") == 8 and set(bits.values()) == {p.bits}
     else:
         # per layer: fused qkv, o, gate, up, down; plus the 8-bit lm_head
         assert m["ops"].get("MatMulNBits", 0) == (0 if p.method in ("none", "cast") else 2 * 5 + 1)

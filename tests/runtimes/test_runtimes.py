@@ -7,7 +7,7 @@ from edgelm.registry import RUNTIMES
 from edgelm.runtimes.sampling import GenerationConfig
 from tests.runtime_fixtures import EMOJI, LONG, PROMPT
 
-BACKENDS = ["torch", "llamacpp", "onnx"]
+BACKENDS = ["torch", "llamacpp", "onnx", "tvm"]
 
 
 def test_every_runtime_is_tested():

@@ -1,0 +1,447 @@
+"""Apache TVM export: the decoder of converters/tvm_llama.py compiled (Relax) into a shared library for one CPU
+architecture, its weights in a params file beside it (so one library serves every checkpoint of the same shapes).
+
+Quantized linears keep the GPTQ checkpoint's codes, fp16 scales and zeros exactly (packed into uint32 words, no
+second rounding). A float tied embedding of a quantized preset becomes Q8_0 (gguf-py's quantizer, as the GGUF export
+does), so both artifacts of one GPTQ checkpoint hold the same values.
+
+Schedules: dlight's CPU rules, or a meta-schedule tuning database (``--tune N``) applied on top of them. A database
+is keyed by the module's shapes and the target; a tuned database for the demo student ships in the package.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgelm.errors import EdgelmError, require
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from edgelm.converters.source import SourceWeights
+    from edgelm.converters.tvm_llama import DecoderConfig
+
+log = logging.getLogger(__name__)
+
+LIB_FILE = "model.so"  # the compiled library
+PARAMS_FILE = "params.safetensors"  # its weights, in the library's parameter order
+CONFIG_FILE = "tvm_config.json"  # DecoderConfig, parameter order, architecture, TVM version
+HOST_LIB = "host-check.so"  # a cross build's check runs this host build of the same module (in the work folder)
+DB_DIR = "tuning"  # a meta-schedule database (workloads + tuning records) and its key
+MAX_CONTEXT = 2048  # KV cache tokens an artifact declares at most (fp32 cache: 2 * layers * kv * head_dim * 4 B/token)
+SHIPPED_DBS = Path(__file__).parent / "tvm_dbs"  # tuned databases that ship in the package, one folder per key
+
+
+@dataclass(frozen=True)
+class CpuArch:
+    name: str  # what --arch takes
+    mtriple: str  # LLVM target triple
+    cxx: str  # the C++ compiler that links the library
+    deb: str  # the Debian package that installs it
+    e_machine: int  # ELF header e_machine of its shared objects (readelf -h: Machine)
+    mattr: tuple[str, ...] = ()  # LLVM features assumed on every such CPU
+
+
+ARCHES: dict[str, CpuArch] = {a.name: a for a in (
+    CpuArch("x86-64", "x86_64-linux-gnu", "g++", "g++", 62),
+    # ARMv8-A with NEON: every 64-bit Android phone
+    CpuArch("aarch64", "aarch64-linux-gnu", "aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu", 183, ("+neon",)),
+)}
+ARCH_ALIASES = {"x86_64": "x86-64", "amd64": "x86-64", "arm64": "aarch64", "host": ""}
+
+
+def host_arch() -> str:
+    import platform
+
+    m = platform.machine().lower()
+    return ARCH_ALIASES.get(m, m) or m
+
+
+def get_arch(name: str) -> CpuArch:
+    """The CPU architecture named (default: this machine's), with its toolchain present."""
+    key = ARCH_ALIASES.get(name.lower(), name.lower()) or host_arch()
+    arch = ARCHES.get(key)
+    if arch is None:
+        raise EdgelmError(f"TVM can't compile for {name!r} here; architectures: {', '.join(ARCHES)}")
+    if shutil.which(arch.cxx) is None:
+        raise EdgelmError(f"compiling for {arch.name} needs {arch.cxx}; install the Debian package {arch.deb} "
+                          f"(apt-get install {arch.deb})")
+    return arch
+
+
+# x86 vector features a native build uses when this CPU has them (/proc/cpuinfo flag -> LLVM feature). Not the CPU
+# name: with mcpu=emeraldrapids meta-schedule adds its x86 intrinsic rules, whose mutator fails in TVM 0.27.
+X86_FEATURES = {"avx2": "+avx2", "fma": "+fma", "f16c": "+f16c", "avx512f": "+avx512f", "avx512bw": "+avx512bw",
+                "avx512vl": "+avx512vl", "avx512dq": "+avx512dq"}
+
+
+def host_features() -> list[str]:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    have = set(flags.split(":", 1)[1].split())
+    return [feat for flag, feat in X86_FEATURES.items() if flag in have]
+
+
+def tvm_target(arch: CpuArch, threads: int = 0):
+    """The LLVM target: this machine's vector features for a native x86-64 build, the architecture's baseline for
+    a cross build."""
+    tvm = require("tvm", "tvm")
+
+    cfg: dict[str, Any] = {"kind": "llvm", "mtriple": arch.mtriple, "num-cores": threads or os.cpu_count() or 1}
+    mattr = list(arch.mattr) + (host_features() if arch.name == host_arch() == "x86-64" else [])
+    if mattr:
+        cfg["mattr"] = mattr
+    return tvm.target.Target(cfg)
+
+
+def elf_machine(path: Path) -> int:
+    """e_machine of an ELF file (what `readelf -h` prints as Machine)."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    if head[:4] != b"\x7fELF":
+        raise EdgelmError(f"{path} is not an ELF shared library; re-export the artifact")
+    return struct.unpack("<H", head[18:20])[0]
+
+
+# --- the model's config ----------------------------------------------------------------------------------------------
+def decoder_config(src: "SourceWeights", *, context: int = 0) -> "DecoderConfig":
+    """The compiled decoder's config from an HF config and the checkpoint's quantized modules; a one-line error for
+    what this target does not support, naming it."""
+    from edgelm.converters.tvm_llama import DecoderConfig
+    from edgelm.models.archs import get_arch as get_model_arch
+
+    c = src.config
+    model_type = c.get("model_type")
+    arch = get_model_arch(model_type, str(src.folder))
+    for rope in (c.get("rope_scaling") or {}, c.get("rope_parameters") or {}):  # transformers 4 / 5 spellings
+        if (rope.get("rope_type") or rope.get("type")) not in (None, "default"):
+            raise EdgelmError(f"the TVM target does not support RoPE scaling {rope} ({model_type}); "
+                              "export to gguf or onnx")
+    if c.get("hidden_act", "silu") != "silu":
+        raise EdgelmError(f"the TVM target supports the SiLU-gated MLP only, not hidden_act={c['hidden_act']!r}")
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        raise EdgelmError("the TVM target does not support attention_bias/mlp_bias on every projection; "
+                          "export to gguf or onnx")
+    heads = int(c["num_attention_heads"])
+    head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
+    if head_dim * heads != c["hidden_size"]:
+        raise EdgelmError(f"the TVM target needs head_dim * heads == hidden_size ({head_dim} * {heads} != "
+                          f"{c['hidden_size']})")
+    ctx = min(arch.export_context(c)[0], context or MAX_CONTEXT)
+    bits: dict[str, int] = {}
+    groups, head_group = set(), 32  # the lm_head's: its own, or Q8_0's 32 for a float one made Q8_0
+    for name, ql in src.qlinears.items():
+        gs = ql.contiguous_groups()
+        if gs is None or ql.bits not in (4, 8):
+            raise EdgelmError(f"{name}: the TVM target takes 4- and 8-bit codes in contiguous groups; this "
+                              f"checkpoint has {ql.bits}-bit codes{'' if gs else ' with act-order groups'}")
+        if name == "lm_head":
+            head_group = gs
+        else:
+            groups.add(gs)
+        bits[name.removeprefix("model.")] = ql.bits
+    if len(groups) > 1:
+        raise EdgelmError(f"the TVM target takes one group size per model; this checkpoint has {sorted(groups)}")
+    for i in range(int(c["num_hidden_layers"])):
+        kinds = {bits.get(f"layers.{i}.self_attn.{p}_proj", 0) for p in "qkv"}
+        if len(kinds) > 1:
+            raise EdgelmError(f"layer {i}: q/k/v have different bit widths {sorted(kinds)}; the TVM target fuses them")
+    if src.quant and "lm_head" not in bits and src.tied:
+        bits["lm_head"] = 8  # the float tied embedding becomes Q8_0, as in the GGUF export
+    return DecoderConfig(
+        hidden_size=int(c["hidden_size"]), intermediate_size=int(c["intermediate_size"]),
+        num_layers=int(c["num_hidden_layers"]), num_heads=heads,
+        num_kv_heads=int(c.get("num_key_value_heads") or heads), head_dim=head_dim, vocab_size=int(c["vocab_size"]),
+        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=float((c.get("rope_parameters") or {}).get("rope_theta") or c.get("rope_theta") or 10000.0),
+        tie_word_embeddings=src.tied, qkv_bias=model_type == "qwen2", context=ctx, prefill_chunk=min(ctx, 512),
+        group_size=groups.pop() if groups else 32, head_group=head_group, bits=bits)
+
+
+# --- weights ---------------------------------------------------------------------------------------------------------
+def pack_codes(codes: "np.ndarray", bits: int) -> "np.ndarray":
+    """uint8 codes [out, in] -> uint32 words [out, in * bits / 32], the first code in the lowest bits."""
+    import numpy as np
+
+    per = 32 // bits
+    c = codes.astype(np.uint32).reshape(codes.shape[0], -1, per)  # [out, words, per]
+    shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None]
+    return np.bitwise_or.reduce(c << shifts, axis=-1).astype(np.uint32)
+
+
+def q8_0(w: "np.ndarray") -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+    """gguf-py's Q8_0 of a float matrix [out, in], unpacked: (codes uint8 [out, in], scales fp16 [out, in/32],
+    zeros uint8 [out, in/32]) with W = scale * (code - 128)."""
+    import gguf
+    import numpy as np
+
+    out, n_in = w.shape
+    raw = gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
+    blocks = raw.reshape(out, n_in // 32, 34)  # per block: fp16 scale, 32 int8
+    scales = blocks[..., :2].copy().view(np.float16)[..., 0]  # [out, in/32]
+    codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8).reshape(out, n_in)
+    return codes, scales, np.full(scales.shape, 128, np.uint8)
+
+
+def model_params(cfg: "DecoderConfig", src: "SourceWeights", names: list[str]) -> dict[str, "np.ndarray"]:
+    """Every compiled parameter (by its name in the Relax module, e.g. ``layers.0.self_attn.qkv.qweight``) from the
+    checkpoint: float tensors as they are, quantized ones as their exact codes, fp16 scales and zeros."""
+    import numpy as np
+
+    from edgelm.converters.tvm_llama import FUSED
+
+    cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def quantized(module: str) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+        if module not in cache:
+            if module in src.qlinears:
+                ql = src.qlinears[module]
+                cache[module] = (ql.codes.numpy(), ql.scales.numpy().astype(np.float16),
+                                 ql.zeros.numpy().astype(np.uint8))
+            else:  # the float tied embedding of a quantized preset
+                cache[module] = q8_0(src.tensors["model.embed_tokens.weight"].numpy())
+        return cache[module]
+
+    def hf_modules(prefix: str) -> list[str]:
+        for fused, parts in FUSED.items():
+            if prefix.endswith("." + fused):
+                return [f"model.{prefix[:-len(fused) - 1]}.{p}" for p in parts]
+        return [prefix] if prefix == "lm_head" else [f"model.{prefix}"]
+
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        prefix, leaf = name.rsplit(".", 1)
+        mods = hf_modules(prefix)
+        if leaf in ("qweight", "scales", "zeros"):
+            k = ("qweight", "scales", "zeros").index(leaf)
+            a = np.concatenate([quantized(m)[k] for m in mods])
+            if leaf == "qweight":
+                a = pack_codes(a, cfg.bits_of(mods[0].removeprefix("model.")))
+        else:
+            a = np.concatenate([src.tensors[f"{m}.{leaf}"].numpy().astype(np.float32) for m in mods])
+        out[name] = np.ascontiguousarray(a)
+    return out
+
+
+# --- compile ---------------------------------------------------------------------------------------------------------
+def export_module(cfg: "DecoderConfig", target):
+    """(Relax IRModule, parameter names in order) of the decoder for ``target``."""
+    from edgelm.converters.tvm_llama import Decoder
+
+    with target:
+        model = Decoder(cfg)
+        mod, params, _ = model.export_tvm(spec=model.spec(), allow_extern=True)
+    return mod, [n for n, _ in params]
+
+
+def workload_key(cfg: "DecoderConfig", target) -> str:
+    """What a tuning database is valid for: the module's shapes and quantization, the target, the TVM version."""
+    import tvm
+
+    shape = {k: v for k, v in cfg.as_dict().items() if k not in ("context", "prefill_chunk")}
+    blob = json.dumps({"cfg": shape, "target": str(target), "tvm": tvm.__version__}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def lower(mod, target):
+    """Relax before scheduling: transposed matmuls fused (else every linear re-transposes its weight per call), ops
+    legalized to TIR and fused (a dequantize joins its matmul). Tuning extracts its tasks from this module."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    mod = relax.transform.FuseTransposeMatmul()(mod)
+    with target:
+        return tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
+
+
+def schedule(mod, target, db_dir: Path | None):
+    """Each TIR function scheduled by the tuning database when it has a record, else by dlight's CPU rules; then
+    lowered to the VM."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.s_tir import dlight as dl
+
+    with target:
+        if db_dir is not None:
+            with open_db(db_dir):
+                mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        mod = gemv_schedules(mod, target)
+        return tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
+
+
+def gemv_schedules(mod, target):
+    """dlight's CPU GEMV rule (row tiles vectorized, the outer tile parallel) on every unscheduled matrix-vector
+    function, without its explicit 256-step unroll: LLVM took ~8 minutes on that for a 2-layer model (5 s without),
+    and the unrolled code was no faster."""
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    rule = dl.cpu.GEMV()
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs and func.attrs.get("tirx.is_scheduled"):
+            continue
+        sch = rule.apply(func, target, False)
+        if sch is None:
+            continue
+        sch = sch[0] if isinstance(sch, list) else sch
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            for loop in sch.get_loops(block):
+                for key in [k for k in sch.get(loop).annotations.keys() if k.startswith("pragma")]:
+                    sch.unannotate(loop, key)
+        mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return mod
+
+
+def open_db(db_dir: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.JSONDatabase(str(db_dir / "database_workload.json"), str(db_dir / "database_tuning_record.json"),
+                                    allow_missing=False)
+
+
+def build_library(mod, target, arch: CpuArch, out: Path, db_dir: Path | None = None) -> float:
+    """Compile ``mod`` (from :func:`lower`) and link it into ``out``, a shared library for ``arch``; returns seconds."""
+    import tvm
+    from tvm.support import cc
+
+    t0 = time.perf_counter()
+    ex = tvm.compile(schedule(mod, target, db_dir), target, relax_pipeline=None)
+    ex.export_library(str(out), fcompile=cc.cross_compiler(arch.cxx) if arch.name != host_arch() else None)
+    return time.perf_counter() - t0
+
+
+# --- tuning ----------------------------------------------------------------------------------------------------------
+def db_key_file(db_dir: Path) -> Path:
+    return db_dir / "key.json"
+
+
+def usable_db(db_dir: Path | None, key: str) -> Path | None:
+    """``db_dir`` if it is a tuning database for ``key``; a database for other shapes or targets is ignored, with a
+    warning."""
+    if db_dir is None:
+        return None
+    try:
+        meta = json.loads(db_key_file(db_dir).read_text(encoding="utf-8"))
+        ok = (db_dir / "database_workload.json").is_file() and (db_dir / "database_tuning_record.json").is_file()
+    except (OSError, json.JSONDecodeError):
+        meta, ok = {}, False
+    if not ok:
+        log.warning("%s is not a tuning database (key.json and database_*.json expected); ignoring it", db_dir)
+        return None
+    if meta.get("key") != key:
+        log.warning("tuning database %s is for other shapes or another target (key %s, this module %s); ignoring it",
+                    db_dir, meta.get("key"), key)
+        return None
+    return db_dir
+
+
+def find_db(key: str) -> Path | None:
+    """A stored database for ``key``: the user's cache (~/.cache/edgelm/tvm), then the ones shipped in the package."""
+    for root in (cache_root(), SHIPPED_DBS):
+        d = root / key
+        if (d / "key.json").is_file():
+            return usable_db(d, key)
+    return None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgelm" / "tvm"
+
+
+def tune(mod, target, trials: int, out: Path, key: str, work: Path) -> dict[str, Any]:
+    """Meta-schedule ``trials`` measured candidates over the module's static-shape matmuls (decode's GEMVs; the
+    dynamic-length prefill tasks fail in meta-schedule's mutators here), with a random cost model (no xgboost), into
+    the database folder ``out``. Returns what the manifest records."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.relax_integration import extract_tasks, extracted_tasks_to_tune_contexts
+
+    t0 = time.perf_counter()
+    with target:
+        tasks = [t for t in extract_tasks(mod, target) if "matmul" in t.task_name and _static(t.dispatched[0])]
+        if not tasks:
+            raise EdgelmError("nothing to tune: the module has no static-shape matmul")
+        contexts, weights = extracted_tasks_to_tune_contexts(tasks, str(work / "tune"), seed=0)
+        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work / "tune"), max_trials_global=trials,
+                      num_trials_per_iter=min(32, trials), cost_model="random",
+                      runner=ms.runner.LocalRunner(timeout_sec=30))
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ("database_workload.json", "database_tuning_record.json"):
+        shutil.copyfile(work / "tune" / f, out / f)
+    info = {"key": key, "trials": trials, "tasks": [t.task_name for t in tasks],
+            "seconds": round(time.perf_counter() - t0, 1), "tvm": tvm.__version__, "target": str(target)}
+    db_key_file(out).write_text(json.dumps(info, indent=1), encoding="utf-8")
+    return info
+
+
+def _static(mod) -> bool:
+    """No symbolic dimension (TVMScript declares those as ``n = TypeVar("n")`` or ``n = T.int64()``)."""
+    import re
+
+    return not any(re.search(r"TypeVar\(|= T\.int(32|64)\(\)", f.script()) for _, f in mod.functions_items())
+
+
+# --- the whole export ------------------------------------------------------------------------------------------------
+def compile_artifact(src: Path, tmp: Path, work: Path, *, arch: str = "", tune_trials: int = 0,
+                     tuning_db: Path | None = None, threads: int = 0) -> dict[str, Any]:
+    """Write model.so, params.safetensors and tvm_config.json for ``src`` (an HF or GPTQ-format folder) into
+    ``tmp``; a cross build also leaves a host build of the same module in ``work`` for the check. Returns the
+    manifest fields."""
+    import tvm
+    from safetensors.numpy import save_file
+
+    from edgelm.converters.source import read_source
+    from edgelm.models.archs import get_arch as get_model_arch
+
+    a = get_arch(arch)
+    weights = read_source(src)
+    cfg = decoder_config(weights)
+    _, why = get_model_arch(weights.config.get("model_type")).export_context(weights.config)
+    target = tvm_target(a)
+    mod, names = export_module(cfg, target)
+    save_file(model_params(cfg, weights, names), str(tmp / PARAMS_FILE))
+    del weights
+    key = workload_key(cfg, target)
+    mod = lower(mod, target)
+    tuning: dict[str, Any] = {}
+    db = usable_db(tuning_db, key) if tuning_db else None
+    if tune_trials:
+        if a.name != host_arch():
+            raise EdgelmError(f"--tune measures candidates on this machine ({host_arch()}); tune an {host_arch()} "
+                              f"build, or pass --tuning-db from an {a.name} device")
+        tuning = tune(mod, target, tune_trials, tmp / DB_DIR, key, work)
+        cache = cache_root() / key
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.copytree(tmp / DB_DIR, cache)  # reused by later exports of the same shapes
+        db = tmp / DB_DIR
+    else:
+        db = db or find_db(key)
+        if db is not None:
+            shutil.copytree(db, tmp / DB_DIR)
+            tuning = {**json.loads(db_key_file(db).read_text(encoding="utf-8")), "from": str(db)}
+    if not tuning:
+        log.info("no tuning database for these shapes (key %s): dlight's default CPU schedules; --tune N tunes", key)
+    seconds = build_library(mod, target, a, tmp / LIB_FILE, db)
+    log.info("compiled %s for %s in %.1f s", LIB_FILE, a.name, seconds)
+    if a.name != host_arch():  # the check runs the same module built for this machine
+        h = get_arch(host_arch())
+        hmod, _ = export_module(cfg, tvm_target(h))
+        build_library(lower(hmod, tvm_target(h)), tvm_target(h), h, work / HOST_LIB, None)
+    meta = {"decoder": cfg.as_dict(), "params": names, "arch": a.name, "target": str(target), "tvm": tvm.__version__,
+            "tuning": tuning, "key": key}
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    return {"file": LIB_FILE, "arch": a.name, "target_triple": a.mtriple, "tvm": tvm.__version__,
+            "compile_seconds": round(seconds, 1), "tuning": tuning, "context": cfg.context,
+            "quantized_tensors": dict(sorted(cfg.bits.items())), "notes": [why] if why else [],
+            "checked_on": "this build" if a.name == host_arch() else f"the {host_arch()} build of the same module"}

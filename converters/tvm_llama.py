@@ -1,0 +1,235 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2) in TVM's ``relax.frontend.nn``, with TVM's paged KV cache.
+
+The route MLC-LLM proved, written for edgelm's checkpoints: q/k/v are one fused projection, RoPE and attention run
+in the KV cache's CPU TIR kernels, and a quantized linear keeps its GPTQ codes packed in uint32 words, dequantized
+inside the matmul's kernel (FuseOps puts the dequantize and the matmul in one TIR function).
+
+Compiled functions (params are passed packed, as the last argument):
+  prefill(input_ids [1, s] int32, kv) -> (logits [1, 1, V], kv)   the last position's logits
+  prefill_all(input_ids [1, s] int32, kv) -> (logits [1, s, V], kv)   every position's (perplexity, KLD)
+  decode(input_ids [1, 1] int32, kv) -> (logits [1, 1, V], kv)
+  create_kv_cache(max_batch, max_total, prefill_chunk, page_size, sliding) -> kv
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tvm import relax as rx
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+
+# fused projection (its name in this module) -> the HF modules whose rows it stacks, in order
+FUSED = {"self_attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Everything the compiled library's shapes depend on (so a library serves every checkpoint with this config)."""
+
+    hidden_size: int  # residual width
+    intermediate_size: int  # MLP width
+    num_layers: int  # decoder layers
+    num_heads: int  # query heads
+    num_kv_heads: int  # key/value heads (grouped-query attention when fewer than num_heads)
+    head_dim: int  # width of one head
+    vocab_size: int  # rows of the embedding and the lm_head
+    rms_norm_eps: float  # RMSNorm epsilon
+    rope_theta: float  # RoPE base
+    tie_word_embeddings: bool  # the lm_head is the embedding matrix
+    qkv_bias: bool  # q/k/v projections carry a bias (Qwen2)
+    context: int  # compiled maximum context: prompt + generated tokens
+    prefill_chunk: int  # most tokens one prefill call takes
+    group_size: int = 32  # quantized linears: columns per scale
+    head_group: int = 32  # a quantized lm_head's columns per scale (Q8_0's 32 when a float one was made Q8_0)
+    bits: dict[str, int] = field(default_factory=dict)  # "layers.0.mlp.up_proj", "lm_head"... -> 4 or 8; absent: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def bits_of(self, name: str) -> int:
+        return int(self.bits.get(name, 0))
+
+
+class QLinear(nn.Module):
+    """y = x W^T (+ b), W [out, in] stored as ``bits``-bit codes packed little-end-first in uint32 words along the
+    input axis, with an fp16 scale and a uint8 zero point per group of columns: W = scale * (code - zero)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group: int, bias: bool = False) -> None:
+        self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
+        per_word = 32 // bits
+        self.qweight = nn.Parameter((out_features, in_features // per_word), "uint32")  # [out, in / per_word]
+        self.scales = nn.Parameter((out_features, in_features // group), "float16")  # [out, in / group]
+        self.zeros = nn.Parameter((out_features, in_features // group), "uint8")  # [out, in / group]
+        self.bias = nn.Parameter((out_features,), "float32") if bias else None
+
+    def weight(self) -> Tensor:
+        """The float32 matrix [out, in] (a TE op that FuseOps folds into the consuming matmul)."""
+        bits, group, per_word = self.bits, self.group, 32 // self.bits
+        mask = (1 << bits) - 1
+
+        def dequantize(q: te.Tensor, s: te.Tensor, z: te.Tensor) -> te.Tensor:
+            def elem(o, i):
+                shift = tirx.Cast("uint32", (i % per_word) * bits)
+                code = (q[o, i // per_word] >> shift) & tirx.const(mask, "uint32")
+                return s[o, i // group].astype("float32") * (code.astype("float32") - z[o, i // group].astype("float32"))
+
+            return te.compute((self.out_features, self.in_features), elem, name="dequantize")
+
+        return op.tensor_expr_op(dequantize, "dequantize", [self.qweight, self.scales, self.zeros])
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """Rows ``ids`` [s] of the float matrix, [s, in]: a quantized embedding shared with the lm_head."""
+        bits, group, per_word = self.bits, self.group, 32 // self.bits
+        mask = (1 << bits) - 1
+
+        def gather(q: te.Tensor, s: te.Tensor, z: te.Tensor, idx: te.Tensor) -> te.Tensor:
+            def elem(t, i):
+                o = idx[t]
+                shift = tirx.Cast("uint32", (i % per_word) * bits)
+                code = (q[o, i // per_word] >> shift) & tirx.const(mask, "uint32")
+                return s[o, i // group].astype("float32") * (code.astype("float32") - z[o, i // group].astype("float32"))
+
+            return te.compute((idx.shape[0], self.in_features), elem, name="dequantize_rows")
+
+        return op.tensor_expr_op(gather, "dequantize_rows", [self.qweight, self.scales, self.zeros, ids])
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = op.matmul(x, op.permute_dims(self.weight()))  # [b, s, out]
+        return y + self.bias if self.bias is not None else y
+
+
+def linear(cfg: DecoderConfig, name: str, in_f: int, out_f: int, bias: bool = False) -> nn.Module:
+    bits = cfg.bits_of(name)
+    if bits:
+        return QLinear(in_f, out_f, bits, cfg.group_size, bias)
+    return nn.Linear(in_f, out_f, bias=bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, i: int) -> None:
+        self.h_q, self.h_kv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        width = (self.h_q + 2 * self.h_kv) * self.d
+        self.qkv = linear(cfg, f"layers.{i}.self_attn.q_proj", cfg.hidden_size, width, cfg.qkv_bias)  # q, k, v rows
+        self.o_proj = linear(cfg, f"layers.{i}.self_attn.o_proj", self.h_q * self.d, cfg.hidden_size)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer: int) -> Tensor:
+        b, s, _ = x.shape
+        qkv = op.reshape(self.qkv(x), (b, s, self.h_q + 2 * self.h_kv, self.d))  # [b, s, hq + 2 hkv, d]
+        out = kv.attention_with_fused_qkv(layer, qkv, self.h_q, sm_scale=self.d**-0.5)  # [b, s, hq, d]
+        return self.o_proj(op.reshape(out, (b, s, self.h_q * self.d)))
+
+
+class MLP(nn.Module):
+    """SiLU-gated MLP; gate and up are one fused projection unless a mixed plan gave them different widths."""
+
+    def __init__(self, cfg: DecoderConfig, i: int) -> None:
+        inter, hid, pre = cfg.intermediate_size, cfg.hidden_size, f"layers.{i}.mlp."
+        self.fused = cfg.bits_of(pre + "gate_proj") == cfg.bits_of(pre + "up_proj")
+        if self.fused:
+            self.gate_up = linear(cfg, pre + "gate_proj", hid, 2 * inter)  # gate rows, then up rows
+        else:
+            self.gate_proj = linear(cfg, pre + "gate_proj", hid, inter)
+            self.up_proj = linear(cfg, pre + "up_proj", hid, inter)
+        self.down_proj = linear(cfg, pre + "down_proj", inter, hid)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            gate, up = op.split(self.gate_up(x), 2, axis=-1)  # 2 x [b, s, inter]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, i: int) -> None:
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.self_attn = Attention(cfg, i)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.mlp = MLP(cfg, i)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), kv, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """A causal LM: embedding, decoder layers, final norm, lm_head (tied or not, float or quantized)."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        self.cfg = cfg
+        head_bits = cfg.bits_of("lm_head")
+        if head_bits and not cfg.tie_word_embeddings:
+            raise ValueError("a quantized lm_head is only supported shared with the embedding (tied)")
+        if head_bits:  # one quantized matrix: the lm_head's matmul and the embedding's row gather
+            self.lm_head = QLinear(cfg.hidden_size, cfg.vocab_size, head_bits, cfg.head_group)
+        else:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            if not cfg.tie_word_embeddings:
+                self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.layers = nn.ModuleList([Layer(cfg, i) for i in range(cfg.num_layers)])
+        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        b, s = ids.shape
+        flat = op.reshape(ids, (b * s,))  # [b*s]
+        if self.cfg.bits_of("lm_head"):
+            x = self.lm_head.rows(flat)
+        else:
+            x = self.embed_tokens(flat)
+        return op.reshape(x, (b, s, self.cfg.hidden_size))  # [b, s, hidden]
+
+    def _logits(self, h: Tensor) -> Tensor:
+        if self.cfg.bits_of("lm_head") or not self.cfg.tie_word_embeddings:
+            return self.lm_head(h)  # [b, s, V]
+        return op.matmul(h, op.permute_dims(self.embed_tokens.weight))  # [b, s, V]
+
+    def _body(self, ids: Tensor, kv: PagedKVCache) -> Tensor:
+        x = self._embed(ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, kv, i)
+        return self.norm(x)  # [b, s, hidden]
+
+    def prefill(self, input_ids: Tensor, kv: PagedKVCache):
+        h = self._body(input_ids, kv)
+
+        def last(x: te.Tensor) -> te.Tensor:
+            b, s, d = x.shape
+            return te.compute((b, 1, d), lambda i, _, k: x[i, s - 1, k], name="last_token")
+
+        return self._logits(op.tensor_expr_op(last, "last_token", [h])), kv
+
+    def prefill_all(self, input_ids: Tensor, kv: PagedKVCache):
+        return self._logits(self._body(input_ids, kv)), kv
+
+    def decode(self, input_ids: Tensor, kv: PagedKVCache):
+        return self._logits(self._body(input_ids, kv)), kv
+
+    def create_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var, prefill_chunk_size: tirx.Var,
+                        page_size: tirx.Var, support_sliding_window: tirx.Var) -> PagedKVCache:
+        import tvm
+
+        c = self.cfg
+        return TIRPagedKVCache(
+            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, c.num_layers]), num_hidden_layers=c.num_layers,
+            num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, qk_head_dim=c.head_dim,
+            v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL,
+            rope_scale=1, rope_theta=c.rope_theta, rope_scaling={}, rope_ext_factors=rx.prim_value(0),
+            rotary_dim=c.head_dim, enable_disaggregation=False, dtype="float32", target=tvm.target.Target.current(),
+        )
+
+    def spec(self) -> nn.spec.ModuleSpec:
+        ids = {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "kv": nn.spec.Object(object_type=PagedKVCache),
+               "$": {"param_mode": "packed", "effect_mode": "none"}}
+        one = {**ids, "input_ids": nn.spec.Tensor([1, 1], "int32")}
+        return {
+            "prefill": ids, "prefill_all": dict(ids), "decode": one,
+            "create_kv_cache": {"max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
+                                "page_size": int, "support_sliding_window": int,
+                                "$": {"param_mode": "none", "effect_mode": "none"}},
+        }

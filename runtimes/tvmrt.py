@@ -1,0 +1,151 @@
+"""Apache TVM backend: an edgelm TVM artifact (model.so + params.safetensors + tvm_config.json) in the Relax VM,
+with TVM's paged KV cache. Generation, sampling, stops and streaming come from the base Runtime."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from edgelm.converters.tvm import CONFIG_FILE, LIB_FILE, PARAMS_FILE
+from edgelm.errors import EdgelmError, require
+from edgelm.runtimes.base import Runtime, check_threads, default_threads
+from edgelm.runtimes.text import TextTokenizer
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 16  # KV cache tokens per page
+
+
+class TvmRuntime(Runtime):
+    """A compiled TVM artifact. ``library``: run another build of the same module (the export check of a cross
+    build runs the host build of the same IR and params)."""
+
+    name = "tvm"
+    extra = "tvm"
+    formats = ("tvm",)
+
+    def __init__(self, folder: str | Path, *, threads: int | None = None, context: int | None = None,
+                 library: str | Path | None = None) -> None:
+        check_threads(threads)
+        folder = Path(folder)
+        cfg_path = folder / CONFIG_FILE
+        if not cfg_path.is_file() or not (folder / PARAMS_FILE).is_file():
+            raise EdgelmError(f"{folder} is not a TVM artifact ({CONFIG_FILE}, {LIB_FILE} and {PARAMS_FILE} expected)")
+        try:
+            self.tvm_config: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8"))
+            dec = self.tvm_config["decoder"]
+            names = self.tvm_config["params"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise EdgelmError(f"{cfg_path} is not a valid TVM config ({e}); re-export the artifact") from None
+        lib_path = Path(library) if library else folder / LIB_FILE
+        tvm = require("tvm", "tvm")
+        _check_library(lib_path, self.tvm_config, tvm.__version__)
+        size = (folder / PARAMS_FILE).stat().st_size + lib_path.stat().st_size
+        if threads is None:
+            threads, why = default_threads(size)
+            log.info("tvm: %d thread(s) (%s); --threads to change", threads, why)
+        _set_threads(tvm, threads)
+        tok = TextTokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
+        model_ctx = int(dec["context"])
+        super().__init__(folder, tokenizer=tok, threads=threads, context=min(context or model_ctx, model_ctx),
+                         model_bytes=size)
+        from safetensors.numpy import load_file
+        from tvm import relax
+
+        self._dev = tvm.cpu()
+        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), self._dev)
+        arrays = load_file(str(folder / PARAMS_FILE))
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise EdgelmError(f"{folder}/{PARAMS_FILE} lacks {missing[0]} (and {len(missing) - 1} more); re-export")
+        self._params = [tvm.runtime.tensor(arrays[n], self._dev) for n in names]
+        self._chunk = int(dec["prefill_chunk"])
+        S = tvm.runtime.ShapeTuple
+        self._S = S
+        self._kv = self._vm["create_kv_cache"](S([1]), S([self.context]), S([self._chunk]), S([PAGE_SIZE]), S([0]))
+        f = tvm.get_global_func
+        self._add, self._clear = f("vm.builtin.kv_state_add_sequence"), f("vm.builtin.kv_state_clear")
+        self._begin, self._end = f("vm.builtin.kv_state_begin_forward"), f("vm.builtin.kv_state_end_forward")
+        self._len = 0  # tokens in the KV cache
+
+    def _forward(self, fn: str, ids: Sequence[int]) -> "np.ndarray":
+        """Append ``ids`` to the sequence in the cache through ``fn``; returns its logits as numpy [1, s, V]."""
+        import numpy as np
+
+        if self._len + len(ids) > self.context:
+            raise EdgelmError(f"{self._len + len(ids)} tokens exceed the compiled context of {self.context}")
+        x = self._tvm_ids(ids)
+        self._begin(self._kv, self._S([0]), self._S([len(ids)]))
+        logits, self._kv = self._vm[fn](x, self._kv, self._params)
+        self._end(self._kv)
+        self._len += len(ids)
+        return logits.numpy()  # [1, s or 1, V]
+
+    def _tvm_ids(self, ids: Sequence[int]):
+        import numpy as np
+        import tvm
+
+        return tvm.runtime.tensor(np.asarray([ids], dtype=np.int32), self._dev)  # [1, s]
+
+    def _reset(self) -> None:
+        self._clear(self._kv)
+        self._add(self._kv, 0)
+        self._len = 0
+
+    def _prefill(self, ids: Sequence[int]) -> "np.ndarray":
+        self._reset()
+        for i in range(0, len(ids), self._chunk):
+            out = self._forward("prefill", ids[i:i + self._chunk])
+        return out[0, -1].astype("float32")  # [V]
+
+    def _step(self, token: int) -> "np.ndarray":
+        return self._forward("decode", [token])[0, -1].astype("float32")  # [V]
+
+    def logits(self, ids: Sequence[int]) -> "np.ndarray":
+        import numpy as np
+
+        if len(ids) > self.context:
+            raise EdgelmError(f"{len(ids)} tokens exceed the context of {self.context}")
+        self._reset()
+        parts = [self._forward("prefill_all", ids[i:i + self._chunk])[0] for i in range(0, len(ids), self._chunk)]
+        return np.concatenate(parts).astype(np.float32)  # [T, V]
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "arch": self.tvm_config.get("arch"), "tuned": bool(self.tvm_config.get("tuning"))}
+
+    def _close(self) -> None:
+        self._kv = self._vm = self._params = None
+
+
+def _set_threads(tvm, threads: int) -> None:
+    """TVM's pool caps itself at TVM_NUM_THREADS, else at half the logical CPUs on x86 (it assumes
+    hyperthreads): on 2 vCPUs that is 1 thread, whatever is asked. So the cap is raised first."""
+    import os
+
+    os.environ["TVM_NUM_THREADS"] = str(max(threads, int(os.environ.get("TVM_NUM_THREADS", "0") or 0)))
+    tvm.get_global_func("runtime.config_threadpool")(-3, threads)  # -3: every thread may run on every core
+    got = tvm.get_global_func("runtime.NumThreads")()
+    if got != threads:
+        log.warning("tvm: asked for %d threads, its pool runs %d", threads, got)
+
+
+def _check_library(lib: Path, cfg: dict[str, Any], tvm_version: str) -> None:
+    """Refuse, in one line, a library this machine or this TVM can't run."""
+    from edgelm.converters.tvm import ARCHES, elf_machine, host_arch
+
+    if not lib.is_file():
+        raise EdgelmError(f"{lib} is missing; re-export the artifact")
+    built = cfg.get("tvm")
+    if built != tvm_version:
+        raise EdgelmError(f"{lib} was built with TVM {built}, this is TVM {tvm_version}; re-export it with this TVM "
+                          "(or install that version)")
+    host = ARCHES.get(host_arch())
+    machine = elf_machine(lib)
+    if host is None or machine != host.e_machine:
+        arch = next((a.name for a in ARCHES.values() if a.e_machine == machine), f"ELF machine {machine}")
+        raise EdgelmError(f"{lib} is built for {arch}, this machine is {host_arch()}; run it on an {arch} device, or "
+                          f"re-export with --arch {host_arch()}")
