@@ -169,8 +169,12 @@ def decoder_config(src: "SourceWeights", *, context: int = 0) -> "DecoderConfig"
 
 # --- weights ---------------------------------------------------------------------------------------------------------
 def pack_codes(codes: "np.ndarray", bits: int) -> "np.ndarray":
-    """uint8 codes [out, in] -> uint32 words [out, in * bits / 32], the first code in the lowest bits."""
+    """uint8 codes [out, in] -> uint32 words [out, in * bits / 32], the first code in the lowest bits; 8-bit codes
+    stay one byte each."""
     import numpy as np
+
+    if bits == 8:
+        return codes.astype(np.uint8)
 
     per = 32 // bits
     c = codes.astype(np.uint32).reshape(codes.shape[0], -1, per)  # [out, words, per]
@@ -261,7 +265,41 @@ def lower(mod, target):
 
     mod = relax.transform.FuseTransposeMatmul()(mod)
     with target:
-        return tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
+        mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [
+            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), fuse_dequantize_matmul(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+    return mod
+
+
+def fuse_dequantize_matmul():
+    """Fuse each dequantize into the matmul that reads it (plus a residual add after it): FuseOps alone keeps an
+    injective producer out of a reduction, so every call would write the whole float matrix first. Same idea as
+    MLC-LLM's FuseDequantizeMatmulEwise pass."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import GlobalVarPattern, TuplePattern, is_op, wildcard
+
+    def call(args):
+        return is_op("relax.call_tir")(GlobalVarPattern(), TuplePattern(args))
+
+    deq = call([wildcard(), wildcard(), wildcard()])
+    mm = call([wildcard(), deq])
+    patterns = [("dequantize_matmul_add", call([wildcard(), mm])), ("dequantize_matmul_add", call([mm, wildcard()])),
+                ("dequantize_matmul", mm)]
+
+    def names(ctx) -> list[str]:
+        return [c.args[0].name_hint for c in ctx.matched_bindings.values() if isinstance(c, relax.Call)
+                and isinstance(c.args[0], relax.GlobalVar)]
+
+    def check(ctx) -> bool:
+        n = names(ctx)
+        return any(x.startswith("dequantize") for x in n) and any("matmul" in x for x in n) and all(
+            x.startswith(("dequantize", "NT_matmul", "matmul", "add")) for x in n)
+
+    return tvm.transform.Sequential([
+        relax.transform.FuseOpsByPattern([relax.transform.FusionPattern(name, pat, check=check)
+                                          for name, pat in patterns], bind_constants=False),
+        relax.transform.FuseTIR()])
 
 
 def schedule(mod, target, db_dir: Path | None):
@@ -277,13 +315,52 @@ def schedule(mod, target, db_dir: Path | None):
             with open_db(db_dir):
                 mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         mod = gemv_schedules(mod, target)
+        mod = dlight_gemv(mod, target)
         return tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
 
 
-def gemv_schedules(mod, target):
-    """dlight's CPU GEMV rule (row tiles vectorized, the outer tile parallel) on every unscheduled matrix-vector
-    function, without its explicit 256-step unroll: LLVM took ~8 minutes on that for a 2-layer model (5 s without),
-    and the unrolled code was no faster."""
+def gemv_schedules(mod, target, lanes: int = 16, rows: int = 4):
+    """Schedule every one-token matmul (decode's linears and lm_head, a fused dequantize included): the dequantize
+    inlined into the matmul, ``lanes`` input columns per vector (rfactor: a partial sum per lane, summed at the
+    end), ``rows`` output rows per step, row blocks spread over the threads. dlight's CPU GEMV rule vectorizes across
+    output rows instead (strided loads), does not take a fused dequantize, and its explicit 256-step unroll took
+    LLVM ~8 minutes on a 2-layer model."""
+    import tvm
+    from tvm import s_tir
+
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs and func.attrs.get("tirx.is_scheduled"):
+            continue
+        sch = s_tir.Schedule(func)
+        names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+        if "NT_matmul" not in names:
+            continue
+        mm = sch.get_sblock("NT_matmul")
+        loops = sch.get_loops(mm)
+        extents = [sch.get(lp).extent for lp in loops]
+        if len(loops) != 4 or not all(isinstance(e, tvm.tirx.IntImm) for e in extents[2:]) \
+                or int(extents[2]) % rows or int(extents[3]) % lanes:
+            continue
+        if "dequantize" in names:
+            sch.compute_inline(sch.get_sblock("dequantize"))
+        b, t, n, k = loops  # batch 1, tokens (1 in decode, the prompt's length in prefill), out, in
+        n_o, n_i = sch.split(n, [None, rows])
+        k_o, k_i = sch.split(k, [None, lanes])
+        sch.reorder(n_o, b, t, n_i, k_o, k_i)  # a row block's weights stay in cache across the prompt's tokens
+        rf = sch.rfactor(k_i, factor_axis=3)  # partial sums [1, t, n, lanes]
+        sch.compute_at(rf, sch.get_loops(mm)[3])  # under the row: one row's [lanes] sums, in the parallel loop
+        lane, k_outer = sch.get_loops(rf)[-2:]
+        sch.reorder(k_outer, lane)
+        sch.parallel(n_o)
+        sch.vectorize(lane)
+        sch.decompose_reduction(rf, k_outer)
+        mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return mod
+
+
+def dlight_gemv(mod, target):
+    """dlight's CPU GEMV rule on what :func:`gemv_schedules` left (matrix-vector shapes it does not take), without
+    the rule's explicit 256-step unroll."""
     import tvm
     from tvm.s_tir import dlight as dl
 

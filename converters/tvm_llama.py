@@ -55,26 +55,27 @@ class DecoderConfig:
 
 
 class QLinear(nn.Module):
-    """y = x W^T (+ b), W [out, in] stored as ``bits``-bit codes packed little-end-first in uint32 words along the
-    input axis, with an fp16 scale and a uint8 zero point per group of columns: W = scale * (code - zero)."""
+    """y = x W^T (+ b), W [out, in] stored as ``bits``-bit codes (4-bit: packed first-in-low-bits in uint32 words
+    along the input axis; 8-bit: one byte each), with an fp16 scale and a uint8 zero point per group of columns:
+    W = scale * (code - zero)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group: int, bias: bool = False) -> None:
         self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
-        per_word = 32 // bits
-        self.qweight = nn.Parameter((out_features, in_features // per_word), "uint32")  # [out, in / per_word]
+        if bits == 8:  # one byte per code: a plain load vectorizes (shift-and-mask of 8-bit lanes ran ~4x slower)
+            self.qweight = nn.Parameter((out_features, in_features), "uint8")  # [out, in]
+        else:
+            self.qweight = nn.Parameter((out_features, in_features // (32 // bits)), "uint32")  # [out, in / per_word]
         self.scales = nn.Parameter((out_features, in_features // group), "float16")  # [out, in / group]
         self.zeros = nn.Parameter((out_features, in_features // group), "uint8")  # [out, in / group]
         self.bias = nn.Parameter((out_features,), "float32") if bias else None
 
     def weight(self) -> Tensor:
         """The float32 matrix [out, in] (a TE op that FuseOps folds into the consuming matmul)."""
-        bits, group, per_word = self.bits, self.group, 32 // self.bits
-        mask = (1 << bits) - 1
+        bits, group = self.bits, self.group
 
         def dequantize(q: te.Tensor, s: te.Tensor, z: te.Tensor) -> te.Tensor:
             def elem(o, i):
-                shift = tirx.Cast("uint32", (i % per_word) * bits)
-                code = (q[o, i // per_word] >> shift) & tirx.const(mask, "uint32")
+                code = _code(q, o, i, bits)
                 return s[o, i // group].astype("float32") * (code.astype("float32") - z[o, i // group].astype("float32"))
 
             return te.compute((self.out_features, self.in_features), elem, name="dequantize")
@@ -83,14 +84,12 @@ class QLinear(nn.Module):
 
     def rows(self, ids: Tensor) -> Tensor:
         """Rows ``ids`` [s] of the float matrix, [s, in]: a quantized embedding shared with the lm_head."""
-        bits, group, per_word = self.bits, self.group, 32 // self.bits
-        mask = (1 << bits) - 1
+        bits, group = self.bits, self.group
 
         def gather(q: te.Tensor, s: te.Tensor, z: te.Tensor, idx: te.Tensor) -> te.Tensor:
             def elem(t, i):
                 o = idx[t]
-                shift = tirx.Cast("uint32", (i % per_word) * bits)
-                code = (q[o, i // per_word] >> shift) & tirx.const(mask, "uint32")
+                code = _code(q, o, i, bits)
                 return s[o, i // group].astype("float32") * (code.astype("float32") - z[o, i // group].astype("float32"))
 
             return te.compute((idx.shape[0], self.in_features), elem, name="dequantize_rows")
@@ -100,6 +99,15 @@ class QLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = op.matmul(x, op.permute_dims(self.weight()))  # [b, s, out]
         return y + self.bias if self.bias is not None else y
+
+
+def _code(q: te.Tensor, o, i, bits: int):
+    """Code (o, i) of a packed weight: a byte (8-bit), or a field of a uint32 word, first code in the low bits."""
+    if bits == 8:
+        return q[o, i]
+    per_word = 32 // bits
+    shift = tirx.Cast("uint32", (i % per_word) * bits)
+    return (q[o, i // per_word] >> shift) & tirx.const((1 << bits) - 1, "uint32")
 
 
 def linear(cfg: DecoderConfig, name: str, in_f: int, out_f: int, bias: bool = False) -> nn.Module:
