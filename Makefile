@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgelm-installed
 
 APP_STAMP := android_demo/node_modules/.edgelm-installed
+ARM64_ROOT := build/arm64-root
 
-.PHONY: demo test app-deps cross-gxx llama-quantize bench-app bench-mixed bench-distill bench-quant bench-runtimes bench-route clean
+.PHONY: demo test app-deps cross-gxx llama-quantize bench-app bench-mixed bench-tvm tvm-aarch64 bench-distill bench-quant bench-runtimes bench-route clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,7 +61,7 @@ cross-gxx:
 		apt-get install -y -qq --no-install-recommends g++-aarch64-linux-gnu >/dev/null; } \
 		|| echo "warning: could not install g++-aarch64-linux-gnu; the aarch64 test will fail"
 
-test: $(STAMP) $(APP_STAMP) $(VENV)/bin/llama-quantize cross-gxx
+test: $(STAMP) $(APP_STAMP) $(VENV)/bin/llama-quantize cross-gxx $(ARM64_ROOT)/.done
 	$(PY) -m pytest
 
 bench-distill: $(STAMP)
@@ -71,6 +72,28 @@ bench-quant: $(STAMP)
 
 bench-mixed: $(STAMP) $(VENV)/bin/llama-quantize
 	$(PY) benchmarks/quant_mixed.py
+
+bench-tvm: $(STAMP) cross-gxx
+	$(PY) benchmarks/tvm_target.py
+
+# An arm64 Python 3.11 with the aarch64 apache-tvm wheel, run under qemu-user: Debian's arm64 packages unpacked
+# (no chroot, no debootstrap) and the PyPI wheels unzipped beside them. For `make tvm-aarch64`.
+ARM64_DEBS := python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libstdc++6 libgcc-s1 zlib1g \
+	libexpat1 libffi8 libssl3 libbz2-1.0 liblzma5 libuuid1 libcrypt1
+$(ARM64_ROOT)/.done: | $(STAMP)
+	command -v qemu-aarch64-static >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends qemu-user-static >/dev/null; }
+	dpkg --print-foreign-architectures | grep -q arm64 || { dpkg --add-architecture arm64 && apt-get update -qq; }
+	rm -rf $(ARM64_ROOT) build/arm64-debs && mkdir -p $(ARM64_ROOT)/site build/arm64-debs
+	cd build/arm64-debs && apt-get download -qq $(addsuffix :arm64,$(ARM64_DEBS)) 2>/dev/null
+	for d in build/arm64-debs/*.deb; do dpkg -x $$d $(ARM64_ROOT); done
+	$(PY) -m pip download -q --no-deps --only-binary :all: --platform manylinux_2_28_aarch64 --python-version 3.11 \
+		-d build/arm64-debs apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 numpy==2.4.6 ml_dtypes==0.6.0 typing_extensions
+	for w in build/arm64-debs/*.whl; do $(PY) -m zipfile -e $$w $(ARM64_ROOT)/site; done
+	touch $@
+
+tvm-aarch64: $(STAMP) cross-gxx $(ARM64_ROOT)/.done
+	$(PY) benchmarks/tvm_aarch64.py --root $(ARM64_ROOT)
 
 bench-runtimes: $(STAMP)
 	$(PY) benchmarks/runtimes.py

@@ -79,6 +79,8 @@ def bytes_read_per_token(path: str) -> int:
         sizes = {t.name: int(t.n_bytes) for t in r.tensors}
         total = (p / "model.gguf").stat().st_size
         return total - sizes["token_embd.weight"] if "output.weight" in sizes else total
+    if (p / "params.safetensors").is_file():  # TVM: the params file (a tied embedding is the lm_head: read whole)
+        return (p / "params.safetensors").stat().st_size
     return sum(f.stat().st_size for f in p.glob("*.safetensors"))  # tied embeddings (SmolLM2)
 
 
@@ -97,7 +99,7 @@ def main() -> None:
     if not (STUDENT / "config.json").is_file():
         sys.exit("benchmarks/runtimes.py: no student at runs/demo/student; run `make demo` first")
     arts = sorted(d for d in Path(a.artifacts).glob("*-*") if (d / "edgelm.json").is_file() and
-                  (d.name.startswith(("gguf-", "onnx-"))))
+                  (d.name.startswith(("gguf-", "onnx-", "tvm-"))))
     if not arts:
         sys.exit(f"benchmarks/runtimes.py: no artifacts under {a.artifacts}; run `make bench-quant` (or pass --artifacts)")
     bw = {t: max(read_bandwidth(t) for _ in range(3)) for t in a.threads}  # the best seen: a physical limit

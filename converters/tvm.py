@@ -5,8 +5,9 @@ Quantized linears keep the GPTQ checkpoint's codes, fp16 scales and zeros exactl
 second rounding). A float tied embedding of a quantized preset becomes Q8_0 (gguf-py's quantizer, as the GGUF export
 does), so both artifacts of one GPTQ checkpoint hold the same values.
 
-Schedules: dlight's CPU rules, or a meta-schedule tuning database (``--tune N``) applied on top of them. A database
-is keyed by the module's shapes and the target; a tuned database for the demo student ships in the package.
+Schedules: edgelm's matmul schedule (``gemv_schedules``), dlight's CPU GEMV rule for what it leaves, or a
+meta-schedule tuning database (``--tune N``) applied before them. A database is keyed by the module's shapes and
+the target; databases under ``converters/tvm_dbs/<key>/`` ship in the package.
 """
 from __future__ import annotations
 
@@ -508,7 +509,7 @@ def compile_artifact(src: Path, tmp: Path, work: Path, *, arch: str = "", tune_t
             shutil.copytree(db, tmp / DB_DIR)
             tuning = {**json.loads(db_key_file(db).read_text(encoding="utf-8")), "from": str(db)}
     if not tuning:
-        log.info("no tuning database for these shapes (key %s): dlight's default CPU schedules; --tune N tunes", key)
+        log.info("no tuning database for these shapes (key %s): edgelm's matmul schedules; --tune N tunes", key)
     seconds = build_library(mod, target, a, tmp / LIB_FILE, db)
     log.info("compiled %s for %s in %.1f s", LIB_FILE, a.name, seconds)
     if a.name != host_arch():  # the check runs the same module built for this machine

@@ -142,10 +142,10 @@ instructions made from test-split files, scored against the teacher's answers.
 
 
 def demo_plan(quant: str) -> list[tuple[str, str]]:
-    """The artifacts `edgelm demo` exports: fp32 references, the chosen preset, a mixed-precision plan, and
-    llama.cpp's own 4-bit types."""
-    return [("fp32", "gguf"), ("fp32", "onnx"), (quant, "gguf"), (quant, "onnx"), ("gptq-mixed", "gguf"),
-            ("llamacpp-q4_0", "gguf"), ("llamacpp-q4_k_m", "gguf")]
+    """The artifacts `edgelm demo` exports: fp32 references, the chosen preset (GGUF, ONNX and a TVM library), a
+    mixed-precision plan, and llama.cpp's own 4-bit types."""
+    return [("fp32", "gguf"), ("fp32", "onnx"), (quant, "gguf"), (quant, "onnx"), (quant, "tvm"),
+            ("gptq-mixed", "gguf"), ("llamacpp-q4_0", "gguf"), ("llamacpp-q4_k_m", "gguf")]
 
 
 def write_export_section(report: Path, rows, out: Path) -> None:

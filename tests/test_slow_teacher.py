@@ -81,7 +81,8 @@ def test_demo_writes_a_report(tmp_path):
     # step 3: every artifact exported and checked. fp32 conversions must pass; this 1k-token student is far from
     # trained, so a 4-bit artifact may fail its quality gate, which the report must then say in its row.
     for preset, target in (("fp32", "gguf"), ("fp32", "onnx"), ("gptq-int4-g32", "gguf"), ("gptq-int4-g32", "onnx"),
-                           ("gptq-mixed", "gguf"), ("llamacpp-q4_0", "gguf"), ("llamacpp-q4_k_m", "gguf")):
+                           ("gptq-int4-g32", "tvm"), ("gptq-mixed", "gguf"), ("llamacpp-q4_0", "gguf"),
+                           ("llamacpp-q4_k_m", "gguf")):
         row = re.search(rf"\| student \| {preset} \| {target} \| ([^|]+) \|.*\| ([^|]*) \|\n", report)
         assert row, (preset, target)
         folder = tmp_path / "demo" / "export" / f"{target}-{preset}"

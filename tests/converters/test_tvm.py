@@ -3,8 +3,11 @@ tuning databases, and each bad input's one-line error."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,6 +106,30 @@ def test_aarch64_cross_build(tmp_path, tiny_q_model, tiny_corpus):
     r = run_cli("generate", str(out), "def f(x):", "--max-new-tokens", "4")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "built for aarch64, this machine is x86-64" in r.stderr and "--arch x86-64" in r.stderr
+
+
+ARM64_ROOT = Path(__file__).resolve().parents[2] / "build" / "arm64-root"
+
+
+def test_aarch64_library_runs_under_emulation(tmp_path, fp32_tvm, tiny_q_model, tiny_corpus):
+    """The aarch64 library, run for real (an arm64 Python and TVM wheel under qemu-user, `make test` unpacks them):
+    the same greedy tokens as the x86-64 build of the same model."""
+    if not (ARM64_ROOT / ".done").is_file() or shutil.which("qemu-aarch64-static") is None:
+        pytest.fail("no arm64 root or qemu-aarch64-static; `make test` builds build/arm64-root (make tvm-aarch64)")
+    arm = tmp_path / "arm"
+    export(model=str(tiny_q_model), target="tvm", quant="fp32", arch="aarch64", out=arm, data=(str(tiny_corpus),),
+           **CHECK)
+    greedy = Path(__file__).resolve().parents[2] / "runtimes" / "tvm_greedy.py"
+    prompt = "5,6,7,8,9,10,11,12"
+    x86 = subprocess.run([sys.executable, str(greedy), str(fp32_tvm), prompt, "12"], capture_output=True, text=True)
+    assert x86.returncode == 0, x86.stderr
+    py = ARM64_ROOT / "usr" / "bin" / "python3.11"
+    a64 = subprocess.run(["qemu-aarch64-static", "-L", str(ARM64_ROOT), str(py), str(greedy), str(arm), prompt, "12"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ARM64_ROOT / "site")},
+                         timeout=600)
+    assert a64.returncode == 0, a64.stderr[-2000:]
+    ids = json.loads(a64.stdout.strip().splitlines()[-1])
+    assert len(ids) == 12 and ids == json.loads(x86.stdout.strip().splitlines()[-1])
 
 
 def test_missing_toolchain_names_the_package(monkeypatch, tmp_path, tiny_q_model):
