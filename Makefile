@@ -77,19 +77,20 @@ bench-tvm: $(STAMP) cross-gxx
 	$(PY) benchmarks/tvm_target.py
 
 # An arm64 Python 3.11 with the aarch64 apache-tvm wheel, run under qemu-user: Debian's arm64 packages unpacked
-# (no chroot, no debootstrap) and the PyPI wheels unzipped beside them. For `make tvm-aarch64`.
+# (no chroot, no debootstrap) and the PyPI wheels unzipped into its dist-packages (qemu -L finds both). For
+# `make tvm-aarch64` and its test.
 ARM64_DEBS := python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libstdc++6 libgcc-s1 zlib1g \
 	libexpat1 libffi8 libssl3 libbz2-1.0 liblzma5 libuuid1 libcrypt1
 $(ARM64_ROOT)/.done: | $(STAMP)
 	command -v qemu-aarch64-static >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends qemu-user-static >/dev/null; }
 	dpkg --print-foreign-architectures | grep -q arm64 || { dpkg --add-architecture arm64 && apt-get update -qq; }
-	rm -rf $(ARM64_ROOT) build/arm64-debs && mkdir -p $(ARM64_ROOT)/site build/arm64-debs
+	rm -rf $(ARM64_ROOT) build/arm64-debs && mkdir -p $(ARM64_ROOT)/usr/lib/python3/dist-packages build/arm64-debs
 	cd build/arm64-debs && apt-get download -qq $(addsuffix :arm64,$(ARM64_DEBS)) 2>/dev/null
 	for d in build/arm64-debs/*.deb; do dpkg -x $$d $(ARM64_ROOT); done
 	$(PY) -m pip download -q --no-deps --only-binary :all: --platform manylinux_2_28_aarch64 --python-version 3.11 \
 		-d build/arm64-debs apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 numpy==2.4.6 ml_dtypes==0.6.0 typing_extensions
-	for w in build/arm64-debs/*.whl; do $(PY) -m zipfile -e $$w $(ARM64_ROOT)/site; done
+	for w in build/arm64-debs/*.whl; do $(PY) -m zipfile -e $$w $(ARM64_ROOT)/usr/lib/python3/dist-packages; done
 	touch $@
 
 tvm-aarch64: $(STAMP) cross-gxx $(ARM64_ROOT)/.done
