@@ -46,7 +46,7 @@ def test_truncated_onnx_artifact_is_refused(artifacts, tmp_path):
 
 
 @pytest.mark.parametrize("backend, module, extra", [("llamacpp", "llama_cpp", "llamacpp"),
-                                                    ("onnx", "onnxruntime_genai", "onnx")])
+                                                    ("onnx", "onnxruntime_genai", "onnx"), ("tvm", "tvm", "tvm")])
 def test_runtime_not_installed_names_the_extra(backend, module, extra, artifacts):
     """The library is hidden from the import system, as on a machine without the extra."""
     code = (f"import sys; sys.modules[{module!r}] = None\n"
@@ -79,8 +79,8 @@ def test_runtime_that_cannot_open_the_format(artifacts):
 def test_unknown_runtime_lists_the_known_ones(artifacts):
     from edgelm.runtimes.api import load
 
-    with pytest.raises(EdgelmError, match="unknown runtime 'tvm'; known: llamacpp, onnx, torch"):
-        load(artifacts["onnx"], runtime="tvm")
+    with pytest.raises(EdgelmError, match="unknown runtime 'mlc'; known: llamacpp, onnx, torch, tvm"):
+        load(artifacts["onnx"], runtime="mlc")
 
 
 def test_generate_cli_streams_the_text(artifacts, rt_model):
