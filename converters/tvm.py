@@ -304,12 +304,11 @@ def fuse_dequantize_matmul():
 
 
 def schedule(mod, target, db_dir: Path | None):
-    """Each TIR function scheduled by the tuning database when it has a record, else by dlight's CPU rules; then
-    lowered to the VM."""
+    """Each TIR function scheduled by the tuning database when it has a record, else by edgelm's matmul schedule,
+    else by dlight's GEMV rule; then lowered to the VM."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
-    from tvm.s_tir import dlight as dl
 
     with target:
         if db_dir is not None:
@@ -472,7 +471,7 @@ def _static(mod) -> bool:
 
 # --- the whole export ------------------------------------------------------------------------------------------------
 def compile_artifact(src: Path, tmp: Path, work: Path, *, arch: str = "", tune_trials: int = 0,
-                     tuning_db: Path | None = None, threads: int = 0) -> dict[str, Any]:
+                     tuning_db: Path | None = None) -> dict[str, Any]:
     """Write model.so, params.safetensors and tvm_config.json for ``src`` (an HF or GPTQ-format folder) into
     ``tmp``; a cross build also leaves a host build of the same module in ``work`` for the check. Returns the
     manifest fields."""

@@ -159,8 +159,7 @@ class TvmTarget(Target):
         from edgelm.converters.tvm import compile_artifact
 
         fields = compile_artifact(src, tmp, work, arch=config.arch, tune_trials=config.tune,
-                                  tuning_db=Path(config.tuning_db) if config.tuning_db else None,
-                                  threads=config.threads)
+                                  tuning_db=Path(config.tuning_db) if config.tuning_db else None)
         AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
         return fields
 
