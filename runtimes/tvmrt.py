@@ -74,8 +74,6 @@ class TvmRuntime(Runtime):
 
     def _forward(self, fn: str, ids: Sequence[int]) -> "np.ndarray":
         """Append ``ids`` to the sequence in the cache through ``fn``; returns its logits as numpy [1, s, V]."""
-        import numpy as np
-
         if self._len + len(ids) > self.context:
             raise EdgelmError(f"{self._len + len(ids)} tokens exceed the compiled context of {self.context}")
         x = self._tvm_ids(ids)
