@@ -145,7 +145,8 @@ def teacher_gguf(tmp_path_factory, teacher):
     model, tok, src = teacher
     path = tmp_path_factory.mktemp("teacher-gguf") / "f32.gguf"
     write_gguf(read_source(src.path), tok, path, float_type="F32")
-    return path
+    yield path
+    path.unlink()  # 540 MB: not kept to the end of the session
 
 
 def test_teacher_gguf_tokenizes_like_hf(teacher, teacher_gguf):
