@@ -72,7 +72,7 @@ def kernel_times(folder: Path, threads: int, prompt: int, steps: int = 16) -> di
                 calls[name] += 1
             return 0
 
-        rt._vm.set_instrument(instrument)
+        rt._session.vm.set_instrument(instrument)
         t0 = time.perf_counter()
         n = 1 if phase == "prefill" else steps
         if phase == "prefill":
@@ -81,7 +81,7 @@ def kernel_times(folder: Path, threads: int, prompt: int, steps: int = 16) -> di
             for _ in range(steps):
                 rt._step(5)
         total = (time.perf_counter() - t0) / n
-        rt._vm.set_instrument(lambda *a: 0)
+        rt._session.vm.set_instrument(lambda *a: 0)
         rows = sorted(((k, 1000 * v / n, calls[k] // n) for k, v in times.items()), key=lambda r: -r[1])
         out[phase] = [("(whole call)", 1000 * total, 1)] + rows
     rt.close()

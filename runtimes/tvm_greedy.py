@@ -4,7 +4,7 @@ emulation (an arm64 Python under qemu-user, the aarch64 apache-tvm wheel), where
     python -m edgelm.runtimes.tvm_greedy ARTIFACT 1,2,3 16     # prints the 16 greedy ids after the prompt as JSON
     python runtimes/tvm_greedy.py ARTIFACT 1,2,3 16            # the same, as a plain script
 
-Same calls as runtimes/tvmrt.py (prefill in chunks, then one decode per token); kept free of edgelm imports.
+Session is the one home of the VM and KV-cache calls (runtimes/tvmrt.py uses it too); kept free of edgelm imports.
 """
 from __future__ import annotations
 
@@ -12,6 +12,12 @@ import json
 import struct
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+PAGE_SIZE = 16  # KV cache tokens per page
 
 
 def read_safetensors(path: Path) -> dict:
@@ -31,41 +37,68 @@ def read_safetensors(path: Path) -> dict:
     return out
 
 
+class Session:
+    """One sequence in a TVM artifact's paged KV cache: the Relax VM, its params and the cache calls. The TVM runtime
+    (runtimes/tvmrt.py) and greedy() below both drive the artifact through it."""
+
+    def __init__(self, library: str | Path, cfg: dict, arrays: dict, context: int) -> None:
+        import numpy as np
+        import tvm
+        from tvm import relax
+
+        self.dev = tvm.cpu()
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self.dev)
+        self.params = [tvm.runtime.tensor(np.ascontiguousarray(arrays[k]), self.dev) for k in cfg["params"]]
+        self.chunk = int(cfg["decoder"]["prefill_chunk"])  # the most tokens one prefill call takes
+        S = self._S = tvm.runtime.ShapeTuple
+        self.kv = self.vm["create_kv_cache"](S([1]), S([context]), S([self.chunk]), S([PAGE_SIZE]), S([0]))
+        f = tvm.get_global_func
+        self._add, self._clear = f("vm.builtin.kv_state_add_sequence"), f("vm.builtin.kv_state_clear")
+        self._begin, self._end = f("vm.builtin.kv_state_begin_forward"), f("vm.builtin.kv_state_end_forward")
+        self._add(self.kv, 0)
+        self.length = 0  # tokens in the KV cache
+
+    def reset(self) -> None:
+        self._clear(self.kv)
+        self._add(self.kv, 0)
+        self.length = 0
+
+    def forward(self, fn: str, ids) -> "np.ndarray":
+        """Append ``ids`` (at most ``chunk``) to the sequence through ``fn``; returns its logits [1, s or 1, V]."""
+        import numpy as np
+        import tvm
+
+        x = tvm.runtime.tensor(np.asarray([ids], dtype=np.int32), self.dev)  # [1, s]
+        self._begin(self.kv, self._S([0]), self._S([len(ids)]))
+        logits, self.kv = self.vm[fn](x, self.kv, self.params)
+        self._end(self.kv)
+        self.length += len(ids)
+        return logits.numpy()
+
+    def prefill(self, ids, fn: str = "prefill") -> list:
+        """Start the sequence afresh with ``ids``, in chunks; returns each chunk's logits."""
+        self.reset()
+        return [self.forward(fn, ids[i:i + self.chunk]) for i in range(0, len(ids), self.chunk)]
+
+    def close(self) -> None:
+        self.kv = self.vm = self.params = None
+
+
 def greedy(folder: str | Path, prompt: list[int], n: int, threads: int = 1) -> list[int]:
     import os
 
     import numpy as np
 
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))
-    import tvm
-    from tvm import relax
-
     folder = Path(folder)
     cfg = json.loads((folder / "tvm_config.json").read_text())
-    dev = tvm.cpu()
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(folder / "model.so")), dev)
-    arrays = read_safetensors(folder / "params.safetensors")
-    params = [tvm.runtime.tensor(np.ascontiguousarray(arrays[k]), dev) for k in cfg["params"]]
-    ctx, chunk = int(cfg["decoder"]["context"]), int(cfg["decoder"]["prefill_chunk"])
-    S = tvm.runtime.ShapeTuple
-    kv = vm["create_kv_cache"](S([1]), S([ctx]), S([chunk]), S([16]), S([0]))
-    f = tvm.get_global_func
-    f("vm.builtin.kv_state_add_sequence")(kv, 0)
-    begin, end = f("vm.builtin.kv_state_begin_forward"), f("vm.builtin.kv_state_end_forward")
-
-    def run(fn: str, ids: list[int]):
-        nonlocal kv
-        begin(kv, S([0]), S([len(ids)]))
-        logits, kv = vm[fn](tvm.runtime.tensor(np.asarray([ids], dtype=np.int32), dev), kv, params)
-        end(kv)
-        return logits.numpy()[0, -1]  # [V]
-
-    for i in range(0, len(prompt), chunk):
-        logits = run("prefill", prompt[i:i + chunk])
+    s = Session(folder / "model.so", cfg, read_safetensors(folder / "params.safetensors"),
+                int(cfg["decoder"]["context"]))
+    logits = s.prefill(prompt)[-1][0, -1]  # [V]
     out = []
     for _ in range(n):
         out.append(int(np.argmax(logits)))
-        logits = run("decode", [out[-1]])
+        logits = s.forward("decode", [out[-1]])[0, -1]
     return out
 
 

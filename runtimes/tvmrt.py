@@ -11,14 +11,12 @@ from edgelm.converters.tvm import CONFIG_FILE, LIB_FILE, PARAMS_FILE
 from edgelm.errors import EdgelmError, require
 from edgelm.runtimes.base import Runtime, check_threads, default_threads
 from edgelm.runtimes.text import TextTokenizer
+from edgelm.runtimes.tvm_greedy import Session
 
 if TYPE_CHECKING:
     import numpy as np
 
 log = logging.getLogger(__name__)
-
-PAGE_SIZE = 16  # KV cache tokens per page
-
 
 class TvmRuntime(Runtime):
     """A compiled TVM artifact. ``library``: run another build of the same module (the export check of a cross
@@ -54,51 +52,23 @@ class TvmRuntime(Runtime):
         super().__init__(folder, tokenizer=tok, threads=threads, context=min(context or model_ctx, model_ctx),
                          model_bytes=size)
         from safetensors.numpy import load_file
-        from tvm import relax
 
-        self._dev = tvm.cpu()
-        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), self._dev)
         arrays = load_file(str(folder / PARAMS_FILE))
         missing = [n for n in names if n not in arrays]
         if missing:
             raise EdgelmError(f"{folder}/{PARAMS_FILE} lacks {missing[0]} (and {len(missing) - 1} more); re-export")
-        self._params = [tvm.runtime.tensor(arrays[n], self._dev) for n in names]
-        self._chunk = int(dec["prefill_chunk"])
-        S = tvm.runtime.ShapeTuple
-        self._S = S
-        self._kv = self._vm["create_kv_cache"](S([1]), S([self.context]), S([self._chunk]), S([PAGE_SIZE]), S([0]))
-        f = tvm.get_global_func
-        self._add, self._clear = f("vm.builtin.kv_state_add_sequence"), f("vm.builtin.kv_state_clear")
-        self._begin, self._end = f("vm.builtin.kv_state_begin_forward"), f("vm.builtin.kv_state_end_forward")
-        self._len = 0  # tokens in the KV cache
+        self._session = Session(lib_path, self.tvm_config, arrays, self.context)
 
     def _forward(self, fn: str, ids: Sequence[int]) -> "np.ndarray":
         """Append ``ids`` to the sequence in the cache through ``fn``; returns its logits as numpy [1, s, V]."""
-        if self._len + len(ids) > self.context:
-            raise EdgelmError(f"{self._len + len(ids)} tokens exceed the compiled context of {self.context}")
-        x = self._tvm_ids(ids)
-        self._begin(self._kv, self._S([0]), self._S([len(ids)]))
-        logits, self._kv = self._vm[fn](x, self._kv, self._params)
-        self._end(self._kv)
-        self._len += len(ids)
-        return logits.numpy()  # [1, s or 1, V]
-
-    def _tvm_ids(self, ids: Sequence[int]):
-        import numpy as np
-        import tvm
-
-        return tvm.runtime.tensor(np.asarray([ids], dtype=np.int32), self._dev)  # [1, s]
-
-    def _reset(self) -> None:
-        self._clear(self._kv)
-        self._add(self._kv, 0)
-        self._len = 0
+        if self._session.length + len(ids) > self.context:
+            raise EdgelmError(f"{self._session.length + len(ids)} tokens exceed the compiled context of {self.context}")
+        return self._session.forward(fn, ids)
 
     def _prefill(self, ids: Sequence[int]) -> "np.ndarray":
-        self._reset()
-        for i in range(0, len(ids), self._chunk):
-            out = self._forward("prefill", ids[i:i + self._chunk])
-        return out[0, -1].astype("float32")  # [V]
+        if len(ids) > self.context:
+            raise EdgelmError(f"{len(ids)} tokens exceed the context of {self.context}")
+        return self._session.prefill(ids)[-1][0, -1].astype("float32")  # [V]
 
     def _step(self, token: int) -> "np.ndarray":
         return self._forward("decode", [token])[0, -1].astype("float32")  # [V]
@@ -108,15 +78,14 @@ class TvmRuntime(Runtime):
 
         if len(ids) > self.context:
             raise EdgelmError(f"{len(ids)} tokens exceed the context of {self.context}")
-        self._reset()
-        parts = [self._forward("prefill_all", ids[i:i + self._chunk])[0] for i in range(0, len(ids), self._chunk)]
-        return np.concatenate(parts).astype(np.float32)  # [T, V]
+        parts = self._session.prefill(ids, "prefill_all")
+        return np.concatenate([p[0] for p in parts]).astype(np.float32)  # [T, V]
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "arch": self.tvm_config.get("arch"), "tuned": bool(self.tvm_config.get("tuning"))}
 
     def _close(self) -> None:
-        self._kv = self._vm = self._params = None
+        self._session.close()
 
 
 def _set_threads(tvm, threads: int) -> None:
