@@ -52,7 +52,8 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls: type, skip: Sequence[str
             else:
                 p.add_argument(flag, action="store_true", help=h)
         elif ann.startswith("tuple"):
-            item: Callable[[str], Any] = int if ann.startswith("tuple[int") else str
+            # numbers may be comma-separated too; names and paths may not (a path can hold a comma)
+            item: Callable[[str], Any] = _items(int) if ann.startswith("tuple[int") else str
             p.add_argument(flag, nargs="+", type=item, default=list(default), metavar="X", help=h)
         else:
             typ: Callable[[str], Any] = int if ann.startswith("int") else float if ann.startswith("float") else str
@@ -60,11 +61,20 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls: type, skip: Sequence[str
             p.add_argument(flag, type=typ, default=default, help=h + shown)
 
 
+def _items(conv: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    """A number list's item type: "1 2", "1,2" and "1, 2" all give [1, 2] (llama-bench spells its sweeps "-t 1,2")."""
+    def parse(text: str) -> list[Any]:
+        return [conv(x.strip()) for x in text.split(",") if x.strip()]
+
+    parse.__name__ = conv.__name__  # argparse names it in its error: "invalid int value: '1,x'"
+    return parse
+
+
 def _from_args(cls: type, args: argparse.Namespace) -> Any:
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     for f in dataclasses.fields(cls):
         if str(f.type).startswith("tuple") and kw.get(f.name) is not None:
-            kw[f.name] = tuple(kw[f.name])
+            kw[f.name] = tuple(x for v in kw[f.name] for x in (v if isinstance(v, list) else [v]))
     return cls(**kw)
 
 

@@ -5,6 +5,8 @@ import csv
 import json
 import shutil
 
+import pytest
+
 from edgelm.bench.api import ROW_FIELDS, SCHEMA
 from tests.conftest import run_cli
 
@@ -43,8 +45,9 @@ def test_bench_every_backend_with_quality(artifacts, tmp_path):
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_dry_run_lists_a_thread_sweep(artifacts, tmp_path):
-    r = run_cli("bench", str(artifacts["llamacpp"]), str(artifacts["torch"]), "--threads", "1", "2", "--runtimes",
+@pytest.mark.parametrize("threads", [["1", "2"], ["1,2"], ["1,", "2"]])
+def test_dry_run_lists_a_thread_sweep(artifacts, tmp_path, threads):
+    r = run_cli("bench", str(artifacts["llamacpp"]), str(artifacts["torch"]), "--threads", *threads, "--runtimes",
                 "llamacpp", "torch", "--dry-run", "--json", str(tmp_path / "x.json"))
     assert r.returncode == 0, r.stderr
     lines = [ln.strip() for ln in r.stdout.splitlines()[1:]]
@@ -56,6 +59,7 @@ def test_dry_run_lists_a_thread_sweep(artifacts, tmp_path):
 
 def test_bad_bench_input(tmp_path, artifacts):
     for flags, msg in ((["--threads", "0"], "--threads must be whole numbers >= 1, got 0"),
+                       (["--threads", "1,x"], "argument --threads: invalid int value: '1,x'"),
                        (["--gen-len", "1"], "--gen-len must be >= 2"),
                        ([], None)):
         args = [str(artifacts["onnx"])] if flags else []
