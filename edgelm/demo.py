@@ -145,7 +145,7 @@ def demo_plan(quant: str) -> list[tuple[str, str]]:
     """The artifacts `edgelm demo` exports: fp32 references, the chosen preset (GGUF, ONNX and a TVM library), a
     mixed-precision plan, and llama.cpp's own 4-bit types."""
     return [("fp32", "gguf"), ("fp32", "onnx"), (quant, "gguf"), (quant, "onnx"), (quant, "tvm"),
-            ("gptq-mixed", "gguf"), ("llamacpp-q4_0", "gguf"), ("llamacpp-q4_k_m", "gguf")]
+            ("gptq-mixed", "gguf"), ("gptq-mixed", "onnx"), ("llamacpp-q4_0", "gguf"), ("llamacpp-q4_k_m", "gguf")]
 
 
 def write_export_section(report: Path, rows, out: Path) -> None:
@@ -227,8 +227,8 @@ def route_step(cfg: DemoConfig, out: Path, rows):
 
 
 def app_step(cfg: DemoConfig, out: Path, rows):
-    """The mobile app from the checked GGUF artifacts (the chosen preset first, then the smallest) and the chosen
-    preset's ONNX. A failure is reported, not fatal."""
+    """The mobile app from the checked GGUF artifacts (the chosen preset first, then the smallest) and the ONNX ones
+    of the chosen preset and the mixed-precision plan. A failure is reported, not fatal."""
     from edgelm.app.build import build_app
     from edgelm.errors import EdgelmError
 
@@ -237,7 +237,7 @@ def app_step(cfg: DemoConfig, out: Path, rows):
                                     key=lambda r: (r.preset != cfg.quant, r.model_mib))]
     if not ggufs:
         return StepSkipped("no checked GGUF artifact")
-    onnx = [r.path for r in ok if r.target == "onnx" and r.preset == cfg.quant]
+    onnx = [r.path for r in ok if r.target == "onnx" and r.preset in (cfg.quant, "gptq-mixed")]
     log.info("[5/6] app: %d GGUF and %d ONNX artifact(s) into %s", len(ggufs), len(onnx), out / "app")
     try:
         return build_app(artifacts=(*ggufs, *onnx), out=str(out / "app"), force=True)

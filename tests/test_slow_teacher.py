@@ -81,7 +81,7 @@ def test_demo_writes_a_report(tmp_path):
     # step 3: every artifact exported and checked. fp32 conversions must pass; this 1k-token student is far from
     # trained, so a 4-bit artifact may fail its quality gate, which the report must then say in its row.
     for preset, target in (("fp32", "gguf"), ("fp32", "onnx"), ("gptq-int4-g32", "gguf"), ("gptq-int4-g32", "onnx"),
-                           ("gptq-int4-g32", "tvm"), ("gptq-mixed", "gguf"), ("llamacpp-q4_0", "gguf"),
+                           ("gptq-int4-g32", "tvm"), ("gptq-mixed", "gguf"), ("gptq-mixed", "onnx"), ("llamacpp-q4_0", "gguf"),
                            ("llamacpp-q4_k_m", "gguf")):
         row = re.search(rf"\| student \| {preset} \| {target} \| ([^|]+) \|.*\| ([^|]*) \|\n", report)
         assert row, (preset, target)
@@ -119,12 +119,13 @@ def test_demo_writes_a_report(tmp_path):
     else:
         assert "the cloud is not better than the device" in report
     # the mobile app: the checked GGUF artifacts, the chosen preset first (a 4-bit one may have failed its check
-    # on this barely trained student), then the smallest; and the chosen preset's ONNX, if it passed
+    # on this barely trained student), then the smallest; and the ONNX of the chosen preset and the mixed plan,
+    # each if it passed
     app = json.loads((tmp_path / "demo" / "app" / "app.json").read_text())
     ggufs = [p for p in exported if p.startswith("gguf-")]
     want = "gguf-gptq-int4-g32" if "gguf-gptq-int4-g32" in ggufs else app["models"][0]["name"]
     assert app["default_model"] == want and "## Mobile app" in report
-    assert {m["name"] for m in app["models"]} == set(ggufs) | ({"onnx-gptq-int4-g32"} & set(exported))
+    assert {m["name"] for m in app["models"]} == set(ggufs) | ({"onnx-gptq-int4-g32", "onnx-gptq-mixed"} & set(exported))
 
 
 def test_cli_eval_of_the_builtin_teacher():
