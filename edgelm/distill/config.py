@@ -38,6 +38,8 @@ class DistillConfig:
     temperature: float = 1.0  # softens both distributions before the KD loss
     beta: float = 0.5  # JSD interpolation (loss "jsd" only)
     kd_chunk: int = 256  # positions per chunk of the fused lm_head + loss (no whole [B, T, V] logits); 0 = unfused
+    teacher_cache: str = ""  # folder of the teacher's top-k log-probs per training sequence, reused by later runs
+    cache_topk: int = 64  # teacher words kept per position with --teacher-cache (KD over them plus one bucket)
     # --- optimization ---
     batch_size: int = 4  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -96,6 +98,14 @@ class DistillConfig:
         need(self.chat_examples >= 1, "chat_examples", "at least 1", self.chat_examples)
         need(self.chat_max_new_tokens >= 8, "chat_max_new_tokens", "at least 8", self.chat_max_new_tokens)
         need(self.kd_chunk >= 0, "kd_chunk", "0 or more", self.kd_chunk)
+        need(self.cache_topk >= 1, "cache_topk", "at least 1", self.cache_topk)
+        if self.teacher_cache:
+            if self.loss != "forward_kl":
+                raise EdgelmError(f"--teacher-cache keeps the teacher's top-k words, which forward_kl can use; "
+                                  f"{self.loss} needs its whole distribution: use --loss forward_kl or drop "
+                                  "--teacher-cache")
+            if self.kd_chunk == 0:
+                raise EdgelmError("--teacher-cache needs the fused loss: drop --kd-chunk 0")
         need(self.bf16 in BF16_MODES, "bf16", " or ".join(BF16_MODES), self.bf16)
         need(self.threads is None or self.threads >= 1, "threads", "at least 1", self.threads)
         if self.max_steps is None and self.max_tokens is None:

@@ -7,7 +7,7 @@ temperatures (Hinton et al., 2015).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,11 +51,27 @@ def jsd(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.
     return (beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)) * t * t
 
 
-def kd_objective(s_logits: torch.Tensor, t_logits: torch.Tensor | None, targets: torch.Tensor, kd: KDLoss,
+def topk_forward_kl(student: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor], *, temperature: float = 1.0,
+                    beta: float = 0.5) -> torch.Tensor:
+    """forward_kl against the teacher's top-k words only, as a teacher cache keeps them: ``teacher`` is (ids [N, k],
+    log-probs at this temperature [N, k]). The rest of the vocabulary is one bucket on both sides, so this is the exact
+    KL of the two (k + 1)-outcome distributions, a lower bound of the full KL that meets it as k grows."""
+    idx, t_logp = teacher
+    t = temperature
+    s_logp = F.log_softmax(student / t, -1).gather(-1, idx)  # [N, k]
+    t_p = t_logp.float().exp()  # [N, k]
+    top = (t_p * (t_logp.float() - s_logp)).sum(-1)  # [N]
+    rest_t = (1 - t_p.sum(-1)).clamp_min(1e-8)  # [N]: the teacher's mass outside its top k
+    rest_s = (1 - s_logp.exp().sum(-1)).clamp_min(1e-8)
+    return (top + rest_t * (rest_t.log() - rest_s.log())) * t * t
+
+
+def kd_objective(s_logits: torch.Tensor, t_logits: Any, targets: torch.Tensor, kd: KDLoss,
                  alpha: float, temperature: float, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed (alpha * KD + (1 - alpha) * CE, KD, CE) over the rows of logits [n, V] (fp32) and targets [n].
+    ``t_logits``: the teacher's logits [n, V], or what ``kd`` reads instead (topk_forward_kl: its top k).
 
-    KD is zero without teacher logits (alpha 0); CE is computed either way, for the log.
+    KD is zero without a teacher (alpha 0); CE is computed either way, for the log.
     """
     with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1):
         ce = F.cross_entropy(s_logits, targets, reduction="sum")
@@ -74,17 +90,20 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, w: torch.Tensor, h_t: torch.Tensor | None, w_t: torch.Tensor | None,
-                targets: torch.Tensor, kd: KDLoss, alpha: float, temperature: float, beta: float, chunk: int):
-        n = h.shape[0]  # h [N, H], w [V, H], h_t [N, Ht], w_t [V, Ht], targets [N]
+                targets: torch.Tensor, kd: KDLoss, alpha: float, temperature: float, beta: float, chunk: int,
+                t_top: tuple[torch.Tensor, torch.Tensor] | None):
+        n = h.shape[0]  # h [N, H], w [V, H], h_t [N, Ht], w_t [V, Ht], targets [N]; t_top ([N, k], [N, k])
         grad_h = torch.zeros_like(h)
         grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
         sums = torch.zeros(3, dtype=torch.float64, device=h.device)  # total, kd, ce; summed where computed
         for s in range(0, n, chunk):
             hc = h[s:s + chunk].detach().requires_grad_()  # [c, H]
             wl = w.detach().requires_grad_(grad_w is not None)
-            t_logits = None
+            t_logits: Any = None
             if h_t is not None:
                 t_logits = F.linear(h_t[s:s + chunk], w_t).float()  # [c, V], no grad
+            elif t_top is not None:
+                t_logits = (t_top[0][s:s + chunk], t_top[1][s:s + chunk])  # the teacher's top k, for topk_forward_kl
             with torch.enable_grad():
                 s_logits = F.linear(hc, wl).float()  # [c, V]
                 total, kd_c, ce_c = kd_objective(s_logits, t_logits, targets[s:s + chunk], kd, alpha, temperature,
@@ -106,13 +125,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.grads
         del ctx.grads
         return (grad_h * g_total.to(grad_h.dtype), grad_w * g_total if grad_w is not None else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def chunked_head_loss(h: torch.Tensor, w: torch.Tensor, h_t: torch.Tensor | None, w_t: torch.Tensor | None,
                       targets: torch.Tensor, kd: KDLoss, *, alpha: float, temperature: float = 1.0, beta: float = 0.5,
-                      chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      chunk: int = 256, t_top: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean (alpha * KD + (1 - alpha) * CE, KD, CE) over N positions, from the student's final hidden states h [N, H]
     and head w [V, H] and the teacher's h_t [N, Ht] and w_t [V, Ht] (None for CE only), ``chunk`` rows at a time.
-    Only the first value carries gradients (to h and w)."""
-    return _ChunkedHeadLoss.apply(h, w, h_t, w_t, targets, kd, alpha, temperature, beta, chunk)
+    ``t_top``: instead of h_t and w_t, the teacher's top-k (ids [N, k], log-probs [N, k]) from a teacher cache, scored
+    by ``kd`` = topk_forward_kl. Only the first value carries gradients (to h and w)."""
+    return _ChunkedHeadLoss.apply(h, w, h_t, w_t, targets, kd, alpha, temperature, beta, chunk, t_top)

@@ -23,7 +23,7 @@ import torch
 
 from edgelm.data.corpus import Corpus, CorpusSpec, TokenStream, eval_sequences, split_stats
 from edgelm.distill.config import DistillConfig
-from edgelm.distill.losses import chunked_head_loss, kd_objective
+from edgelm.distill.losses import chunked_head_loss, kd_objective, topk_forward_kl
 from edgelm.distill.precision import resolve_bf16
 from edgelm.errors import EdgelmError, Interrupted, TrainingDiverged
 from edgelm.fsutil import atomic_dir, atomic_write_text
@@ -254,6 +254,7 @@ class _Trainer:
         self.total_steps = cfg.max_steps or math.ceil(cfg.max_tokens / self.tokens_per_step)
         self.opt, self.sched = self._optimizer()
         self.step_no, self.seqs_done = 0, 0
+        self.tcache = self._teacher_cache()
         self.teacher_val: LMScore | None = None
         if state is not None:
             self._restore(state)
@@ -265,6 +266,41 @@ class _Trainer:
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
         self.metrics = _Metrics(run / "metrics.jsonl", dist.main, self.step_no if state is not None else None)
         run.mkdir(parents=True, exist_ok=True)
+
+    def _teacher_cache(self):
+        """The --teacher-cache folder, sized for this run's sequences (None without the flag)."""
+        cfg, teacher = self.cfg, self.data.teacher
+        if not cfg.teacher_cache:
+            return None
+        if not self.fused:
+            raise EdgelmError("--teacher-cache runs in one process (the fused loss); drop it under torchrun")
+        vocab = teacher.config.vocab_size
+        if cfg.cache_topk > vocab:
+            raise EdgelmError(f"--cache-topk must be at most the vocabulary size {vocab}, got {cfg.cache_topk}")
+        from edgelm.distill.tcache import TeacherCache
+
+        tc = TeacherCache(cfg.teacher_cache, teacher=self.data.source.sha256 or self.data.source.spec,
+                          topk=cfg.cache_topk, temperature=cfg.temperature, seq_len=cfg.seq_len, vocab=vocab,
+                          rows=self.total_steps * self.seqs_per_step)
+        log.info("teacher cache %s: top %d words per position, %d rows (%.0f MiB)", tc.folder, cfg.cache_topk,
+                 tc.rows, tc.nbytes() / 2**20)
+        return tc
+
+    def _cached_teacher(self, ids: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's top-k (ids [N, k], log-probs [N, k]) for the micro-batch ids [B, T] that starts at stream
+        row ``first``: read from the cache, or computed and written there."""
+        from edgelm.distill.tcache import teacher_topk
+
+        k = self.cfg.cache_topk
+        ids_np = ids.cpu().numpy()
+        got = self.tcache.lookup(first, ids_np)
+        if got is None:
+            idx, logp = teacher_topk(self.data.teacher, ids, k, self.cfg.temperature, self.cfg.kd_chunk,
+                                     self.autocast)
+            logp = logp.half().float()  # what the cache holds: a run that reads it trains exactly as this one
+            self.tcache.store(first, ids_np, idx, logp)
+            got = (idx, logp)
+        return got[0].reshape(-1, k).to(self.device), got[1].reshape(-1, k).to(self.device)
 
     # --- student ---------------------------------------------------------------------------------------------------
     def _student(self, state: dict[str, Any] | None):
@@ -362,6 +398,8 @@ class _Trainer:
                 "student_config": self.student.config.to_dict(), "build_info": self.build_info,
                 "teacher_val": self.teacher_val.as_dict(), "split_stats": self.data.counts,
             }, tmp / "state.pt")
+        if self.tcache is not None:
+            self.tcache.flush()
         for old in _checkpoints(self.run)[: -self.cfg.keep_ckpts]:
             shutil.rmtree(old, ignore_errors=True)
         return path
@@ -377,7 +415,7 @@ class _Trainer:
             sync = micro == cfg.grad_accum - 1 or dist.world == 1 or cfg.fsdp
             no_sync = self.model.no_sync() if not sync and hasattr(self.model, "no_sync") else contextlib.nullcontext()
             with no_sync:
-                loss, kd, ce = self._loss(ids)
+                loss, kd, ce = self._loss(ids, self.seqs_done + micro * cfg.batch_size * dist.world)
                 (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach()) / cfg.grad_accum
             kd_sum += float(kd.detach()) / cfg.grad_accum
@@ -396,14 +434,21 @@ class _Trainer:
         self.seqs_done += self.seqs_per_step
         return {"loss": loss_all, "kd": kd_sum, "ce": ce_sum, "grad_norm": grad_norm}
 
-    def _loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(alpha * KD + (1 - alpha) * CE, KD, CE) of one micro-batch ids [B, T], each a mean over positions."""
+    def _loss(self, ids: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(alpha * KD + (1 - alpha) * CE, KD, CE) of one micro-batch ids [B, T] (stream rows first..), each a mean
+        over positions."""
         cfg, teacher = self.cfg, self.data.teacher
         targets = ids[:, 1:].reshape(-1)  # [N], N = B * (T-1)
         if self.fused:
             with self.autocast:
                 h = self.model(input_ids=ids).last_hidden_state[:, :-1]  # [B, T-1, H]
             h_t = w_t = None
+            if cfg.alpha > 0 and self.tcache is not None:
+                t_top = self._cached_teacher(ids, first)
+                with self.autocast:
+                    return chunked_head_loss(h.reshape(-1, h.shape[-1]), self.student.get_output_embeddings().weight,
+                                             None, None, targets, topk_forward_kl, alpha=cfg.alpha,
+                                             temperature=cfg.temperature, chunk=cfg.kd_chunk, t_top=t_top)
             if cfg.alpha > 0:
                 with torch.no_grad(), self.autocast:
                     h_t = teacher.base_model(input_ids=ids).last_hidden_state[:, :-1]  # [B, T-1, Ht]
@@ -488,6 +533,12 @@ class _Trainer:
         cfg, dist, data, student = self.cfg, self.dist, self.data, self.student
         val_student = self.evaluate()
         student_dir = self.run / "student"
+        cache: dict[str, Any] = {}
+        if self.tcache is not None:
+            tc = self.tcache
+            tc.close()
+            cache = {"folder": str(tc.folder), "topk": tc.topk, "hits": tc.hits, "misses": tc.misses}
+            log.info("teacher cache: %d sequences read, %d computed and written", tc.hits, tc.misses)
         manifest: dict[str, Any] = {}
         final_state = _full_state(student, None, self.fsdp)[0]  # collective under FSDP
         tokens = self.step_no * self.tokens_per_step
@@ -511,7 +562,7 @@ class _Trainer:
                               "device": self.device.type, "precision": "bf16" if self.bf16 else "fp32",
                               "precision_reason": self.precision.reason,
                               "bf16_speedup": self.precision.bf16_speedup,
-                              "fused_head_loss": self.fused, "final_loss": final_loss,
+                              "fused_head_loss": self.fused, "final_loss": final_loss, "teacher_cache": cache,
                               "chat": {"mix": cfg.chat_mix, "answers": len(data.chat),
                                        "finished": sum(a.finished for a in data.chat)},
                               "wall_s_this_process": round(wall, 1), "config": cfg.as_dict()},

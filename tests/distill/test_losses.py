@@ -83,3 +83,46 @@ def test_chunked_head_loss_equals_the_whole_logits_loss(name, alpha):
     torch.testing.assert_close(grads[0], hid.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grads[1], w.grad, rtol=1e-4, atol=1e-6)
     assert grads[0].abs().sum() > 0 and grads[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_forward_kl_is_a_lower_bound_that_meets_forward_kl(temperature):
+    """A teacher cache's KD: exact with every word kept, below the full KL with fewer, and zero when equal."""
+    from edgelm.distill.losses import topk_forward_kl
+
+    s, t = _logits(1), _logits(2)
+    full = KD_LOSSES.get("forward_kl")(s, t, temperature=temperature)  # [N]
+
+    def top(k):
+        v, i = F.log_softmax(t / temperature, -1).topk(k, -1)
+        return i, v
+
+    torch.testing.assert_close(topk_forward_kl(s, top(11), temperature=temperature), full, rtol=1e-4, atol=1e-5)
+    for k in (1, 3, 6):
+        part = topk_forward_kl(s, top(k), temperature=temperature)
+        assert (part <= full + 1e-5).all() and (part >= -1e-6).all()
+    assert topk_forward_kl(t.clone(), top(3), temperature=temperature).abs().max() < 1e-5
+
+
+def test_chunked_head_loss_takes_a_teacher_cache_top_k():
+    """Fed the teacher's top k (as --teacher-cache does), the fused loss equals topk_forward_kl on whole logits,
+    gradients included."""
+    from edgelm.distill.losses import topk_forward_kl
+
+    g = torch.Generator().manual_seed(6)
+    n, h, v, k = 37, 16, 50, 5
+    hid = torch.randn(n, h, generator=g, requires_grad=True)
+    w = torch.randn(v, h, generator=g, requires_grad=True)
+    t_logp, t_idx = F.log_softmax(torch.randn(n, v, generator=g) * 3, -1).topk(k, -1)
+    targets = torch.randint(0, v, (n,), generator=g)
+    total, kd_mean, _ = chunked_head_loss(hid, w, None, None, targets, topk_forward_kl, alpha=0.7, chunk=8,
+                                          t_top=(t_idx, t_logp))
+    total.backward()
+    grads = hid.grad.clone(), w.grad.clone()
+    hid.grad = w.grad = None
+    ref_total, ref_kd, _ = kd_objective(hid @ w.T, (t_idx, t_logp), targets, topk_forward_kl, 0.7, 1.0, 0.5)
+    (ref_total / n).backward()
+    torch.testing.assert_close(total, ref_total.detach() / n, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kd_mean, ref_kd / n, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], hid.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[1], w.grad, rtol=1e-4, atol=1e-6)
