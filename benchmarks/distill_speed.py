@@ -14,6 +14,7 @@ import json
 import logging
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+CACHE = "<out>/tcache"  # the teacher cache's folder under --out, emptied before the variant that writes it
 # name -> DistillConfig overrides; the first is the baseline (the trainer before the fused loss and bf16)
 VARIANTS = {
     "fp32, whole [B, T, V] logits (before)": dict(bf16="off", kd_chunk=0),
@@ -30,6 +32,9 @@ VARIANTS = {
     "bf16 autocast + bf16 teacher, whole logits": dict(bf16="on", kd_chunk=0),
     "bf16 autocast + bf16 teacher, fused": dict(bf16="on", kd_chunk=256),
     "default (--bf16 auto, fused)": dict(),
+    # the teacher cache: the first run writes it (and trains on the same top-k objective), the next one only reads
+    "fp32, fused, --teacher-cache: the run that writes it": dict(bf16="off", teacher_cache=CACHE),
+    "fp32, fused, --teacher-cache: a later run that reads it": dict(bf16="off", teacher_cache=CACHE),
 }
 
 
@@ -127,8 +132,10 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
+    shutil.rmtree(out / "tcache", ignore_errors=True)
     for i, (name, over) in enumerate(VARIANTS.items()):
         logging.info("== %s", name)
+        over = {k: v.replace("<out>", str(out)) if isinstance(v, str) else v for k, v in over.items()}
         kw = dict(teacher=a.teacher, layers=a.layers, intermediate_size=a.intermediate_size, max_tokens=a.max_tokens,
                   eval_every=0, ckpt_every=0, eval_seqs=a.eval_seqs, out=str(out / f"v{i}"), force=True,
                   progress=False, **over)
