@@ -1,7 +1,7 @@
 """Distillation throughput on this machine: each trainer option's share of tok/s, peak memory and val perplexity
 after equal tokens (writes the `distill_speed` section of docs/results.md).
 
-    python benchmarks/distill_speed.py [--max-tokens 16384]
+    python benchmarks/distill_speed.py [--max-tokens 16384] [--only before fused cache-write cache-read]
 
 Every variant runs the demo's KD step (the 30-layer teacher's forward; a 16-layer student's forward, backward and
 AdamW; forward KL over the 49,152-word vocabulary) in its own process, on the same data order and tokens. tok/s is the
@@ -24,17 +24,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CACHE = "<out>/tcache"  # the teacher cache's folder under --out, emptied before the variant that writes it
-# name -> DistillConfig overrides; the first is the baseline (the trainer before the fused loss and bf16)
+# id -> (name, DistillConfig overrides); the first is the baseline (the trainer before the fused loss and bf16)
 VARIANTS = {
-    "fp32, whole [B, T, V] logits (before)": dict(bf16="off", kd_chunk=0),
-    "fp32, fused lm_head + loss in chunks of 256": dict(bf16="off", kd_chunk=256),
-    "fp32, fused, torch.compile": dict(bf16="off", kd_chunk=256, compile=True),
-    "bf16 autocast + bf16 teacher, whole logits": dict(bf16="on", kd_chunk=0),
-    "bf16 autocast + bf16 teacher, fused": dict(bf16="on", kd_chunk=256),
-    "default (--bf16 auto, fused)": dict(),
+    "before": ("fp32, whole [B, T, V] logits (before)", dict(bf16="off", kd_chunk=0)),
+    "fused": ("fp32, fused lm_head + loss in chunks of 256", dict(bf16="off", kd_chunk=256)),
+    "compile": ("fp32, fused, torch.compile", dict(bf16="off", kd_chunk=256, compile=True)),
+    "bf16": ("bf16 autocast + bf16 teacher, whole logits", dict(bf16="on", kd_chunk=0)),
+    "bf16-fused": ("bf16 autocast + bf16 teacher, fused", dict(bf16="on", kd_chunk=256)),
+    "default": ("default (--bf16 auto, fused)", dict()),
     # the teacher cache: the first run writes it (and trains on the same top-k objective), the next one only reads
-    "fp32, fused, --teacher-cache: the run that writes it": dict(bf16="off", teacher_cache=CACHE),
-    "fp32, fused, --teacher-cache: a later run that reads it": dict(bf16="off", teacher_cache=CACHE),
+    "cache-write": ("fp32, fused, --teacher-cache: the run that writes it", dict(bf16="off", teacher_cache=CACHE)),
+    "cache-read": ("fp32, fused, --teacher-cache: a later run that reads it", dict(bf16="off", teacher_cache=CACHE)),
 }
 
 
@@ -113,6 +113,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--intermediate-size", type=int, default=1024)
     p.add_argument("--eval-seqs", type=int, default=16)
+    p.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="variants to run; the others' rows come from their last run under --out, marked so")
     p.add_argument("--out", default="runs/bench-speed")
     p.add_argument("--docs", default=str(ROOT / "docs"))
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -132,26 +134,40 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    shutil.rmtree(out / "tcache", ignore_errors=True)
-    for i, (name, over) in enumerate(VARIANTS.items()):
+    if "cache-read" in a.only and "cache-write" not in a.only and not (out / "tcache" / "meta.json").is_file():
+        sys.exit("distill_speed: cache-read needs the cache that cache-write leaves under --out; run both")
+    if "cache-write" in a.only:
+        shutil.rmtree(out / "tcache", ignore_errors=True)
+    earlier = []  # variants whose row comes from an earlier invocation
+    for vid, (name, over) in VARIANTS.items():
+        result = out / f"{vid}.json"
+        if vid not in a.only:
+            if result.is_file():
+                results[name] = json.loads(result.read_text())
+                earlier.append(name)
+            continue
         logging.info("== %s", name)
         over = {k: v.replace("<out>", str(out)) if isinstance(v, str) else v for k, v in over.items()}
         kw = dict(teacher=a.teacher, layers=a.layers, intermediate_size=a.intermediate_size, max_tokens=a.max_tokens,
-                  eval_every=0, ckpt_every=0, eval_seqs=a.eval_seqs, out=str(out / f"v{i}"), force=True,
+                  eval_every=0, ckpt_every=0, eval_seqs=a.eval_seqs, out=str(out / vid), force=True,
                   progress=False, **over)
-        subprocess.run([sys.executable, __file__, "--child", json.dumps(kw), "--result", str(out / f"v{i}.json")],
-                       check=True)
-        results[name] = json.loads((out / f"v{i}.json").read_text())
+        subprocess.run([sys.executable, __file__, "--child", json.dumps(kw), "--result", str(result)], check=True)
+        results[name] = json.loads(result.read_text())
     shape = dict(teacher=a.teacher, layers=a.layers, intermediate_size=a.intermediate_size)
-    subprocess.run([sys.executable, __file__, "--breakdown", json.dumps(shape), "--result", str(out / "phases.json")],
-                   check=True)
+    if "fused" in a.only or not (out / "phases.json").is_file():
+        subprocess.run([sys.executable, __file__, "--breakdown", json.dumps(shape), "--result",
+                        str(out / "phases.json")], check=True)
     phases = json.loads((out / "phases.json").read_text())
     step = sum(phases["phases"].values())
     prow = [[k, v, 100 * v / step] for k, v in phases["phases"].items()] + [["one step (sum)", step, 100.0]]
-    base = next(iter(results.values()))
-    rows = [[name, r["precision"], r["tok_s"], r["tok_s"] / base["tok_s"], r["max_rss_gib"], r["val_ppl"],
-             100 * (r["val_ppl"] / base["val_ppl"] - 1)] for name, r in results.items()]
-    auto = results["default (--bf16 auto, fused)"]
+    base = results.get(VARIANTS["before"][0])
+    if base is None:
+        sys.exit("distill_speed: no baseline row; run with --only before ...")
+    rows = [[name + (" *" if name in earlier else ""), r["precision"], r["tok_s"], r["tok_s"] / base["tok_s"],
+             r["max_rss_gib"], r["val_ppl"], 100 * (r["val_ppl"] / base["val_ppl"] - 1)] for name, r in results.items()]
+    star = ("\n\\* from an earlier invocation of this benchmark (same flags); the rest ran together in this one, and "
+            "this VM's speed drifts between sessions.\n" if earlier else "")
+    auto = results.get(VARIANTS["default"][0], {"precision": "not measured", "reason": "--only left it out"})
     cmd = "python benchmarks/distill_speed.py " + shlex.join(sys.argv[1:])
     body = f"""## Distillation throughput (`benchmarks/distill_speed.py`)
 
@@ -162,7 +178,7 @@ in its own process; val perplexity on {a.eval_seqs} sequences after those tokens
 {auto['precision']} ({auto['reason']}).
 
 {md_table(["variant", "precision", "tok/s", "x before", "peak RSS (GiB)", "val ppl", "val ppl vs before (%)"],
-          rows)}
+          rows)}{star}
 Where one fp32 step of 4 x 256 tokens goes (fused loss, best of 3 per phase):
 
 {md_table(["phase", "seconds", "share (%)"], prow)}
