@@ -71,6 +71,7 @@ def test_a_cache_that_cannot_serve_is_refused(tiny_teacher, tiny_corpus, tmp_pat
     with pytest.raises(EdgelmError, match="at most the vocabulary size 512, got 600"):
         distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "d", max_steps=2, teacher_cache=str(tmp_path / "t2"),
                         cache_topk=600))
+    assert not any((tmp_path / d).exists() for d in ("b", "c", "d", "t2"))  # nothing left half-made
 
 
 @pytest.mark.parametrize("flags, msg", [
