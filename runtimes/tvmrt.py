@@ -59,25 +59,23 @@ class TvmRuntime(Runtime):
             raise EdgelmError(f"{folder}/{PARAMS_FILE} lacks {missing[0]} (and {len(missing) - 1} more); re-export")
         self._session = Session(lib_path, self.tvm_config, arrays, self.context)
 
-    def _forward(self, fn: str, ids: Sequence[int]) -> "np.ndarray":
-        """Append ``ids`` to the sequence in the cache through ``fn``; returns its logits as numpy [1, s, V]."""
-        if self._session.length + len(ids) > self.context:
-            raise EdgelmError(f"{self._session.length + len(ids)} tokens exceed the compiled context of {self.context}")
-        return self._session.forward(fn, ids)
+    def _check_fits(self, held: int, ids: Sequence[int]) -> None:
+        """Refuse ``ids`` on top of ``held`` cached tokens when they pass the compiled context."""
+        if held + len(ids) > self.context:
+            raise EdgelmError(f"{held + len(ids)} tokens exceed the context of {self.context}")
 
     def _prefill(self, ids: Sequence[int]) -> "np.ndarray":
-        if len(ids) > self.context:
-            raise EdgelmError(f"{len(ids)} tokens exceed the context of {self.context}")
+        self._check_fits(0, ids)
         return self._session.prefill(ids)[-1][0, -1].astype("float32")  # [V]
 
     def _step(self, token: int) -> "np.ndarray":
-        return self._forward("decode", [token])[0, -1].astype("float32")  # [V]
+        self._check_fits(self._session.length, [token])
+        return self._session.forward("decode", [token])[0, -1].astype("float32")  # [V]
 
     def logits(self, ids: Sequence[int]) -> "np.ndarray":
         import numpy as np
 
-        if len(ids) > self.context:
-            raise EdgelmError(f"{len(ids)} tokens exceed the context of {self.context}")
+        self._check_fits(0, ids)
         parts = self._session.prefill(ids, "prefill_all")
         return np.concatenate([p[0] for p in parts]).astype(np.float32)  # [T, V]
 
