@@ -2,13 +2,16 @@
 instructions made from the train split, at equal tokens (writes the `distill_chat` section of docs/results.md).
 
     python benchmarks/distill_chat.py [--max-tokens 100000] [--mixes 0.2]
+    python benchmarks/distill_chat.py --from-student runs/bench-scale-2m/run/student   # a longer-trained start
 
 Every student is the demo's shape (16 of 30 blocks, MLP 1024), distilled with forward KL. The measure: greedy answers
 to 100 "write a function" instructions from test-split files, by the teacher and by each student (PyTorch, fp32):
 the share whose first code block parses and defines a function, the edit similarity to the teacher's answer, and
 the perplexity of the teacher's answers under each model; beside it, each student's raw-code test perplexity.
 Goal: at least 90% of the teacher's parse rate, with raw-code test perplexity within 5% of the code-only student's.
-Finished runs are reused; teacher answers are cached.
+Finished runs are reused; teacher answers are cached. With --from-student, every student instead continues that
+(longer-distilled) model for --max-tokens more, code only or mixed, and the section `distill_chat_continued` is
+written: it asks whether the students miss the teacher's chat for lack of chat data or for lack of competence.
 """
 from __future__ import annotations
 
@@ -28,6 +31,12 @@ from edgelm.distill.chat import chat_eval
 from edgelm.report import chat_side_by_side, md_table, update_section
 
 
+def _tokens(student: str) -> int:
+    """Tokens the student's own manifest says it was distilled on (0 when it has none)."""
+    m = Path(student) / "edgelm.json"
+    return int(json.loads(m.read_text()).get("training", {}).get("tokens_seen", 0)) if m.exists() else 0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="smollm2-135m-instruct")
@@ -37,9 +46,13 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--instructions", type=int, default=100)
     p.add_argument("--test-seqs", type=int, default=64)
-    p.add_argument("--out", default="runs/bench-chat")
+    p.add_argument("--from-student", default=None,
+                   help="continue this student (an HF folder, e.g. the distill_scale run's) instead of pruning")
+    p.add_argument("--out", default=None, help="runs/bench-chat, or runs/bench-chat-continued with --from-student")
     p.add_argument("--docs", default=str(ROOT / "docs"))
     a = p.parse_args()
+    a.out = a.out or ("runs/bench-chat-continued" if a.from_student else "runs/bench-chat")
+    shape = (dict(student=a.from_student) if a.from_student else dict(layers=16, intermediate_size=1024))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     t0 = time.perf_counter()
@@ -50,7 +63,7 @@ def main() -> None:
         out = Path(a.out) / f"mix-{mix:g}"
         done = (out / "student" / "edgelm.json").exists()  # a finished run with these flags is reused
         logging.info("== %s", label)
-        res = distill(teacher=a.teacher, layers=16, intermediate_size=1024, max_tokens=a.max_tokens, eval_every=25,
+        res = distill(teacher=a.teacher, **shape, max_tokens=a.max_tokens, eval_every=25,
                       ckpt_every=50, chat_mix=mix, chat_examples=a.chat_examples,
                       chat_max_new_tokens=a.max_new_tokens, out=str(out), resume=done, force=not done)
         test = evaluate(str(res.student_dir), split="test", max_seqs=a.test_seqs)
@@ -84,24 +97,33 @@ def main() -> None:
     (Path(a.out) / "chat.json").write_text(json.dumps({"rows": rows, "chat": ev.as_dict(answers=True),
                                                        "teacher_test_ppl": teacher_test.score.ppl}, indent=1))
     cmd = "python benchmarks/distill_chat.py " + shlex.join(sys.argv[1:])
-    body = f"""## Keeping the teacher's chat (`benchmarks/distill_chat.py`)
+    if a.from_student:
+        section, title = "distill_chat_continued", "Chat from a longer-distilled student"
+        who = (f"Students: each continues `{a.from_student}` (its manifest: {_tokens(a.from_student):,} tokens "
+               f"distilled) for {a.max_tokens:,} more tokens, forward KL.")
+    else:
+        section, title = "distill_chat", "Keeping the teacher's chat"
+        who = f"Students: 16 of 30 blocks, MLP 1024, {a.max_tokens:,} training tokens each, forward KL."
+    body = f"""## {title} (`benchmarks/distill_chat.py`)
 
-Command: `{cmd.strip()}` on {platform.machine()}, {(time.perf_counter() - t0) / 60:.0f} min in this invocation (finished runs
-are reused and teacher answers cached; the first run generates 256 + 100 teacher answers, about 7 min here). Students: 16 of 30 blocks, MLP 1024, {a.max_tokens:,} training tokens each, forward KL.
+Command: `{cmd.strip()}` on {platform.machine()}, {(time.perf_counter() - t0) / 60:.0f} min in this invocation
+(finished runs are reused and teacher answers cached; the first run generates 256 + 100 teacher answers, about 7 min
+here). {who}
 The chat students' stream mixes in the teacher's greedy answers (at most {a.max_new_tokens} tokens, in its chat
 template) to the first {a.chat_examples} instructions made from train-split files ("write a function" from a
 docstring, or "explain this code"); those tokens get logit KD like the rest. Measure: {len(ev.instructions)} "write"
 instructions from test-split files, greedy answers in PyTorch fp32.
 
 {md_table(["model", "teacher answers trained on", "answers defining a function (code block parses)",
-           f"answers ended within {a.max_new_tokens} tokens", "edit similarity to teacher", "ppl of teacher's answers", f"raw-code test ppl ({a.test_seqs} x 256)",
-           "test ppl vs code only", "parse rate vs teacher", "training wall (min)"], table)}
+           f"answers ended within {a.max_new_tokens} tokens", "edit similarity to teacher",
+           "ppl of teacher's answers", f"raw-code test ppl ({a.test_seqs} x 256)", "test ppl vs code only",
+           "parse rate vs teacher", "training wall (min)"], table)}
 {verdict}
 
 Three of the test instructions, answered greedily:
 
 {chat_side_by_side(ev, 3)}"""
-    update_section(Path(a.docs) / "results.md", "distill_chat", body)
+    update_section(Path(a.docs) / "results.md", section, body)
     logging.info("wrote %s", Path(a.docs) / "results.md")
 
 

@@ -52,7 +52,12 @@ def artifacts(out: Path, student: Path, quantized: Path, tune: int) -> dict[str,
 
 
 def kernel_times(folder: Path, threads: int, prompt: int, steps: int = 16) -> dict[str, list]:
-    """{"decode": [(kernel, ms per step, calls per step)], "prefill": [...]}: TVM's VM instrumented."""
+    """{"decode": [(kernel, ms per step, calls per step, GB/s)], "prefill": [...]}: TVM's VM instrumented. GB/s is
+    the bytes of a matmul's arguments (its weights, mostly) over its time; then three summary rows: all matmuls,
+    every other kernel, and what falls between kernels (the VM's own work, plus the instrument's Python callbacks: the
+    first row is the call timed without the instrument, the second with it)."""
+    import numpy as np
+
     from edgelm.runtimes.tvmrt import TvmRuntime
 
     rt = TvmRuntime(folder, threads=threads)
@@ -60,12 +65,25 @@ def kernel_times(folder: Path, threads: int, prompt: int, steps: int = 16) -> di
     out = {}
     for phase in ("prefill", "decode"):
         rt._prefill(ids)  # warm
+        t0 = time.perf_counter()
+        n = 1 if phase == "prefill" else steps
+        if phase == "prefill":
+            rt._prefill(ids)
+        else:
+            for _ in range(steps):
+                rt._step(5)
+        plain = (time.perf_counter() - t0) / n
+        rt._prefill(ids)
         times: dict[str, float] = collections.defaultdict(float)
         calls: collections.Counter = collections.Counter()
+        nbytes: dict[str, int] = {}
         start: dict[str, float] = {}
 
         def instrument(func, name, before, ret, *args):
             if before:
+                if name not in nbytes:
+                    nbytes[name] = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in args
+                                       if type(x).__name__ == "Tensor")
                 start[name] = time.perf_counter()
             else:
                 times[name] += time.perf_counter() - start[name]
@@ -74,7 +92,6 @@ def kernel_times(folder: Path, threads: int, prompt: int, steps: int = 16) -> di
 
         rt._session.vm.set_instrument(instrument)
         t0 = time.perf_counter()
-        n = 1 if phase == "prefill" else steps
         if phase == "prefill":
             rt._prefill(ids)
         else:
@@ -82,8 +99,19 @@ def kernel_times(folder: Path, threads: int, prompt: int, steps: int = 16) -> di
                 rt._step(5)
         total = (time.perf_counter() - t0) / n
         rt._session.vm.set_instrument(lambda *a: 0)
-        rows = sorted(((k, 1000 * v / n, calls[k] // n) for k, v in times.items()), key=lambda r: -r[1])
-        out[phase] = [("(whole call)", 1000 * total, 1)] + rows
+        rows = sorted(((k, 1000 * v / n, calls[k] // n,
+                        nbytes[k] * calls[k] / v / 1e9 if "matmul" in k and v else None) for k, v in times.items()),
+                      key=lambda r: -r[1])
+        mm = [r for r in rows if r[3] is not None]
+        mm_ms = sum(r[1] for r in mm)
+        mm_gb = sum(nbytes[r[0]] * r[2] for r in mm) / 1e9
+        attention = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
+        other = sum(r[1] for r in rows if r[3] is None and r[0] != attention)
+        summary = [("(all matmuls)", mm_ms, sum(r[2] for r in mm), mm_gb / mm_ms * 1000 if mm_ms else None),
+                   ("(other kernels and builtins, attention excluded)", other, None, None),
+                   ("(between kernels: VM and Python)", 1000 * total - sum(r[1] for r in rows), None, None)]
+        out[phase] = [("(whole call)", 1000 * plain, 1, None), ("(whole call, instrumented)", 1000 * total, 1, None)]
+        out[phase] += rows + summary
     rt.close()
     return out
 
@@ -97,6 +125,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs/bench-tvm"))
     p.add_argument("--docs", default=str(ROOT / "docs"))
     p.add_argument("--reuse", action="store_true", help="re-render from --out/bench.json instead of re-running")
+    p.add_argument("--kernels", action="store_true", help="with --reuse: time the TVM kernels again (a minute)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(a.out)
@@ -109,11 +138,13 @@ def main() -> None:
     if a.reuse:
         saved = json.loads((out / "bench.json").read_text())
         res = BenchResult(saved["header"], saved["rows"])
-        kernels = json.loads((out / "kernels.json").read_text())
     else:
         res = bench(BenchConfig(models=tuple(str(f) for f in arts.values()), threads=tuple(a.threads), repeat=3,
                                 prompt_len=128, gen_len=64, quality=True, reference=a.student,
                                 json=str(out / "bench.json")))
+    if a.reuse and not a.kernels:
+        kernels = json.loads((out / "kernels.json").read_text())
+    else:
         kernels = {name: kernel_times(arts[name], 1, 128) for name in arts if name.startswith("tvm-")}
         (out / "kernels.json").write_text(json.dumps(kernels, indent=1))
     wall = time.perf_counter() - t0
@@ -148,7 +179,10 @@ def main() -> None:
     ktab = []
     for name, phases in kernels.items():
         for phase, ks in phases.items():
-            ktab += [[name, phase, k, f"{ms:.2f}", n] for k, ms, n in ks[:6]]
+            ks = [(list(k) + [None])[:4] for k in ks]  # kernels.json from before GB/s was recorded
+            top = ks[:8] + [k for k in ks[8:] if k[0].startswith("(")]
+            ktab += [[name, phase, k, f"{ms:.2f}", "" if n is None else n, f"{gbs:.1f}" if gbs else ""]
+                     for k, ms, n, gbs in top]
     cmd = "python " + shlex.join(["benchmarks/tvm_target.py", *sys.argv[1:]])
     h = res.header
     body = f"""## TVM against ONNX Runtime and llama.cpp
@@ -165,9 +199,10 @@ Each artifact's own export check (val split, 16 × 128 tokens; TVM compile and t
 
 {md_table(["artifact", "KLD", "top-1", "ΔPPL", "compile s", "tuning s"], q)}
 
-Where TVM's time goes (`vm.set_instrument`, 1 thread; ms per decode step or per 128-token prefill, calls per step):
+Where TVM's time goes (`vm.set_instrument`, 1 thread; ms per decode step or per 128-token prefill, calls per step;
+GB/s: a matmul's argument bytes, its weights mostly, over its time; the largest kernels, then sums):
 
-{md_table(["artifact", "phase", "kernel", "ms", "calls"], ktab)}
+{md_table(["artifact", "phase", "kernel", "ms", "calls", "GB/s"], ktab)}
 """
     update_section(Path(a.docs) / "results.md", "tvm", body)
     print(res.table())
