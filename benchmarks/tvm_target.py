@@ -99,15 +99,17 @@ def kernel_times(folder: Path, threads: int, prompt: int, steps: int = 16) -> di
                 rt._step(5)
         total = (time.perf_counter() - t0) / n
         rt._session.vm.set_instrument(lambda *a: 0)
+        linear = ("matmul", "qgemv")  # TVM's matmuls and edgelm's one-token quantized linears
         rows = sorted(((k, 1000 * v / n, calls[k] // n,
-                        nbytes[k] * calls[k] / v / 1e9 if "matmul" in k and v else None) for k, v in times.items()),
-                      key=lambda r: -r[1])
+                        nbytes[k] * calls[k] / v / 1e9 if any(w in k for w in linear) and v else None)
+                       for k, v in times.items()), key=lambda r: -r[1])
         mm = [r for r in rows if r[3] is not None]
         mm_ms = sum(r[1] for r in mm)
         mm_gb = sum(nbytes[r[0]] * r[2] for r in mm) / 1e9
         attention = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
         other = sum(r[1] for r in rows if r[3] is None and r[0] != attention)
-        summary = [("(all matmuls)", mm_ms, sum(r[2] for r in mm), mm_gb / mm_ms * 1000 if mm_ms else None),
+        summary = [("(all matmuls and quantized linears)", mm_ms, sum(r[2] for r in mm),
+                    mm_gb / mm_ms * 1000 if mm_ms else None),
                    ("(other kernels and builtins, attention excluded)", other, None, None),
                    ("(between kernels: VM and Python)", 1000 * total - sum(r[1] for r in rows), None, None)]
         out[phase] = [("(whole call)", 1000 * plain, 1, None), ("(whole call, instrumented)", 1000 * total, 1, None)]

@@ -183,6 +183,11 @@ def pack_codes(codes: "np.ndarray", bits: int) -> "np.ndarray":
     return np.bitwise_or.reduce(c << shifts, axis=-1).astype(np.uint32)
 
 
+def interleave_rows(a: "np.ndarray", rb: int) -> "np.ndarray":
+    """[out, n] -> [out/rb, n, rb]: the storage of a quantized linear's codes, scales and zeros (see ``QLinear``)."""
+    return a.reshape(a.shape[0] // rb, rb, -1).transpose(0, 2, 1)
+
+
 def q8_0(w: "np.ndarray") -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
     """gguf-py's Q8_0 of a float matrix [out, in], unpacked: (codes uint8 [out, in], scales fp16 [out, in/32],
     zeros uint8 [out, in/32]) with W = scale * (code - 128)."""
@@ -199,10 +204,11 @@ def q8_0(w: "np.ndarray") -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
 
 def model_params(cfg: "DecoderConfig", src: "SourceWeights", names: list[str]) -> dict[str, "np.ndarray"]:
     """Every compiled parameter (by its name in the Relax module, e.g. ``layers.0.self_attn.qkv.qweight``) from the
-    checkpoint: float tensors as they are, quantized ones as their exact codes, fp16 scales and zeros."""
+    checkpoint: float tensors as they are, quantized ones as their exact codes, fp16 scales and zeros, rows
+    interleaved as ``QLinear`` stores them."""
     import numpy as np
 
-    from edgelm.converters.tvm_llama import FUSED
+    from edgelm.converters.tvm_llama import FUSED, row_block
 
     cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -231,6 +237,7 @@ def model_params(cfg: "DecoderConfig", src: "SourceWeights", names: list[str]) -
             a = np.concatenate([quantized(m)[k] for m in mods])
             if leaf == "qweight":
                 a = pack_codes(a, cfg.bits_of(mods[0].removeprefix("model.")))
+            a = interleave_rows(a, row_block(a.shape[0]))
         else:
             a = np.concatenate([src.tensors[f"{m}.{leaf}"].numpy().astype(np.float32) for m in mods])
         out[name] = np.ascontiguousarray(a)
@@ -335,6 +342,10 @@ def gemv_schedules(mod, target, lanes: int = 16, rows: int = 4):
             continue
         sch = s_tir.Schedule(func)
         names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+        if "qgemv" in names:
+            _schedule_qgemv(sch, names)
+            mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            continue
         if "NT_matmul" not in names:
             continue
         mm = sch.get_sblock("NT_matmul")
@@ -367,6 +378,34 @@ def gemv_schedules(mod, target, lanes: int = 16, rows: int = 4):
             sch.vectorize(sch.split(dq_k, [None, lanes])[1])
         mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
     return mod
+
+
+def _schedule_qgemv(sch, names: list[str]) -> None:
+    """One token through a quantized linear (``QLinear._gemv``): blocks of rb output rows (the storage's interleave)
+    spread over the threads; per group of columns, the rb rows' sums of x * code as one vector (a column's codes of
+    rb rows are one load), then scaled into the rows' totals. What FuseOps put after it (a residual add, a bias)
+    runs on each row block right after its totals."""
+    from edgelm.converters.tvm_llama import row_block
+
+    y = sch.get_sblock("qgemv")
+    b, t, o, c = sch.get_loops(y)
+    rb = row_block(int(sch.get(o).extent))
+    o_o, o_i = sch.split(o, [None, rb])
+    sch.reorder(o_o, b, t, c, o_i)
+    sch.parallel(o_o)
+    part = sch.get_sblock("qgemv_part")
+    sch.compute_at(part, c)
+    rows, r = sch.get_loops(part)[-2:]
+    sch.reorder(r, rows)
+    sch.vectorize(rows)
+    sch.unroll(r)
+    sch.decompose_reduction(part, r)
+    sch.vectorize(o_i)
+    sch.decompose_reduction(y, c)
+    for name in names[names.index("qgemv") + 1:]:
+        block = sch.get_sblock(name)
+        sch.reverse_compute_at(block, o_o)  # the rb rows' epilogue, right after their totals
+        sch.vectorize(sch.get_loops(block)[-1])
 
 
 def dlight_gemv(mod, target):

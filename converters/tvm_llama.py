@@ -54,60 +54,90 @@ class DecoderConfig:
         return int(self.bits.get(name, 0))
 
 
+def row_block(out_features: int) -> int:
+    """Output rows interleaved in a quantized weight's storage: 16 (one AVX-512 vector of fp32 sums), or the largest
+    power of two that divides the rows."""
+    return next(r for r in (16, 8, 4, 2, 1) if out_features % r == 0)
+
+
 class QLinear(nn.Module):
-    """y = x W^T (+ b), W [out, in] stored as ``bits``-bit codes (4-bit: packed first-in-low-bits in uint32 words
-    along the input axis; 8-bit: one byte each), with an fp16 scale and a uint8 zero point per group of columns:
-    W = scale * (code - zero)."""
+    """y = x W^T (+ b), W [out, in] stored as ``bits``-bit codes with an fp16 scale and a uint8 zero point per group of
+    columns: W = scale * (code - zero). Storage interleaves ``rb`` output rows (:func:`row_block`), so one vector load
+    reads the same column of rb rows: codes [out/rb, in/per_word, rb] (4-bit: uint32 words, the first of a row's 8
+    codes in the low bits; 8-bit: one byte each), scales and zeros [out/rb, in/group, rb].
+
+    One token (decode, and the prompt's last position before the lm_head) runs :meth:`_gemv`: a vector of rb rows'
+    sums per column, each group's sum scaled once and its zero point taken out through the group's sum of x. A prompt
+    runs a matmul on the dequantized matrix (:meth:`weight`)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group: int, bias: bool = False) -> None:
         self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
+        self.rb = rb = row_block(out_features)
         if bits == 8:  # one byte per code: a plain load vectorizes (shift-and-mask of 8-bit lanes ran ~4x slower)
-            self.qweight = nn.Parameter((out_features, in_features), "uint8")  # [out, in]
+            self.qweight = nn.Parameter((out_features // rb, in_features, rb), "uint8")  # [out/rb, in, rb]
         else:
-            self.qweight = nn.Parameter((out_features, in_features // (32 // bits)), "uint32")  # [out, in / per_word]
-        self.scales = nn.Parameter((out_features, in_features // group), "float16")  # [out, in / group]
-        self.zeros = nn.Parameter((out_features, in_features // group), "uint8")  # [out, in / group]
+            self.qweight = nn.Parameter((out_features // rb, in_features // (32 // bits), rb), "uint32")
+        self.scales = nn.Parameter((out_features // rb, in_features // group, rb), "float16")  # [out/rb, in/g, rb]
+        self.zeros = nn.Parameter((out_features // rb, in_features // group, rb), "uint8")  # [out/rb, in/g, rb]
         self.bias = nn.Parameter((out_features,), "float32") if bias else None
+
+    def _deq(self, q: te.Tensor, s: te.Tensor, z: te.Tensor, o, i):
+        """W[o, i] in fp32."""
+        rb, g = self.rb, self.group
+        code = _code(q, o, i, self.bits, rb).astype("float32")
+        return s[o // rb, i // g, o % rb].astype("float32") * (code - z[o // rb, i // g, o % rb].astype("float32"))
 
     def weight(self) -> Tensor:
         """The float32 matrix [out, in] (a TE op that FuseOps folds into the consuming matmul)."""
-        bits, group = self.bits, self.group
-
         def dequantize(q: te.Tensor, s: te.Tensor, z: te.Tensor) -> te.Tensor:
-            def elem(o, i):
-                code = _code(q, o, i, bits)
-                return s[o, i // group].astype("float32") * (code.astype("float32") - z[o, i // group].astype("float32"))
-
-            return te.compute((self.out_features, self.in_features), elem, name="dequantize")
+            return te.compute((self.out_features, self.in_features), lambda o, i: self._deq(q, s, z, o, i),
+                              name="dequantize")
 
         return op.tensor_expr_op(dequantize, "dequantize", [self.qweight, self.scales, self.zeros])
 
     def rows(self, ids: Tensor) -> Tensor:
         """Rows ``ids`` [s] of the float matrix, [s, in]: a quantized embedding shared with the lm_head."""
-        bits, group = self.bits, self.group
-
         def gather(q: te.Tensor, s: te.Tensor, z: te.Tensor, idx: te.Tensor) -> te.Tensor:
-            def elem(t, i):
-                o = idx[t]
-                code = _code(q, o, i, bits)
-                return s[o, i // group].astype("float32") * (code.astype("float32") - z[o, i // group].astype("float32"))
-
-            return te.compute((idx.shape[0], self.in_features), elem, name="dequantize_rows")
+            return te.compute((idx.shape[0], self.in_features), lambda t, i: self._deq(q, s, z, idx[t], i),
+                              name="dequantize_rows")
 
         return op.tensor_expr_op(gather, "dequantize_rows", [self.qweight, self.scales, self.zeros, ids])
 
+    def _gemv(self, x: Tensor) -> Tensor:
+        """x [b, 1, in] -> [b, 1, out]: y[o] = sum_g s[o, g] (sum_r x[gG + r] code[o, gG + r] - z[o, g] xsum[g])."""
+        rb, g, bits, n_in, n_out = self.rb, self.group, self.bits, self.in_features, self.out_features
+
+        def qgemv(x: te.Tensor, q: te.Tensor, s: te.Tensor, z: te.Tensor) -> te.Tensor:
+            b, t = x.shape[0], x.shape[1]
+            j = te.reduce_axis((0, g), "j")
+            xsum = te.compute((b, t, n_in // g), lambda i, k, c: te.sum(x[i, k, c * g + j], axis=j),
+                              name="qgemv_xsum")  # [b, 1, in/g]
+            r = te.reduce_axis((0, g), "r")
+            part = te.compute((b, t, n_in // g, n_out), lambda i, k, c, o: te.sum(
+                x[i, k, c * g + r] * _code(q, o, c * g + r, bits, rb).astype("float32"), axis=r),
+                name="qgemv_part")  # [b, 1, in/g, out]: one group's sum of x * code
+            c = te.reduce_axis((0, n_in // g), "c")
+            return te.compute((b, t, n_out), lambda i, k, o: te.sum(
+                s[o // rb, c, o % rb].astype("float32")
+                * (part[i, k, c, o] - z[o // rb, c, o % rb].astype("float32") * xsum[i, k, c]), axis=c),
+                name="qgemv")
+
+        return op.tensor_expr_op(qgemv, "qgemv", [x, self.qweight, self.scales, self.zeros])
+
     def forward(self, x: Tensor) -> Tensor:
-        y = op.matmul(x, op.permute_dims(self.weight()))  # [b, s, out]
+        one_token = isinstance(x.shape[1], (int, tirx.IntImm)) and int(x.shape[1]) == 1
+        y = self._gemv(x) if one_token else op.matmul(x, op.permute_dims(self.weight()))  # [b, s, out]
         return y + self.bias if self.bias is not None else y
 
 
-def _code(q: te.Tensor, o, i, bits: int):
-    """Code (o, i) of a packed weight: a byte (8-bit), or a field of a uint32 word, first code in the low bits."""
+def _code(q: te.Tensor, o, i, bits: int, rb: int):
+    """Code (o, i) of a packed weight [out/rb, in/per_word, rb]: a byte (8-bit), or a field of a uint32 word, the
+    row's first code in the low bits."""
     if bits == 8:
-        return q[o, i]
+        return q[o // rb, i, o % rb]
     per_word = 32 // bits
     shift = tirx.Cast("uint32", (i % per_word) * bits)
-    return (q[o, i // per_word] >> shift) & tirx.const((1 << bits) - 1, "uint32")
+    return (q[o // rb, i // per_word, o % rb] >> shift) & tirx.const((1 << bits) - 1, "uint32")
 
 
 def linear(cfg: DecoderConfig, name: str, in_f: int, out_f: int, bias: bool = False) -> nn.Module:

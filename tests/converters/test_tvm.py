@@ -20,16 +20,22 @@ from tests.conftest import CALIB, run_cli
 CHECK = dict(eval_seqs=4, eval_seqlen=64, prompts=2, new_tokens=8)
 
 
+def rows(a: np.ndarray) -> np.ndarray:
+    """A stored [out/rb, n, rb] tensor back to [out, n]."""
+    return a.transpose(0, 2, 1).reshape(a.shape[0] * a.shape[2], a.shape[1])
+
+
 def unpack(words: np.ndarray, bits: int) -> np.ndarray:
+    words = rows(words)
     per = 32 // bits
     shifts = np.arange(per, dtype=np.uint32) * bits
     return ((words[..., None] >> shifts) & ((1 << bits) - 1)).reshape(words.shape[0], -1).astype(np.uint8)
 
 
 def test_pack_codes_round_trips():
-    codes = np.random.default_rng(0).integers(0, 16, size=(6, 64), dtype=np.uint8)
-    words = T.pack_codes(codes, 4)
-    assert words.dtype == np.uint32 and words.shape == (6, 8)
+    codes = np.random.default_rng(0).integers(0, 16, size=(48, 64), dtype=np.uint8)
+    words = T.interleave_rows(T.pack_codes(codes, 4), 16)
+    assert words.dtype == np.uint32 and words.shape == (3, 8, 16)
     assert np.array_equal(unpack(words, 4), codes)
     assert T.pack_codes(codes * 16, 8).dtype == np.uint8  # 8-bit codes stay bytes
 
@@ -68,7 +74,7 @@ def test_int4_keeps_the_checkpoints_codes(int4_pair):
     q, k, v = (qlinears[f"model.layers.1.self_attn.{p}_proj"] for p in "qkv")
     got = unpack(params["layers.1.self_attn.qkv.qweight"], 4)
     assert np.array_equal(got, np.concatenate([q.codes.numpy(), k.codes.numpy(), v.codes.numpy()]))
-    scales = params["layers.1.self_attn.qkv.scales"]
+    scales = rows(params["layers.1.self_attn.qkv.scales"])
     assert scales.dtype == np.float16 and np.array_equal(scales, np.concatenate([q.scales.numpy(), k.scales.numpy(),
                                                                                  v.scales.numpy()]))
     down = qlinears["model.layers.0.mlp.down_proj"]
@@ -84,6 +90,23 @@ def test_int4_agrees_with_the_gguf_of_the_same_codes(int4_pair):
     assert tvm_p["passed"] and tvm_p["ppl_ref"] == gguf_p["ppl_ref"]
     assert abs(tvm_p["kld"] - gguf_p["kld"]) <= 0.25 * gguf_p["kld"] + 0.002, (tvm_p["kld"], gguf_p["kld"])
     assert tvm_p["top1_agree"] > 0.9
+
+
+def test_one_token_path_gives_the_prompt_paths_logits(int4_pair):
+    """Decode runs each quantized linear as group sums over interleaved rows (``QLinear._gemv``), a prompt as a matmul
+    on the dequantized matrix: token by token, the same ids give the same logits as one prompt call."""
+    from edgelm.runtimes.tvmrt import TvmRuntime
+
+    _, root, _ = int4_pair
+    ids = list(range(40, 52))
+    rt = TvmRuntime(root / "tvm", threads=1)
+    try:
+        whole = rt.logits(ids)  # [T, V], every linear a matmul
+        steps = np.stack([rt._prefill(ids[:1])] + [rt._step(t) for t in ids[1:]])  # [T, V], one token at a time
+    finally:
+        rt.close()
+    assert np.abs(whole).max() > 1.0  # real logits, not zeros
+    np.testing.assert_allclose(steps, whole, rtol=1e-4, atol=1e-4)
 
 
 def test_aarch64_cross_build(tmp_path, tiny_q_model, tiny_corpus):
