@@ -63,17 +63,27 @@ def kernel_times(folder: Path, threads: int, prompt: int, steps: int = 16) -> di
     rt = TvmRuntime(folder, threads=threads)
     ids = list(range(100, 100 + prompt))
     out = {}
-    for phase in ("prefill", "decode"):
-        rt._prefill(ids)  # warm
+
+    def per_call(phase: str, hook=None) -> float:
+        """Seconds per prefill, or per decode step after a prefill, with ``hook`` instrumenting only those calls."""
+        if phase == "decode":
+            rt._prefill(ids)
+        if hook is not None:
+            rt._session.vm.set_instrument(hook)
         t0 = time.perf_counter()
-        n = 1 if phase == "prefill" else steps
         if phase == "prefill":
             rt._prefill(ids)
         else:
             for _ in range(steps):
                 rt._step(5)
-        plain = (time.perf_counter() - t0) / n
-        rt._prefill(ids)
+        took = (time.perf_counter() - t0) / (1 if phase == "prefill" else steps)
+        rt._session.vm.set_instrument(lambda *a: 0)
+        return took
+
+    for phase in ("prefill", "decode"):
+        n = 1 if phase == "prefill" else steps
+        rt._prefill(ids)  # warm
+        plain = per_call(phase)
         times: dict[str, float] = collections.defaultdict(float)
         calls: collections.Counter = collections.Counter()
         nbytes: dict[str, int] = {}
@@ -90,15 +100,7 @@ def kernel_times(folder: Path, threads: int, prompt: int, steps: int = 16) -> di
                 calls[name] += 1
             return 0
 
-        rt._session.vm.set_instrument(instrument)
-        t0 = time.perf_counter()
-        if phase == "prefill":
-            rt._prefill(ids)
-        else:
-            for _ in range(steps):
-                rt._step(5)
-        total = (time.perf_counter() - t0) / n
-        rt._session.vm.set_instrument(lambda *a: 0)
+        total = per_call(phase, instrument)
         linear = ("matmul", "qgemv")  # TVM's matmuls and edgelm's one-token quantized linears
         rows = sorted(((k, 1000 * v / n, calls[k] // n,
                         nbytes[k] * calls[k] / v / 1e9 if any(w in k for w in linear) and v else None)
