@@ -1,13 +1,13 @@
 """Apache TVM export: the decoder of converters/tvm_llama.py compiled (Relax) into a shared library for one CPU
 architecture, its weights in a params file beside it (so one library serves every checkpoint of the same shapes).
 
-Quantized linears keep the GPTQ checkpoint's codes, fp16 scales and zeros exactly (packed into uint32 words, no
-second rounding). A float tied embedding of a quantized preset becomes Q8_0 (gguf-py's quantizer, as the GGUF export
-does), so both artifacts of one GPTQ checkpoint hold the same values.
+Quantized linears keep the GPTQ checkpoint's codes, fp16 scales and zeros exactly (packed into uint32 words, 16
+output rows interleaved, no second rounding). A float tied embedding of a quantized preset becomes Q8_0 (gguf-py's
+quantizer, as the GGUF export does), so both artifacts of one GPTQ checkpoint hold the same values.
 
-Schedules: edgelm's matmul schedule (``gemv_schedules``), dlight's CPU GEMV rule for what it leaves, or a
-meta-schedule tuning database (``--tune N``) applied before them. A database is keyed by the module's shapes and
-the target; databases under ``converters/tvm_dbs/<key>/`` ship in the package.
+Schedules: edgelm's matmul and one-token linear schedules (``gemv_schedules``), dlight's CPU GEMV rule for what they
+leave, or a meta-schedule tuning database (``--tune N``) applied before them. A database is keyed by the module's
+shapes and the target; databases under ``converters/tvm_dbs/<key>/`` ship in the package.
 """
 from __future__ import annotations
 
@@ -327,13 +327,14 @@ def schedule(mod, target, db_dir: Path | None):
 
 
 def gemv_schedules(mod, target, lanes: int = 16, rows: int = 4):
-    """Schedule every matmul (decode's and the prompt's linears and lm_head, a fused dequantize included): ``lanes``
-    input columns per vector (rfactor: a partial sum per lane, summed at the end), ``rows`` output rows per step, row
-    blocks spread over the threads, a prompt's tokens inside a row block. One token's dequantize is inlined into the
-    matmul; a prompt's runs once per row block into a buffer every token then reads (inlined, it ran per token: the
-    int4 prefill took 2.8x the fp32 one). dlight's CPU GEMV rule vectorizes across output rows instead (strided
-    loads), does not take a fused dequantize, and its explicit 256-step unroll took LLVM ~8 minutes on a 2-layer
-    model."""
+    """Schedule every matmul and one-token quantized linear. A quantized linear on one token (decode, the prompt's
+    last position before the lm_head) is ``QLinear._gemv``, scheduled by :func:`_schedule_qgemv`. A matmul (float
+    linears, a prompt's quantized ones with their fused dequantize): ``lanes`` input columns per vector (rfactor: a
+    partial sum per lane, summed at the end), ``rows`` output rows per step, row blocks spread over the threads, a
+    prompt's tokens inside a row block; a prompt's dequantize runs once per row block into a buffer every token then
+    reads (inlined, it ran per token: the int4 prefill took 2.8x the fp32 one). dlight's CPU GEMV rule vectorizes
+    across output rows instead (strided loads), does not take a fused dequantize, and its explicit 256-step unroll
+    took LLVM ~8 minutes on a 2-layer model."""
     import tvm
     from tvm import s_tir
 
@@ -354,13 +355,9 @@ def gemv_schedules(mod, target, lanes: int = 16, rows: int = 4):
         if len(loops) != 4 or not all(isinstance(e, tvm.tirx.IntImm) for e in extents[2:]) \
                 or int(extents[2]) % rows or int(extents[3]) % lanes:
             continue
-        # decode (one token) reads each weight once: its dequantize is inlined. A prompt reads each weight once per
-        # token: its row block is dequantized once into a buffer that stays in cache across the prompt's tokens.
-        one_token = isinstance(extents[1], tvm.tirx.IntImm) and int(extents[1]) == 1
+        # a prompt reads each weight once per token: its row block is dequantized once into a buffer that stays in
+        # cache across the prompt's tokens
         dq = sch.get_sblock("dequantize") if "dequantize" in names else None
-        if dq is not None and one_token:
-            sch.compute_inline(dq)
-            dq = None
         b, t, n, k = loops  # batch 1, tokens (1 in decode, the prompt's length in prefill), out, in
         n_o, n_i = sch.split(n, [None, rows])
         k_o, k_i = sch.split(k, [None, lanes])

@@ -1,8 +1,9 @@
 """The Llama-family decoder (Llama, Mistral, Qwen2) in TVM's ``relax.frontend.nn``, with TVM's paged KV cache.
 
 The route MLC-LLM proved, written for edgelm's checkpoints: q/k/v are one fused projection, RoPE and attention run
-in the KV cache's CPU TIR kernels, and a quantized linear keeps its GPTQ codes packed in uint32 words, dequantized
-inside the matmul's kernel (FuseOps puts the dequantize and the matmul in one TIR function).
+in the KV cache's CPU TIR kernels, and a quantized linear keeps its GPTQ codes packed in uint32 words: one token
+runs its own kernel on the codes (``QLinear._gemv``), a prompt dequantizes inside the matmul's kernel (FuseOps puts
+the dequantize and the matmul in one TIR function).
 
 Compiled functions (params are passed packed, as the last argument):
   prefill(input_ids [1, s] int32, kv) -> (logits [1, 1, V], kv)   the last position's logits
