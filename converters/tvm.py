@@ -159,11 +159,12 @@ def decoder_config(src: "SourceWeights", *, context: int = 0) -> "DecoderConfig"
             raise EdgelmError(f"layer {i}: q/k/v have different bit widths {sorted(kinds)}; the TVM target fuses them")
     if src.quant and "lm_head" not in bits and src.tied:
         bits["lm_head"] = 8  # the float tied embedding becomes Q8_0, as in the GGUF export
+    theta = (c.get("rope_parameters") or {}).get("rope_theta") or c.get("rope_theta") or 10000.0
     return DecoderConfig(
         hidden_size=int(c["hidden_size"]), intermediate_size=int(c["intermediate_size"]),
         num_layers=int(c["num_hidden_layers"]), num_heads=heads,
         num_kv_heads=int(c.get("num_key_value_heads") or heads), head_dim=head_dim, vocab_size=int(c["vocab_size"]),
-        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=float((c.get("rope_parameters") or {}).get("rope_theta") or c.get("rope_theta") or 10000.0),
+        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
         tie_word_embeddings=src.tied, qkv_bias=model_type == "qwen2", context=ctx, prefill_chunk=min(ctx, 512),
         group_size=groups.pop() if groups else 32, head_group=head_group, bits=bits)
 
