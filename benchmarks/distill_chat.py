@@ -28,13 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from edgelm.distill.api import distill, evaluate
 from edgelm.distill.chat import chat_eval
+from edgelm.manifest import read_manifest
 from edgelm.report import chat_side_by_side, md_table, update_section
-
-
-def _tokens(student: str) -> int:
-    """Tokens the student's own manifest says it was distilled on (0 when it has none)."""
-    m = Path(student) / "edgelm.json"
-    return int(json.loads(m.read_text()).get("training", {}).get("tokens_seen", 0)) if m.exists() else 0
 
 
 def main() -> None:
@@ -99,7 +94,8 @@ def main() -> None:
     cmd = "python benchmarks/distill_chat.py " + shlex.join(sys.argv[1:])
     if a.from_student:
         section, title = "distill_chat_continued", "Chat from a longer-distilled student"
-        who = (f"Students: each continues `{a.from_student}` (its manifest: {_tokens(a.from_student):,} tokens "
+        seen = (read_manifest(a.from_student, verify=False) or {}).get("training", {}).get("tokens_seen", 0)
+        who = (f"Students: each continues `{a.from_student}` (its manifest: {seen:,} tokens "
                f"distilled) for {a.max_tokens:,} more tokens, forward KL.")
     else:
         section, title = "distill_chat", "Keeping the teacher's chat"
