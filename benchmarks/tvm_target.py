@@ -63,6 +63,7 @@ def kernel_times(folder: Path, threads: int, prompt: int, steps: int = 16) -> di
     rt = TvmRuntime(folder, threads=threads)
     ids = list(range(100, 100 + prompt))
     out = {}
+    calls_of = {"prefill": 1, "decode": steps}  # timed calls per phase
 
     def per_call(phase: str, hook=None) -> float:
         """Seconds per prefill, or per decode step after a prefill, with ``hook`` instrumenting only those calls."""
@@ -76,12 +77,12 @@ def kernel_times(folder: Path, threads: int, prompt: int, steps: int = 16) -> di
         else:
             for _ in range(steps):
                 rt._step(5)
-        took = (time.perf_counter() - t0) / (1 if phase == "prefill" else steps)
+        took = (time.perf_counter() - t0) / calls_of[phase]
         rt._session.vm.set_instrument(lambda *a: 0)
         return took
 
     for phase in ("prefill", "decode"):
-        n = 1 if phase == "prefill" else steps
+        n = calls_of[phase]
         rt._prefill(ids)  # warm
         plain = per_call(phase)
         times: dict[str, float] = collections.defaultdict(float)
