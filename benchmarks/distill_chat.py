@@ -43,11 +43,15 @@ def main() -> None:
     p.add_argument("--test-seqs", type=int, default=64)
     p.add_argument("--from-student", default=None,
                    help="continue this student (an HF folder, e.g. the distill_scale run's) instead of pruning")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: DistillConfig's 5e-4); a continuation may want less")
     p.add_argument("--out", default=None, help="runs/bench-chat, or runs/bench-chat-continued with --from-student")
     p.add_argument("--docs", default=str(ROOT / "docs"))
     a = p.parse_args()
     a.out = a.out or ("runs/bench-chat-continued" if a.from_student else "runs/bench-chat")
     shape = (dict(student=a.from_student) if a.from_student else dict(layers=16, intermediate_size=1024))
+    if a.lr is not None:
+        shape["lr"] = a.lr
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     t0 = time.perf_counter()
@@ -97,6 +101,9 @@ def main() -> None:
         seen = (read_manifest(a.from_student, verify=False) or {}).get("training", {}).get("tokens_seen", 0)
         who = (f"Students: each continues `{a.from_student}` (its manifest: {seen:,} tokens "
                f"distilled) for {a.max_tokens:,} more tokens, forward KL.")
+        if a.lr is not None:  # its own section, beside the default-schedule continuation
+            section, title = f"{section}_lr", f"{title}, peak learning rate {a.lr:g}"
+            who += f" Peak learning rate {a.lr:g} (the default is 5e-4; the start ended its schedule at 5e-5)."
     else:
         section, title = "distill_chat", "Keeping the teacher's chat"
         who = f"Students: 16 of 30 blocks, MLP 1024, {a.max_tokens:,} training tokens each, forward KL."
