@@ -251,10 +251,10 @@ class Decoder(nn.Module):
                         page_size: tirx.Var, support_sliding_window: tirx.Var) -> PagedKVCache:
         import tvm
 
-        from edgelm.converters.tvm_attention import cpu_decode_kernel
+        from edgelm.converters.tvm_kvcache import cpu_kernels
 
         c = self.cfg
-        with cpu_decode_kernel():  # TVM's own decode attention is scalar: 4-5x slower
+        with cpu_kernels():  # TVM's own decode attention and RoPE are scalar and several times slower
             kv = TIRPagedKVCache(
                 attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
                 prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,

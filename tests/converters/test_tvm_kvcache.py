@@ -1,5 +1,5 @@
-"""edgelm's CPU decode-attention kernel: the same outputs as a plain softmax attention over the paged cache, and as
-TVM's own kernel, for contexts that end inside a page, on a page boundary, and over scattered pages."""
+"""edgelm's CPU kernels for TVM's paged KV cache: decode attention gives a plain softmax attention's outputs (and
+TVM's kernel's) for contexts that end inside a page, on a page boundary and over scattered pages; RoPE gives TVM's."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from edgelm.converters import tvm as T  # noqa: E402
-from edgelm.converters.tvm_attention import decode_attention  # noqa: E402
+from edgelm.converters.tvm_kvcache import decode_attention, split_rotary  # noqa: E402
 
 H_KV, H_QO, D, PS = 3, 9, 64, 16
 
@@ -53,3 +53,34 @@ def test_decode_attention_matches_softmax_attention(kernels, ctx):
         got[name] = out.numpy()[0]
     np.testing.assert_allclose(got["edgelm"], want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got["edgelm"], got["tvm"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("apply_rope", [1, 0])
+def test_split_rotary_matches_tvms_rope(apply_rope):
+    """q/k rotated (or not) and v split exactly as TVM's own kernel does, and as RoPE's definition says."""
+    from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
+
+    target = T.tvm_target(T.get_arch(""), threads=1)
+    rng = np.random.default_rng(apply_rope)
+    seq = 5
+    qkv = rng.standard_normal((seq, H_QO + 2 * H_KV, D)).astype("float32")
+    pos = np.array([0, 1, 17, 300, 4000], "int32")
+    a = lambda x: tvm.runtime.tensor(x, tvm.cpu())  # noqa: E731
+    got = {}
+    for name, f in [("edgelm", split_rotary(10000.0, 1.0, D, H_QO, H_KV, "float32")),
+                    ("tvm", llama_rope_with_position_map(10000.0, 1.0, D, H_QO, H_KV, "float32", {}, D))]:
+        fn = tvm.compile(tvm.IRModule({"main": f}), target=target)["main"]
+        q, k, v = (a(np.zeros((seq, h, D), "float32")) for h in (H_QO, H_KV, H_KV))
+        fn(a(qkv), a(pos), q, k, v, apply_rope)
+        got[name] = [t.numpy() for t in (q, k, v)]
+    x = qkv[:, :H_QO + H_KV].astype(np.float64)
+    if apply_rope:
+        angle = pos[:, None] / 10000.0 ** (np.arange(0, D, 2) / D)  # [seq, D/2]
+        cos, sin = (np.tile(f(angle), 2)[:, None] for f in (np.cos, np.sin))
+        x = x * cos + np.concatenate([-x[..., D // 2:], x[..., :D // 2]], -1) * sin
+    for name in got:
+        np.testing.assert_allclose(got[name][0], x[:, :H_QO], atol=2e-3)  # float32 angles at position 4000
+        np.testing.assert_allclose(got[name][1], x[:, H_QO:], atol=2e-3)
+        np.testing.assert_array_equal(got[name][2], qkv[:, H_QO + H_KV:])
+    for want, have in zip(got["tvm"], got["edgelm"]):
+        np.testing.assert_allclose(have, want, rtol=0, atol=1e-6)

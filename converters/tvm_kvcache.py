@@ -1,6 +1,6 @@
-"""edgelm's CPU decode-attention kernel for TVM's paged KV cache.
+"""edgelm's CPU kernels for TVM's paged KV cache: decode attention, and the split of q/k/v with RoPE.
 
-TVM 0.27's ``_attention_decode_cpu`` walks the cache one position at a time with scalar loops: per position and
+Decode attention. TVM 0.27's ``_attention_decode_cpu`` walks the cache one position at a time with scalar loops: per position and
 query head it rescales the whole output row, calls exp2 twice and reads K and V element by element (114 µs per layer
 for 9 heads at 192 positions here, about a fifth of a decode step). This kernel keeps its signature and its online
 softmax, but works a page (16 positions) at a time for all query heads that share a KV head:
@@ -11,6 +11,12 @@ softmax, but works a page (16 positions) at a time for all query heads that shar
 
 Only what edgelm's decoder uses is kept: no sliding window, RoPE applied before the cache (``RopeMode.NORMAL``, so
 ``rotary_mode`` must be 0; the kernel asserts it).
+
+RoPE. TVM's ``llama_rope_with_position_map`` computes a power, a cosine and a sine for every element of every head
+(2,300 calls per token for 12 heads of 64), most of what its attention builtin costs per layer outside the kernel
+above. Here each position computes its ``head_dim / 2`` angles once and all heads share them; the arithmetic per
+element is TVM's (the same angle; ``cos * x - sin * x2`` and ``cos * x2 + sin * x`` for a pair), so the outputs
+are the same.
 """
 from __future__ import annotations
 
@@ -129,21 +135,80 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
     return batch_decode_paged_kv
 
 
+def split_rotary(theta: float, scale: float, head_dim: int, num_q_heads: int, num_kv_heads: int, dtype: str):
+    """A PrimFunc with ``llama_rope_with_position_map``'s arguments (default RoPE over the whole head):
+    qkv [seq, q + 2 kv heads, D] -> q, k (rotated) and v."""
+    from tvm.script import tirx as T
+
+    D, half = head_dim, head_dim // 2
+    Hq, Hkv = num_q_heads, num_kv_heads
+
+    @T.prim_func(s_tir=True)
+    def split_rope(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: T.handle,
+                   var_v: T.handle, apply_rope: T.int64):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        seq_len = T.int32()
+        pos_off = T.int32()
+        qkv = T.match_buffer(var_qkv, (seq_len, Hq + 2 * Hkv, D), dtype)
+        q = T.match_buffer(var_q, (seq_len, Hq, D), dtype)
+        k = T.match_buffer(var_k, (seq_len, Hkv, D), dtype)
+        v = T.match_buffer(var_v, (seq_len, Hkv, D), dtype)
+        position_map = T.match_buffer(var_position_map, (seq_len,), "int32", elem_offset=pos_off)
+        for s in T.serial(seq_len):
+            with T.sblock("split_rope"):
+                cos = T.sblock_alloc_buffer((half,), "float32")  # this position's angles, shared by every head
+                sin = T.sblock_alloc_buffer((half,), "float32")
+                out = T.sblock_alloc_buffer((Hq + Hkv, D), "float32")  # rotated q and k heads
+                for j in T.serial(half):
+                    # TVM's angle for dimensions j and j + half: pos * scale / theta ** (2j / D)
+                    freq: T.let[T.float32] = T.cast(position_map[s], "float32") * T.float32(scale) / T.pow(
+                        T.float32(theta), T.cast(j * 2, "float32") / T.float32(D))
+                    cos[j] = T.cos(freq)
+                    sin[j] = T.sin(freq)
+                for h in T.serial(Hq + Hkv):  # q heads, then k heads
+                    for d in T.vectorized(half):
+                        x1: T.let[T.float32] = T.cast(qkv[s, h, d], "float32")
+                        x2: T.let[T.float32] = T.cast(qkv[s, h, d + half], "float32")
+                        if apply_rope > 0:
+                            out[h, d] = cos[d] * x1 - sin[d] * x2
+                            out[h, d + half] = cos[d] * x2 + sin[d] * x1
+                        else:
+                            out[h, d] = x1
+                            out[h, d + half] = x2
+                for h in T.serial(Hq):
+                    for d in T.vectorized(D):
+                        q[s, h, d] = T.cast(out[h, d], dtype)
+                for h in T.serial(Hkv):
+                    for d in T.vectorized(D):
+                        k[s, h, d] = T.cast(out[Hq + h, d], dtype)
+                for h in T.serial(Hkv):
+                    for d in T.vectorized(D):
+                        v[s, h, d] = qkv[s, Hq + Hkv + h, d]
+
+    return split_rope
+
+
 @contextlib.contextmanager
-def cpu_decode_kernel() -> Iterator[None]:
-    """While open, ``TIRPagedKVCache`` built for an ``llvm`` target gets edgelm's decode kernel in place of TVM's
-    (kv_cache.py takes its kernels from module globals; the sliding-window form keeps TVM's)."""
+def cpu_kernels() -> Iterator[None]:
+    """While open, ``TIRPagedKVCache`` built for an ``llvm`` target gets edgelm's decode attention and RoPE kernels
+    in place of TVM's (kv_cache.py takes its kernel builders from module globals). Anything they do not cover (a
+    sliding window, scaled or partial RoPE) keeps TVM's."""
     from tvm.relax.frontend.nn.llm import kv_cache
 
-    stock = kv_cache._attention_decode_cpu
+    stock_decode, stock_rope = kv_cache._attention_decode_cpu, kv_cache.llama_rope_with_position_map
 
-    def pick(num_kv_heads, num_qo_heads, head_dim, dtype, sliding_window, rope_scaling, page_size=16):
+    def decode(num_kv_heads, num_qo_heads, head_dim, dtype, sliding_window, rope_scaling, page_size=16):
         if sliding_window:
-            return stock(num_kv_heads, num_qo_heads, head_dim, dtype, sliding_window, rope_scaling, page_size)
+            return stock_decode(num_kv_heads, num_qo_heads, head_dim, dtype, sliding_window, rope_scaling, page_size)
         return decode_attention(num_kv_heads, num_qo_heads, head_dim, dtype, page_size)
 
-    kv_cache._attention_decode_cpu = pick
+    def rope(theta, scale, head_dim, num_q_heads, num_kv_heads, dtype, rope_scaling, rotary_dim=None):
+        if rope_scaling or rotary_dim not in (None, head_dim) or head_dim % 2:
+            return stock_rope(theta, scale, head_dim, num_q_heads, num_kv_heads, dtype, rope_scaling, rotary_dim)
+        return split_rotary(theta, scale, head_dim, num_q_heads, num_kv_heads, dtype)
+
+    kv_cache._attention_decode_cpu, kv_cache.llama_rope_with_position_map = decode, rope
     try:
         yield
     finally:
-        kv_cache._attention_decode_cpu = stock
+        kv_cache._attention_decode_cpu, kv_cache.llama_rope_with_position_map = stock_decode, stock_rope
