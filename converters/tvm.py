@@ -496,7 +496,9 @@ def tune(mod, target, trials: int, out: Path, key: str, work: Path) -> dict[str,
     with target:
         tasks = [t for t in extract_tasks(mod, target) if "matmul" in t.task_name and _static(t.dispatched[0])]
         if not tasks:
-            raise EdgelmError("nothing to tune: the module has no static-shape matmul")
+            raise EdgelmError("nothing to tune: this module has no static-shape float matmul (its one-token "
+                              "quantized linears have edgelm's own schedule, and prompts have dynamic shapes); "
+                              "export without --tune")
         contexts, weights = extracted_tasks_to_tune_contexts(tasks, str(work / "tune"), seed=0)
         ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work / "tune"), max_trials_global=trials,
                       num_trials_per_iter=min(32, trials), cost_model="random",

@@ -257,7 +257,8 @@ class Decoder(nn.Module):
         with cpu_kernels():  # TVM's own decode attention and RoPE are scalar and several times slower
             kv = TIRPagedKVCache(
                 attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
-                prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
+                prefill_chunk_size=prefill_chunk_size, page_size=page_size,
+                support_sliding_window=support_sliding_window,
                 layer_partition=rx.ShapeExpr([0, c.num_layers]), num_hidden_layers=c.num_layers,
                 num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, qk_head_dim=c.head_dim,
                 v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL,
