@@ -15,9 +15,9 @@ Only what edgelm's decoder uses is kept: no sliding window, RoPE applied before 
 
 RoPE. TVM's ``llama_rope_with_position_map`` computes a power, a cosine and a sine for every element of every head
 (2,300 calls per layer and token for 12 heads of 64), most of what its attention builtin costs per layer outside
-the kernel above. Here each position computes its ``head_dim / 2`` angles once and all heads share them; the arithmetic per
-element is TVM's (the same angle; ``cos * x - sin * x2`` and ``cos * x2 + sin * x`` for a pair), so the outputs
-agree within float rounding (1e-6 in the tests).
+the kernel above. Here each position computes its ``head_dim / 2`` angles once and all heads share them; the
+arithmetic per element is TVM's (the same angle; ``cos * x - sin * x2`` and ``cos * x2 + sin * x`` for a pair), so
+the outputs agree within float rounding (1e-6 in the tests).
 """
 from __future__ import annotations
 
