@@ -49,9 +49,10 @@ def main() -> None:
     p.add_argument("--docs", default=str(ROOT / "docs"))
     a = p.parse_args()
     a.out = a.out or ("runs/bench-chat-continued" if a.from_student else "runs/bench-chat")
-    shape = (dict(student=a.from_student) if a.from_student else dict(layers=16, intermediate_size=1024))
+    # every student's start (a pruned shape or a trained student) and, when given, its peak learning rate
+    start = (dict(student=a.from_student) if a.from_student else dict(layers=16, intermediate_size=1024))
     if a.lr is not None:
-        shape["lr"] = a.lr
+        start["lr"] = a.lr
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     t0 = time.perf_counter()
@@ -62,7 +63,7 @@ def main() -> None:
         out = Path(a.out) / f"mix-{mix:g}"
         done = (out / "student" / "edgelm.json").exists()  # a finished run with these flags is reused
         logging.info("== %s", label)
-        res = distill(teacher=a.teacher, **shape, max_tokens=a.max_tokens, eval_every=25,
+        res = distill(teacher=a.teacher, **start, max_tokens=a.max_tokens, eval_every=25,
                       ckpt_every=50, chat_mix=mix, chat_examples=a.chat_examples,
                       chat_max_new_tokens=a.max_new_tokens, out=str(out), resume=done, force=not done)
         test = evaluate(str(res.student_dir), split="test", max_seqs=a.test_seqs)

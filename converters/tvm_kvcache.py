@@ -192,9 +192,10 @@ def split_rotary(theta: float, scale: float, head_dim: int, num_q_heads: int, nu
 
 @contextlib.contextmanager
 def cpu_kernels() -> Iterator[None]:
-    """While open, ``TIRPagedKVCache`` built for an ``llvm`` target gets edgelm's decode attention and RoPE kernels
-    in place of TVM's (kv_cache.py takes its kernel builders from module globals). Anything they do not cover (a
-    sliding window, scaled or partial RoPE) keeps TVM's."""
+    """While open, a ``TIRPagedKVCache`` being built gets edgelm's decode attention and RoPE kernels in place of
+    TVM's (kv_cache.py takes its kernel builders from module globals). They are CPU kernels: edgelm's TVM target
+    builds only ``llvm`` libraries. Anything they do not cover (a sliding window, scaled or partial RoPE) keeps
+    TVM's."""
     from tvm.relax.frontend.nn.llm import kv_cache
 
     stock_decode, stock_rope = kv_cache._attention_decode_cpu, kv_cache.llama_rope_with_position_map
