@@ -92,21 +92,58 @@ def test_int4_agrees_with_the_gguf_of_the_same_codes(int4_pair):
     assert tvm_p["top1_agree"] > 0.9
 
 
-def test_one_token_path_gives_the_prompt_paths_logits(int4_pair):
-    """Decode runs each quantized linear as group sums over interleaved rows (``QLinear._gemv``), a prompt as a matmul
-    on the dequantized matrix: token by token, the same ids give the same logits as one prompt call."""
+def one_token_and_prompt_logits(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """([T, V] logits of 12 ids fed one token at a time, [T, V] of the same ids as one prompt)."""
     from edgelm.runtimes.tvmrt import TvmRuntime
 
-    _, root, _ = int4_pair
     ids = list(range(40, 52))
-    rt = TvmRuntime(root / "tvm", threads=1)
+    rt = TvmRuntime(folder, threads=1)
     try:
         whole = rt.logits(ids)  # [T, V], every linear a matmul
         steps = np.stack([rt._prefill(ids[:1])] + [rt._step(t) for t in ids[1:]])  # [T, V], one token at a time
     finally:
         rt.close()
     assert np.abs(whole).max() > 1.0  # real logits, not zeros
+    return steps, whole
+
+
+def kld(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(p || q) per row, in nats."""
+    lp = p_logits - np.logaddexp.reduce(p_logits, axis=-1, keepdims=True)
+    lq = q_logits - np.logaddexp.reduce(q_logits, axis=-1, keepdims=True)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+def test_one_token_path_with_float_activations_gives_the_prompt_paths_logits(tmp_path, monkeypatch, int4_pair,
+                                                                              tiny_corpus):
+    """Without VNNI, decode runs each int4 linear as float group sums over interleaved rows (``QLinear._gemv_f32``),
+    a prompt as a matmul on the dequantized matrix: token by token, the same ids give the same logits."""
+    src = int4_pair[0]
+    have = T.host_features()
+    monkeypatch.setattr(T, "host_features", lambda: [f for f in have if f != "+avx512vnni"])
+    export(model=str(src), target="tvm", quant="gptq-int4-g32", out=tmp_path / "f32", data=(str(tiny_corpus),),
+           **CHECK)
+    assert json.loads((tmp_path / "f32" / T.CONFIG_FILE).read_text())["decoder"]["int8_dot"] is False
+    steps, whole = one_token_and_prompt_logits(tmp_path / "f32")
     np.testing.assert_allclose(steps, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_one_token_path_with_int8_activations_stays_near_the_prompt_path(int4_pair):
+    """On a CPU with AVX-512 VNNI, decode rounds the int4 linears' activations to int8 per group of 32 (as llama.cpp's
+    Q4_0 x Q8_0 dot products do); the prompt path keeps them float. The rounding error of an activation is at most
+    1/254 of its group's largest, so the two paths' logits differ by a fraction of a percent: bounded here by
+    0.5% of the logits' range and a KL divergence of 1e-4 nats per position."""
+    _, root, m = int4_pair
+    on = "+avx512vnni" in T.host_features()
+    assert json.loads((root / "tvm" / T.CONFIG_FILE).read_text())["decoder"]["int8_dot"] is on
+    assert m["tvm"]["activations"] == ("int8 in decode's int4 linears (AVX-512 VNNI)" if on else "float32")
+    if not on:
+        pytest.skip("needs an x86-64 CPU with AVX-512 VNNI")
+    steps, whole = one_token_and_prompt_logits(root / "tvm")
+    diff = np.abs(steps - whole).max()
+    assert 1e-6 < diff <= 5e-3 * (whole.max() - whole.min()), diff  # rounded (not the float path), and close
+    assert kld(whole, steps).max() <= 1e-4, kld(whole, steps)
+    assert (steps.argmax(-1) == whole.argmax(-1)).mean() >= 0.9
 
 
 def test_aarch64_cross_build(tmp_path, tiny_q_model, tiny_corpus):
