@@ -81,7 +81,7 @@ def get_arch(name: str) -> CpuArch:
 # x86 vector features a native build uses when this CPU has them (/proc/cpuinfo flag -> LLVM feature). Not the CPU
 # name: with mcpu=emeraldrapids meta-schedule adds its x86 intrinsic rules, whose mutator fails in TVM 0.27.
 X86_FEATURES = {"avx2": "+avx2", "fma": "+fma", "f16c": "+f16c", "avx512f": "+avx512f", "avx512bw": "+avx512bw",
-                "avx512vl": "+avx512vl", "avx512dq": "+avx512dq", "avx512_vnni": "+avx512vnni"}
+                "avx512vl": "+avx512vl", "avx512dq": "+avx512dq", "avx512_vnni": "+avx512vnni", "avx512vbmi": "+avx512vbmi"}
 
 
 def host_features() -> list[str]:
@@ -534,8 +534,8 @@ def compile_artifact(src: Path, tmp: Path, work: Path, *, arch: str = "", tune_t
     a = get_arch(arch)
     weights = read_source(src)
     cfg = decoder_config(weights)
-    if a.name == host_arch() == "x86-64" and "+avx512vnni" in host_features() and 4 in cfg.bits.values():
-        cfg = replace(cfg, int8_dot=True)  # decode's int4 linears: int8 activations, VNNI dot products
+    if a.name == host_arch() == "x86-64" and "+avx512vnni" in host_features() and cfg.bits:
+        cfg = replace(cfg, int8_dot=True)  # one token's quantized linears: int8 activations, VNNI dot products
     _, why = get_model_arch(weights.config.get("model_type")).export_context(weights.config)
     target = tvm_target(a)
     mod, names = export_module(cfg, target)
@@ -572,6 +572,6 @@ def compile_artifact(src: Path, tmp: Path, work: Path, *, arch: str = "", tune_t
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return {"file": LIB_FILE, "arch": a.name, "target_triple": a.mtriple, "tvm": tvm.__version__,
             "compile_seconds": round(seconds, 1), "tuning": tuning, "context": cfg.context,
-            "activations": "int8 in decode's int4 linears (AVX-512 VNNI)" if cfg.int8_dot else "float32",
+            "activations": "int8 in one token's quantized linears (AVX-512 VNNI)" if cfg.int8_dot else "float32",
             "quantized_tensors": dict(sorted(cfg.bits.items())), "notes": [why] if why else [],
             "checked_on": "this build" if a.name == host_arch() else f"the {host_arch()} build of the same module"}

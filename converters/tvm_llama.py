@@ -47,7 +47,7 @@ class DecoderConfig:
     group_size: int = 32  # quantized linears: columns per scale
     head_group: int = 32  # a quantized lm_head's columns per scale (Q8_0's 32 when a float one was made Q8_0)
     bits: dict[str, int] = field(default_factory=dict)  # "layers.0.mlp.up_proj", "lm_head"... -> 4 or 8; absent: float
-    int8_dot: bool = False  # one token through an int4 linear: activations rounded to int8 per group, AVX-512 VNNI
+    int8_dot: bool = False  # one token through a quantized linear: activations rounded to int8 per group, AVX-512 VNNI
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,7 +76,7 @@ class QLinear(nn.Module):
                  int8_dot: bool = False) -> None:
         self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
         self.rb = rb = row_block(out_features)
-        self.int8_dot = int8_dot and bits == 4 and rb == 16 and group % 8 == 0
+        self.int8_dot = int8_dot and rb == 16 and group % 8 == 0
         if bits == 8:  # one byte per code: a plain load vectorizes (shift-and-mask of 8-bit lanes ran ~4x slower)
             self.qweight = nn.Parameter((out_features // rb, in_features, rb), "uint8")  # [out/rb, in, rb]
         else:
@@ -110,7 +110,7 @@ class QLinear(nn.Module):
     def _gemv(self, x: Tensor) -> Tensor:
         """x [b, 1, in] -> [b, 1, out]: :func:`int8_qgemv` where the target has VNNI, else :meth:`_gemv_f32`."""
         if self.int8_dot and isinstance(x.shape[0], (int, tirx.IntImm)) and int(x.shape[0]) == 1:
-            func = int8_qgemv(self.in_features, self.out_features, self.group)
+            func = int8_qgemv(self.in_features, self.out_features, self.group, self.bits)
             return op.tensor_ir_op(func, "qgemv_int8", [x, self.qweight, self.scales, self.zeros],
                                    Tensor.placeholder((1, 1, self.out_features), "float32"))
         return self._gemv_f32(x)
@@ -152,25 +152,59 @@ def _code(q: te.Tensor, o, i, bits: int, rb: int):
     return (q[o // rb, i // per_word, o % rb] >> shift) & tirx.const((1 << bits) - 1, "uint32")
 
 
-def int8_qgemv(n_in: int, n_out: int, group: int):
-    """One token through an int4 linear with int8 activations and AVX-512 VNNI, as llama.cpp's Q4_0 x Q8_0 dot:
-    x [1, 1, in] fp32, codes/scales/zeros as ``QLinear`` stores them (16 interleaved rows) -> y [1, 1, out] fp32.
+def int8_qgemv(n_in: int, n_out: int, group: int, bits: int):
+    """One token through a 4- or 8-bit linear with int8 activations and AVX-512 VNNI, as llama.cpp's Q4_0 x Q8_0 and
+    Q8_0 x Q8_0 dot products: x [1, 1, in] fp32, codes/scales/zeros as ``QLinear`` stores them (16 interleaved rows)
+    -> y [1, 1, out] fp32.
 
-    x is rounded per group of columns to int8 (scale d = max|x| / 127, as Q8_0). A uint32 word holds 8 columns of
-    one row, column j in nibble j, so its low nibbles are the even columns and its high nibbles the odd ones; x is
-    stored in that order (per 8 columns: 0 2 4 6 1 3 5 7). Then ``vpdpbusd`` multiplies the 4 low (or high) nibbles
-    of 16 rows' words with 4 broadcast int8 activations and adds the products into 16 int32 sums. Per group:
-    y += scale * d * (sum code * xq - zero * sum xq)."""
+    x is rounded per group of columns to int8 (scale d = max|x| / 127, as Q8_0). ``vpdpbusd`` multiplies 4 unsigned
+    codes by 4 int8 activations in each of 16 int32 lanes (one lane per row) and adds them up. Per group:
+    y += scale * d * (sum code * xq - zero * sum xq).
+    - 4-bit: a uint32 word holds 8 columns of one row, column j in nibble j, so its low nibbles are the even columns
+      and its high nibbles the odd ones; x is stored in that order (per 8 columns: 0 2 4 6 1 3 5 7), and 16 rows'
+      words (one load) give two ``vpdpbusd`` (low nibbles, high nibbles).
+    - 8-bit: 4 columns of 16 rows are 64 stored bytes, column-major; one byte shuffle (``vpermb`` with AVX-512 VBMI)
+      makes each row's 4 codes one lane."""
     from tvm.script import tirx as T
 
-    rb, words, groups, wpg = 16, n_in // 8, n_in // group, group // 8  # wpg: uint32 words per group
+    rb, groups = 16, n_in // group
+    blk = 8 if bits == 4 else 1  # columns per stored unit whose activations are reordered (a uint32 word)
+    q_shape = (n_out // rb, n_in // 8, rb) if bits == 4 else (n_out // rb, n_in, rb)
+    q_dtype = "uint32" if bits == 4 else "uint8"
+    perm = [(j % 4) * rb + j // 4 for j in range(64)]  # 8-bit: lane r, byte k <- column k of row r
+
+    def xb(xq, col: int):
+        """4 int8 activations from ``col`` on, broadcast to 16 lanes as 64 bytes."""
+        return T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", xq.vload([col], "int8x4")), rb))
+
+    def vnni(acc, codes, acts):
+        return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, codes, acts)
+
+    @T.macro
+    def dot4(dot, q, xq, ob, c):
+        for w in T.unroll(group // 8):  # (no let-bindings here: each became a workspace allocation per block)
+            dot[T.ramp(0, 1, rb)] = vnni(dot[T.ramp(0, 1, rb)], T.reinterpret("int8x64", T.bitwise_and(
+                T.reinterpret("int32x16", q.vload([ob, c * (group // 8) + w, 0], "uint32x16")),
+                T.Broadcast(0x0F0F0F0F, rb))), xb(xq, c * group + w * 8))
+            dot[T.ramp(0, 1, rb)] = vnni(dot[T.ramp(0, 1, rb)], T.reinterpret("int8x64", T.bitwise_and(T.shift_right(
+                T.reinterpret("int32x16", q.vload([ob, c * (group // 8) + w, 0], "uint32x16")), T.Broadcast(4, rb)),
+                T.Broadcast(0x0F0F0F0F, rb))), xb(xq, c * group + w * 8 + 4))
+
+    @T.macro
+    def dot8(dot, q, xq, ob, c):
+        qf = T.decl_buffer((n_out * n_in,), "uint8", data=q.data)
+        for w in T.unroll(group // 4):
+            dot[T.ramp(0, 1, rb)] = vnni(dot[T.ramp(0, 1, rb)], T.reinterpret("int8x64", T.Shuffle(
+                [qf[T.ramp((ob * n_in + c * group + w * 4) * rb, 1, 64)]], perm)), xb(xq, c * group + w * 4))
+
+    dot_group = dot4 if bits == 4 else dot8
 
     @T.prim_func(private=True)
-    def qgemv_int8(x: T.Buffer((1, 1, n_in), "float32"), q: T.Buffer((n_out // rb, words, rb), "uint32"),
+    def qgemv_int8(x: T.Buffer((1, 1, n_in), "float32"), q: T.Buffer(q_shape, q_dtype),
                    s: T.Buffer((n_out // rb, groups, rb), "float16"), z: T.Buffer((n_out // rb, groups, rb), "uint8"),
                    y: T.Buffer((1, 1, n_out), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        xq = T.alloc_buffer((n_in,), "int8")  # x rounded, in nibble order
+        xq = T.alloc_buffer((n_in,), "int8")  # x rounded (4-bit: in nibble order)
         xd = T.alloc_buffer((groups,), "float32")  # each group's scale
         xsum = T.alloc_buffer((groups,), "float32")  # each group's sum of xq (for the zero points)
         amax = T.alloc_buffer((1,), "float32")
@@ -181,11 +215,11 @@ def int8_qgemv(n_in: int, n_out: int, group: int):
                 amax[0] = T.max(amax[0], T.fabs(x[0, 0, c * group + j]))
             xd[c] = amax[0] / T.float32(127)
             isum[0] = 0
-            for w, j in T.grid(wpg, 8):
-                xq[c * group + w * 8 + (j % 2) * 4 + j // 2] = T.Cast("int8", T.if_then_else(
-                    amax[0] > T.float32(0), T.Cast("int32", T.nearbyint(x[0, 0, c * group + w * 8 + j]
+            for w, j in T.grid(group // blk, blk):  # column w * blk + j goes to w * blk + (j % 2) * blk / 2 + j / 2
+                xq[c * group + w * blk + (j % 2) * (blk // 2) + j // 2] = T.Cast("int8", T.if_then_else(
+                    amax[0] > T.float32(0), T.Cast("int32", T.nearbyint(x[0, 0, c * group + w * blk + j]
                                                                         * (T.float32(127) / amax[0]))), 0))
-                isum[0] = isum[0] + T.Cast("int32", xq[c * group + w * 8 + (j % 2) * 4 + j // 2])
+                isum[0] = isum[0] + T.Cast("int32", xq[c * group + w * blk + (j % 2) * (blk // 2) + j // 2])
             xsum[c] = T.Cast("float32", isum[0])
         for ob in T.parallel(n_out // rb):  # a block of 16 rows
             acc = T.alloc_buffer((rb,), "float32", scope="local")
@@ -193,21 +227,7 @@ def int8_qgemv(n_in: int, n_out: int, group: int):
             acc[T.ramp(0, 1, rb)] = T.Broadcast(T.float32(0), rb)
             for c in range(groups):
                 dot[T.ramp(0, 1, rb)] = T.Broadcast(0, rb)
-                for w in T.unroll(wpg):  # (no let-bindings here: each became a workspace allocation per block)
-                    dot[T.ramp(0, 1, rb)] = T.call_llvm_pure_intrin(
-                        "int32x16", "llvm.x86.avx512.vpdpbusd.512", dot[T.ramp(0, 1, rb)],
-                        T.reinterpret("int8x64", T.bitwise_and(
-                            T.reinterpret("int32x16", q.vload([ob, c * wpg + w, 0], "uint32x16")),
-                            T.Broadcast(0x0F0F0F0F, rb))),
-                        T.reinterpret("int8x64", T.Broadcast(
-                            T.reinterpret("int32", xq.vload([(c * wpg + w) * 8], "int8x4")), rb)))
-                    dot[T.ramp(0, 1, rb)] = T.call_llvm_pure_intrin(
-                        "int32x16", "llvm.x86.avx512.vpdpbusd.512", dot[T.ramp(0, 1, rb)],
-                        T.reinterpret("int8x64", T.bitwise_and(T.shift_right(
-                            T.reinterpret("int32x16", q.vload([ob, c * wpg + w, 0], "uint32x16")),
-                            T.Broadcast(4, rb)), T.Broadcast(0x0F0F0F0F, rb))),
-                        T.reinterpret("int8x64", T.Broadcast(
-                            T.reinterpret("int32", xq.vload([(c * wpg + w) * 8 + 4], "int8x4")), rb)))
+                dot_group(dot, q, xq, ob, c)
                 acc[T.ramp(0, 1, rb)] = acc[T.ramp(0, 1, rb)] + T.Cast("float32x16", s.vload([ob, c, 0], "float16x16")) \
                     * T.Broadcast(xd[c], rb) * (T.Cast("float32x16", dot[T.ramp(0, 1, rb)])
                                                 - T.Cast("float32x16", z.vload([ob, c, 0], "uint8x16"))

@@ -136,7 +136,7 @@ def test_one_token_path_with_int8_activations_stays_near_the_prompt_path(int4_pa
     _, root, m = int4_pair
     on = "+avx512vnni" in T.host_features()
     assert json.loads((root / "tvm" / T.CONFIG_FILE).read_text())["decoder"]["int8_dot"] is on
-    assert m["tvm"]["activations"] == ("int8 in decode's int4 linears (AVX-512 VNNI)" if on else "float32")
+    assert m["tvm"]["activations"] == ("int8 in one token's quantized linears (AVX-512 VNNI)" if on else "float32")
     if not on:
         pytest.skip("needs an x86-64 CPU with AVX-512 VNNI")
     steps, whole = one_token_and_prompt_logits(root / "tvm")

@@ -1,5 +1,5 @@
-"""The decoder's int8-activation int4 kernel (``int8_qgemv``): it computes llama.cpp's Q4 x Q8 dot product exactly,
-for the codes, scales and zero points ``QLinear`` stores."""
+"""The decoder's int8-activation kernel for one token through a quantized linear (``int8_qgemv``): it computes
+llama.cpp's Q4 x Q8 and Q8 x Q8 dot products exactly, for the codes, scales and zero points ``QLinear`` stores."""
 from __future__ import annotations
 
 import numpy as np
@@ -26,18 +26,18 @@ def q8_reference(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros: np
 
 
 @pytest.mark.skipif("+avx512vnni" not in T.host_features(), reason="needs an x86-64 CPU with AVX-512 VNNI")
-@pytest.mark.parametrize("n_in, n_out", [(96, 48), (576, 960)])
-def test_int8_qgemv_is_the_q8_dot_product(n_in, n_out):
-    rng = np.random.default_rng(n_in)
-    codes = rng.integers(0, 16, (n_out, n_in)).astype(np.uint8)
+@pytest.mark.parametrize("bits, n_in, n_out", [(4, 96, 48), (4, 576, 960), (8, 96, 48), (8, 576, 960)])
+def test_int8_qgemv_is_the_q8_dot_product(bits, n_in, n_out):
+    rng = np.random.default_rng(n_in + bits)
+    codes = rng.integers(0, 1 << bits, (n_out, n_in)).astype(np.uint8)
     scales = (rng.random((n_out, n_in // G)) * 0.05).astype(np.float16)
-    zeros = rng.integers(0, 16, (n_out, n_in // G)).astype(np.uint8)  # asymmetric: the zero-point term matters
+    zeros = rng.integers(0, 1 << bits, (n_out, n_in // G)).astype(np.uint8)  # asymmetric: the zero point matters
     x = rng.standard_normal(n_in).astype(np.float32) * rng.choice([0.01, 1.0, 30.0], n_in).astype(np.float32)
     x[G:2 * G] = 0  # a group of zeros: scale 0, no division by it
-    f = int8_qgemv(n_in, n_out, G).with_attr("global_symbol", "main")
+    f = int8_qgemv(n_in, n_out, G, bits).with_attr("global_symbol", "main")
     fn = tvm.compile(tvm.IRModule({"main": f}), target=T.tvm_target(T.get_arch(""), threads=1))["main"]
     a = [tvm.runtime.tensor(v, tvm.cpu()) for v in (
-        x.reshape(1, 1, n_in), T.interleave_rows(T.pack_codes(codes, 4), 16).copy(),
+        x.reshape(1, 1, n_in), T.interleave_rows(T.pack_codes(codes, bits), 16).copy(),
         T.interleave_rows(scales, 16).copy(), T.interleave_rows(zeros, 16).copy())]
     y = tvm.runtime.tensor(np.full((1, 1, n_out), np.nan, np.float32), tvm.cpu())
     fn(*a, y)
