@@ -190,11 +190,15 @@ def main() -> None:
                      for k, ms, n, gbs in top]
     cmd = "python " + shlex.join(["benchmarks/tvm_target.py", *sys.argv[1:]])
     h = res.header
+    trained = json.loads((Path(a.student) / "edgelm.json").read_text()).get("training", {}).get("tokens_seen")
+    acts = m[f"tvm-{PRESET}"].get("activations", "float32")
     body = f"""## TVM against ONNX Runtime and llama.cpp
 `{cmd}` on {h['cpu']}, {h['physical_cores']} physical cores ({wall / 60:.1f} min for the bench). The bench-scale
-student and one `{PRESET}` checkpoint of it, exported to TVM (untuned: edgelm's own matmul schedule), GGUF
-(exact Q4_0) and ONNX (MatMulNBits); each row in its own process, prompt 128 tokens, 64 generated, mean ± std of 3
-runs; quality against the fp32 PyTorch student on 8 × 128 test-split tokens.
+student ({f"{trained:,} tokens of distillation" if trained else "its training unrecorded"}; speed does not depend on
+it) and one `{PRESET}` checkpoint of it, exported to TVM (untuned: edgelm's own matmul schedule; activations:
+{acts}), GGUF (exact Q4_0) and ONNX (MatMulNBits); each row in its own process, prompt
+128 tokens, 64 generated, mean ± std of 3 runs; quality against the fp32 PyTorch student on 8 × 128 test-split
+tokens (the prompt path, float activations in TVM).
 
 {res.table()}
 
