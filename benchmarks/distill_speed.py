@@ -35,6 +35,9 @@ VARIANTS = {
     # the teacher cache: the first run writes it (and trains on the same top-k objective), the next one only reads
     "cache-write": ("fp32, fused, --teacher-cache: the run that writes it", dict(bf16="off", teacher_cache=CACHE)),
     "cache-read": ("fp32, fused, --teacher-cache: a later run that reads it", dict(bf16="off", teacher_cache=CACHE)),
+    # the default precision on the same cache: no teacher forward, the student's work in bf16 where that is faster
+    "default-cache-read": ("default (--bf16 auto, fused), --teacher-cache: a later run that reads it",
+                           dict(teacher_cache=CACHE)),
 }
 
 
@@ -113,6 +116,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--intermediate-size", type=int, default=1024)
     p.add_argument("--eval-seqs", type=int, default=16)
+    p.add_argument("--cache-topk", type=int, default=None,
+                   help="teacher words kept per position in the cache variants (default: the trainer's)")
     p.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                    help="variants to run; the others' rows come from their last run under --out, marked so")
     p.add_argument("--out", default="runs/bench-speed")
@@ -122,6 +127,10 @@ def main() -> None:
     p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if a.cache_topk is None:
+        from edgelm.distill.config import DistillConfig
+
+        a.cache_topk = DistillConfig.cache_topk
     if a.child:
         return child(json.loads(a.child), Path(a.result))
     if a.breakdown:
@@ -134,7 +143,8 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    if "cache-read" in a.only and "cache-write" not in a.only and not (out / "tcache" / "meta.json").is_file():
+    reads = {"cache-read", "default-cache-read"} & set(a.only)
+    if reads and "cache-write" not in a.only and not (out / "tcache" / "meta.json").is_file():
         sys.exit("distill_speed: cache-read needs the cache that cache-write leaves under --out; run both")
     if "cache-write" in a.only:
         shutil.rmtree(out / "tcache", ignore_errors=True)
@@ -148,6 +158,8 @@ def main() -> None:
             continue
         logging.info("== %s", name)
         over = {k: v.replace("<out>", str(out)) if isinstance(v, str) else v for k, v in over.items()}
+        if "teacher_cache" in over:
+            over["cache_topk"] = a.cache_topk
         kw = dict(teacher=a.teacher, layers=a.layers, intermediate_size=a.intermediate_size, max_tokens=a.max_tokens,
                   eval_every=0, ckpt_every=0, eval_seqs=a.eval_seqs, out=str(out / vid), force=True,
                   progress=False, **over)
@@ -174,7 +186,8 @@ def main() -> None:
 Command: `{cmd.strip()}` on {platform.machine()} ({machine_info()['cpu']}), torch's default threads,
 {(time.perf_counter() - t0) / 60:.0f} min in all. The demo's step: teacher `{a.teacher}` (30 blocks), student
 {a.layers} blocks with MLP {a.intermediate_size}, batch 4 x 256, forward KL; {a.max_tokens:,} tokens per variant, each
-in its own process; val perplexity on {a.eval_seqs} sequences after those tokens. What `--bf16 auto` decided here:
+in its own process; val perplexity on {a.eval_seqs} sequences after those tokens; the teacher cache keeps the top
+{a.cache_topk} words per position. What `--bf16 auto` decided here:
 {auto['precision']} ({auto['reason']}).
 
 {md_table(["variant", "precision", "tok/s", "x before", "peak RSS (GiB)", "val ppl", "val ppl vs before (%)"],

@@ -567,7 +567,8 @@ def compile_artifact(src: Path, tmp: Path, work: Path, *, arch: str = "", tune_t
         h = get_arch(host_arch())
         hmod, _ = export_module(cfg, tvm_target(h))
         build_library(lower(hmod, tvm_target(h)), tvm_target(h), h, work / HOST_LIB, None)
-    meta = {"decoder": cfg.as_dict(), "params": names, "arch": a.name, "target": str(target), "tvm": tvm.__version__,
+    meta = {"decoder": cfg.as_dict(), "params": names, "arch": a.name, "target": str(target),
+            "mattr": [str(f) for f in target.attrs.get("mattr", [])], "tvm": tvm.__version__,
             "tuning": tuning, "key": key}
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return {"file": LIB_FILE, "arch": a.name, "target_triple": a.mtriple, "tvm": tvm.__version__,

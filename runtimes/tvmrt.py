@@ -100,7 +100,7 @@ def _set_threads(tvm, threads: int) -> None:
 
 def _check_library(lib: Path, cfg: dict[str, Any], tvm_version: str) -> None:
     """Refuse, in one line, a library this machine or this TVM can't run."""
-    from edgelm.converters.tvm import ARCHES, elf_machine, host_arch
+    from edgelm.converters.tvm import ARCHES, elf_machine, host_arch, host_features
 
     if not lib.is_file():
         raise EdgelmError(f"{lib} is missing; re-export the artifact")
@@ -114,3 +114,8 @@ def _check_library(lib: Path, cfg: dict[str, Any], tvm_version: str) -> None:
         arch = next((a.name for a in ARCHES.values() if a.e_machine == machine), f"ELF machine {machine}")
         raise EdgelmError(f"{lib} is built for {arch}, this machine is {host_arch()}; run it on an {arch} device, or "
                           f"re-export with --arch {host_arch()}")
+    if cfg.get("arch") == host_arch() == "x86-64":  # a native build uses this machine's vector features
+        missing = sorted(set(cfg.get("mattr", [])) - set(host.mattr) - set(host_features()))
+        if missing:
+            raise EdgelmError(f"{lib} was compiled for a CPU with {', '.join(m.lstrip('+') for m in missing)}, which "
+                              f"this CPU lacks (it would stop on an illegal instruction); re-export it on this machine")

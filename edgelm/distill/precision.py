@@ -58,21 +58,22 @@ class Precision:
 AUTO_MIN_SPEEDUP = 1.15  # auto takes bf16 on a CPU only when its matmuls are at least this much faster
 
 
-def bf16_speedup(rows: int, inner: int, outer: int, reps: int = 5) -> float:
-    """How much faster a bf16 matmul [rows, inner] x [inner, outer] runs than fp32 on this CPU (best of ``reps``).
+def bf16_speedup(rows: int, inner: int, outer: int, reps: int = 9) -> float:
+    """How much faster a bf16 matmul [rows, inner] x [inner, outer] runs than fp32 on this CPU (best of ``reps``
+    each, the two alternating, so a burst of noise on a shared machine slows both rather than one).
 
     A CPU can have the bf16 instructions and still run bf16 slower than fp32 (measured here on a Xeon with
     avx512_bf16 but no AMX: 0.55x), so auto measures instead of trusting the flag."""
-    best = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, w = torch.randn(rows, inner, dtype=dtype), torch.randn(outer, inner, dtype=dtype)
-        torch.nn.functional.linear(a, w)  # warm-up (oneDNN picks and packs its kernel)
-        times = []
-        for _ in range(reps):
+    dtypes = (torch.float32, torch.bfloat16)
+    args = {dt: (torch.randn(rows, inner, dtype=dt), torch.randn(outer, inner, dtype=dt)) for dt in dtypes}
+    best = {dt: float("inf") for dt in dtypes}
+    for dt in dtypes:
+        torch.nn.functional.linear(*args[dt])  # warm-up (oneDNN picks and packs its kernel)
+    for _ in range(reps):
+        for dt in dtypes:
             t0 = time.perf_counter()
-            torch.nn.functional.linear(a, w)
-            times.append(time.perf_counter() - t0)
-        best[dtype] = min(times)
+            torch.nn.functional.linear(*args[dt])
+            best[dt] = min(best[dt], time.perf_counter() - t0)
     return best[torch.float32] / best[torch.bfloat16]
 
 

@@ -236,6 +236,19 @@ def test_library_of_another_tvm_is_refused(tmp_path, fp32_tvm):
         TvmRuntime(art)
 
 
+def test_library_for_a_cpu_with_more_features_is_refused(monkeypatch, fp32_tvm):
+    """A native x86-64 build uses this machine's AVX-512 (and VNNI for int8 activations): on a CPU without them it
+    would die on an illegal instruction, so loading it there says so."""
+    from edgelm.runtimes.tvmrt import TvmRuntime
+
+    built = json.loads((fp32_tvm / T.CONFIG_FILE).read_text())["mattr"]
+    assert "+avx2" in built or T.host_arch() != "x86-64"
+    monkeypatch.setattr(T, "host_features", lambda: [])  # a CPU with none of them
+    if T.host_arch() == "x86-64":
+        with pytest.raises(EdgelmError, match="compiled for a CPU with .*avx2.*re-export it on this machine"):
+            TvmRuntime(fp32_tvm)
+
+
 def test_prompt_past_the_context_is_refused(fp32_tvm):
     from edgelm.runtimes.api import load
 
