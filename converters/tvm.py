@@ -81,7 +81,8 @@ def get_arch(name: str) -> CpuArch:
 # x86 vector features a native build uses when this CPU has them (/proc/cpuinfo flag -> LLVM feature). Not the CPU
 # name: with mcpu=emeraldrapids meta-schedule adds its x86 intrinsic rules, whose mutator fails in TVM 0.27.
 X86_FEATURES = {"avx2": "+avx2", "fma": "+fma", "f16c": "+f16c", "avx512f": "+avx512f", "avx512bw": "+avx512bw",
-                "avx512vl": "+avx512vl", "avx512dq": "+avx512dq", "avx512_vnni": "+avx512vnni", "avx512vbmi": "+avx512vbmi"}
+                "avx512vl": "+avx512vl", "avx512dq": "+avx512dq",
+                "avx512_vnni": "+avx512vnni", "avx512vbmi": "+avx512vbmi"}  # int8 dot products, byte shuffles
 
 
 def host_features() -> list[str]:

@@ -69,8 +69,9 @@ class QLinear(nn.Module):
     codes in the low bits; 8-bit: one byte each), scales and zeros [out/rb, in/group, rb].
 
     One token (decode, and the prompt's last position before the lm_head) runs :meth:`_gemv`: a vector of rb rows'
-    sums per column, each group's sum scaled once and its zero point taken out through the group's sum of x. A prompt
-    runs a matmul on the dequantized matrix (:meth:`weight`)."""
+    sums per column, each group's sum scaled once and its zero point taken out through the group's sum of x (with
+    ``int8_dot``, x rounded to int8 and VNNI's integer dot products: :func:`int8_qgemv`). A prompt runs a matmul on
+    the dequantized matrix (:meth:`weight`)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group: int, bias: bool = False,
                  int8_dot: bool = False) -> None:
@@ -228,10 +229,10 @@ def int8_qgemv(n_in: int, n_out: int, group: int, bits: int):
             for c in range(groups):
                 dot[T.ramp(0, 1, rb)] = T.Broadcast(0, rb)
                 dot_group(dot, q, xq, ob, c)
-                acc[T.ramp(0, 1, rb)] = acc[T.ramp(0, 1, rb)] + T.Cast("float32x16", s.vload([ob, c, 0], "float16x16")) \
-                    * T.Broadcast(xd[c], rb) * (T.Cast("float32x16", dot[T.ramp(0, 1, rb)])
-                                                - T.Cast("float32x16", z.vload([ob, c, 0], "uint8x16"))
-                                                * T.Broadcast(xsum[c], rb))
+                acc[T.ramp(0, 1, rb)] = acc[T.ramp(0, 1, rb)] + (
+                    T.Cast("float32x16", s.vload([ob, c, 0], "float16x16")) * T.Broadcast(xd[c], rb)
+                    * (T.Cast("float32x16", dot[T.ramp(0, 1, rb)])
+                       - T.Cast("float32x16", z.vload([ob, c, 0], "uint8x16")) * T.Broadcast(xsum[c], rb)))
             y[0, 0, T.ramp(ob * rb, 1, rb)] = acc[T.ramp(0, 1, rb)]
 
     return qgemv_int8
