@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from edgelm.app.browser import DEMO, AppServer
@@ -184,7 +185,12 @@ def test_onnx_answer_is_pythons_greedy_and_scores_alike(browser, app_url, app_di
 def test_mixed_onnx_with_a_shared_4bit_embedding_runs_in_the_page(browser, rt_model, tiny_corpus, tmp_path_factory):
     """A mixed plan at its smallest (every matrix Q4_0) exported to ONNX shares one GPTQ 4-bit matrix between the
     embedding (GatherBlockQuantized) and the lm_head: onnxruntime-web runs it and answers with edgelm's ONNX
-    Runtime backend's greedy ids."""
+    Runtime backend's greedy picks.
+
+    Its MatMulNBits round activations to int8 (accuracy_level 4), and native ONNX Runtime and its WebAssembly build
+    round and sum in different orders, so on this random 4-bit model a near-tie can go either way (seen on an AMD
+    EPYC: top-2 logits 0.035 apart at step 8). So each of the page's ids is checked against native ONNX Runtime's
+    logits for the page's own prefix: its argmax, or within 0.1 of it, and at most 2 of the 16 not the argmax."""
     from edgelm.app.build import build_app
     from edgelm.artifact.api import export
     from edgelm.quant.api import quantize
@@ -204,9 +210,14 @@ def test_mixed_onnx_with_a_shared_4bit_embedding_runs_in_the_page(browser, rt_mo
         page = browser.step("run", prompt=PROMPT, maxTokens=N, mode="device")["seen"]
     rt = load(root / "mixed", runtime="onnx", threads=1)
     try:
-        assert page["ids"] == rt.greedy(rt_model["prompt_ids"], N), json.dumps(page)
+        prompt = rt_model["prompt_ids"]
+        logits = rt.logits(prompt + page["ids"][:-1])[len(prompt) - 1:]  # [N, V]: each step's, after the page's ids
     finally:
         rt.close()
+    assert len(page["ids"]) == N, json.dumps(page)
+    picked = logits[np.arange(N), page["ids"]]  # [N]
+    gap = logits.max(-1) - picked  # [N], 0 where the page took native's argmax
+    assert gap.max() <= 0.1 and (gap > 0).sum() <= 2, (gap.round(4).tolist(), json.dumps(page))
 
 
 def test_page_tokenizer_is_pythons(browser_ready, rt_model, artifacts, tiny_corpus):
