@@ -129,10 +129,10 @@ def test_one_token_path_with_float_activations_gives_the_prompt_paths_logits(tmp
 
 
 def test_one_token_path_with_int8_activations_stays_near_the_prompt_path(int4_pair):
-    """On a CPU with AVX-512 VNNI, decode rounds the int4 linears' activations to int8 per group of 32 (as llama.cpp's
-    Q4_0 x Q8_0 dot products do); the prompt path keeps them float. The rounding error of an activation is at most
-    1/254 of its group's largest, so the two paths' logits differ by a fraction of a percent: bounded here by
-    0.5% of the logits' range and a KL divergence of 1e-4 nats per position."""
+    """On a CPU with AVX-512 VNNI, decode rounds the quantized linears' activations to int8 per group of 32 (as
+    llama.cpp's Q4_0 x Q8_0 dot products do); the prompt path keeps them float. The rounding error of an activation
+    is at most 1/254 of its group's largest, so the two paths' logits differ by a fraction of a percent: bounded
+    here by 0.5% of the logits' range and a KL divergence of 1e-4 nats per position."""
     _, root, m = int4_pair
     on = "+avx512vnni" in T.host_features()
     assert json.loads((root / "tvm" / T.CONFIG_FILE).read_text())["decoder"]["int8_dot"] is on
