@@ -535,10 +535,10 @@ def compile_artifact(src: Path, tmp: Path, work: Path, *, arch: str = "", tune_t
     a = get_arch(arch)
     weights = read_source(src)
     cfg = decoder_config(weights)
-    if a.name == host_arch() == "x86-64" and "+avx512vnni" in host_features() and cfg.bits:
-        cfg = replace(cfg, int8_dot=True)  # one token's quantized linears: int8 activations, VNNI dot products
     _, why = get_model_arch(weights.config.get("model_type")).export_context(weights.config)
     target = tvm_target(a)
+    if "+avx512vnni" in target.attrs.get("mattr", []) and cfg.bits:  # a native build on a CPU with VNNI
+        cfg = replace(cfg, int8_dot=True)  # one token's quantized linears: int8 activations, VNNI dot products
     mod, names = export_module(cfg, target)
     save_file(model_params(cfg, weights, names), str(tmp / PARAMS_FILE))
     del weights
