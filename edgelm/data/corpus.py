@@ -21,6 +21,9 @@ from edgelm.errors import EdgelmError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# A data source "python-stdlib:PATH" is another Python's stdlib tree (say, copied from another machine), keyed and
+# split exactly as the default corpus is on that machine.
+STDLIB_PREFIX = "python-stdlib:"
 # Folders of the stdlib tree that are not the standard library's own source.
 _STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -53,7 +56,7 @@ class CorpusSpec:
             raise EdgelmError(f"val/test fractions must be in [0, 1) and sum below 1, got {self.val_frac}/{self.test_frac}")
 
     def describe(self) -> str:
-        return ", ".join(self.sources) if self.sources else f"python-stdlib:{stdlib_root()}"
+        return ", ".join(self.sources) if self.sources else f"{STDLIB_PREFIX}{stdlib_root()}"
 
 
 def split_of(key: str, val_frac: float, test_frac: float) -> str:
@@ -87,6 +90,12 @@ class ReadStats:
         return self.skipped_binary + self.skipped_encoding + self.skipped_empty
 
 
+def _stdlib_files(root: Path) -> dict[str, str]:
+    """{key: path} of a stdlib tree's own .py files, keyed by their path under ``root``."""
+    return {p.relative_to(root).as_posix(): str(p) for p in root.rglob("*.py")
+            if _STDLIB_SKIP.isdisjoint(p.relative_to(root).parts)}
+
+
 class Corpus:
     """Documents of a :class:`CorpusSpec`, listed once (paths only) and read lazily."""
 
@@ -101,14 +110,16 @@ class Corpus:
     def _list_files(self) -> list[tuple[str, str]]:
         out: dict[str, str] = {}
         if not self.spec.sources:
-            root = stdlib_root()
-            for p in root.rglob("*.py"):
-                if _STDLIB_SKIP.isdisjoint(p.relative_to(root).parts):
-                    out[p.relative_to(root).as_posix()] = str(p)
-            return sorted(out.items())
+            return sorted(_stdlib_files(stdlib_root()).items())
         for src in self.spec.sources:
             p = Path(src).expanduser()
-            if p.is_dir():
+            if src.startswith(STDLIB_PREFIX):
+                root = Path(src[len(STDLIB_PREFIX):]).expanduser()
+                if not root.is_dir():
+                    raise EdgelmError(f"data source {src!r}: {root} is not a folder; give the path of a Python "
+                                      "stdlib tree (the folder that holds os.py)")
+                out.update(_stdlib_files(root))
+            elif p.is_dir():
                 for f in p.rglob("*"):
                     if f.is_file() and f.suffix in self.spec.extensions and "__pycache__" not in f.parts:
                         out[f"{p.name}/{f.relative_to(p).as_posix()}"] = str(f)

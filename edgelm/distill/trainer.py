@@ -12,11 +12,13 @@ import json
 import logging
 import math
 import os
+import queue
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -492,6 +494,8 @@ class _Trainer:
             stream = mix_streams(stream, iter(chat), cfg.chat_mix, cfg.seed)
         for _ in range(self.seqs_done):
             next(stream)
+        if self.device.type == "cuda":  # pack the next batches while the GPU runs this one
+            stream = prefetched(stream, 2 * cfg.batch_size * cfg.grad_accum * dist.world)
         bar = None
         if dist.main and cfg.progress:
             from tqdm.auto import tqdm
@@ -573,6 +577,47 @@ class _Trainer:
                      self.teacher_val.ppl)
         dist.barrier()
         return DistillResult(student_dir, self.run, self.step_no, tokens, val_student, self.teacher_val, manifest)
+
+
+T = TypeVar("T")
+
+
+def prefetched(it: Iterator[T], depth: int) -> Iterator[T]:
+    """The items of ``it``, in order, read up to ``depth`` ahead by a background thread. The tokenizer releases the
+    GIL, so on a GPU the next batches are tokenized and packed while the current step runs. An error in ``it`` is
+    raised here, at the item where it happened."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work() -> None:
+        try:
+            for x in it:
+                if not put(("item", x)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put(("error", e))
+
+    threading.Thread(target=work, name="edgelm-prefetch", daemon=True).start()
+    try:
+        while True:
+            kind, x = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise x
+            yield x
+    finally:
+        stop.set()
 
 
 def _full_state(student, opt, fsdp: bool) -> tuple[dict, dict | None]:

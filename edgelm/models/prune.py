@@ -95,9 +95,10 @@ def _layers(model: nn.Module) -> nn.ModuleList:
 def _calibrate(model: nn.Module, batches: Iterable[torch.Tensor], hooks: list) -> int:
     """Run ``model`` on every batch [B, T] with ``hooks`` (removed after, also on error); the tokens seen."""
     count = 0
+    device = next(model.parameters()).device  # the batches come from the CPU; the model may be on a GPU
     try:
         for ids in batches:
-            model(input_ids=ids)
+            model(input_ids=ids.to(device))
             count += ids.numel()
     finally:
         for h in hooks:
@@ -119,7 +120,7 @@ def layer_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[
             x = args[0] if args else kwargs["hidden_states"]  # [B, T, H]
             y = output[0] if isinstance(output, tuple) else output  # [B, T, H]
             cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)  # [B, T]
-            sums[i] += (1 - cos).sum().double()
+            sums[i] += (1 - cos).sum().double().cpu()
 
         return fn
 
@@ -139,7 +140,7 @@ def mlp_neuron_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     def hook(i):
         def fn(module, args):
             a = args[0]  # [B, T, I]
-            sums[i] += a.abs().double().sum(dim=(0, 1))
+            sums[i] += a.abs().double().sum(dim=(0, 1)).cpu()
 
         return fn
 
@@ -159,7 +160,7 @@ def head_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[t
     def hook(i):
         def fn(module, args):
             a = args[0]  # [B, T, nq * head_dim]
-            sums[i] += a.reshape(*a.shape[:-1], nq, -1).float().norm(dim=-1).double().sum(dim=(0, 1))
+            sums[i] += a.reshape(*a.shape[:-1], nq, -1).float().norm(dim=-1).double().sum(dim=(0, 1)).cpu()
 
         return fn
 
@@ -174,7 +175,7 @@ def hidden_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> torc
     sums = torch.zeros(model.config.hidden_size, dtype=torch.float64)
 
     def fn(module, args, output):
-        sums.add_(output.abs().double().sum(dim=(0, 1)))  # output [B, T, H]
+        sums.add_(output.abs().double().sum(dim=(0, 1)).cpu())  # output [B, T, H]
 
     count = _calibrate(model, batches, [layer.get_submodule(name).register_forward_hook(fn) for layer in _layers(model)
                                         for name in BLOCK_NAMES["norms"]])
@@ -244,6 +245,7 @@ def prune(
     prefix = BLOCK_NAMES["layers"] + "."
     new_state = {}
     for key, value in teacher.state_dict().items():
+        value = value.detach().cpu()  # the student is built on the CPU (the trainer moves it)
         old = None
         if key.startswith(prefix):
             idx, rest = key[len(prefix):].split(".", 1)

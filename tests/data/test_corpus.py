@@ -38,6 +38,24 @@ def test_default_corpus_is_the_stdlib_without_site_packages():
     assert any(key == "json/decoder.py" for key, _ in c.files)
 
 
+def test_a_stdlib_tree_elsewhere_splits_as_the_default_corpus(tmp_path):
+    import shutil
+
+    from edgelm.data.corpus import stdlib_root
+
+    copy = tmp_path / "py"  # a few files of this Python's stdlib, as another machine would get them
+    for rel in ("json/decoder.py", "json/__init__.py", "os.py", "site-packages/x.py"):
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(stdlib_root() / rel if "site-" not in rel else stdlib_root() / "os.py", copy / rel)
+    default = Corpus()
+    c = Corpus(CorpusSpec((f"python-stdlib:{copy}",)))
+    assert [k for k, _ in c.files] == ["json/__init__.py", "json/decoder.py", "os.py"]
+    for s in SPLITS:  # the same keys land in the same splits
+        assert {d.key for d in c.docs(s)} == {d.key for d in default.docs(s)} & {k for k, _ in c.files}
+    with pytest.raises(EdgelmError, match="not a folder"):
+        Corpus(CorpusSpec((f"python-stdlib:{tmp_path / 'nope'}",)))
+
+
 def test_sources_files_globs_and_jsonl(tmp_path):
     (tmp_path / "a.txt").write_text("alpha")
     (tmp_path / "d").mkdir()

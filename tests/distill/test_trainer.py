@@ -265,3 +265,22 @@ def test_width_pruned_student_exports_with_parity(tiny_teacher, tiny_corpus, tmp
     m = export(model=str(res.student_dir), target=target, quant="fp32", out=str(out), data=(str(tiny_corpus),),
                eval_seqs=4, eval_seqlen=64, prompts=2, new_tokens=8).manifest
     assert m["parity"]["passed"] and m["parity"]["greedy_identical"] == 2
+
+
+def test_prefetched_keeps_order_and_raises_where_the_source_fails():
+    from edgelm.distill.trainer import prefetched
+
+    assert list(prefetched(iter(range(1000)), 7)) == list(range(1000))
+
+    def failing():
+        yield from range(5)
+        raise EdgelmError("no readable text")
+
+    got = []
+    with pytest.raises(EdgelmError, match="no readable text"):
+        for x in prefetched(failing(), 2):
+            got.append(x)
+    assert got == [0, 1, 2, 3, 4]
+    it = prefetched(iter(range(10**9)), 4)  # an endless source: closing the consumer stops the thread
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()
