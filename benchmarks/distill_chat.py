@@ -3,6 +3,8 @@ instructions made from the train split, at equal tokens (writes the `distill_cha
 
     python benchmarks/distill_chat.py [--max-tokens 100000] [--mixes 0.2]
     python benchmarks/distill_chat.py --from-student runs/bench-scale-2m/run/student   # a longer-trained start
+    python benchmarks/distill_chat.py --from-student runs/gpu-scale/run/student --out runs/bench-chat-gpu \
+        --section distill_chat_gpu                                     # the student distilled on a GPU
 
 Every student is the demo's shape (16 of 30 blocks, MLP 1024), distilled with forward KL. The measure: greedy answers
 to 100 "write a function" instructions from test-split files, by the teacher and by each student (PyTorch, fp32):
@@ -46,6 +48,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: DistillConfig's 5e-4); a continuation may want less")
     p.add_argument("--out", default=None, help="runs/bench-chat, or runs/bench-chat-continued with --from-student")
+    p.add_argument("--section", default=None, help="the results.md section to write (default: from the flags)")
     p.add_argument("--docs", default=str(ROOT / "docs"))
     a = p.parse_args()
     a.out = a.out or ("runs/bench-chat-continued" if a.from_student else "runs/bench-chat")
@@ -108,6 +111,8 @@ def main() -> None:
     else:
         section, title = "distill_chat", "Keeping the teacher's chat"
         who = f"Students: 16 of 30 blocks, MLP 1024, {a.max_tokens:,} training tokens each, forward KL."
+    if a.section:
+        section, title = a.section, f"{title}: `{a.from_student or 'pruned students'}`"
     body = f"""## {title} (`benchmarks/distill_chat.py`)
 
 Command: `{cmd.strip()}` on {platform.machine()}, {(time.perf_counter() - t0) / 60:.0f} min in this invocation

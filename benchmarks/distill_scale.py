@@ -394,6 +394,8 @@ teacher's for its forward, per token.
 Here: `{cmd.strip()}`, {wall / 60:.0f} min (the student comes back rounded to bf16, in parts).
 
 {back}
+The student rows of the Pareto table start from those bf16-rounded weights: its fp32 GGUF holds them widened back to
+fp32, and GPTQ and llama.cpp quantize them.
 
 {curve}
 {_fit(evals, target_ppl)}
