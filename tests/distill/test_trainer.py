@@ -284,3 +284,8 @@ def test_prefetched_keeps_order_and_raises_where_the_source_fails():
     it = prefetched(iter(range(10**9)), 4)  # an endless source: closing the consumer stops the thread
     assert [next(it) for _ in range(3)] == [0, 1, 2]
     it.close()
+    import threading
+
+    for t in [t for t in threading.enumerate() if t.name == "edgelm-prefetch"]:
+        t.join(timeout=5)
+        assert not t.is_alive()
