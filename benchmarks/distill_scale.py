@@ -106,6 +106,7 @@ def _train_and_pack(a, kwargs: dict[str, Any], out: Path, pack: Path, t0: float)
     import torch
 
     from edgelm.distill.api import distill
+    from edgelm.distill.trainer import peak_flops
     from edgelm.errors import Interrupted
     from edgelm.report import read_metrics
 
@@ -160,6 +161,7 @@ def _train_and_pack(a, kwargs: dict[str, Any], out: Path, pack: Path, t0: float)
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
         "torch": torch.__version__, "peak_gib": (torch.cuda.max_memory_allocated() / 2**30
                                                   if torch.cuda.is_available() else None),
+        "peak_tflops": peak_flops() / 1e12 if torch.cuda.is_available() else None,  # what the MFU divides by
         "command": "python benchmarks/distill_scale.py " + shlex.join(sys.argv[1:]),
     }
     pack_student(state, config, pack, {"summary": summary, "manifest": manifest})
@@ -384,12 +386,12 @@ def _write_gpu(a, meta: dict[str, Any], here: dict, teacher_val, pareto: list[di
 There: `{sm['command']}` on one {sm['device']} (torch {sm['torch']}), {sm['wall_s'] / 60:.1f} min in all,
 {sm['steps']:,} steps, {sm['tokens']:,} tokens.{stopped} Training {tr.get('precision', 'bf16')}; peak GPU memory
 {sm['peak_gib'] or 0:.1f} GiB. Student: {cfg['num_hidden_layers']} blocks, hidden {cfg['hidden_size']}, MLP
-{cfg['intermediate_size']} ({st.get('params', 0):,} parameters), pruned from the teacher as on the CPU.
+{cfg['intermediate_size']} ({st.get('params') or meta['params']:,} parameters), pruned from the teacher as on the CPU.
 
 **Throughput:** {sm['tok_s_median'] or 0:,.0f} tok/s (median step after the first tenth), **MFU
-{100 * (sm['mfu_median'] or 0):.1f}%** of the H200's 989 TFLOP/s dense bf16 (datasheet; about 790 measured on
-8192-cubed matrix products), counting 6 x the student's parameters for its forward and backward and 2 x the
-teacher's for its forward, per token.
+{100 * (sm['mfu_median'] or 0):.1f}%** of {sm.get('peak_tflops') or 989:.0f} TFLOP/s dense bf16 (the datasheet's
+peak for this GPU), counting 6 x the student's parameters for its forward and backward and 2 x the teacher's for
+its forward, per token.
 
 Here: `{cmd.strip()}`, {wall / 60:.0f} min (the student comes back rounded to bf16, in parts).
 

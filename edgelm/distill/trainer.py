@@ -512,7 +512,7 @@ class _Trainer:
                            lr=self.sched.get_last_lr()[0], tok_s=tps)
                 if self.device.type == "cuda":
                     flops = train_flops_per_token(self.n_student, self.n_teacher if cfg.alpha > 0 else 0)
-                    rec["mfu"] = mfu(tps, flops, _peak_flops())
+                    rec["mfu"] = mfu(tps, flops, peak_flops())
                 self.metrics.write(**rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:,.0f}")
@@ -633,7 +633,7 @@ def _full_state(student, opt, fsdp: bool) -> tuple[dict, dict | None]:
     return model_sd, (get_optimizer_state_dict(student, opt, options=opts) if opt is not None else None)
 
 
-def _peak_flops() -> float:
+def peak_flops() -> float:
     """Dense bf16 peak of the current GPU, for MFU (H100 SXM 989 TFLOP/s; others approximate)."""
     name = torch.cuda.get_device_name()
     for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12)):
