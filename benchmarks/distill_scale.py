@@ -256,9 +256,8 @@ def _from_pack(a, out: Path, t0: float) -> None:
                 run / "metrics.jsonl")
     seqs = a.eval_seqs
     here = {s: evaluate(str(student_dir), split=s, max_seqs=seqs).score for s in ("val", "test")}
-    teacher_val = evaluate(a.teacher, split="val", max_seqs=seqs).score
     pareto = _pareto(a.teacher, student_dir, out) if a.pareto else None
-    _write_gpu(a, meta, here, teacher_val, pareto, run, time.perf_counter() - t0)
+    _write_gpu(a, meta, here, pareto, run, time.perf_counter() - t0)
 
 
 def _pareto(teacher: str, student: Path, out: Path) -> list[dict]:
@@ -362,8 +361,7 @@ tokens seen; val and test = {a.eval_seqs} sequences of 256 tokens each.
     logging.info("wrote %s", docs / "results.md")
 
 
-def _write_gpu(a, meta: dict[str, Any], here: dict, teacher_val, pareto: list[dict] | None, run: Path,
-               wall: float) -> None:
+def _write_gpu(a, meta: dict[str, Any], here: dict, pareto: list[dict] | None, run: Path, wall: float) -> None:
     """The `distill_scale_gpu` section: the GPU run's throughput and MFU, its curve, and its student's Pareto rows."""
     from edgelm.report import md_table, read_metrics, update_section
 
@@ -371,7 +369,8 @@ def _write_gpu(a, meta: dict[str, Any], here: dict, teacher_val, pareto: list[di
     sm = meta["summary"]
     recs = read_metrics(run / "metrics.jsonl")
     evals = [r for r in recs if r.get("event") == "eval" and "test_ppl" in r]
-    curve = _curve(evals, docs, "distill_scale_gpu.png", teacher_val.ppl)
+    teacher_val_ppl = next(r["val_ppl"] for r in recs if r.get("event") == "teacher")  # scored on the GPU machine
+    curve = _curve(evals, docs, "distill_scale_gpu.png", teacher_val_ppl)
     pareto_text, target_ppl = _pareto_text(pareto, docs, "distill_pareto_gpu.png")
     m = meta.get("manifest") or {}
     st, tr = m.get("student", {}), m.get("training", {})
