@@ -227,20 +227,14 @@ def unpack_student(folders: list[Path]) -> tuple[dict, dict[str, Any]]:
 
 def _from_pack(a, out: Path, t0: float) -> None:
     """Rebuild the packed student as an HF folder with a manifest, then the Pareto rows and the GPU section."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from edgelm.distill.api import evaluate
     from edgelm.fsutil import atomic_dir
     from edgelm.manifest import write_manifest
-    from edgelm.models.loader import load_tokenizer, resolve
+    from edgelm.models.loader import load_tokenizer, model_from_state, resolve
 
     state, meta = unpack_student([Path(f) for f in a.from_pack])
-    cfg = dict(meta["config"])
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        sys.exit(f"error: the packed weights do not fit their config (missing {missing[:3]}, unexpected "
-                 f"{unexpected[:3]})")
+    model = model_from_state(meta["config"], state, what="the packed student",
+                             fix="pack it again from the run that made it")
     run = out / "run"
     student_dir = run / "student"
     src = resolve(a.teacher)

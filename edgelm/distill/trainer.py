@@ -31,7 +31,7 @@ from edgelm.errors import EdgelmError, Interrupted, TrainingDiverged
 from edgelm.fsutil import atomic_dir, atomic_write_text
 from edgelm.manifest import read_manifest, write_manifest
 from edgelm.metrics import LMScore, mfu, score_lm, tokens_per_second, train_flops_per_token
-from edgelm.models.loader import check_same_tokenizer, load_model
+from edgelm.models.loader import check_same_tokenizer, load_model, model_from_state
 from edgelm.models.prune import StudentSpec, build_student, count_params
 from edgelm.registry import KD_LOSSES
 
@@ -309,14 +309,8 @@ class _Trainer:
         """The student to train: from the checkpoint, an existing folder, a zoo shape, or pruned from the teacher."""
         cfg, data = self.cfg, self.data
         if state is not None:
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            scfg = AutoConfig.for_model(**state["student_config"])
-            student = AutoModelForCausalLM.from_config(scfg)
-            missing, unexpected = student.load_state_dict(state["model"], strict=False)
-            if unexpected or set(missing) - ({"lm_head.weight"} if scfg.tie_word_embeddings else set()):
-                raise EdgelmError(f"checkpoint {state['checkpoint']} does not fit its student config (missing "
-                                  f"{missing[:3]}, unexpected {unexpected[:3]}); start without --resume")
+            student = model_from_state(state["student_config"], state["model"], what=f"checkpoint {state['checkpoint']}",
+                                       fix="start without --resume")
             build_info = state["build_info"]
         elif cfg.student:
             student, stok, _ = load_model(cfg.student)

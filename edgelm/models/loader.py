@@ -163,6 +163,19 @@ def load_model(spec: str | os.PathLike, *, dtype: str = "float32"):
     return model, load_tokenizer(source), source
 
 
+def model_from_state(config: dict[str, Any], state: dict[str, Any], *, what: str, fix: str):
+    """A causal LM built from a config dict (``config.to_dict()``) and loaded with ``state``, which may leave out a
+    tied lm_head; refuses weights that do not fit, naming ``what`` they came from and ``fix``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**config)
+    model = AutoModelForCausalLM.from_config(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()):
+        raise EdgelmError(f"{what} does not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]}); {fix}")
+    return model
+
+
 def check_same_tokenizer(teacher_tok, student_tok, student_name: str) -> None:
     """Logit KD needs the same vocabulary in the same order."""
     tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from edgelm.errors import EdgelmError
 from edgelm.models.builtin import BuiltinModel
-from edgelm.models.loader import check_same_tokenizer, load_model, resolve
+from edgelm.models.loader import check_same_tokenizer, load_model, model_from_state, resolve
 from edgelm.registry import TEACHERS
 from tests.conftest import make_tiny_llama
 
@@ -81,3 +81,13 @@ def test_tiny_llama_helper_roundtrip(tmp_path, tiny_tokenizer_dir):
     d = make_tiny_llama(tmp_path / "m", tiny_tokenizer_dir, layers=2)
     model, _, _ = load_model(d)
     assert model.config.num_hidden_layers == 2
+
+
+def test_model_from_state_rebuilds_and_refuses_weights_that_do_not_fit(tiny_teacher):
+    model, _, _ = load_model(tiny_teacher)
+    cfg, state = model.config.to_dict(), model.state_dict()
+    again = model_from_state(cfg, {k: v for k, v in state.items() if k != "lm_head.weight"}, what="x", fix="y")
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in state.items())  # the tied head comes back too
+    del state["model.norm.weight"]
+    with pytest.raises(EdgelmError, match=r"^x does not fit its config \(missing \['model.norm.weight'\].*; y$"):
+        model_from_state(cfg, state, what="x", fix="y")
