@@ -106,7 +106,7 @@ def _train_and_pack(a, kwargs: dict[str, Any], out: Path, pack: Path, t0: float)
     import torch
 
     from edgelm.distill.api import distill
-    from edgelm.distill.trainer import peak_flops
+    from edgelm.distill.trainer import checkpoints, peak_flops
     from edgelm.errors import Interrupted
     from edgelm.report import read_metrics
 
@@ -140,7 +140,7 @@ def _train_and_pack(a, kwargs: dict[str, Any], out: Path, pack: Path, t0: float)
     except Interrupted as e:  # --deadline-s: the checkpoint it wrote
         logging.info("%s", e)
         finished = False
-        ckpt = sorted((out / "run" / "checkpoints").glob("step-*[0-9]"))[-1]
+        ckpt = checkpoints(out / "run")[-1]
         saved = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
         state, config, manifest = saved["model"], saved["student_config"], None
         if config.get("tie_word_embeddings"):

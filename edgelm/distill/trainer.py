@@ -108,7 +108,8 @@ def lr_at(step: int, cfg: DistillConfig, total: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _checkpoints(run: Path) -> list[Path]:
+def checkpoints(run: Path) -> list[Path]:
+    """A run folder's checkpoints, oldest first."""
     return sorted((run / "checkpoints").glob("step-*[0-9]"))
 
 
@@ -139,7 +140,7 @@ def _finished(run: Path, cfg: DistillConfig) -> DistillResult | None:
     t = m.get("training", {})
     if "config" not in t or cfg.diff(t["config"]):
         return None
-    ckpts = _checkpoints(run)
+    ckpts = checkpoints(run)
     if ckpts and int(ckpts[-1].name.split("-")[-1]) > t["steps"]:
         return None
     log.info("%s finished at step %d with this config: nothing to resume (val ppl %.3f)", run, t["steps"],
@@ -171,7 +172,7 @@ def _setup(cfg: DistillConfig, run: Path, dist: _Dist) -> dict[str, Any] | None:
     """Setup: the checkpoint state to resume from (None for a fresh run); refuses to clobber a run without --force."""
     state: dict[str, Any] | None = None
     if cfg.resume:
-        ckpts = _checkpoints(run)
+        ckpts = checkpoints(run)
         if not ckpts:
             raise EdgelmError(f"--resume: no checkpoint in {run / 'checkpoints'}; start without --resume")
         state = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
@@ -180,7 +181,7 @@ def _setup(cfg: DistillConfig, run: Path, dist: _Dist) -> dict[str, Any] | None:
             raise EdgelmError(f"--resume with a different config ({'; '.join(diff)}); use the original flags or a new --out")
         state["checkpoint"] = str(ckpts[-1])
         log.info("resuming from %s (step %d)", ckpts[-1], state["step"])
-    elif ((run / "student").exists() or _checkpoints(run)) and not cfg.force:
+    elif ((run / "student").exists() or checkpoints(run)) and not cfg.force:
         raise EdgelmError(f"{run} already holds a run; pass --resume to continue it or --force to start over")
     elif cfg.force and dist.main:
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
@@ -396,7 +397,7 @@ class _Trainer:
             }, tmp / "state.pt")
         if self.tcache is not None:
             self.tcache.flush()
-        for old in _checkpoints(self.run)[: -self.cfg.keep_ckpts]:
+        for old in checkpoints(self.run)[: -self.cfg.keep_ckpts]:
             shutil.rmtree(old, ignore_errors=True)
         return path
 
@@ -419,7 +420,7 @@ class _Trainer:
         loss_all = dist.all_sum(loss_sum) / dist.world
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip or float("inf")))
         if not (math.isfinite(loss_all) and math.isfinite(grad_norm)):
-            ck = _checkpoints(self.run)
+            ck = checkpoints(self.run)
             where = f"the last good checkpoint is {ck[-1]}" if ck else "no checkpoint was written yet"
             raise TrainingDiverged(f"loss became {loss_all} (grad norm {grad_norm}) at step {self.step_no + 1}; "
                                    f"stopped, {where}; lower --lr or raise --warmup-steps")
