@@ -128,6 +128,14 @@ def _measure(browser, url: str, a) -> dict:
             "tps_std": statistics.pstdev(tps), "tokens": statistics.mean(len(r["ids"]) for r in runs)}
 
 
+def _npm_version(package: str) -> str:
+    """The version of an npm package the app ships, as android_demo/package-lock.json pins it."""
+    import json
+
+    lock = json.loads((ROOT / "android_demo" / "package-lock.json").read_text())
+    return lock["packages"][f"node_modules/{package}"]["version"]
+
+
 def _write(a, arts, native, page, wall: float) -> None:
     from edgelm.report import md_table, update_section
 
@@ -156,11 +164,12 @@ def _write(a, arts, native, page, wall: float) -> None:
                    f"({target:.0f} tok/s: 60, or half of native if lower) is "
                    f"{'met' if best['tps'] >= target else 'missed'}")
     cmd = "python benchmarks/app.py " + shlex.join(sys.argv[1:])
+    wllama, ort = _npm_version("@wllama/wllama"), _npm_version("onnxruntime-web")
     body = f"""## The mobile app in a browser against native (`benchmarks/app.py`)
 
 Command: `{cmd.strip()}` on {platform.machine()} ({a.repeat} answers of {a.tokens} tokens per row after a warm-up;
-{wall / 60:.0f} min). Headless desktop Chromium (Debian's), Pixel 7 emulation, wllama 2.4.0 (llama.cpp in
-WebAssembly) for GGUF and onnxruntime-web 1.30.0 (WebAssembly) for ONNX, in device mode; native = `edgelm bench`
+{wall / 60:.0f} min). Headless desktop Chromium (Debian's), Pixel 7 emulation, wllama {wllama} (llama.cpp in
+WebAssembly) for GGUF and onnxruntime-web {ort} (WebAssembly) for ONNX, in device mode; native = `edgelm bench`
 (llama.cpp through llama-cpp-python; onnxruntime-genai), one process per row. **This is
 desktop x86 Chromium on 2 cores, not a phone.** "isolated": served with COOP/COEP (`edgelm app serve`); without
 them the page cannot share memory between threads and wllama runs one. {verdict}.
