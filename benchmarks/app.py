@@ -3,11 +3,14 @@ llama.cpp natively on the same machine (writes the `app` section of docs/results
 
     python benchmarks/app.py                                   # the demo's GGUF artifacts, 1 and 2 threads
     python benchmarks/app.py runs/x/gguf-a runs/x/gguf-b --threads 1,2,4 --tokens 64 --repeat 3
+    python benchmarks/app.py runs/x/gguf-a --threads 2 --rounds 5         # a steadier reading: median of 5 rounds
 
 Each artifact is loaded in the page at each thread count, served by `edgelm app serve` (cross-origin isolated, so
 wllama may use threads) and, at the largest thread count, also by a plain static server without the isolation
 headers (wllama then falls back on one thread). The page answers the same prompt greedily in device mode
-`--repeat` times after one warm-up; load time, time to first token and decode tok/s come from the page. Native rows
+`--repeat` times after one warm-up; load time, time to first token and decode tok/s come from the page. With
+`--rounds N` every row's page is opened N times, in turn with the other rows, and the row reads the median round:
+this machine's speed drifts by 5-10% within minutes, more than one round's answers vary. Native rows
 are `edgelm bench` (llama.cpp through llama-cpp-python, one process per row, 128-token prompt). This is desktop x86
 Chromium on 2 cores, not a phone. ONNX artifacts run in onnxruntime-web (WebAssembly), natively in onnxruntime-genai.
 """
@@ -43,6 +46,9 @@ def main() -> None:
     p.add_argument("--threads", default="1,2", help="thread counts (default: 1,2)")
     p.add_argument("--tokens", type=int, default=64, help="tokens per answer (default: 64)")
     p.add_argument("--repeat", type=int, default=3, help="measured answers per row, after one warm-up (default: 3)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="page measurements per row, taken round-robin over all rows so that each row's are spread "
+                        "over the run; a row then reads the median of its rounds (default: 1)")
     p.add_argument("--docs", default=str(ROOT / "docs"))
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -86,15 +92,30 @@ def _page(arts: list[str], threads: list[int], a) -> list[dict]:
         try:
             with AppServer(app) as srv, Browser() as browser:
                 runs = [(srv.url, t, True) for t in threads] + [(plain.url, max(threads), False)]
-                for m in build.models:
-                    for url, t, isolated in runs:
-                        rows.append({"model": m["name"], "mib": m["bytes"] / 2**20, "threads": t,
-                                     "isolated": isolated,
-                                     **_measure(browser, f"{url}?model={m['name']}&threads={t}", a)})
-                        logging.info("%s", rows[-1])
+                for rnd in range(a.rounds):  # each round opens every row's page afresh
+                    for i, m in enumerate(build.models):
+                        for j, (url, t, isolated) in enumerate(runs):
+                            if rnd == 0:
+                                rows.append({"model": m["name"], "mib": m["bytes"] / 2**20, "threads": t,
+                                             "isolated": isolated, "rounds": []})
+                            row = rows[i * len(runs) + j]
+                            row["rounds"].append(_measure(browser, f"{url}?model={m['name']}&threads={t}", a))
+                            logging.info("round %d: %s", rnd + 1, {**row, "rounds": row["rounds"][-1]})
         finally:
             plain.stop()
-    return rows
+    return [_median_of_rounds(r) for r in rows]
+
+
+def _median_of_rounds(row: dict) -> dict:
+    """One row from its rounds: the median of each figure, with the range of the rounds' decode tok/s."""
+    ok = [r for r in row.pop("rounds") if not r.get("error")]
+    if not ok:
+        return {**row, "error": "no round loaded"}
+    by_tps = sorted(ok, key=lambda r: r["tps"])
+    mid = by_tps[(len(by_tps) - 1) // 2]  # the (lower) median round: its profile and threads come with it
+    return {**row, **mid, "tps": statistics.median(r["tps"] for r in ok),
+            "load_s": statistics.median(r["load_s"] for r in ok),
+            "ttft_ms": statistics.median(r["ttft_ms"] for r in ok), "tps_rounds": [r["tps"] for r in ok]}
 
 
 class _Static:
@@ -128,6 +149,14 @@ def _measure(browser, url: str, a) -> dict:
             "tps_std": statistics.pstdev(tps), "tokens": statistics.mean(len(r["ids"]) for r in runs)}
 
 
+def _tps_cell(r: dict) -> str:
+    """A row's decode tok/s: mean ± std of one round's answers, or the median and range of several rounds."""
+    tps = r["tps_rounds"]
+    if len(tps) == 1:
+        return f"{r['tps']:.1f} ± {r['tps_std']:.1f}"
+    return f"{r['tps']:.1f} ({min(tps):.1f}-{max(tps):.1f})"
+
+
 def _npm_version(package: str) -> str:
     """The version of an npm package the app ships, as android_demo/package-lock.json pins it."""
     import json
@@ -149,7 +178,7 @@ def _write(a, arts, native, page, wall: float) -> None:
             continue
         n_tps = nat.get("tg_tps_mean")
         rows.append([r["model"], r["mib"], r["threads"], "yes" if r["isolated"] else "no", r["threads_used"],
-                     r["load_s"], r["ttft_ms"], f"{r['tps']:.1f} ± {r['tps_std']:.1f}",
+                     r["load_s"], r["ttft_ms"], _tps_cell(r),
                      nat.get("ttft_ms_mean", ""), n_tps or "", f"{r['tps'] / n_tps:.2f}" if n_tps else ""])
     calls = ("decode", "sample", "detokenize", "top_n")
     prof_rows = [[r["model"], r["threads_used"], *(r["profile"][k] for k in calls)]
@@ -165,9 +194,12 @@ def _write(a, arts, native, page, wall: float) -> None:
                    f"{'met' if best['tps'] >= target else 'missed'}")
     cmd = "python benchmarks/app.py " + shlex.join(sys.argv[1:])
     wllama, ort = _npm_version("@wllama/wllama"), _npm_version("onnxruntime-web")
+    rounds = (f", in each of {a.rounds} rounds taken in turn over the rows; a row reads the median round, with the "
+              "rounds' range" if a.rounds > 1 else "")
     body = f"""## The mobile app in a browser against native (`benchmarks/app.py`)
 
-Command: `{cmd.strip()}` on {platform.machine()} ({a.repeat} answers of {a.tokens} tokens per row after a warm-up;
+Command: `{cmd.strip()}` on {platform.machine()} ({a.repeat} answers of {a.tokens} tokens per row after a
+warm-up{rounds};
 {wall / 60:.0f} min). Headless desktop Chromium (Debian's), Pixel 7 emulation, wllama {wllama} (llama.cpp in
 WebAssembly) for GGUF and onnxruntime-web {ort} (WebAssembly) for ONNX, in device mode; native = `edgelm bench`
 (llama.cpp through llama-cpp-python; onnxruntime-genai), one process per row. **This is
