@@ -108,9 +108,10 @@ def _page(arts: list[str], threads: list[int], a) -> list[dict]:
 
 def _median_of_rounds(row: dict) -> dict:
     """One row from its rounds: the median of each figure, with the range of the rounds' decode tok/s."""
-    ok = [r for r in row.pop("rounds") if not r.get("error")]
+    rounds = row.pop("rounds")
+    ok = [r for r in rounds if not r.get("error")]
     if not ok:
-        return {**row, "error": "no round loaded"}
+        return {**row, "error": rounds[0]["error"]}  # every round failed: the first one's reason
     by_tps = sorted(ok, key=lambda r: r["tps"])
     mid = by_tps[(len(by_tps) - 1) // 2]  # the (lower) median round: its profile and threads come with it
     return {**row, **mid, "tps": statistics.median(r["tps"] for r in ok),
