@@ -33,6 +33,7 @@ class DemoConfig:
     resume: bool = False  # continue an interrupted demo (training, then keep artifacts already exported and checked)
     export: bool = True  # quantize and export the student (--no-export stops after distillation)
     quant: str = "gptq-int4-g32"  # preset of the deployable artifacts (GGUF Q4_0 and ONNX MatMulNBits)
+    app_quant: str = "gptq-int4-g32-all"  # preset of the app's default GGUF: a 4-bit lm_head decodes fastest in a page
     calib_samples: int = 64  # GPTQ calibration sequences from the train split
     calib_seqlen: int = 512  # tokens per calibration sequence
     check_seqs: int = 16  # val sequences (of seq_len tokens) in each artifact's quality check
@@ -66,8 +67,11 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     from edgelm.distill.api import distill, evaluate
     from edgelm.distill.config import DistillConfig
     from edgelm.artifact.suite import export_suite
+    from edgelm.quant.presets import get_preset
     from edgelm.report import write_distill_report
 
+    for name in filter(None, (cfg.quant, cfg.app_quant)):  # an unknown preset fails now, not after the training
+        get_preset(name)
     t0 = time.perf_counter()
     out = Path(cfg.out)
     log.info("[1/6] distill: %s -> %d layers, MLP %d, %s tokens", cfg.teacher, cfg.layers, cfg.intermediate_size,
@@ -94,7 +98,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                          max_new_tokens=cfg.chat_max_new_tokens, threads=cfg.threads, progress=cfg.progress)
     rows = []
     if cfg.export:
-        plan = demo_plan(cfg.quant)
+        plan = demo_plan(cfg.quant, cfg.app_quant)
         log.info("[3/6] quantize (%s) and export the student: %d artifacts, each checked against PyTorch", cfg.quant,
                  len(plan))
         rows = export_suite(str(res.student_dir), plan, out / "export", calib_samples=cfg.calib_samples,
@@ -141,11 +145,13 @@ instructions made from test-split files, scored against the teacher's answers.
 {chat_side_by_side(chat, 3)}""")
 
 
-def demo_plan(quant: str) -> list[tuple[str, str]]:
+def demo_plan(quant: str, app_quant: str = "") -> list[tuple[str, str]]:
     """The artifacts `edgelm demo` exports: fp32 references, the chosen preset (GGUF, ONNX and a TVM library), a
-    mixed-precision plan, and llama.cpp's own 4-bit types."""
-    return [("fp32", "gguf"), ("fp32", "onnx"), (quant, "gguf"), (quant, "onnx"), (quant, "tvm"),
-            ("gptq-mixed", "gguf"), ("gptq-mixed", "onnx"), ("llamacpp-q4_0", "gguf"), ("llamacpp-q4_k_m", "gguf")]
+    mixed-precision plan, the app's GGUF, and llama.cpp's own 4-bit types."""
+    plan = [("fp32", "gguf"), ("fp32", "onnx"), (quant, "gguf"), (quant, "onnx"), (quant, "tvm"),
+            ("gptq-mixed", "gguf"), ("gptq-mixed", "onnx"), (app_quant, "gguf"), ("llamacpp-q4_0", "gguf"),
+            ("llamacpp-q4_k_m", "gguf")]
+    return list(dict.fromkeys(p for p in plan if p[0]))  # --app-quant "" or a preset already listed: once
 
 
 def write_export_section(report: Path, rows, out: Path) -> None:
@@ -227,14 +233,14 @@ def route_step(cfg: DemoConfig, out: Path, rows):
 
 
 def app_step(cfg: DemoConfig, out: Path, rows):
-    """The mobile app from the checked GGUF artifacts (the chosen preset first, then the smallest) and the ONNX ones
-    of the chosen preset and the mixed-precision plan. A failure is reported, not fatal."""
+    """The mobile app from the checked GGUF artifacts (the app's preset first, then the chosen one, then the
+    smallest) and the ONNX ones of the chosen preset and the mixed-precision plan. A failure is reported, not fatal."""
     from edgelm.app.build import build_app
     from edgelm.errors import EdgelmError
 
     ok = [r for r in rows if not r.error]
     ggufs = [r.path for r in sorted((r for r in ok if r.target == "gguf"),
-                                    key=lambda r: (r.preset != cfg.quant, r.model_mib))]
+                                    key=lambda r: (r.preset != cfg.app_quant, r.preset != cfg.quant, r.model_mib))]
     if not ggufs:
         return StepSkipped("no checked GGUF artifact")
     onnx = [r.path for r in ok if r.target == "onnx" and r.preset in (cfg.quant, "gptq-mixed")]

@@ -3,6 +3,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import run_cli
 
 
@@ -84,6 +86,14 @@ def test_unknown_loss_lists_known(tmp_path):
     r = run_cli("distill", "--loss", "nope", "--max-steps", "1", "--out", str(tmp_path / "r"))
     msg = _one_line_error(r)
     assert "unknown KD loss 'nope'" in msg and "forward_kl" in msg and "jsd" in msg
+
+
+@pytest.mark.parametrize("flag", ["--quant", "--app-quant"])
+def test_demo_refuses_an_unknown_preset_before_training(flag, tmp_path):
+    r = run_cli("demo", flag, "nope", "--out", str(tmp_path / "d"))
+    msg = _one_line_error(r)
+    assert "unknown quant preset 'nope'" in msg and "gptq-int4-g32-all" in msg
+    assert not (tmp_path / "d").exists()
 
 
 def test_missing_budget(tmp_path):

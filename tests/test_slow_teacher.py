@@ -81,7 +81,8 @@ def test_demo_writes_a_report(tmp_path):
     # step 3: every artifact exported and checked. fp32 conversions must pass; this 1k-token student is far from
     # trained, so a 4-bit artifact may fail its quality gate, which the report must then say in its row.
     for preset, target in (("fp32", "gguf"), ("fp32", "onnx"), ("gptq-int4-g32", "gguf"), ("gptq-int4-g32", "onnx"),
-                           ("gptq-int4-g32", "tvm"), ("gptq-mixed", "gguf"), ("gptq-mixed", "onnx"), ("llamacpp-q4_0", "gguf"),
+                           ("gptq-int4-g32", "tvm"), ("gptq-mixed", "gguf"), ("gptq-mixed", "onnx"),
+                           ("gptq-int4-g32-all", "gguf"), ("llamacpp-q4_0", "gguf"),
                            ("llamacpp-q4_k_m", "gguf")):
         row = re.search(rf"\| student \| {preset} \| {target} \| ([^|]+) \|.*\| ([^|]*) \|\n", report)
         assert row, (preset, target)
@@ -118,12 +119,12 @@ def test_demo_writes_a_report(tmp_path):
         assert "| learned |" in report and (tmp_path / "demo" / "routing.png").stat().st_size > 1000
     else:
         assert "the cloud is not better than the device" in report
-    # the mobile app: the checked GGUF artifacts, the chosen preset first (a 4-bit one may have failed its check
-    # on this barely trained student), then the smallest; and the ONNX of the chosen preset and the mixed plan,
-    # each if it passed
+    # the mobile app: the checked GGUF artifacts, the app's all-4-bit preset first, then the chosen preset (a 4-bit
+    # one may have failed its check on this barely trained student), then the smallest; and the ONNX of the chosen
+    # preset and the mixed plan, each if it passed
     app = json.loads((tmp_path / "demo" / "app" / "app.json").read_text())
     ggufs = [p for p in exported if p.startswith("gguf-")]
-    want = "gguf-gptq-int4-g32" if "gguf-gptq-int4-g32" in ggufs else app["models"][0]["name"]
+    want = next((g for g in ("gguf-gptq-int4-g32-all", "gguf-gptq-int4-g32") if g in ggufs), app["models"][0]["name"])
     assert app["default_model"] == want and "## Mobile app" in report
     assert {m["name"] for m in app["models"]} == set(ggufs) | ({"onnx-gptq-int4-g32", "onnx-gptq-mixed"} & set(exported))
 

@@ -12,7 +12,7 @@ from edgelm.registry import QUANTS, TARGETS
 
 LLAMACPP = ["llamacpp-q8_0", "llamacpp-q6_k", "llamacpp-q5_k_m", "llamacpp-q4_k_m", "llamacpp-q4_0", "llamacpp-q2_k"]
 WEIGHT_ONLY = ["fp32", "fp16", "int8", "int4-g32", "int4-g128", "gptq-int4-g32", "gptq-int4-g128", "gptq-int8",
-               "gptq-mixed"]
+               "gptq-mixed", "gptq-int4-g32-all"]
 # Every pair must be listed; a new preset or target without a test fails test_every_pair_is_tested.
 PAIRS = [(p, t) for t in ("gguf", "onnx", "tvm") for p in WEIGHT_ONLY + LLAMACPP]
 CHECK = dict(eval_seqs=4, eval_seqlen=64, prompts=2, new_tokens=8)
@@ -56,6 +56,8 @@ def test_pair(preset, target, tmp_path, tiny_q_model, tiny_corpus, quantized):
         if p.method == "mixed":  # 14 linears and the tied embedding, each in its planned type
             planned = [t["type"] for t in m["plan"]["tensors"].values()]
             assert len(planned) == 15 and m["plan"]["bits_per_weight"] <= p.budget_bpw
+            if len(p.types) == 1:  # nothing to choose: every matrix, the tied embedding too, in that type
+                assert set(planned) == set(p.types)
             assert {t: planned.count(t) for t in set(planned)} == {t: n for t, n in m["tensor_types"].items()
                                                                   if t not in ("F32",)}
     elif target == "tvm":
