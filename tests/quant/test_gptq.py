@@ -1,4 +1,4 @@
-"""GPTQ through GPTQModel on a tiny model: better than RTN on the layer's calibration outputs and on perplexity."""
+"""GPTQ through GPTQModel on a tiny model: better than RTN on the layer's calibration outputs, KLD and perplexity."""
 from __future__ import annotations
 
 import json
@@ -12,12 +12,20 @@ from edgelm.models.qformat import read_quantized
 from edgelm.quant.rtn import rtn_quantize
 
 
-def test_gptq_beats_rtn_on_perplexity_and_kld(quantized):
-    _, gptq = quantized("gptq-int4-g32")
-    _, rtn = quantized("int4-g32")
-    assert gptq.quality["kld"] < rtn.quality["kld"]
-    assert abs(gptq.quality["dppl"]) < abs(rtn.quality["dppl"])
+@pytest.mark.parametrize("grid", ["int4-g32", "int4-g128", "int8"])
+def test_gptq_beats_rtn_on_kld(quantized, grid):
+    _, gptq = quantized(f"gptq-{grid}")
+    _, rtn = quantized(grid)
     assert gptq.quality["ppl_ref"] == rtn.quality["ppl_ref"]  # same fp32 reference, same val sequences
+    assert gptq.quality["kld"] < rtn.quality["kld"] / 2  # 5-8x lower on this model
+
+
+def test_gptq_beats_rtn_on_perplexity(quantized):
+    """On the coarser 4-bit grid, where RTN's perplexity change (0.13 of 134 here) is 6x GPTQ's. At g32 both
+    change it by under 0.05%, and which one is closer changed with the CPU (AVX2 against AVX-512)."""
+    _, gptq = quantized("gptq-int4-g128")
+    _, rtn = quantized("int4-g128")
+    assert abs(gptq.quality["dppl"]) < abs(rtn.quality["dppl"])
 
 
 def test_gptq_layer_reconstruction_beats_rtn(quantized, tiny_q_model, tiny_corpus):
