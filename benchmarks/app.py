@@ -17,6 +17,7 @@ Chromium on 2 cores, not a phone. ONNX artifacts run in onnxruntime-web (WebAsse
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import shlex
@@ -62,6 +63,8 @@ def main() -> None:
     why = browser_missing()
     if not arts or why:
         sys.exit(f"error: {why or 'no GGUF artifacts: run `make demo` first or pass artifact folders'}")
+    if a.rounds < 1:
+        sys.exit(f"error: --rounds {a.rounds}: give 1 or more (each row's page is measured that many times)")
     t0 = time.perf_counter()
     try:
         native = _native(arts, threads, a)
@@ -83,7 +86,6 @@ def _page(arts: list[str], threads: list[int], a) -> list[dict]:
     from edgelm.app.build import build_app
     from edgelm.coop.routers import RouterState
 
-    rows = []
     with tempfile.TemporaryDirectory(prefix="edgelm-app-bench-") as tmp:
         RouterState("always-device", float("inf")).save(Path(tmp) / "router.json")  # no calibration needed here
         app = Path(tmp) / "app"
@@ -92,18 +94,16 @@ def _page(arts: list[str], threads: list[int], a) -> list[dict]:
         try:
             with AppServer(app) as srv, Browser() as browser:
                 runs = [(srv.url, t, True) for t in threads] + [(plain.url, max(threads), False)]
+                pages = [({"model": m["name"], "mib": m["bytes"] / 2**20, "threads": t, "isolated": isolated,
+                           "rounds": []}, f"{url}?model={m['name']}&threads={t}")
+                         for m in build.models for url, t, isolated in runs]
                 for rnd in range(a.rounds):  # each round opens every row's page afresh
-                    for i, m in enumerate(build.models):
-                        for j, (url, t, isolated) in enumerate(runs):
-                            if rnd == 0:
-                                rows.append({"model": m["name"], "mib": m["bytes"] / 2**20, "threads": t,
-                                             "isolated": isolated, "rounds": []})
-                            row = rows[i * len(runs) + j]
-                            row["rounds"].append(_measure(browser, f"{url}?model={m['name']}&threads={t}", a))
-                            logging.info("round %d: %s", rnd + 1, {**row, "rounds": row["rounds"][-1]})
+                    for row, url in pages:
+                        row["rounds"].append(_measure(browser, url, a))
+                        logging.info("round %d: %s", rnd + 1, {**row, "rounds": row["rounds"][-1]})
         finally:
             plain.stop()
-    return [_median_of_rounds(r) for r in rows]
+    return [_median_of_rounds(row) for row, _ in pages]
 
 
 def _median_of_rounds(row: dict) -> dict:
@@ -160,8 +160,6 @@ def _tps_cell(r: dict) -> str:
 
 def _npm_version(package: str) -> str:
     """The version of an npm package the app ships, as android_demo/package-lock.json pins it."""
-    import json
-
     lock = json.loads((ROOT / "android_demo" / "package-lock.json").read_text())
     return lock["packages"][f"node_modules/{package}"]["version"]
 
