@@ -94,11 +94,21 @@ class Stream:
         self.result: Any = None
 
     def __iter__(self) -> Iterator[str]:
-        for item in self._it:
-            if isinstance(item, self.result_type):
-                self.result = item
-            elif item:
-                yield item
+        try:
+            for item in self._it:
+                if isinstance(item, self.result_type):
+                    self.result = item
+                elif item:
+                    yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop early: what the generation holds (a device lock, a queue slot, a KV cache) is released now, not when
+        the stream is garbage-collected. Call it from the thread that iterates."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
 
 
 class Runtime:
@@ -117,8 +127,9 @@ class Runtime:
         self.model_bytes = model_bytes  # bytes of the model file(s)
 
     # --- backend hooks -------------------------------------------------------------------------------------------
-    def _prefill(self, ids: Sequence[int]) -> "np.ndarray":
-        """Reset the KV cache, run ``ids``; return the next-token logits [V]."""
+    def _prefill(self, ids: Sequence[int], max_new_tokens: int = 0) -> "np.ndarray":
+        """Reset the KV cache, run ``ids``; return the next-token logits [V]. ``max_new_tokens``: the steps this call
+        will take after it (0: up to the context), for backends that size their cache per call."""
         raise NotImplementedError
 
     def _step(self, token: int) -> "np.ndarray":
@@ -136,7 +147,7 @@ class Runtime:
         """Yield chosen tokens (stop token included); record prefill time in ``clock``. Backends with a faster
         native loop for some configs override this and call ``super()._tokens`` otherwise."""
         t0 = time.perf_counter()
-        logits = self._prefill(ids)
+        logits = self._prefill(ids, cfg.max_new_tokens)
         clock["prefill"] = time.perf_counter() - t0
         seen = list(ids)
         for i in range(cfg.max_new_tokens):
@@ -299,7 +310,7 @@ class Runtime:
             raise EdgelmError(f"the prompt has {len(ids)} tokens but the context holds {self.context}; shorten it")
         k = min(k, self.context - len(ids))
         stop = set(self.tokenizer.eos_ids if self.tokenizer else ())
-        logits, d = self._prefill(list(ids)), Draft([], [], [])
+        logits, d = self._prefill(list(ids), k), Draft([], [], [])
         for i in range(k):
             lp = log_softmax_np(logits)  # [V]
             d.ids.append(int(np.argmax(logits)))

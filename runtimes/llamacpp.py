@@ -97,7 +97,7 @@ class LlamaCppRuntime(Runtime):
         self.llm._ctx.kv_cache_clear()
         self.n_past = 0
 
-    def _prefill(self, ids: Sequence[int]) -> "np.ndarray":
+    def _prefill(self, ids: Sequence[int], max_new_tokens: int = 0) -> "np.ndarray":
         self._reset()
         return self._decode(list(ids), False)[-1]
 

@@ -53,7 +53,6 @@ class OnnxRuntime(Runtime):
         self._session = None
         self._og_model = None
         self._gen = None
-        self._max_length = 0
         self.og_model  # load now, so the first generate's TTFT is not the load
 
     # --- plain ONNX Runtime session: all-position logits ------------------------------------------------------------
@@ -114,10 +113,15 @@ class OnnxRuntime(Runtime):
         params.set_search_options(max_length=max_length, min_length=min_length, do_sample=False)
         return og.Generator(self.og_model, params)
 
-    def _prefill(self, ids: Sequence[int]) -> "np.ndarray":
+    def _prefill(self, ids: Sequence[int], max_new_tokens: int = 0) -> "np.ndarray":
         import numpy as np
 
-        self._gen = self._generator(self._max_length or self.context)
+        # genai sizes its KV cache by max_length: sized for this call alone, never by an earlier one's
+        n = len(ids) + max_new_tokens if max_new_tokens > 0 else self.context
+        if n > self.context:
+            raise EdgelmError(f"the prompt has {len(ids)} tokens and {max_new_tokens} more were asked for, but the "
+                              f"context holds {self.context}; shorten the prompt or lower max_new_tokens")
+        self._gen = self._generator(n)
         self._gen.append_tokens(np.asarray(ids, dtype=np.int32))
         return self._gen.get_logits().reshape(-1)  # [V]
 
@@ -134,7 +138,6 @@ class OnnxRuntime(Runtime):
 
     def _tokens(self, ids: list[int], cfg: GenerationConfig, stop_ids: tuple[int, ...], rng, clock: dict) -> Iterator[int]:
         if not self._native_ok(cfg, stop_ids):
-            self._max_length = len(ids) + cfg.max_new_tokens  # genai sizes its KV cache by it
             yield from super()._tokens(ids, cfg, stop_ids, rng, clock)
             return
         import time

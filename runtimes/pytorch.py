@@ -50,7 +50,7 @@ class TorchRuntime(Runtime):
             x = torch.as_tensor([list(ids)], dtype=torch.long)  # [1, T]
             return self.model(input_ids=x, past_key_values=cache, use_cache=cache is not None)
 
-    def _prefill(self, ids: Sequence[int]) -> "np.ndarray":
+    def _prefill(self, ids: Sequence[int], max_new_tokens: int = 0) -> "np.ndarray":
         from transformers import DynamicCache
 
         self._cache = DynamicCache(config=self.model.config)

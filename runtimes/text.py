@@ -25,6 +25,7 @@ class TextTokenizer:
         self.eos_ids = eos_ids  # ids that end generation by default
         self.bos_token, self.eos_token = bos_token, eos_token
         self.chat_template = chat_template
+        self._compiled: tuple[str, Any] | None = None  # (template source, compiled jinja template)
 
     @classmethod
     def from_folder(cls, folder: Path) -> "TextTokenizer":
@@ -60,21 +61,28 @@ class TextTokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         """Render ``messages`` ([{"role", "content"}]) with the model's own Jinja chat template."""
-        if not self.chat_template:
-            raise EdgelmError("this model has no chat template (chat_template.jinja or tokenizer_config.json); "
-                              "pass a plain prompt instead")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(msg: str) -> None:
-            raise EdgelmError(f"chat template: {msg}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = raise_exception
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise EdgelmError(f"chat message {m!r} needs 'role' and 'content'")
-        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                          bos_token=self.bos_token, eos_token=self.eos_token)
+        return self.compiled_template().render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                               bos_token=self.bos_token, eos_token=self.eos_token)
+
+    def compiled_template(self):
+        """The chat template compiled once per tokenizer (compiling costs ~ms, and a server renders per request)."""
+        if not self.chat_template:
+            raise EdgelmError("this model has no chat template (chat_template.jinja or tokenizer_config.json); "
+                              "pass a plain prompt instead")
+        if self._compiled is None or self._compiled[0] != self.chat_template:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(msg: str) -> None:
+                raise EdgelmError(f"chat template: {msg}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.globals["raise_exception"] = raise_exception
+            self._compiled = (self.chat_template, env.from_string(self.chat_template))
+        return self._compiled[1]
 
 
 def _read_json(path: Path) -> dict[str, Any]:

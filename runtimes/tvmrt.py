@@ -64,7 +64,7 @@ class TvmRuntime(Runtime):
         if held + len(ids) > self.context:
             raise EdgelmError(f"{held + len(ids)} tokens exceed the context of {self.context}")
 
-    def _prefill(self, ids: Sequence[int]) -> "np.ndarray":
+    def _prefill(self, ids: Sequence[int], max_new_tokens: int = 0) -> "np.ndarray":
         self._check_fits(0, ids)
         return self._session.prefill(ids)[-1][0, -1].astype("float32")  # [V]
 

@@ -80,13 +80,19 @@ class AppServer:
         self.proc = subprocess.Popen([sys.executable, "-m", "edgelm", "app", "serve", str(folder), "--port",
                                       str(port), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True, env={**os.environ, **(env or {})})
-        self.url = f"http://127.0.0.1:{port}/"
+        tls = "--tls-cert" in args
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/"
+        ctx = None
+        if tls:  # a test's self-signed certificate: the caller checks it, this only waits for the port
+            import ssl
+
+            ctx = ssl._create_unverified_context()
         end = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"edgelm app serve exited: {self.proc.stderr.read()[-500:]}")
             try:
-                urllib.request.urlopen(self.url + "edgelm-serve.json", timeout=1).close()
+                urllib.request.urlopen(self.url + "edgelm-serve.json", timeout=1, context=ctx).close()
                 return
             except OSError:
                 if time.monotonic() > end:

@@ -28,3 +28,7 @@ class AppServeConfig:
     serve_key_file: str = ""  # or a file with it; a key is required when --host is not loopback
     insecure: bool = False  # proxy /v1 for a non-loopback --host without a key (anyone who reaches it spends the cloud)
     cors_origin: tuple[str, ...] = ()  # other origins whose pages may call /v1 (the Android app: http://localhost)
+    tls_cert: str = ""  # PEM certificate: serve HTTPS (with --tls-key); without it, a non-loopback --host warns
+    tls_key: str = ""  # the certificate's PEM private key
+    max_body_bytes: int = 1048576  # largest request body proxied (413 above it)
+    max_tokens_limit: int = 2048  # largest max_tokens the page may ask of the cloud (400 above; sent when absent)

@@ -7,6 +7,7 @@ stays on this machine: the proxy adds it. Bound beyond loopback, /v1 needs the s
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import mimetypes
 from dataclasses import replace
@@ -21,8 +22,10 @@ log = logging.getLogger(__name__)
 ISOLATION = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp",
              "Cross-Origin-Resource-Policy": "same-origin"}
 NO_CACHE = ("/", "/index.html", "/app.json", "/sw.js")  # the service worker decides what is cached, not the HTTP cache
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host",
-              "authorization", "x-api-key"}
+# The OpenAI paths the page uses, and their methods: nothing else reaches the cloud with the user's key.
+CLOUD_PATHS = {"chat/completions": "POST", "completions": "POST", "models": "GET"}
+FORWARD_REQUEST = ("content-type", "accept")  # request headers the cloud needs; the key is added here
+FORWARD_RESPONSE = ("content-type", "cache-control", "x-request-id", "openai-processing-ms")  # and back to the page
 for _ext, _type in ((".mjs", "text/javascript"), (".js", "text/javascript"), (".wasm", "application/wasm"),
                     (".webmanifest", "application/manifest+json"), (".gguf", "application/octet-stream"),
                     (".onnx", "application/octet-stream"), (".data", "application/octet-stream")):
@@ -40,9 +43,11 @@ def check_app(folder: str | Path) -> dict[str, Any]:
 
 
 def create_server(folder: str | Path, *, cloud: str = "", cloud_key: str | None = None, api_key: str | None = None,
-                  cors_origins: tuple[str, ...] = ()):
-    """The Starlette app: static files from ``folder``, /v1/* proxied to ``cloud``, /edgelm-serve.json for the page.
-    ``cors_origins``: pages elsewhere that may call it (the Android app's WebView is http://localhost)."""
+                  cors_origins: tuple[str, ...] = (), max_body_bytes: int = 1 << 20, max_tokens_limit: int = 2048):
+    """The Starlette app: static files from ``folder``, the OpenAI paths of /v1 proxied to ``cloud``,
+    /edgelm-serve.json for the page. ``cors_origins``: pages elsewhere that may call it (the Android app's WebView is
+    http://localhost). Bodies over ``max_body_bytes`` are a 413; a completion's ``max_tokens`` over
+    ``max_tokens_limit`` is a 400, and one that asks for none is sent with that limit."""
     import httpx
     from starlette.applications import Starlette
     from starlette.datastructures import MutableHeaders
@@ -54,39 +59,61 @@ def create_server(folder: str | Path, *, cloud: str = "", cloud_key: str | None 
     from starlette.staticfiles import StaticFiles
 
     from edgelm.coop.api import has_key
+    from edgelm.coop.httpsafe import Refusal, error_response, max_tokens_of, read_body
 
-    def error(status: int, msg: str, typ: str) -> JSONResponse:
-        return JSONResponse({"error": {"message": msg, "type": typ}}, status_code=status)
-
+    error = error_response
     upstream = cloud.rstrip("/") + "/" if cloud else ""
     client = httpx.AsyncClient(timeout=httpx.Timeout(120.0, connect=5.0)) if cloud else None
 
+    async def request_body(req: Request, path: str) -> bytes:
+        raw = await read_body(req, max_body_bytes)
+        if req.method != "POST":
+            return b""
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise Refusal(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise Refusal(400, "the body must be a JSON object")
+        body["max_tokens"] = max_tokens_of(body, max_tokens_limit, max_tokens_limit)  # never unbounded upstream
+        body.pop("max_completion_tokens", None)
+        return json.dumps(body).encode()
+
     async def proxy(req: Request):
+        path = req.path_params["path"]
+        if path not in CLOUD_PATHS:  # exact match on the decoded path: no traversal, no other endpoint
+            return error(404, f"/v1/{path} is not proxied; the app's cloud paths are "
+                              + ", ".join(f"{m} /v1/{p}" for p, m in CLOUD_PATHS.items()), "invalid_request_error")
+        if req.method != CLOUD_PATHS[path]:
+            return error(405, f"/v1/{path} takes {CLOUD_PATHS[path]}, not {req.method}", "invalid_request_error")
         if api_key and not has_key(req.headers, api_key):
             return error(401, "missing or wrong API key: enter this server's key in the app's settings",
                          "authentication_error")
         if client is None:
             return error(503, "no cloud is configured: start `edgelm app serve` with --cloud URL", "no_cloud")
-        url = upstream + req.path_params["path"]
-        headers = {k: v for k, v in req.headers.items() if k.lower() not in HOP_BY_HOP}
+        try:
+            content = await request_body(req, path)
+        except Refusal as e:
+            return error(e.status, e.message, e.type)
+        headers = {k: v for k, v in req.headers.items() if k.lower() in FORWARD_REQUEST}
         if cloud_key:
             headers["authorization"] = f"Bearer {cloud_key}"
-        try:
-            r = await client.send(client.build_request(req.method, url, headers=headers, content=await req.body(),
-                                                       params=req.query_params), stream=True)
+        try:  # the URL is the allowed path's, never the request's; no query string is forwarded
+            r = await client.send(client.build_request(req.method, upstream + path, headers=headers,
+                                                       content=content or None), stream=True)
         except httpx.HTTPError as e:
             return error(502, f"the cloud at {cloud} did not answer ({type(e).__name__})", "cloud_unreachable")
 
         async def body():
             try:
-                async for part in r.aiter_raw():
+                async for part in r.aiter_bytes():  # decoded: gzip, deflate (and br, zstd when installed)
                     yield part
             except httpx.HTTPError:  # a cut stream ends the page's stream; the page falls back on the device
                 pass
             finally:
                 await r.aclose()
 
-        keep = {k: v for k, v in r.headers.items() if k.lower() not in HOP_BY_HOP}
+        keep = {k: v for k, v in r.headers.items() if k.lower() in FORWARD_RESPONSE}
         return StreamingResponse(body(), status_code=r.status_code, headers=keep)
 
     async def info(req: Request):
@@ -113,7 +140,8 @@ def create_server(folder: str | Path, *, cloud: str = "", cloud_key: str | None 
 
         return wrapped
 
-    return Starlette(routes=[Route("/v1/{path:path}", proxy, methods=["GET", "POST"]),
+    methods = sorted(set(CLOUD_PATHS.values()) | {"PUT", "DELETE", "PATCH"})  # others reach proxy() for a 405
+    return Starlette(routes=[Route("/v1/{path:path}", proxy, methods=methods),
                              Route("/edgelm-serve.json", info),
                              Mount("/", StaticFiles(directory=str(folder), html=True))],
                      middleware=[Middleware(CORSMiddleware, allow_origins=list(cors_origins),
@@ -134,10 +162,15 @@ def serve_app(config: AppServeConfig | None = None, **kwargs: Any) -> None:
 
     if c.cloud and not c.cloud.startswith(("http://", "https://")):
         raise EdgelmError(f"--cloud {c.cloud!r} must start with http:// or https:// (e.g. http://127.0.0.1:8080/v1)")
+    from edgelm.coop.httpsafe import check_limits, tls_options
+
+    check_limits(c.max_body_bytes, c.max_tokens_limit)
     m = check_app(c.folder)
     key = inbound_key(c)
+    tls = tls_options(c.host, c.tls_cert, c.tls_key)
     app = create_server(c.folder, cloud=c.cloud, cloud_key=read_key(c.api_key_env, c.api_key_file), api_key=key,
-                        cors_origins=c.cors_origin)
-    log.info("app (%s) on http://%s:%d/ ; cloud: %s", ", ".join(m.get("models", [])), c.host, c.port,
-             c.cloud or "none (device only)")
-    uvicorn.run(app, host=c.host, port=c.port, log_level="warning")
+                        cors_origins=c.cors_origin, max_body_bytes=c.max_body_bytes,
+                        max_tokens_limit=c.max_tokens_limit)
+    log.info("app (%s) on %s://%s:%d/ ; cloud: %s", ", ".join(m.get("models", [])), "https" if tls else "http",
+             c.host, c.port, c.cloud or "none (device only)")
+    uvicorn.run(app, host=c.host, port=c.port, log_level="warning", **tls)

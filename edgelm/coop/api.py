@@ -74,12 +74,18 @@ def serve(config: ServeConfig | None = None, **kwargs: Any) -> None:
         from edgelm.coop.server import create_app
     except ImportError:
         raise EdgelmError("serving needs fastapi and uvicorn; pip install 'edgelm[serve]'") from None
+    from edgelm.coop.httpsafe import check_limits, tls_options
+
+    check_limits(c.max_body_bytes, c.max_tokens_limit)
     key = inbound_key(c)
+    tls = tls_options(c.host, c.tls_cert, c.tls_key)
     coop, _ = build_runtime(c)
     try:
-        log.info("serving on http://%s:%d/v1 (OpenAI-compatible; /health, /metrics)%s", c.host, c.port,
-                 "; clients must send the API key" if key else "")
-        uvicorn.run(create_app(coop, api_key=key), host=c.host, port=c.port, log_level="warning")
+        log.info("serving on %s://%s:%d/v1 (OpenAI-compatible; /health, /info, /metrics)%s",
+                 "https" if tls else "http", c.host, c.port, "; clients must send the API key" if key else "")
+        uvicorn.run(create_app(coop, api_key=key, max_body_bytes=c.max_body_bytes,
+                               max_tokens_limit=c.max_tokens_limit),
+                    host=c.host, port=c.port, log_level="warning", **tls)
     finally:
         coop.close()
 

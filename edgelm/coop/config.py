@@ -27,6 +27,10 @@ class ServeConfig:
     serve_key_env: str = "EDGELM_SERVE_API_KEY"  # environment variable with the key clients must send (Bearer)
     serve_key_file: str = ""  # or a file with it; a key is required when --host is not loopback
     insecure: bool = False  # serve a non-loopback --host without a key (anyone who reaches it spends the cloud budget)
+    tls_cert: str = ""  # PEM certificate: serve HTTPS (with --tls-key); without it, a non-loopback --host warns
+    tls_key: str = ""  # the certificate's PEM private key
+    max_body_bytes: int = 1048576  # largest request body accepted (413 above it)
+    max_tokens_limit: int = 2048  # largest max_tokens a request may ask for (400 above it; the cloud never gets more)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

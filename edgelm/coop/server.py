@@ -45,7 +45,7 @@ class Message(BaseModel):
 class _Body(BaseModel):
     """What both endpoints read; other fields OpenAI clients send (model, n, user, ...) are ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # json.loads reads NaN and Infinity
 
     max_tokens: Optional[Annotated[StrictInt, Field(ge=1)]] = None
     max_completion_tokens: Optional[Annotated[StrictInt, Field(ge=1)]] = None
@@ -122,16 +122,28 @@ def _parse(body: Any, kind: str) -> tuple[Any, int, dict[str, Any], bool, bool]:
     return request, max_tokens, req.sampling(), req.stream, bool((req.edgelm or {}).get("private", False))
 
 
-def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_key: str | None = None):
+def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_key: str | None = None,
+               max_body_bytes: int = 1 << 20, max_tokens_limit: int = 2048):
     """The FastAPI app. With ``api_key``, every path but /health needs ``Authorization: Bearer <key>`` (or
-    ``x-api-key``), else 401."""
+    ``x-api-key``), else 401. Bodies over ``max_body_bytes`` are a 413, ``max_tokens`` over ``max_tokens_limit`` a
+    400; every error, streamed or not, is OpenAI's error JSON."""
+    from starlette.exceptions import HTTPException
+
     from edgelm.coop.api import has_key
+    from edgelm.coop.httpsafe import Refusal, detached_stream, error_response, read_body, sse_error
     from edgelm.coop.runtime import Busy, CoopStream
 
     app = FastAPI(title="edgelm cooperative runtime")
+    error = error_response
 
-    def error(status: int, msg: str, typ: str) -> JSONResponse:
-        return JSONResponse({"error": {"message": msg, "type": typ}}, status_code=status)
+    @app.exception_handler(HTTPException)
+    async def http_error(req: Request, e: HTTPException):  # 404, 405: OpenAI's shape, not Starlette's
+        return error(e.status_code, str(e.detail), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def server_error(req: Request, e: Exception):  # a bug, not the client's fault: one line in the log
+        log.error("%s %s failed: %s: %s", req.method, req.url.path, type(e).__name__, e)
+        return error(500, f"internal error ({type(e).__name__}); see the server's log", "server_error")
 
     if api_key:
         @app.middleware("http")
@@ -162,25 +174,40 @@ def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_ke
             obj["edgelm"] = meta
         return f"data: {json.dumps(obj)}\n\n"
 
+    def stream_failed(e: BaseException) -> str:
+        msg = str(e) if isinstance(e, EdgelmError) else f"internal error ({type(e).__name__}); see the server's log"
+        return sse_error(msg) + "data: [DONE]\n\n"
+
     async def handle(kind: str, req: Request):
         try:
-            body = json.loads(await req.body() or b"null")
+            raw = await read_body(req, max_body_bytes)
+        except Refusal as e:
+            return error(e.status, e.message, e.type)
+        try:
+            body = json.loads(raw or b"null")
         except ValueError as e:
             return error(400, f"the body is not valid JSON ({e})", "invalid_request_error")
         try:
             request, max_tokens, sampling, stream, private = _parse(body, kind)
         except BadRequest as e:
             return error(400, str(e), "invalid_request_error")
+        if max_tokens > max_tokens_limit:
+            return error(400, f"'max_tokens' is {max_tokens}, over this server's limit of {max_tokens_limit}; ask "
+                              "for fewer tokens (the server's --max-tokens-limit)", "invalid_request_error")
         private = private or req.headers.get("x-edgelm-private", "").lower() in ("1", "true", "yes")
         created, rid = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         fn = coop.chat if kind == "chat" else coop.complete
         done = object()
+        s: CoopStream | None = None
         try:
-            s: CoopStream = fn(request, max_tokens=max_tokens, private=private, stream=True, **sampling)
+            s = fn(request, max_tokens=max_tokens, private=private, stream=True, **sampling)
             it = iter(s)
             if not stream:
                 def collect():
-                    text = "".join(it)
+                    try:
+                        text = "".join(it)
+                    finally:
+                        s.close()
                     s.answer.text = text
                     return s.answer
 
@@ -190,8 +217,14 @@ def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_ke
             return error(503, str(e), "overloaded")
         except EdgelmError as e:
             return error(400, str(e), "invalid_request_error")
+        except Exception as e:  # noqa: BLE001 - a failure of ours is a 500 in OpenAI's shape, the device freed
+            if s is not None:
+                await run_in_threadpool(s.close)
+            log.error("%s failed: %s: %s", req.url.path, type(e).__name__, e)
+            log.debug("request failure", exc_info=True)
+            return error(500, f"internal error ({type(e).__name__}); see the server's log", "server_error")
 
-        def events() -> Iterator[str]:
+        def events() -> Iterator[str]:  # runs in detached_stream's thread, never waiting for the client
             try:
                 if first is not done:
                     yield chunk(kind, first, created, rid)
@@ -199,17 +232,22 @@ def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_ke
                         yield chunk(kind, delta, created, rid)
                 a = s.answer
                 yield chunk(kind, None, created, rid, a.finish_reason, a.metadata())
-            except EdgelmError as e:
-                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
-            yield "data: [DONE]\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                s.close()
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(detached_stream(events(), stream_failed), media_type="text/event-stream")
 
-    @app.post("/v1/chat/completions")
+    chat_doc = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ChatBody"}}}}}
+    completion_doc = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/CompletionBody"}}}}}
+
+    @app.post("/v1/chat/completions", openapi_extra=chat_doc)
     async def chat_completions(req: Request):
         return await handle("chat", req)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=completion_doc)
     async def completions(req: Request):
         return await handle("completion", req)
 
@@ -218,11 +256,16 @@ def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_ke
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "edgelm"}]}
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", "device": str(coop.device.path), "runtime": coop.device.name,
-                "router": coop.router.name, "threshold": coop.threshold if abs(coop.threshold) != float("inf") else str(coop.threshold),
+    async def health():  # open to anyone who reaches the server: liveness only, nothing about the setup
+        return {"status": "ok"}
+
+    @app.get("/info")
+    async def info():  # behind the key, as everything else: what this server runs
+        return {"device": str(coop.device.path), "runtime": coop.device.name, "router": coop.router.name,
+                "threshold": coop.threshold if abs(coop.threshold) != float("inf") else str(coop.threshold),
                 "cloud": coop.cloud.cfg.url if coop.cloud else None,
-                "cloud_breaker_open": coop.cloud.breaker_open if coop.cloud else None}
+                "cloud_breaker_open": coop.cloud.breaker_open if coop.cloud else None,
+                "max_tokens_limit": max_tokens_limit, "max_body_bytes": max_body_bytes}
 
     @app.get("/metrics")
     async def metrics():
@@ -230,4 +273,18 @@ def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_ke
 
         return PlainTextResponse(coop.metrics.prometheus(), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, with the request bodies this server reads (so that schema-driven fuzzers send them)."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+            from pydantic.json_schema import models_json_schema
+
+            schema = get_openapi(title=app.title, version="1", routes=app.routes)
+            _, defs = models_json_schema([(ChatBody, "validation"), (CompletionBody, "validation")],
+                                         ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

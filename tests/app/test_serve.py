@@ -2,8 +2,12 @@
 the page), and its own key when reachable beyond loopback."""
 from __future__ import annotations
 
+import gzip
+import http.client
 import http.server
 import json
+import ssl
+import subprocess
 import threading
 
 import httpx
@@ -15,28 +19,48 @@ from tests.conftest import run_cli
 
 
 class Recorder:
-    """An OpenAI-ish endpoint on loopback that records the headers it was sent."""
+    """An OpenAI-ish endpoint on loopback that records every request (method, path, headers, body) it was sent.
+    ``gzip``: answer gzip-compressed, as most hosted APIs do (llama-cpp-python's server never does)."""
 
     def __init__(self) -> None:
-        self.headers: list[dict] = []
+        self.requests: list[dict] = []
+        self.gzip = False
         rec = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *a):
                 pass
 
-            def do_GET(self):
-                rec.headers.append({k.lower(): v for k, v in self.headers.items()})
-                body = json.dumps({"object": "list", "data": [{"id": "recorder"}]}).encode()
+            def _answer(self):
+                n = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(n) if n else b""
+                rec.requests.append({"method": self.command, "path": self.path, "body": body,
+                                     "headers": {k.lower(): v for k, v in self.headers.items()}})
+                if self.path.endswith("/models"):
+                    out, typ = json.dumps({"object": "list", "data": [{"id": "recorder"}]}).encode(), "application/json"
+                else:
+                    chunk = {"choices": [{"index": 0, "delta": {"content": "hello"}, "text": "hello"}]}
+                    out = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+                    typ = "text/event-stream"
                 self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
+                self.send_header("content-type", typ)
+                self.send_header("set-cookie", "session=upstream-secret")
+                if rec.gzip:
+                    out = gzip.compress(out)
+                    self.send_header("content-encoding", "gzip")
+                self.send_header("content-length", str(len(out)))
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(out)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _answer
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def headers(self) -> list[dict]:
+        return [r["headers"] for r in self.requests]
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -108,3 +132,116 @@ def test_cors_only_for_the_origins_given(app_dir, recorder):
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost"
     assert "access-control-allow-origin" not in other.headers
     assert get.status_code == 200 and get.headers["access-control-allow-origin"] == "http://localhost"
+
+
+def _raw(url: str, method: str, target: str, body: bytes | None = None, headers: dict | None = None):
+    """One request with the target sent as written (httpx and browsers would normalise '..' away)."""
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=30)
+    c.request(method, target, body=body, headers=headers or {})
+    r = c.getresponse()
+    out = (r.status, r.read())
+    c.close()
+    return out
+
+
+def test_proxy_forwards_only_the_openai_paths_and_methods(app_dir, recorder):
+    with AppServer(app_dir, "--cloud", recorder.url, env={"EDGELM_CLOUD_API_KEY": "cloud-secret"}) as srv:
+        refused = {t: _raw(srv.url, m, t)[0] for m, t in [
+            ("GET", "/v1/..%2F..%2Fadmin"), ("GET", "/v1/models%2F..%2F..%2Fadmin"), ("GET", "/v1/../admin"),
+            ("POST", "/v1/chat/completions/../../admin"), ("GET", "/v1/admin"), ("GET", "/v1/files"),
+            ("POST", "/v1/embeddings"), ("GET", "/v1/%2e%2e/%2e%2e/admin"), ("POST", "/v1/Models")]}
+        methods = {m: _raw(srv.url, m, "/v1/chat/completions", b"{}")[0] for m in ("GET", "PUT", "DELETE", "PATCH")}
+        models = _raw(srv.url, "DELETE", "/v1/models")[0]
+        ok = httpx.get(srv.url + "v1/models?evil=1")
+    assert set(refused.values()) == {404}, refused
+    assert methods == {"GET": 405, "PUT": 405, "DELETE": 405, "PATCH": 405} and models == 405
+    assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "recorder"
+    assert [(r["method"], r["path"]) for r in recorder.requests] == [("GET", "/v1/models")]  # nothing else, no query
+
+
+def test_proxy_forwards_only_the_headers_the_cloud_needs(app_dir, recorder):
+    sent = {"Cookie": "sid=user-secret", "Origin": "http://127.0.0.1", "Referer": "http://127.0.0.1/secret-page",
+            "Accept-Encoding": "identity-from-the-page", "X-Forwarded-For": "10.0.0.1", "X-Custom": "1",
+            "Authorization": "Bearer page-key", "Content-Type": "application/json", "Accept": "text/event-stream"}
+    with AppServer(app_dir, "--cloud", recorder.url, env={"EDGELM_CLOUD_API_KEY": "cloud-secret"}) as srv:
+        r = httpx.post(srv.url + "v1/chat/completions", headers=sent,
+                       json={"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 8})
+    assert r.status_code == 200 and "set-cookie" not in r.headers
+    got = recorder.requests[0]["headers"]
+    assert got["authorization"] == "Bearer cloud-secret" and got["content-type"] == "application/json"
+    assert got["accept"] == "text/event-stream"
+    for h in ("cookie", "origin", "referer", "x-forwarded-for", "x-custom"):
+        assert h not in got, h
+    assert got.get("accept-encoding") != "identity-from-the-page"
+
+
+def test_gzipped_cloud_answers_reach_the_page_decoded(app_dir, recorder):
+    recorder.gzip = True
+    with AppServer(app_dir, "--cloud", recorder.url) as srv:
+        models = httpx.get(srv.url + "v1/models")
+        stream = httpx.post(srv.url + "v1/chat/completions",
+                            json={"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 8})
+    assert recorder.requests and all("gzip" in r["headers"].get("accept-encoding", "") for r in recorder.requests)
+    for r in (models, stream):
+        assert r.status_code == 200 and "content-encoding" not in r.headers
+    assert models.json()["data"][0]["id"] == "recorder"
+    assert stream.content.startswith(b"data: ") and b"[DONE]" in stream.content
+
+
+def test_proxy_bounds_bodies_and_max_tokens(app_dir, recorder):
+    msgs = [{"role": "user", "content": "hi"}]
+    with AppServer(app_dir, "--cloud", recorder.url, "--max-body-bytes", "4096", "--max-tokens-limit", "64") as srv:
+        big = httpx.post(srv.url + "v1/completions", json={"prompt": "x" * 5000})
+
+        def chunked():
+            yield b'{"prompt": "'
+            for _ in range(10):
+                yield b"x" * 1000
+            yield b'"}'
+
+        big_chunked = httpx.post(srv.url + "v1/completions", content=chunked(),
+                                 headers={"content-type": "application/json"})
+        over = httpx.post(srv.url + "v1/chat/completions", json={"messages": msgs, "max_tokens": 65})
+        over2 = httpx.post(srv.url + "v1/chat/completions", json={"messages": msgs, "max_completion_tokens": 10**9})
+        bad = [httpx.post(srv.url + "v1/chat/completions", json={"messages": msgs, "max_tokens": v}).status_code
+               for v in (0, -1, "8", True, 1.5)]
+        not_object = httpx.post(srv.url + "v1/completions", json=["x"])
+        absent = httpx.post(srv.url + "v1/chat/completions", json={"messages": msgs})
+        given = httpx.post(srv.url + "v1/chat/completions", json={"messages": msgs, "max_completion_tokens": 9})
+    assert big.status_code == big_chunked.status_code == 413
+    assert big.json()["error"]["type"] == "request_too_large" and "4096 bytes" in big.json()["error"]["message"]
+    assert over.status_code == over2.status_code == 400 and "limit of 64" in over.json()["error"]["message"]
+    assert bad == [400] * 5 and not_object.status_code == 400
+    assert absent.status_code == given.status_code == 200
+    sent = [json.loads(r["body"]) for r in recorder.requests]
+    assert [b["max_tokens"] for b in sent] == [64, 9] and "max_completion_tokens" not in sent[1]
+
+
+def test_tls_with_a_self_signed_certificate(app_dir, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    with AppServer(app_dir, "--tls-cert", str(cert), "--tls-key", str(key)) as srv:
+        assert srv.url.startswith("https://")
+        r = httpx.get(srv.url + "edgelm-serve.json", verify=ssl.create_default_context(cafile=str(cert)))
+        with pytest.raises(httpx.ConnectError):  # an unknown certificate is refused by a verifying client
+            httpx.get(srv.url + "edgelm-serve.json")
+    assert r.status_code == 200 and r.json()["cloud"] is False
+    r = run_cli("app", "serve", str(app_dir), "--tls-cert", str(cert))
+    assert r.returncode == 2 and "pass both --tls-cert and --tls-key" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("app", "serve", str(app_dir), "--tls-cert", str(key), "--tls-key", str(cert))
+    assert r.returncode == 2 and "could not be loaded" in r.stderr
+
+
+def test_plain_http_beyond_loopback_warns(caplog):
+    import logging
+
+    from edgelm.coop.httpsafe import tls_options
+
+    with caplog.at_level(logging.WARNING):
+        assert tls_options("127.0.0.1", "", "") == {}
+        assert "in clear" not in caplog.text
+        assert tls_options("0.0.0.0", "", "") == {}
+    assert "travel in clear" in caplog.text

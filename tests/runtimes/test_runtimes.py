@@ -133,6 +133,21 @@ def test_draft_is_greedy_with_its_confidence(backend, runtimes, rt_model):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_short_sampled_call_does_not_size_the_next_long_one(backend, runtimes, rt_model):
+    """Each call sizes its own KV cache: a short sampled (or penalised) generate, then a longer prompt's draft and
+    generate, give what they give on a fresh runtime (ONNX once kept the short call's genai max_length)."""
+    rt, ids = runtimes[backend], rt_model["prompt_ids"]
+    long_ids = (ids * 4)[: min(rt.context - 16, 4 * len(ids))]
+    rt.generate(ids[:4], max_new_tokens=2, do_sample=True, seed=1)
+    rt.generate(ids[:4], max_new_tokens=2, repetition_penalty=1.3)
+    d = rt.draft(long_ids, 8)  # genai overflowed its max_length here
+    greedy = rt.generate(long_ids, max_new_tokens=8).ids  # genai's native loop, sized by its own call
+    assert d.ids[: len(greedy)] == greedy and len(d.ids) in (len(greedy), len(greedy) + 1)  # + the stop id
+    assert rt.generate(long_ids, max_new_tokens=4, do_sample=True, seed=3).ids == rt.generate(
+        long_ids, max_new_tokens=4, do_sample=True, seed=3).ids
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_prompt_longer_than_context(backend, artifacts):
     from edgelm.errors import EdgelmError
     from edgelm.runtimes.api import load

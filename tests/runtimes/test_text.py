@@ -45,3 +45,23 @@ def test_stop_matcher_without_stops_passes_everything():
 def test_eos_ids_come_from_the_folder(tiny_tokenizer_dir):
     tok = _tok(tiny_tokenizer_dir)
     assert tok.eos_ids == (0,) and tok.eos_token == "<|endoftext|>"
+
+
+def test_chat_template_is_compiled_once_per_tokenizer(tiny_tokenizer_dir, monkeypatch):
+    """A server renders a chat per request: the template compiles on the first one only (and again only when the
+    template itself changes)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from tests.runtime_fixtures import CHATML
+
+    tok = _tok(tiny_tokenizer_dir)
+    tok.chat_template = CHATML
+    compiled = []
+    real = ImmutableSandboxedEnvironment.from_string
+    monkeypatch.setattr(ImmutableSandboxedEnvironment, "from_string",
+                        lambda self, src, *a, **k: compiled.append(src) or real(self, src, *a, **k))
+    msgs = [{"role": "user", "content": "hi"}]
+    outs = {tok.apply_chat_template(msgs) for _ in range(5)}
+    assert outs == {"<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"} and compiled == [CHATML]
+    tok.chat_template = CHATML.replace("assistant", "bot")
+    assert tok.apply_chat_template(msgs).endswith("<|im_start|>bot\n") and len(compiled) == 2
