@@ -141,7 +141,7 @@ def _train_and_pack(a, kwargs: dict[str, Any], out: Path, pack: Path, t0: float)
         logging.info("%s", e)
         finished = False
         ckpt = checkpoints(out / "run")[-1]
-        saved = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        saved = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
         state, config, manifest = saved["model"], saved["student_config"], None
         if config.get("tie_word_embeddings"):
             state.pop("lm_head.weight", None)  # the embedding, a second time

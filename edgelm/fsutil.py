@@ -26,7 +26,11 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.rename(target, old)
-            os.rename(tmp, target)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)  # the old target back under its own name, never left hidden
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)
@@ -55,21 +59,37 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-# (real path, device, inode, size, mtime in ns) -> sha256: a file is hashed once per process until it changes
-_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+# (real path, device, inode, size, mtime, ctime in ns) -> sha256: a file is hashed once until it changes
+_DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}
+DIGEST_CACHE_MIN = 64 << 20  # files at least this big keep their digest on disk too, across processes
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, cached within the process by its identity, size and mtime (as make and git do): loading
-    an artifact checks every file against its manifest, and opening it again should not read it all again."""
+    """sha256 of a file, cached by its identity, size, mtime and ctime (as make and git do): loading an artifact
+    checks every file against its manifest, and opening it again should not read it all again. Within a process
+    in memory; for big files also on disk under the cache folder (``digests/``), so a multi-GB model is hashed
+    once per change, not at every load. The ctime is in the key because no user can set it: a file rewritten with
+    its old mtime still changes it."""
     st = os.stat(path)
-    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    name = hashlib.blake2b(repr(key).encode(), digest_size=16).hexdigest()  # the identity, not the content
+    disk = cache_dir() / "digests" / name if st.st_size >= DIGEST_CACHE_MIN else None
+    if disk is not None:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            got = disk.read_text(encoding="ascii").strip()
+            if len(got) == 64:
+                _DIGESTS[key] = got
+                return got
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    _DIGESTS[key] = h.hexdigest()
+    if disk is not None:
+        with contextlib.suppress(OSError):  # a read-only cache only costs the next load a re-hash
+            atomic_write_text(disk, _DIGESTS[key])
     return _DIGESTS[key]
 
 

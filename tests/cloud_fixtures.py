@@ -32,12 +32,15 @@ def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = N
 
 
 class FaultProxy:
-    """HTTP proxy to the cloud. ``mode``: pass | 500 | malformed | slow | slow-first | cut. Counts the requests it
-    received (from many handler threads, so under a lock). "slow-first" stalls only the first request."""
+    """HTTP proxy to the cloud. ``mode``: pass | 500 | malformed | slow | slow-first | cut | drip. Counts the
+    requests it received (from many handler threads, so under a lock). "slow-first" stalls only the first request;
+    "drip" answers at once but sends each line ``drip`` seconds after the last (a long answer, streamed slowly)."""
 
     def __init__(self, upstream_port: int) -> None:
         self.mode = "pass"
         self.delay = 3.0  # seconds, for "slow" and "slow-first"
+        self.drip = 0.3  # seconds between lines, for "drip"
+        self.fail_after: int | None = None  # answer 500 to every POST after this many
         self.count = 0
         self._lock = threading.Lock()
         self.stopped = threading.Event()  # a request stalled past its test is dropped, not sent on to the shared cloud
@@ -58,7 +61,7 @@ class FaultProxy:
                     proxy.count += 1
                     n = proxy.count
                 mode = proxy.mode
-                if mode == "500":
+                if mode == "500" or proxy.fail_after is not None and n > proxy.fail_after:
                     return self._send(500, b'{"error": "boom"}')
                 if mode == "malformed":
                     return self._send(200, b'{"choices": [ this is not json')
@@ -66,7 +69,7 @@ class FaultProxy:
                     if proxy.stopped.wait(proxy.delay):
                         return
 
-                self._forward(body, cut=mode == "cut")
+                self._forward(body, cut=mode == "cut", drip=proxy.drip if mode == "drip" else 0.0)
 
             def _send(self, code: int, body: bytes) -> None:
                 self.send_response(code)
@@ -75,7 +78,7 @@ class FaultProxy:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def _forward(self, body: bytes, cut: bool = False) -> None:
+            def _forward(self, body: bytes, cut: bool = False, drip: float = 0.0) -> None:
                 conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
                 headers = {"content-type": "application/json"}
                 conn.request(self.command, self.path, body=body or None, headers=headers)
@@ -85,21 +88,24 @@ class FaultProxy:
                 self.send_header("connection", "close")
                 self.end_headers()
                 try:
-                    self._copy(r, cut)
+                    self._copy(r, cut, drip)
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (deadline): fine
                     pass
                 conn.close()
 
-            def _copy(self, r, cut: bool) -> None:
+            def _copy(self, r, cut: bool, drip: float = 0.0) -> None:
                 events = 0
                 while True:
                     line = r.readline()
                     if not line:
                         break
+                    if drip and line.startswith(b"data:") and events and proxy.stopped.wait(drip):
+                        return
                     self.wfile.write(line)
-                    if cut and line.startswith(b"data:"):
+                    self.wfile.flush()
+                    if line.startswith(b"data:"):
                         events += 1
-                        if events == 3:  # three deltas, then the connection drops
+                        if cut and events == 3:  # three deltas, then the connection drops
                             self.wfile.flush()
                             self.connection.shutdown(socket.SHUT_RDWR)
                             break

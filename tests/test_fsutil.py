@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
+
+import pytest
 
 from edgelm import fsutil
 
@@ -52,3 +55,44 @@ def test_loading_a_folder_twice_hashes_its_weights_once(tiny_q_model, monkeypatc
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # a touched file is hashed again
     read_manifest(tiny_q_model)
     assert len(reads) == 1
+
+
+def test_a_big_file_is_hashed_once_across_processes(tmp_path, monkeypatch):
+    """Big files keep their digest on disk, keyed by identity, size, mtime and ctime: a new process (here, an
+    emptied memory cache) reads it back instead of hashing again; a rewrite is hashed again, even with its old
+    mtime restored (the ctime still moves)."""
+    monkeypatch.setenv("EDGELM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fsutil, "DIGEST_CACHE_MIN", 1000)
+    f = tmp_path / "big.bin"
+    f.write_bytes(b"a" * 5000)
+    reads = count_hashing(monkeypatch)
+    first = fsutil.sha256_file(f)
+    monkeypatch.setattr(fsutil, "_DIGESTS", {})
+    assert fsutil.sha256_file(f) == first == REAL(b"a" * 5000).hexdigest() and len(reads) == 1
+    assert len(list((tmp_path / "cache" / "digests").iterdir())) == 1
+    st = f.stat()
+    time.sleep(0.02)
+    f.write_bytes(b"b" * 5000)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: only the ctime tells
+    monkeypatch.setattr(fsutil, "_DIGESTS", {})
+    assert fsutil.sha256_file(f) == REAL(b"b" * 5000).hexdigest() and len(reads) == 2
+
+
+def test_atomic_dir_restores_the_old_target_when_the_swap_fails(tmp_path, monkeypatch):
+    target = tmp_path / "art"
+    target.mkdir()
+    (target / "old.txt").write_text("keep me")
+    real, calls = os.rename, []
+
+    def rename(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:  # the new folder's rename into place
+            raise OSError("disk went away")
+        return real(a, b)
+
+    monkeypatch.setattr(fsutil.os, "rename", rename)
+    with pytest.raises(OSError, match="disk went away"):
+        with fsutil.atomic_dir(target, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert (target / "old.txt").read_text() == "keep me" and not (target / "new.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no hidden old copy, no temp folder

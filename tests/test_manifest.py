@@ -71,3 +71,42 @@ def test_atomic_dir_refuses_existing_without_overwrite(tmp_path):
     with atomic_dir(target, overwrite=True) as tmp:
         (tmp / "new").write_text("n")
     assert sorted(p.name for p in target.iterdir()) == ["new"]
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "sub/../../outside.bin", "/etc/passwd", "..", "a\\..\\b", ""])
+def test_file_names_may_not_leave_the_folder(tmp_path, name):
+    d = _artifact(tmp_path)
+    (tmp_path / "outside.bin").write_bytes(b"secret")
+    write_manifest(d, "test")
+    m = json.loads((d / MANIFEST).read_text())
+    m["files"][name] = {"size": 6, "sha256": sha256_file(tmp_path / "outside.bin")}
+    (d / MANIFEST).write_text(json.dumps(m))
+    for verify in (True, False):
+        with pytest.raises(EdgelmError, match="leaves the artifact folder|not a plain relative path"):
+            read_manifest(d, verify=verify)
+
+
+def test_a_link_out_of_the_folder_is_refused(tmp_path):
+    d = _artifact(tmp_path)
+    (tmp_path / "outside.bin").write_bytes(b"secret")
+    (d / "link.bin").symlink_to(tmp_path / "outside.bin")
+    write_manifest(d, "test")
+    with pytest.raises(EdgelmError, match="a link out of the artifact folder"):
+        read_manifest(d)
+
+
+@pytest.mark.parametrize("text, what", [
+    ("[]", "schema version None"),
+    ('{"schema_version": 1, "files": []}', "'files' is not an object"),
+    ('{"schema_version": 1, "files": {"weights.bin": 300}}', "needs an integer 'size' and a string 'sha256'"),
+    ('{"schema_version": 1, "files": {"weights.bin": {"size": "300", "sha256": "x"}}}', "needs an integer 'size'"),
+    ('{"schema_version": 1, "files": {"weights.bin": {"size": 300}}}', "needs an integer 'size' and a string"),
+    ('{"schema_version": 1, "kind": 7}', "'kind' is not a string"),
+    ("\xff\xfe", "is not valid JSON"),
+])
+def test_a_malformed_manifest_is_one_line(tmp_path, text, what):
+    d = _artifact(tmp_path)
+    (d / MANIFEST).write_bytes(text.encode("latin-1"))
+    with pytest.raises(EdgelmError, match=what) as e:
+        read_manifest(d)
+    assert "\n" not in str(e.value)

@@ -60,7 +60,7 @@ def build_runtime(config: ServeConfig | None = None, **kwargs: Any):
         log.info("router %s, threshold %s (calibration: %s)", state.router, f"{state.threshold:.4g}",
                  state.calibration)
         coop = CooperativeRuntime(device, cloud, router, threshold=state.threshold, deadline=c.deadline,
-                                  max_queue=c.max_queue)
+                                  total_deadline=c.total_deadline, max_queue=c.max_queue)
         stack.pop_all()  # the cooperative runtime owns them now: coop.close()
     return coop, state
 
@@ -143,6 +143,15 @@ def _open_device_and_cloud(c, stack: contextlib.ExitStack):
     return device, cloud
 
 
+def _journal(c: RouteConfig, path: Path, **more: Any):
+    """The run's journal of judged queries (see evaluate.Journal); its settings are what the answers depend on."""
+    from edgelm.coop.evaluate import Journal
+
+    keep = ("device", "runtime", "cloud_url", "cloud_model", "data", "queries", "max_tokens")
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in c.as_dict().items() if k in keep}
+    return Journal(path, {**settings, **more}, resume=c.resume, force=c.force)
+
+
 def route_train(config: RouteConfig | None = None, **kwargs: Any) -> RouterState:
     """Fit the learned router on train-split queries; write it, with the threshold for --cloud-budget, to --out."""
     import numpy as np
@@ -164,7 +173,8 @@ def route_train(config: RouteConfig | None = None, **kwargs: Any) -> RouterState
         queries = function_queries(c.data, "train", c.queries)
         log.info("route train: %d train-split queries, device and cloud answer each (%d tokens)", len(queries),
                  c.max_tokens)
-        judged = judge(device, cloud, queries, max_tokens=c.max_tokens, progress=c.progress)
+        journal = _journal(c, out.with_name(out.stem + ".train-answers.jsonl"))
+        judged = judge(device, cloud, queries, max_tokens=c.max_tokens, progress=c.progress, journal=journal)
         X = np.stack([features(device, device.encode(q.prompt))[0] for q in queries])
     y = np.array([j.cloud - j.device for j in judged])
     model, cv = select_and_fit(X, y)
@@ -180,6 +190,7 @@ def route_train(config: RouteConfig | None = None, **kwargs: Any) -> RouterState
                          "cloud_quality": float(np.mean([j.cloud for j in judged])), **cv}, router.state())
     state.save(out)
     save_judged(judged, out.with_name(out.stem + ".train-answers.json"))
+    journal.finish()
     return state
 
 
@@ -215,14 +226,17 @@ def route_eval(config: RouteConfig | None = None, **kwargs: Any) -> RouteEvalRes
     routers = [ROUTERS.get("confidence")(), ROUTERS.get("confidence-draft")()]
     if c.router_file:
         routers.append(router_from_state(RouterState.load(c.router_file)))
+    out = Path(c.out)
     with contextlib.ExitStack() as stack:
         device, cloud = _open_device_and_cloud(c, stack)
         queries = function_queries(c.data, "test", c.queries)
         log.info("route eval: %d test-split queries, routers %s", len(queries), ", ".join(r.name for r in routers))
-        judged = judge(device, cloud, queries, max_tokens=c.max_tokens, routers=routers, progress=c.progress)
-    out = Path(c.out)
+        journal = _journal(c, out / "answers.jsonl", routers=[r.name for r in routers])
+        judged = judge(device, cloud, queries, max_tokens=c.max_tokens, routers=routers, progress=c.progress,
+                       journal=journal)
     out.mkdir(parents=True, exist_ok=True)
     save_judged(judged, out / "answers.json")
+    journal.finish()
     sums = [random_summary(judged)] + [summarize(judged, r.name, [j.scores[r.name] for j in judged]) for r in routers]
     oracle = summarize(judged, "oracle", [j.cloud - j.device for j in judged])
     rows = []

@@ -46,11 +46,13 @@ class CloudConfig:
         return asdict(self)
 
 
-class CloudError(Exception):
-    """The cloud gave no usable answer. ``reason`` is short and safe to show (no key, no body)."""
+class CloudError(EdgelmError):
+    """The cloud gave no usable answer. ``reason`` is short and safe to show (no key, no body). An EdgelmError, so
+    one that escapes to the CLI is one line, not a traceback."""
 
     def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+        super().__init__(f"the cloud gave no usable answer ({reason}); check that it is up and what --cloud-url "
+                         "points to")
         self.reason = reason
 
 
@@ -188,21 +190,27 @@ class CloudClient:
         except (KeyError, IndexError, TypeError):
             raise CloudError("malformed_json") from None
 
-    def stream(self, path: str, payload: dict[str, Any], deadline: float) -> Iterator[str]:
-        """Text deltas of a streamed completion ("chat/completions" or "completions"). Raises CloudError when the
-        stream fails; deltas already yielded stay valid (the caller continues from them). A failure before the first
-        delta is retried like any request (see ``_retrying``)."""
-        return self._retrying(lambda: self._stream_once(path, payload, deadline), deadline)
+    def stream(self, path: str, payload: dict[str, Any], deadline: float, first_token: float | None = None
+               ) -> Iterator[str]:
+        """Text deltas of a streamed completion ("chat/completions" or "completions"). Two deadlines
+        (time.monotonic()): ``first_token`` for the first delta (connects and retries included; default
+        ``deadline``), and ``deadline`` for the whole answer, so a long answer that started in time is not cut at
+        the first one. Raises CloudError when the stream fails ("deadline" before the first delta,
+        "total_deadline" after it); deltas already yielded stay valid (the caller continues from them). A failure
+        before the first delta is retried like any request (see ``_retrying``)."""
+        first = min(deadline, first_token if first_token is not None else deadline)
+        return self._retrying(lambda: self._stream_once(path, payload, deadline, first), first)
 
-    def _stream_once(self, path: str, payload: dict[str, Any], deadline: float) -> Iterator[str]:
-        """One attempt."""
+    def _stream_once(self, path: str, payload: dict[str, Any], deadline: float, first: float) -> Iterator[str]:
+        """One attempt. The network timeouts are bounded by the first-token budget left at the start (so the
+        headers and first bytes come in time) and by ``read_timeout`` between bytes."""
         import httpx
 
         chat = path.startswith("chat")
-        done = False
+        done = started = False
         try:
             with self._http.stream("POST", path, json=self._body({**payload, "stream": True}),
-                                   timeout=self._timeout(deadline)) as r:
+                                   timeout=self._timeout(first)) as r:
                 if r.status_code >= 400:
                     raise CloudError(f"http_{r.status_code}")
                 if "text/event-stream" not in r.headers.get("content-type", ""):
@@ -219,8 +227,9 @@ class CloudClient:
                         yield text
                     r.close()
                 for line in ([] if done else r.iter_lines()):
-                    if time.monotonic() > deadline:
-                        raise CloudError("deadline")
+                    now = time.monotonic()
+                    if now > (deadline if started else first):
+                        raise CloudError("total_deadline" if started else "deadline")
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
@@ -233,9 +242,10 @@ class CloudClient:
                     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                         raise CloudError("malformed_json") from None
                     if delta:
+                        started = True
                         yield delta
         except httpx.TransportError as e:
-            raise self._transport_error(e, deadline) from None
+            raise self._transport_error(e, deadline if started else first) from None
         if not done:
             raise CloudError("stream_cut")
 

@@ -20,7 +20,8 @@ class ServeConfig:
     router_file: str = ""  # load the router and threshold saved by an earlier calibration (and save new ones here)
     data: tuple[str, ...] = ()  # calibration corpus: functions of its val split are the queries (default: stdlib)
     calib_queries: int = 32  # calibration queries
-    deadline: float = 10.0  # seconds the cloud has per request before the device answers
+    deadline: float = 10.0  # seconds from a request to the cloud's first token; past it the device answers
+    total_deadline: float = 120.0  # seconds for a whole cloud answer; past it the device continues the cut text
     max_queue: int = 8  # device requests waiting or running before 503
     host: str = "127.0.0.1"  # address to listen on
     port: int = 8000  # port to listen on
@@ -51,7 +52,8 @@ class RouteConfig:
     cloud_budget: float = 0.3  # `route train`: the share of training queries its threshold sends to the cloud
     router_file: str = ""  # `route eval`: a trained learned router to compare (from `route train`)
     out: str = ""  # `route train`: the router file to write; `route eval`: a folder for table, plot and JSON
-    force: bool = False  # replace --out if it exists
+    force: bool = False  # replace --out (and a partial run's journal) if it exists
+    resume: bool = False  # continue a run a cloud failure cut: judged queries are read back, failed ones retried
     progress: bool = True  # progress bar
 
     def as_dict(self) -> dict[str, Any]:

@@ -49,26 +49,95 @@ class Judged:
     source: str  # file:line of the function
     prompt_tokens: int
     device: float  # quality of the device's answer
-    cloud: float  # quality of the cloud's answer
+    cloud: float | None  # quality of the cloud's answer (None: the cloud failed, see ``error``)
     scores: dict[str, float] = field(default_factory=dict)  # router -> score
     seconds: dict[str, float] = field(default_factory=dict)  # router -> its latency
+    error: str | None = None  # the cloud's failure reason (CloudError.reason) when it gave no answer
 
 
-def judge(device, cloud, queries, *, max_tokens: int = 48, routers: Sequence[Any] = (), progress: bool = True
-          ) -> list[Judged]:
-    """Both answers and every router's score for each query (greedy, completion style)."""
+class Journal:
+    """Judged queries appended to a JSONL file as each one ends, so that a run cut by a cloud failure (or Ctrl-C)
+    keeps every answer it got and ``--resume`` goes on from them. Its first line is the run's settings: a resume
+    with other settings is refused."""
+
+    def __init__(self, path: Path, settings: dict[str, Any], *, resume: bool, force: bool) -> None:
+        self.path = Path(path)
+        self.done: dict[str, Judged] = {}  # source -> a query the cloud answered
+        if self.path.exists() and resume:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            try:
+                head = json.loads(lines[0])["settings"]
+                rows = [Judged(**json.loads(x)) for x in lines[1:] if x.strip()]
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise EdgelmError(f"{self.path} is not a route journal; remove it, or pass --force to start "
+                                  "over") from None
+            if head != settings:
+                diff = sorted(k for k in set(head) | set(settings) if head.get(k) != settings.get(k))
+                raise EdgelmError(f"--resume: {self.path} was run with other settings ({', '.join(diff)}); resume "
+                                  "with the same flags, or pass --force to start over")
+            self.done = {j.source: j for j in rows if j.cloud is not None}
+            log.info("resume: %d judged queries read from %s", len(self.done), self.path)
+        elif self.path.exists() and not force:
+            raise EdgelmError(f"{self.path} holds a partial run; pass --resume to continue it, or --force to start "
+                              "over")
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"settings": settings}) + "\n", encoding="utf-8")
+        if resume and not self.path.exists():
+            log.info("resume: no journal at %s, starting afresh", self.path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"settings": settings}) + "\n", encoding="utf-8")
+
+    def finish(self) -> None:
+        """The run ended and saved its answers: the journal is no longer needed."""
+        self.path.unlink(missing_ok=True)
+
+    def add(self, j: Judged) -> None:
+        import os
+
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(asdict(j)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def judge(device, cloud, queries, *, max_tokens: int = 48, routers: Sequence[Any] = (), progress: bool = True,
+          journal: Journal | None = None) -> list[Judged]:
+    """Both answers and every router's score for each query (greedy, completion style). A cloud failure is recorded
+    with the query (``error``) and the run goes on; at the end, any failure is one EdgelmError that says how many
+    failed, why, and that ``--resume`` retries just those (the others are kept in the journal)."""
     from tqdm import tqdm
 
-    out = []
+    from edgelm.coop.cloud import CloudError
+
+    out: list[Judged] = []
+    failed: dict[str, int] = {}
     for q in tqdm(queries, desc="queries", disable=not progress, unit="q"):
+        if journal is not None and q.source in journal.done:
+            out.append(journal.done[q.source])
+            continue
         ids = device.encode(q.prompt)
         dev = device.generate(ids, max_new_tokens=max_tokens).text
-        cl = cloud.complete(q.prompt, max_tokens=max_tokens, deadline=time.monotonic() + 120, temperature=0.0)
-        j = Judged(q.source, len(ids), answer_quality(dev, q.reference), answer_quality(cl, q.reference))
-        for r in routers:
-            d = r.score(device, ids)
-            j.scores[r.name], j.seconds[r.name] = float(d.score), d.seconds
+        try:
+            cl = cloud.complete(q.prompt, max_tokens=max_tokens, deadline=time.monotonic() + 120, temperature=0.0)
+            j = Judged(q.source, len(ids), answer_quality(dev, q.reference), answer_quality(cl, q.reference))
+        except CloudError as e:
+            failed[e.reason] = failed.get(e.reason, 0) + 1
+            log.warning("query %s: the cloud failed (%s); recorded, --resume retries it", q.source, e.reason)
+            j = Judged(q.source, len(ids), answer_quality(dev, q.reference), None, error=e.reason)
+        if j.cloud is not None:
+            for r in routers:
+                d = r.score(device, ids)
+                j.scores[r.name], j.seconds[r.name] = float(d.score), d.seconds
+        if journal is not None:
+            journal.add(j)
         out.append(j)
+    if failed:
+        n = sum(failed.values())
+        where = f"; the {len(out) - n} answered are kept in {journal.path}" if journal is not None else ""
+        raise EdgelmError(f"{n} of {len(out)} queries got no cloud answer ("
+                          + ", ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
+                          + f"){where}; fix the cloud and rerun with --resume to retry just those")
     return out
 
 

@@ -123,7 +123,7 @@ class CoopStream(Stream):
 class CooperativeRuntime:
     def __init__(self, device: "Runtime", cloud: CloudClient | None, router: "Router | str", *,
                  threshold: float | None = None, privacy: PrivacyGuard | None = None, deadline: float = 10.0,
-                 max_queue: int = 8) -> None:
+                 total_deadline: float | None = None, max_queue: int = 8) -> None:
         from edgelm.registry import ROUTERS
 
         self.device = device
@@ -139,7 +139,12 @@ class CooperativeRuntime:
         self.privacy = privacy or PrivacyGuard()
         if deadline <= 0:
             raise EdgelmError(f"deadline must be > 0 seconds, got {deadline}")
-        self.deadline = deadline  # seconds the cloud has per request before the device answers
+        total_deadline = max(deadline, 120.0) if total_deadline is None else total_deadline
+        if total_deadline < deadline:
+            raise EdgelmError(f"the cloud's total deadline ({total_deadline} s) must be at least its first-token "
+                              f"deadline ({deadline} s)")
+        self.deadline = deadline  # seconds from the request to the cloud's first token, else the device answers
+        self.total_deadline = total_deadline  # seconds for the whole cloud answer; past it the device continues it
         self.max_queue = max_queue  # device requests waiting or running before Busy
         self._device_lock = threading.Lock()
         self._queue_lock = threading.Lock()
@@ -248,13 +253,15 @@ class CooperativeRuntime:
         params = {k: v for k, v in sampling.items() if k in ("temperature", "top_p", "seed", "stop")}
         if not sampling.get("do_sample", False):
             params.setdefault("temperature", 0.0)
-        deadline = time.monotonic() + max(0.0, self.deadline - (time.perf_counter() - t0))
+        spent = time.perf_counter() - t0  # routing, on the device
+        first = time.monotonic() + max(0.0, self.deadline - spent)
+        total = time.monotonic() + max(0.0, self.total_deadline - spent)
         if kind == "chat":
             payload = {"messages": request, "max_tokens": max_tokens, **params}
-            yield from self.cloud.stream("chat/completions", payload, deadline)
+            yield from self.cloud.stream("chat/completions", payload, total, first)
         else:
             payload = {"prompt": request, "max_tokens": max_tokens, **params}
-            yield from self.cloud.stream("completions", payload, deadline)
+            yield from self.cloud.stream("completions", payload, total, first)
 
     def _device_answer(self, ids, max_tokens, sampling, decision, ans: Answer) -> Iterator[str]:
         from edgelm.runtimes.sampling import GenerationConfig

@@ -175,7 +175,7 @@ def _setup(cfg: DistillConfig, run: Path, dist: _Dist) -> dict[str, Any] | None:
         ckpts = checkpoints(run)
         if not ckpts:
             raise EdgelmError(f"--resume: no checkpoint in {run / 'checkpoints'}; start without --resume")
-        state = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=True)  # data, never code
         diff = cfg.diff(state["config"])
         if diff:
             raise EdgelmError(f"--resume with a different config ({'; '.join(diff)}); use the original flags or a new --out")

@@ -14,9 +14,10 @@ from tests.cloud_fixtures import direct_chat, free_port
 MSGS = [{"role": "user", "content": "def add(a, b):"}]
 
 
-def coop_for(device, url: str | None, router: str = "always-cloud", deadline: float = 5.0, **cloud_kw):
+def coop_for(device, url: str | None, router: str = "always-cloud", deadline: float = 5.0,
+             total_deadline: float | None = None, **cloud_kw):
     cloud = CloudClient(CloudConfig(url=url, retries=1, backoff=0.05, **cloud_kw)) if url else None
-    return CooperativeRuntime(device, cloud, router, deadline=deadline)
+    return CooperativeRuntime(device, cloud, router, deadline=deadline, total_deadline=total_deadline)
 
 
 def _trained(name: str):
@@ -106,6 +107,25 @@ def test_a_stream_cut_midway_is_continued_by_the_device(device, cloud, proxy):
     prompt = device.apply_chat_template(MSGS) + partial
     rest = device.generate(prompt, max_new_tokens=16 - len(device.encode(partial))).text
     assert text == partial + rest and ans.completion_tokens > 0
+
+
+def test_a_long_answer_that_started_in_time_is_not_cut_at_the_first_token_deadline(device, cloud, proxy):
+    """The first-token deadline bounds the wait for the cloud's first token, not the whole answer: a slow stream
+    that starts at once runs past it and is the cloud's answer. The total deadline cuts it, and the device goes on."""
+    want = direct_chat(cloud.url, MSGS, 12)
+    proxy.mode, proxy.drip = "drip", 0.25  # 12 tokens take about 3 s, against a first-token deadline of 1 s
+    t0 = time.monotonic()
+    ans = coop_for(device, proxy.url, deadline=1.0).chat(MSGS, max_tokens=12)
+    assert time.monotonic() - t0 > 1.0  # it did run past the first-token deadline
+    assert ans.routed_to == "cloud" and ans.fallback_reason is None and ans.text == want
+    s = coop_for(device, proxy.url, deadline=1.0, total_deadline=1.6).chat(MSGS, max_tokens=12, stream=True)
+    text = "".join(s)
+    ans = s.answer
+    assert ans.routed_to == "device" and ans.fallback_reason == "total_deadline"
+    partial = text[: ans.cloud_chars]
+    assert partial and want.startswith(partial) and len(partial) < len(want)
+    with pytest.raises(EdgelmError, match="must be at least its first-token deadline"):
+        coop_for(device, proxy.url, deadline=5.0, total_deadline=2.0)
 
 
 def test_circuit_breaker_stops_calling_a_failing_cloud(device, proxy):

@@ -104,8 +104,19 @@ def test_route_train_and_eval(artifacts, trained_cloud, tiny_corpus, tmp_path):
 
     coop, st = build_runtime(device=str(artifacts["llamacpp"]), cloud_url=trained_cloud.url,
                              router_file=str(tmp_path / "learned.json"), threads=1)
-    ans = coop.complete("def f(x):\n    return", max_tokens=4)
-    assert ans.router == "learned" and ans.score is not None and ans.routed_to in ("device", "cloud")
+    prompt = "def f(x):\n    return"
+    ans = coop.complete(prompt, max_tokens=4)
+    # what routing must do: above the threshold the (healthy) cloud answers, at or below it the device does
+    assert ans.router == "learned" and ans.score is not None and ans.fallback_reason is None
+    assert ans.routed_to == ("cloud" if ans.score > ans.threshold else "device")
+    for t, who in ((ans.score - 1.0, "cloud"), (ans.score, "device")):  # the same query, each side of its score
+        coop.threshold = t
+        a = coop.complete(prompt, max_tokens=4)
+        assert a.score == pytest.approx(ans.score) and a.routed_to == who and a.fallback_reason is None
+        if who == "device":
+            assert a.text == coop.device.generate(prompt, max_new_tokens=4).text
+        else:
+            assert a.cloud_chars == len(a.text) and a.completion_tokens == 0
     from edgelm.coop.learn import DRAFT_K, FEATURES, PROJ_DIM, features
 
     assert state["params"]["draft_k"] == DRAFT_K == 16
@@ -139,3 +150,40 @@ def test_route_bad_input(artifacts, tmp_path):
     r = run_cli("serve", "--device", str(artifacts["llamacpp"]), "--cloud-url", "http://127.0.0.1:9/v1",
                 "--router-file", str(tmp_path / "bad.json"))
     assert r.returncode == 2 and "is not a router file" in r.stderr
+
+
+def test_a_cloud_failure_mid_run_keeps_the_answers_and_resume_finishes(artifacts, trained_cloud, tiny_corpus,
+                                                                      tmp_path):
+    """The cloud fails after 6 answers: `route train` ends in one line, every judged answer is in its journal, and
+    --resume asks the cloud only for the queries it missed."""
+    from tests.cloud_fixtures import FaultProxy
+
+    proxy = FaultProxy(trained_cloud.port)
+    try:
+        out = tmp_path / "learned.json"
+        args = ["route", "train", "--device", str(artifacts["llamacpp"]), "--cloud-url", proxy.url, "--data",
+                str(tiny_corpus), "--max-tokens", "6", "--threads", "1", "--no-progress", "--queries", "16",
+                "--out", str(out)]
+        proxy.fail_after = 6
+        r = run_cli(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        err = [x for x in r.stderr.splitlines() if x.startswith("edgelm: error:")]
+        assert len(err) == 1 and "10 of 16 queries got no cloud answer (" in err[0] and "--resume" in err[0]
+        journal = out.with_name("learned.train-answers.jsonl")
+        rows = [json.loads(x) for x in journal.read_text().splitlines()[1:]]
+        assert len(rows) == 16 and sum(j["cloud"] is not None for j in rows) == 6
+        assert {j["error"] for j in rows if j["cloud"] is None} <= {"http_500", "circuit_open"} and not out.exists()
+        r = run_cli(*[a if a != "6" else "7" for a in args], "--resume")  # other settings: refused
+        assert r.returncode == 2 and "was run with other settings (max_tokens)" in r.stderr
+        r = run_cli(*args)  # neither --resume nor --force: the partial run is not thrown away
+        assert r.returncode == 2 and "holds a partial run; pass --resume" in r.stderr
+        proxy.fail_after, before = None, proxy.count
+        r = run_cli(*args, "--resume")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert proxy.count - before == 10  # only the missed queries went to the cloud again
+        assert json.loads(out.read_text())["calibration"]["queries"] == 16 and not journal.exists()
+        answers = json.loads(out.with_name("learned.train-answers.json").read_text())
+        assert len(answers) == 16 and all(a["cloud"] is not None and a["error"] is None for a in answers)
+        assert [a["cloud"] for a in answers[:6]] == [j["cloud"] for j in rows[:6]]  # kept, not asked again
+    finally:
+        proxy.stop()

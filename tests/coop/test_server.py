@@ -83,6 +83,8 @@ def test_curl_completions_health_metrics(served):
                       "content-type: application/json", "-d", json.dumps({"prompt": "import os\n", "max_tokens": 8}))
     assert code == 200 and json.loads(body)["edgelm"]["fallback_reason"] == "private"
     code, body = curl(f"{served.url}/health")
+    assert code == 200 and json.loads(body) == {"status": "ok"}  # nothing about the setup to whoever reaches it
+    code, body = curl(f"{served.url}/info")
     assert code == 200 and json.loads(body)["router"] == "always-cloud"
     code, body = curl(f"{served.url}/metrics")
     assert code == 200
