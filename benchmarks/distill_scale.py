@@ -161,7 +161,7 @@ def _train_and_pack(a, kwargs: dict[str, Any], out: Path, pack: Path, t0: float)
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
         "torch": torch.__version__, "peak_gib": (torch.cuda.max_memory_allocated() / 2**30
                                                   if torch.cuda.is_available() else None),
-        "peak_tflops": peak_flops() / 1e12 if torch.cuda.is_available() else None,  # what the MFU divides by
+        "peak_tflops": (peak_flops() or float("nan")) / 1e12 if torch.cuda.is_available() else None,  # what the MFU divides by
         "command": "python benchmarks/distill_scale.py " + shlex.join(sys.argv[1:]),
     }
     pack_student(state, config, pack, {"summary": summary, "manifest": manifest})

@@ -7,7 +7,7 @@ quantizer, as the GGUF export does), so both artifacts of one GPTQ checkpoint ho
 
 Schedules: edgelm's matmul and one-token linear schedules (``gemv_schedules``), dlight's CPU GEMV rule for what they
 leave, or a meta-schedule tuning database (``--tune N``) applied before them. A database is keyed by the module's
-shapes and the target; databases under ``converters/tvm_dbs/<key>/`` ship in the package.
+shapes and the target, and kept in the user's cache (~/.cache/edgelm/tvm/<key>/).
 """
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ CONFIG_FILE = "tvm_config.json"  # DecoderConfig, parameter order, architecture,
 HOST_LIB = "host-check.so"  # a cross build's check runs this host build of the same module (in the work folder)
 DB_DIR = "tuning"  # a meta-schedule database (workloads + tuning records) and its key
 MAX_CONTEXT = 2048  # KV cache tokens an artifact declares at most (fp32 cache: 2 * layers * kv * head_dim * 4 B/token)
-SHIPPED_DBS = Path(__file__).parent / "tvm_dbs"  # tuned databases that ship in the package, one folder per key
 
 
 @dataclass(frozen=True)
@@ -473,12 +472,9 @@ def usable_db(db_dir: Path | None, key: str) -> Path | None:
 
 
 def find_db(key: str) -> Path | None:
-    """A stored database for ``key``: the user's cache (~/.cache/edgelm/tvm), then the ones shipped in the package."""
-    for root in (cache_root(), SHIPPED_DBS):
-        d = root / key
-        if (d / "key.json").is_file():
-            return usable_db(d, key)
-    return None
+    """A stored database for ``key`` in the user's cache (~/.cache/edgelm/tvm)."""
+    d = cache_root() / key
+    return usable_db(d, key) if (d / "key.json").is_file() else None
 
 
 def cache_root() -> Path:

@@ -10,7 +10,7 @@ from edgelm.errors import EdgelmError
 
 BF16_MODES = ("auto", "on", "require", "off")  # see DistillConfig.bf16
 # Fields that may change between a run and its --resume without changing the weights it produces.
-RESUME_FREE = {"resume", "force", "progress", "threads", "ckpt_every", "keep_ckpts", "out", "eval_test"}
+RESUME_FREE = {"resume", "force", "progress", "threads", "ckpt_every", "keep_ckpts", "out", "eval_test", "peak_tflops"}
 
 
 @dataclass
@@ -47,6 +47,7 @@ class DistillConfig:
     max_steps: int | None = None  # optimizer steps; or set max_tokens
     max_tokens: int | None = None  # token budget, turned into steps
     lr: float = 5e-4  # peak AdamW learning rate
+    peak_tflops: float | None = None  # the GPU's dense bf16 peak for MFU (default: edgelm's table by GPU name)
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
     warmup_steps: int = 10  # linear warmup steps
     weight_decay: float = 0.01  # AdamW decoupled weight decay

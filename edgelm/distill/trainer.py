@@ -507,7 +507,9 @@ class _Trainer:
                            lr=self.sched.get_last_lr()[0], tok_s=tps)
                 if self.device.type == "cuda":
                     flops = train_flops_per_token(self.n_student, self.n_teacher if cfg.alpha > 0 else 0)
-                    rec["mfu"] = mfu(tps, flops, peak_flops())
+                    peak = peak_flops(cfg.peak_tflops)
+                    if peak is not None:
+                        rec["mfu"] = mfu(tps, flops, peak)
                 self.metrics.write(**rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:,.0f}")
@@ -628,10 +630,23 @@ def _full_state(student, opt, fsdp: bool) -> tuple[dict, dict | None]:
     return model_sd, (get_optimizer_state_dict(student, opt, options=opts) if opt is not None else None)
 
 
-def peak_flops() -> float:
-    """Dense bf16 peak of the current GPU, for MFU (H100 SXM 989 TFLOP/s; others approximate)."""
-    name = torch.cuda.get_device_name()
-    for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12)):
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
+                    "RTX 4090": 165.0, "RTX 3090": 71.0}  # dense bf16, by a part of the device's name
+
+
+def peak_flops(override_tflops: float | None = None, name: str | None = None) -> float | None:
+    """Dense bf16 peak FLOP/s of the current GPU for MFU: ``override_tflops`` (--peak-tflops) when given, else
+    from PEAK_BF16_TFLOPS by name. An unknown GPU gets a warning and None (no MFU figure), never a guess."""
+    if override_tflops:
+        return override_tflops * 1e12
+    name = name if name is not None else torch.cuda.get_device_name()
+    for key, peak in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])):  # "L40S" before "L4"
         if key in name:
-            return peak
-    return 312e12
+            return peak * 1e12
+    if name not in _WARNED:
+        _WARNED.add(name)
+        log.warning("MFU: the bf16 peak of %r is not in edgelm's table; pass --peak-tflops to report MFU", name)
+    return None
+
+
+_WARNED: set[str] = set()

@@ -241,3 +241,102 @@ def test_inbound_key_rules(monkeypatch, caplog):
     assert "without an API key (--insecure)" in caplog.text
     monkeypatch.setenv("EDGELM_SERVE_API_KEY", "k1")
     assert inbound_key(ServeConfig(host="0.0.0.0")) == "k1" and inbound_key(ServeConfig()) == "k1"
+
+
+def _asgi_coop(artifacts):
+    from edgelm.coop.runtime import CooperativeRuntime
+    from edgelm.coop.server import create_app
+    from edgelm.runtimes.api import load
+
+    coop = CooperativeRuntime(load(artifacts["llamacpp"], threads=1), None, "always-device", max_queue=1)
+    return coop, create_app(coop, max_tokens_limit=256)
+
+
+def test_a_client_that_stops_reading_does_not_hold_the_device(artifacts):
+    """The client reads the response start and first chunk, then never reads again (its send never returns): the
+    device and the queue slot are free once generation ends, not when the stalled connection goes."""
+    import asyncio
+
+    coop, app = _asgi_coop(artifacts)
+    body = json.dumps({"prompt": "def add(a, b):", "max_tokens": 48, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+    async def run() -> tuple[bool, int]:
+        msgs, first = [{"type": "http.request", "body": body, "more_body": False}], asyncio.Event()
+
+        async def receive():
+            if msgs:
+                return msgs.pop(0)
+            await asyncio.Event().wait()  # the client never sends anything again, and never leaves
+
+        async def send(m):
+            if m["type"] == "http.response.body" and m.get("body"):
+                first.set()
+                await asyncio.Event().wait()  # and never reads again: this send never returns
+
+        task = asyncio.create_task(app(scope, receive, send))
+        await asyncio.wait_for(first.wait(), 60)
+        free = await asyncio.to_thread(coop._device_lock.acquire, True, 60)
+        if free:
+            coop._device_lock.release()
+        queued = coop._queued
+        task.cancel()
+        return free, queued
+
+    try:
+        free, queued = asyncio.run(run())
+    finally:
+        coop.close()
+    assert free and queued == 0
+
+
+def test_failures_are_openai_errors_streamed_or_not(artifacts, monkeypatch):
+    """A failure of ours (not the client's) is a 500 with OpenAI's error JSON; mid-stream, an SSE error event and
+    [DONE]; the device is free after either."""
+    import asyncio
+
+    import httpx
+
+    from edgelm.runtimes.base import Stream
+
+    coop, app = _asgi_coop(artifacts)
+
+    def broken(ids, cfg=None, *, stream=False, **kw):
+        def gen():
+            yield "x"
+            yield "y"
+            raise RuntimeError("the device broke")
+
+        return Stream(gen())
+
+    monkeypatch.setattr(coop.device, "generate", broken)
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            plain = await c.post("/v1/completions", json={"prompt": "def f():", "max_tokens": 8})
+            streamed = await c.post("/v1/completions", json={"prompt": "def f():", "max_tokens": 8, "stream": True})
+            over = await c.post("/v1/completions", json={"prompt": "def f():", "max_tokens": 257})
+            huge = await c.post("/v1/completions", content=b'{"prompt": "' + b"x" * (2 << 20) + b'"}')
+            nan = await c.post("/v1/completions", content=b'{"prompt": "x", "temperature": NaN}')
+            missing = await c.get("/v1/nothing")
+        return plain, streamed, over, huge, nan, missing
+
+    try:
+        plain, streamed, over, huge, nan, missing = asyncio.run(run())
+        assert coop._device_lock.acquire(timeout=10)
+        coop._device_lock.release()
+        assert coop._queued == 0
+    finally:
+        coop.close()
+    assert plain.status_code == 500 and plain.json()["error"]["type"] == "server_error"
+    assert "RuntimeError" in plain.json()["error"]["message"]
+    events = [e for e in streamed.text.split("\n\n") if e]
+    assert streamed.status_code == 200 and events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][5:])["error"]["type"] == "server_error"
+    assert [json.loads(e[5:])["choices"][0]["text"] for e in events[:2]] == ["x", "y"]
+    assert over.status_code == 400 and "limit of 256" in over.json()["error"]["message"]
+    assert huge.status_code == 413 and huge.json()["error"]["type"] == "request_too_large"
+    assert nan.status_code == 400 and missing.status_code == 404 and "error" in missing.json()

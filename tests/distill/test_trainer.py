@@ -289,3 +289,17 @@ def test_prefetched_keeps_order_and_raises_where_the_source_fails():
     for t in [t for t in threading.enumerate() if t.name == "edgelm-prefetch"]:
         t.join(timeout=5)
         assert not t.is_alive()
+
+
+def test_mfu_peak_comes_from_the_table_or_the_flag(caplog):
+    """An unknown GPU gets a warning and no MFU figure, never a silent 312 TFLOP/s."""
+    import logging
+
+    from edgelm.distill.trainer import peak_flops
+
+    assert peak_flops(name="NVIDIA H200") == 989e12 and peak_flops(name="NVIDIA L40S") == 362e12
+    assert peak_flops(name="NVIDIA L4") == 121e12
+    assert peak_flops(500.0, name="Some Future GPU") == 500e12
+    with caplog.at_level(logging.WARNING):
+        assert peak_flops(name="Some Future GPU") is None
+    assert "--peak-tflops" in caplog.text and "Some Future GPU" in caplog.text
