@@ -32,7 +32,7 @@ def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = N
 
 
 class FaultProxy:
-    """HTTP proxy to the cloud. ``mode``: pass | 500 | malformed | slow | slow-first | cut | drip. Counts the
+    """HTTP proxy to the cloud. ``mode``: pass | 500 | malformed | slow | slow-first | cut | drip | reset. Counts the
     requests it received (from many handler threads, so under a lock). "slow-first" stalls only the first request;
     "drip" answers at once but sends each line ``drip`` seconds after the last (a long answer, streamed slowly)."""
 
@@ -63,6 +63,9 @@ class FaultProxy:
                 mode = proxy.mode
                 if mode == "500" or proxy.fail_after is not None and n > proxy.fail_after:
                     return self._send(500, b'{"error": "boom"}')
+                if mode == "reset":  # the connection is dropped before any answer, as a refusing host does
+                    self.close_connection = True
+                    return self.connection.shutdown(socket.SHUT_RDWR)
                 if mode == "malformed":
                     return self._send(200, b'{"choices": [ this is not json')
                 if mode == "slow" or mode == "slow-first" and n == 1:

@@ -73,8 +73,12 @@ def create_server(folder: str | Path, *, cloud: str = "", cloud_key: str | None 
             body = json.loads(raw)
         except ValueError:
             raise Refusal(400, "the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise Refusal(400, "the body must be a JSON object")
+        from edgelm.coop.server import BadRequest, parse_request
+
+        try:  # the rules of `edgelm serve`: a body the cloud would choke on is a 400 here, and never leaves
+            parse_request(body, "chat" if path == "chat/completions" else "completion")
+        except BadRequest as e:
+            raise Refusal(400, str(e)) from None
         body["max_tokens"] = max_tokens_of(body, max_tokens_limit, max_tokens_limit)  # never unbounded upstream
         body.pop("max_completion_tokens", None)
         return json.dumps(body).encode()
@@ -113,11 +117,17 @@ def create_server(folder: str | Path, *, cloud: str = "", cloud_key: str | None 
             finally:
                 await r.aclose()
 
+        if r.status_code >= 500:  # the cloud's failure is a 502 from here, in OpenAI's shape (the page falls back)
+            await r.aclose()
+            return error(502, f"the cloud at {cloud} failed (HTTP {r.status_code})", "cloud_error")
         keep = {k: v for k, v in r.headers.items() if k.lower() in FORWARD_RESPONSE}
         return StreamingResponse(body(), status_code=r.status_code, headers=keep)
 
     async def info(req: Request):
         return JSONResponse({"cloud": bool(cloud), "key_required": bool(api_key)})
+
+    async def openapi(req: Request):
+        return JSONResponse(openapi_schema())
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -143,11 +153,33 @@ def create_server(folder: str | Path, *, cloud: str = "", cloud_key: str | None 
     methods = sorted(set(CLOUD_PATHS.values()) | {"PUT", "DELETE", "PATCH"})  # others reach proxy() for a 405
     return Starlette(routes=[Route("/v1/{path:path}", proxy, methods=methods),
                              Route("/edgelm-serve.json", info),
+                             Route("/openapi.json", openapi),
                              Mount("/", StaticFiles(directory=str(folder), html=True))],
                      middleware=[Middleware(CORSMiddleware, allow_origins=list(cors_origins),
                                             allow_methods=["GET", "POST"], allow_headers=["authorization",
                                                                                           "content-type", "x-api-key"]),
                                  Middleware(isolate)], lifespan=lifespan)
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The proxy's OpenAPI document: its paths and methods, with the request bodies of `edgelm serve` (the same
+    pydantic models), so schema-driven fuzzers (schemathesis) test both servers alike."""
+    from pydantic.json_schema import models_json_schema
+
+    from edgelm.coop.server import ChatBody, CompletionBody
+
+    _, defs = models_json_schema([(ChatBody, "validation"), (CompletionBody, "validation")],
+                                 ref_template="#/components/schemas/{model}")
+    ok = {"200": {"description": "the cloud's answer, or an OpenAI error"}}
+
+    def post(model: str) -> dict[str, Any]:
+        return {"post": {"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model}"}}}}, "responses": ok}}
+
+    return {"openapi": "3.1.0", "info": {"title": "edgelm app serve", "version": "1"},
+            "paths": {"/v1/chat/completions": post("ChatBody"), "/v1/completions": post("CompletionBody"),
+                      "/v1/models": {"get": {"responses": ok}}, "/edgelm-serve.json": {"get": {"responses": ok}}},
+            "components": {"schemas": defs.get("$defs", {})}}
 
 
 def serve_app(config: AppServeConfig | None = None, **kwargs: Any) -> None:

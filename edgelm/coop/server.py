@@ -109,7 +109,7 @@ def _reason(e: ValidationError) -> str:
     return "the body must be a JSON object" if not field else f"'{field}': {err['msg']}"
 
 
-def _parse(body: Any, kind: str) -> tuple[Any, int, dict[str, Any], bool, bool]:
+def parse_request(body: Any, kind: str) -> tuple[Any, int, dict[str, Any], bool, bool]:
     """(messages or prompt, max_tokens, sampling, stream, private) or BadRequest with the reason."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
@@ -188,7 +188,7 @@ def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_ke
         except ValueError as e:
             return error(400, f"the body is not valid JSON ({e})", "invalid_request_error")
         try:
-            request, max_tokens, sampling, stream, private = _parse(body, kind)
+            request, max_tokens, sampling, stream, private = parse_request(body, kind)
         except BadRequest as e:
             return error(400, str(e), "invalid_request_error")
         if max_tokens > max_tokens_limit:
