@@ -423,13 +423,17 @@ def llamacpp_quantize_tool(src_gguf: Path, dst: Path, gguf_type: str, *, imatrix
     import re
     import subprocess
 
+    from edgelm.fsutil import keep_log
+
     args = [find_llama_quantize(), "--imatrix", str(imatrix), str(src_gguf), str(dst), gguf_type, str(max(1, threads))]
     with open(log_path, "w", encoding="utf-8") as logf:
         rc = subprocess.run(args, stdout=logf, stderr=subprocess.STDOUT).returncode
     if rc != 0 or not dst.is_file():
         lines = [ln for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-        raise EdgelmError(f"llama-quantize failed for {gguf_type} (exit {rc}): {lines[-1][:300] if lines else ''}")
+        raise EdgelmError(f"llama-quantize failed for {gguf_type} (exit {rc}): {lines[-1][:300] if lines else ''} "
+                          f"(full log: {keep_log(log_path, 'llama-quantize')})")
     found = re.search(r"loaded (\d+) importance matrix entries", log_path.read_text(encoding="utf-8", errors="replace"))
     if not found:
-        raise EdgelmError(f"llama-quantize did not report loading the importance matrix (log: {log_path})")
+        raise EdgelmError("llama-quantize did not report loading the importance matrix "
+                          f"(log: {keep_log(log_path, 'llama-quantize')})")
     return int(found.group(1))

@@ -40,7 +40,10 @@ def build_onnx(src: Path, out: Path, precision: str, work: Path, extra: dict[str
         lines = [ln for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
         if any("No module named 'onnxruntime_genai'" in ln or "No module named 'onnx_ir'" in ln for ln in lines):
             raise EdgelmError("onnxruntime-genai (with onnx_ir) is not installed; pip install 'edgelm[onnx]'")
-        raise EdgelmError(f"the ONNX builder failed (exit {rc}): {lines[-1][:300] if lines else 'no output'}")
+        from edgelm.fsutil import keep_log
+
+        raise EdgelmError(f"the ONNX builder failed (exit {rc}): {lines[-1][:300] if lines else 'no output'} "
+                          f"(full log: {keep_log(log_path, 'onnx-builder')})")
     if (extra or {}).get("shared_embeddings") == "true":
         reshape_shared_gather(out / "model.onnx")
     if note:

@@ -101,6 +101,20 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def keep_log(log_path: str | os.PathLike, step: str) -> Path:
+    """A copy of a failed step's log under the cache's ``logs/`` (the step's temporary folder, where it was written,
+    is removed with the failure); the error names this path."""
+    import time
+
+    dst = cache_dir() / "logs" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copyfile(log_path, dst)
+    except OSError:
+        return Path(log_path)
+    return dst
+
+
 @contextlib.contextmanager
 def capture_fds(log_path: str | os.PathLike) -> Iterator[None]:
     """Send this process's C-level stdout/stderr (e.g. llama.cpp's logging) to ``log_path`` for the block."""

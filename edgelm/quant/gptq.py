@@ -33,7 +33,10 @@ def run_gptq(src: str, calib_path: Path, out: Path, *, bits: int, group_size: in
                             cwd=log_path.resolve().parent).returncode
     if rc != 0:
         lines = [ln.strip() for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-        raise EdgelmError(f"GPTQ failed (exit {rc}): {lines[-1][:300] if lines else 'no output'} (full log: {log_path})")
+        from edgelm.fsutil import keep_log
+
+        raise EdgelmError(f"GPTQ failed (exit {rc}): {lines[-1][:300] if lines else 'no output'} "
+                          f"(full log: {keep_log(log_path, 'gptq')})")
 
 
 def _main(argv: list[str]) -> None:

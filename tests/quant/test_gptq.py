@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,23 @@ def test_too_small_calibration_set(tmp_path, tiny_q_model):
     assert not (tmp_path / "out").exists()
     with pytest.raises(EdgelmError, match="at least 4"):
         quantize(model=tiny_q_model, quant="gptq-int4-g32", out=tmp_path / "out", calib_samples=0)
+
+
+def test_a_failed_gptq_keeps_its_log_where_the_error_points(tmp_path, monkeypatch):
+    """The child's log was written in the step's temporary folder, removed with the failure: the error names a
+    copy under the cache's logs/."""
+    import re
+
+    from edgelm.errors import EdgelmError
+    from edgelm.quant.gptq import run_gptq
+
+    monkeypatch.setenv("EDGELM_CACHE", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    calib = work / "calib.npy"
+    calib.write_bytes(b"not an array")
+    with pytest.raises(EdgelmError, match="GPTQ failed") as e:
+        run_gptq(str(tmp_path / "no-such-model"), calib, work / "out", bits=4, group_size=32, sym=True,
+                 act_order=False, damp=0.01, mse=0.0, device="cpu", log_path=work / "gptq.log")
+    kept = Path(re.search(r"full log: (\S+)\)", str(e.value)).group(1))
+    assert kept.parent == tmp_path / "cache" / "logs" and kept.read_text() == (work / "gptq.log").read_text()
