@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 FAULTS = ("pass", "500", "reset", "slow", "cut", "malformed", "pass")  # cycled, one every --fault-every seconds
 
@@ -69,9 +68,8 @@ def main() -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     import httpx
 
-    from edgelm.coop.localcloud import LocalCloud, free_port
+    from edgelm.coop.localcloud import FaultProxy, LocalCloud, free_port, wait_http
     from edgelm.report import md_table, update_section
-    from tests.cloud_fixtures import FaultProxy, wait_http
 
     work = Path(a.docs).parent / "runs" / "soak"
     work.mkdir(parents=True, exist_ok=True)
