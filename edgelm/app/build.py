@@ -48,8 +48,14 @@ class AppBuild:
 
 
 def default_web() -> Path:
-    """android_demo/www of this checkout (the package is installed from it in editable mode)."""
-    return Path(__file__).resolve().parents[2] / "android_demo" / "www"
+    """The web app installed with the package (edgelm/app/www of a wheel; android_demo/www of an editable
+    checkout, which pyproject maps there)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("edgelm.app.www")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parents[2] / "android_demo" / "www"  # a source tree on sys.path, not installed
 
 
 def _artifact(path: str) -> tuple[Path, dict[str, Any], str]:
@@ -74,8 +80,11 @@ def _check_web(web: Path, vendor: set[str]) -> None:
         raise EdgelmError(f"{web} has no index.html; pass --web with the app's folder (android_demo/www of a checkout)")
     missing = [v for v in sorted(vendor) if not any((web / "vendor" / v).glob("*"))]
     if missing:
+        fix = ("run `make app-deps` (npm ci in android_demo) first" if (web.parent / "package.json").is_file() else
+               "this install was built without them: pass --web with a checkout's android_demo/www after "
+               "`make app-deps`, or install a wheel built after it")
         raise EdgelmError(f"{web / 'vendor' / missing[0]} is missing: the runtime files are copied from npm packages; "
-                          "run `make app-deps` (npm ci in android_demo) first")
+                          f"{fix}")
 
 
 def _chat(folder: Path) -> dict[str, str] | None:

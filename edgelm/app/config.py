@@ -12,7 +12,7 @@ class AppBuildConfig:
     cloud_budget: float = 0.3  # share of calibration queries the page's auto mode sends to the cloud
     calib_queries: int = 32  # val-split functions the router's threshold is calibrated on
     data: tuple[str, ...] = ()  # calibration corpus (default: the stdlib source)
-    web: str = ""  # the web app's folder (default: android_demo/www of this checkout)
+    web: str = ""  # the web app's folder (default: the one installed with edgelm; android_demo/www of a checkout)
     force: bool = False  # replace --out if it exists
 
 

@@ -38,7 +38,7 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
     """Export a model to a target with a preset. Keyword arguments are :class:`ExportConfig` fields."""
     import tempfile
 
-    from edgelm.artifact.check import check_artifact
+    from edgelm.artifact.check import EXACT_METHODS, check_artifact
     from edgelm.fsutil import atomic_dir
     from edgelm.manifest import read_manifest, write_manifest
     from edgelm.models.loader import check_arch, resolve
@@ -101,10 +101,13 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
         fields_time = time.perf_counter() - t0
         if c.check:
             rt = target.open(tmp, threads=c.threads, work=work)
+            exact = preset.weight_only and preset.method in EXACT_METHODS  # src: the checkpoint it packs
             try:
                 parity = check_artifact(rt, preset, ref_spec, logit_atol=target.logit_atol, data=c.data,
                                         text_field=c.text_field, eval_seqs=c.eval_seqs, eval_seqlen=c.eval_seqlen,
-                                        prompts=c.prompts, new_tokens=c.new_tokens)
+                                        prompts=c.prompts, new_tokens=c.new_tokens,
+                                        checkpoint=src if exact else None, exact_atol=target.exact_atol,
+                                        as_packed=(lambda m: target.as_packed(m, src)) if exact else None)
             finally:
                 close = getattr(rt, "close", None)
                 if close:

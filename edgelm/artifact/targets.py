@@ -44,6 +44,36 @@ class Target:
     def check_options(self, config: ExportConfig) -> None:
         """Refuse, before any work, options this target can't honour (a missing toolchain, say)."""
 
+    # exact packs: max |logit - the dequantized checkpoint's logit| allowed (the runtime's own rounding; one group's
+    # scale flipped in the file is far above it: tests/artifact/test_check.py)
+    exact_atol = 0.0
+    # what a quantized export stores at 8 bits (gguf-py's Q8_0) when the checkpoint leaves it float: "embed"
+    # (the token embedding) and/or "lm_head"; a tied pair is one matrix
+    q8_float: tuple[str, ...] = ()
+
+    def as_packed(self, model, src: Path) -> None:
+        """Make ``model`` (the dequantized checkpoint ``src``) what this target holds: its float embedding and
+        lm_head through Q8_0 where the target stores them at 8 bits."""
+        import torch
+
+        from edgelm.models.loader import read_config
+        from edgelm.quant.grids import q8_0_roundtrip
+
+        q = read_config(src).get("quantization_config") or {}
+        if q.get("lm_head"):  # the plan quantized the head (and a tied embedding with it): exact already
+            return
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        tied = head.weight is emb.weight
+        with torch.no_grad():
+            if tied and self.q8_float == ("lm_head",):  # the head alone at 8 bits: untie it
+                head.weight = torch.nn.Parameter(q8_0_roundtrip(head.weight))
+            elif tied and self.q8_float:
+                emb.weight.copy_(q8_0_roundtrip(emb.weight))
+            else:
+                for part, mod in (("embed", emb), ("lm_head", head)):
+                    if part in self.q8_float:
+                        mod.weight.copy_(q8_0_roundtrip(mod.weight))
+
     def open(self, folder: Path, *, threads: int = 1, work: Path | None = None):
         """The artifact in its runtime (edgelm.runtimes), without the manifest check (export calls it on tmp, with
         its work folder)."""
@@ -58,6 +88,7 @@ class GgufTarget(Target):
 
     # llama.cpp keeps the KV cache in f16: fp32 GGUF logits differ from PyTorch by ~0.03-0.1 on real models
     name, runtime, logit_atol = "gguf", "llamacpp", 0.25
+    exact_atol, q8_float = 0.25, ("embed", "lm_head")  # llama.cpp also rounds activations to 8 bits in its dots
     FILE = "model.gguf"
 
     def export(self, src: Path, preset: QuantPreset, tmp: Path, work: Path, config: ExportConfig) -> dict[str, Any]:
@@ -109,6 +140,7 @@ class OnnxTarget(Target):
     """ONNX Runtime through onnxruntime-genai's model builder: GQA + KV cache, MatMulNBits for int4/int8."""
 
     name, runtime, logit_atol = "onnx", "onnx", 1e-3
+    exact_atol, q8_float = 0.05, ("lm_head",)  # the builder's own 8-bit lm_head; the embedding stays float
 
     def precision(self, preset: QuantPreset) -> str:
         if preset.method == "none":
@@ -142,6 +174,7 @@ class TvmTarget(Target):
 
     # fp32 math as PyTorch's, another summation order: max |logit diff| 1.4e-4 on the demo student
     name, runtime, logit_atol = "tvm", "tvm", 1e-3
+    exact_atol, q8_float = 1e-3, ("embed",)  # a tied float embedding becomes Q8_0 (lm_head with it); fp32 math
     code_bits, code_holder = (4, 8), "the TVM target"  # code widths its dequantizing matmul takes
 
     def check_options(self, config: ExportConfig) -> None:

@@ -164,15 +164,26 @@ class Corpus:
     def documents(self, split: str, *, seed: int | None = None, epoch: int = 0) -> Iterator[tuple[str, str]]:
         """Yield (key, text) of readable documents, in split order or shuffled per (seed, epoch)."""
         docs = self.docs(split)
-        order = np.arange(len(docs))
+        self.read_stats[split] = ReadStats()  # counts of the latest pass
+        for i in self.order(split, seed=seed, epoch=epoch):
+            text = self.read(split, int(i))
+            if text is not None:
+                yield docs[i].key, text
+
+    def order(self, split: str, *, seed: int | None = None, epoch: int = 0) -> np.ndarray:
+        """Document indices of one pass: split order, or shuffled per (seed, epoch)."""
+        order = np.arange(len(self.docs(split)))
         if seed is not None:
             np.random.default_rng([seed, epoch]).shuffle(order)
-        stats = self.read_stats[split] = ReadStats()  # counts of the latest pass
-        for i in order:
-            text = self._read(docs[i], stats)
-            if text is not None:
-                stats.docs += 1
-                yield docs[i].key, text
+        return order
+
+    def read(self, split: str, i: int) -> str | None:
+        """The text of document ``i`` of a split, or None when it is skipped (counted in ``read_stats``)."""
+        stats = self.read_stats[split]
+        text = self._read(self.docs(split)[i], stats)
+        if text is not None:
+            stats.docs += 1
+        return text
 
     def _read(self, doc: Doc, stats: ReadStats) -> str | None:
         try:
@@ -211,8 +222,9 @@ class Corpus:
 class TokenStream:
     """Packs tokenized documents of one split into fixed-length sequences, streaming.
 
-    Deterministic given (corpus, tokenizer, seq_len, seed): sequence i is always the same, across
-    processes and restarts, so a resumed run skips exactly the sequences it has seen.
+    Deterministic given (corpus, tokenizer, seq_len, seed): sequence i is always the same, across processes and
+    restarts. Iterating gives a :class:`TokenCursor`, whose ``state()`` a checkpoint keeps, so a resumed run continues
+    where it stood (``cursor(state)``) without reading again what it has seen.
     """
 
     def __init__(self, corpus: Corpus, tokenizer, split: str, seq_len: int, *, seed: int | None = None,
@@ -224,47 +236,12 @@ class TokenStream:
         eos = tokenizer.eos_token_id
         self.sep = [eos] if eos is not None else []
 
-    def _packed(self) -> Iterator[np.ndarray]:
-        buf: list[int] = []
-        epoch = 0
-        while True:
-            produced = False
-            for text in self.corpus.texts(self.split, seed=self.seed, epoch=epoch):
-                buf.extend(self.tok(text, add_special_tokens=False)["input_ids"])
-                buf.extend(self.sep)
-                while len(buf) >= self.seq_len:
-                    produced = True
-                    yield np.asarray(buf[: self.seq_len], dtype=np.int64)  # [T]
-                    del buf[: self.seq_len]
-            if not produced:
-                stats = self.corpus.read_stats[self.split]
-                if stats.docs == 0:
-                    raise EdgelmError(
-                        f"no readable text in the {self.split} split of {self.corpus.spec.describe()}: "
-                        f"{stats.skipped_binary} binary, {stats.skipped_encoding} non-UTF-8 and {stats.skipped_empty} "
-                        "empty files skipped; pass --data with UTF-8 text"
-                    )
-                return
-            if not self.loop:
-                return
-            epoch += 1
+    def cursor(self, state: dict | None = None) -> "TokenCursor":
+        """An iterator over the sequences, from the start or from a ``TokenCursor.state()``."""
+        return TokenCursor(self, state)
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        it = self._packed()
-        if self.shuffle_buffer <= 1:
-            yield from it
-            return
-        rng = np.random.default_rng([self.seed or 0, 7])
-        pool: list[np.ndarray] = []
-        for seq in it:
-            if len(pool) < self.shuffle_buffer:
-                pool.append(seq)
-                continue
-            j = int(rng.integers(len(pool)))
-            pool[j], seq = seq, pool[j]
-            yield seq
-        rng.shuffle(pool)
-        yield from pool
+    def __iter__(self) -> "TokenCursor":
+        return self.cursor()
 
     def take(self, n: int) -> np.ndarray:
         """The first ``n`` sequences as an [n, T] array (fewer if the split is short)."""
@@ -274,6 +251,166 @@ class TokenStream:
             if len(out) == n:
                 break
         return np.stack(out) if out else np.zeros((0, self.seq_len), dtype=np.int64)
+
+
+class TokenCursor:
+    """Where a :class:`TokenStream` stands: the pass (epoch) and its next document, the tokens read but not yet
+    packed, and the shuffle pool with its generator. ``state()`` is cheap (views and references, taken per item when
+    a thread reads ahead): a dict of ints, numpy arrays and the generator's state, which a checkpoint keeps."""
+
+    def __init__(self, stream: TokenStream, state: dict | None = None) -> None:
+        self.s = stream
+        st = state or {}
+        self.epoch, self.doc = int(st.get("epoch", 0)), int(st.get("doc", 0))  # pass, next position in its order
+        self.produced = bool(st.get("produced", False))  # this pass has packed a sequence
+        self.buf = np.asarray(st.get("buf", ()), dtype=np.int64)  # [n] tokens read, not yet packed, from self.at
+        self.at = 0
+        self.pool: list[np.ndarray] = [np.asarray(r, dtype=np.int64) for r in st.get("pool", ())]  # [T] each
+        self.draining = bool(st.get("draining", False))  # the packed stream ended; the pool is emptied in order
+        self.ended = bool(st.get("ended", False))
+        self.rng = np.random.default_rng([stream.seed or 0, 7])
+        if "rng" in st:
+            self.rng.bit_generator.state = st["rng"]
+        self._order: np.ndarray | None = None
+
+    def state(self) -> dict:
+        # arrays are never written in place (buf is replaced, pool rows are swapped), so views and references do
+        return {"epoch": self.epoch, "doc": self.doc, "produced": self.produced, "buf": self.buf[self.at:],
+                "pool": list(self.pool), "draining": self.draining, "ended": self.ended,
+                "rng": self.rng.bit_generator.state}
+
+    def _packed(self) -> np.ndarray | None:
+        """The next packed sequence [T], or None at the end of the split (of the stream, unless it loops)."""
+        s, T = self.s, self.s.seq_len
+        while len(self.buf) - self.at < T and not self.ended:
+            if self._order is None:
+                self._order = s.corpus.order(s.split, seed=s.seed, epoch=self.epoch)
+                if self.doc == 0:
+                    s.corpus.read_stats[s.split] = ReadStats()
+            if self.doc < len(self._order):
+                text = s.corpus.read(s.split, int(self._order[self.doc]))
+                self.doc += 1
+                if text is not None:
+                    ids = s.tok(text, add_special_tokens=False)["input_ids"] + s.sep
+                    self.buf, self.at = np.concatenate((self.buf[self.at:], np.asarray(ids, dtype=np.int64))), 0
+                continue
+            if not self.produced:  # a whole pass without one sequence: the split is shorter than seq_len
+                stats = s.corpus.read_stats[s.split]
+                if stats.docs == 0:
+                    raise EdgelmError(
+                        f"no readable text in the {s.split} split of {s.corpus.spec.describe()}: "
+                        f"{stats.skipped_binary} binary, {stats.skipped_encoding} non-UTF-8 and {stats.skipped_empty} "
+                        "empty files skipped; pass --data with UTF-8 text"
+                    )
+                self.ended = True
+            elif not s.loop:
+                self.ended = True
+            else:
+                self.epoch, self.doc, self.produced, self._order = self.epoch + 1, 0, False, None
+        if len(self.buf) - self.at < T:
+            return None
+        self.produced = True
+        self.at += T
+        return self.buf[self.at - T:self.at].copy()  # [T]
+
+    def __iter__(self) -> "TokenCursor":
+        return self.cursor()
+
+    def take(self, n: int) -> np.ndarray:
+        """The first ``n`` sequences as an [n, T] array (fewer if the split is short)."""
+        out = []
+        for seq in self:
+            out.append(seq)
+            if len(out) == n:
+                break
+        return np.stack(out) if out else np.zeros((0, self.seq_len), dtype=np.int64)
+
+
+class TokenCursor:
+    """Where a :class:`TokenStream` stands: the pass (epoch) and its next document, the tokens read but not yet
+    packed, and the shuffle pool with its generator. ``state()`` is a plain dict of ints, lists and one tensor, which
+    ``torch.load(weights_only=True)`` reads back."""
+
+    def __init__(self, stream: TokenStream, state: dict | None = None) -> None:
+        self.s = stream
+        st = state or {}
+        self.epoch, self.doc = int(st.get("epoch", 0)), int(st.get("doc", 0))  # pass, next position in its order
+        self.produced = bool(st.get("produced", False))  # this pass has packed a sequence
+        self.buf: list[int] = list(st.get("buf", []))  # tokens read, not yet packed
+        pool = st.get("pool")
+        self.pool: list[np.ndarray] = [np.asarray(r, dtype=np.int64) for r in pool] if pool is not None else []
+        self.draining = bool(st.get("draining", False))  # the packed stream ended; the pool is emptied in order
+        self.ended = bool(st.get("ended", False))
+        self.rng = np.random.default_rng([stream.seed or 0, 7])
+        if "rng" in st:
+            self.rng.bit_generator.state = st["rng"]
+        self._order: np.ndarray | None = None
+
+    def state(self) -> dict:
+        import torch
+
+        pool = torch.from_numpy(np.stack(self.pool)) if self.pool else torch.zeros((0, self.s.seq_len), dtype=torch.int64)
+        return {"epoch": self.epoch, "doc": self.doc, "produced": self.produced, "buf": list(self.buf),
+                "pool": pool, "draining": self.draining, "ended": self.ended, "rng": self.rng.bit_generator.state}
+
+    def _packed(self) -> np.ndarray | None:
+        """The next packed sequence [T], or None at the end of the split (of the stream, unless it loops)."""
+        s, T = self.s, self.s.seq_len
+        while len(self.buf) < T and not self.ended:
+            if self._order is None:
+                self._order = s.corpus.order(s.split, seed=s.seed, epoch=self.epoch)
+                if self.doc == 0:
+                    s.corpus.read_stats[s.split] = ReadStats()
+            if self.doc < len(self._order):
+                text = s.corpus.read(s.split, int(self._order[self.doc]))
+                self.doc += 1
+                if text is not None:
+                    self.buf.extend(s.tok(text, add_special_tokens=False)["input_ids"])
+                    self.buf.extend(s.sep)
+                continue
+            if not self.produced:  # a whole pass without one sequence: the split is shorter than seq_len
+                stats = s.corpus.read_stats[s.split]
+                if stats.docs == 0:
+                    raise EdgelmError(
+                        f"no readable text in the {s.split} split of {s.corpus.spec.describe()}: "
+                        f"{stats.skipped_binary} binary, {stats.skipped_encoding} non-UTF-8 and {stats.skipped_empty} "
+                        "empty files skipped; pass --data with UTF-8 text"
+                    )
+                self.ended = True
+            elif not s.loop:
+                self.ended = True
+            else:
+                self.epoch, self.doc, self.produced, self._order = self.epoch + 1, 0, False, None
+        if len(self.buf) < T:
+            return None
+        self.produced = True
+        seq = np.asarray(self.buf[:T], dtype=np.int64)  # [T]
+        del self.buf[:T]
+        return seq
+
+    def __iter__(self) -> "TokenCursor":
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self.s.shuffle_buffer <= 1:
+            seq = self._packed()
+            if seq is None:
+                raise StopIteration
+            return seq
+        while not self.draining:
+            seq = self._packed()
+            if seq is None:
+                self.draining = True
+                self.rng.shuffle(self.pool)
+            elif len(self.pool) < self.s.shuffle_buffer:
+                self.pool.append(seq)
+            else:  # swap with a random pool entry
+                j = int(self.rng.integers(len(self.pool)))
+                self.pool[j], seq = seq, self.pool[j]
+                return seq
+        if self.pool:
+            return self.pool.pop(0)
+        raise StopIteration
 
 
 def split_stats(corpus: Corpus, tokenizer, *, batch_docs: int = 64) -> dict[str, dict[str, int]]:

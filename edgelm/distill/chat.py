@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -194,26 +194,65 @@ class ChatStream:
             raise EdgelmError(f"--chat-mix: the teacher's answers hold {self.tokens} tokens, less than one "
                               f"{seq_len}-token sequence; raise --chat-examples")
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        buf: list[int] = []
-        epoch = 0
-        while True:
-            order = np.arange(len(self.ids))
-            np.random.default_rng([self.seed, 17, epoch]).shuffle(order)
-            for i in order:
-                buf.extend(self.ids[i])
-                while len(buf) >= self.seq_len:
-                    yield np.asarray(buf[: self.seq_len], dtype=np.int64)  # [T]
-                    del buf[: self.seq_len]
-            epoch += 1
+    def cursor(self, state: dict | None = None) -> "ChatCursor":
+        """An iterator over the sequences, from the start or from a ``ChatCursor.state()``."""
+        return ChatCursor(self, state)
+
+    def __iter__(self) -> "ChatCursor":
+        return self.cursor()
 
 
-def mix_streams(code: Iterator[np.ndarray], chat: Iterator[np.ndarray], share: float, seed: int
-                ) -> Iterator[np.ndarray]:
-    """Sequence i comes from ``chat`` with probability ``share`` (a fixed draw per i), else from ``code``."""
-    rng = np.random.default_rng([seed, 19])
-    while True:
-        yield next(chat) if rng.random() < share else next(code)
+class ChatCursor:
+    """Where a :class:`ChatStream` stands: the pass (epoch), its next conversation and the tokens not yet packed."""
+
+    def __init__(self, stream: ChatStream, state: dict | None = None) -> None:
+        st = state or {}
+        self.s = stream
+        self.epoch, self.pos = int(st.get("epoch", 0)), int(st.get("pos", 0))  # pass, next position in its order
+        self.buf = np.asarray(st.get("buf", ()), dtype=np.int64)  # [n] tokens not yet packed
+        self._order = self._pass_order()
+
+    def _pass_order(self) -> np.ndarray:
+        order = np.arange(len(self.s.ids))
+        np.random.default_rng([self.s.seed, 17, self.epoch]).shuffle(order)
+        return order
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "buf": self.buf}  # buf is replaced, never written in place
+
+    def __iter__(self) -> "ChatCursor":
+        return self
+
+    def __next__(self) -> np.ndarray:
+        T = self.s.seq_len
+        while len(self.buf) < T:  # the stream loops, and holds at least one sequence
+            if self.pos == len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._pass_order()
+            self.buf = np.concatenate((self.buf, np.asarray(self.s.ids[self._order[self.pos]], dtype=np.int64)))
+            self.pos += 1
+        seq, self.buf = self.buf[:T].copy(), self.buf[T:]  # [T], [n - T]
+        return seq
+
+
+class MixedStream:
+    """Sequence i comes from ``chat`` with probability ``share`` (a fixed draw per i), else from ``code``; both are
+    cursors, and ``state()`` holds theirs with the draw's generator."""
+
+    def __init__(self, code, chat, share: float, seed: int, state: dict | None = None) -> None:
+        self.code, self.chat, self.share = code, chat, share
+        self.rng = np.random.default_rng([seed, 19])
+        if state is not None:
+            self.rng.bit_generator.state = state["rng"]
+
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "code": self.code.state(), "chat": self.chat.state()}
+
+    def __iter__(self) -> "MixedStream":
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return next(self.chat) if self.rng.random() < self.share else next(self.code)
 
 
 # --- the measure -------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -257,6 +257,7 @@ class _Trainer:
         self.total_steps = cfg.max_steps or math.ceil(cfg.max_tokens / self.tokens_per_step)
         self.opt, self.sched = self._optimizer()
         self.step_no, self.seqs_done = 0, 0
+        self.stream_state: dict[str, Any] | None = None  # the training stream's state after the last whole step
         self.tcache = self._teacher_cache()
         self.teacher_val: LMScore | None = None
         if state is not None:
@@ -369,7 +370,32 @@ class _Trainer:
         self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         self.step_no, self.seqs_done = state["step"], state["seqs_done"]
+        self.stream_state = _numpy(state.get("stream"))
         self.teacher_val = LMScore(**state["teacher_val"])
+
+    def _stream(self, state: dict[str, Any] | None):
+        """The training sequences, as a cursor with ``state()``: every process reads the same global order and takes
+        its slice. A checkpoint's stream state puts it where the run stood; an older checkpoint without one replays
+        the sequences it has seen."""
+        cfg = self.cfg
+        code = TokenStream(self.data.corpus, self.data.tok, "train", cfg.seq_len, seed=cfg.seed,
+                           shuffle_buffer=SHUFFLE_BUFFER, loop=True)
+        if not self.data.chat:
+            stream = code.cursor(state)
+        else:
+            from edgelm.distill.chat import ChatStream, MixedStream, render
+
+            chat = ChatStream([render(self.data.tok, a.instruction.prompt, a.text, a.finished) for a in self.data.chat],
+                              self.data.tok, cfg.seq_len, seed=cfg.seed)
+            log.info("chat mix: %.0f%% of sequences from %d teacher answers (%s tokens)", 100 * cfg.chat_mix,
+                     len(self.data.chat), f"{chat.tokens:,}")
+            stream = MixedStream(code.cursor(state and state["code"]), chat.cursor(state and state["chat"]),
+                                 cfg.chat_mix, cfg.seed, state)
+        if state is None and self.seqs_done:
+            log.info("replaying %d sequences (the checkpoint predates stream positions)", self.seqs_done)
+            for _ in range(self.seqs_done):
+                next(stream)
+        return stream
 
     # --- evaluate and checkpoint -----------------------------------------------------------------------------------
     def evaluate(self) -> LMScore:
@@ -392,6 +418,7 @@ class _Trainer:
             torch.save({
                 "model": full[0], "optimizer": full[1], "scheduler": self.sched.state_dict(), "step": self.step_no,
                 "seqs_done": self.seqs_done, "rng": torch.get_rng_state(), "config": self.cfg.as_dict(),
+                "stream": _tensors(self.stream_state),
                 "student_config": self.student.config.to_dict(), "build_info": self.build_info,
                 "teacher_val": self.teacher_val.as_dict(), "split_stats": self.data.counts,
             }, tmp / "state.pt")
@@ -476,21 +503,10 @@ class _Trainer:
             self.evaluate()
         if self.bf16:
             self.data.teacher.to(torch.bfloat16)  # after its fp32 val score; only ever run forward
-        # every process reads the same global order and takes its slice
-        stream = iter(TokenStream(self.data.corpus, self.data.tok, "train", cfg.seq_len, seed=cfg.seed,
-                                  shuffle_buffer=SHUFFLE_BUFFER, loop=True))
-        if self.data.chat:
-            from edgelm.distill.chat import ChatStream, mix_streams, render
-
-            chat = ChatStream([render(self.data.tok, a.instruction.prompt, a.text, a.finished) for a in self.data.chat],
-                              self.data.tok, cfg.seq_len, seed=cfg.seed)
-            log.info("chat mix: %.0f%% of sequences from %d teacher answers (%s tokens)", 100 * cfg.chat_mix,
-                     len(self.data.chat), f"{chat.tokens:,}")
-            stream = mix_streams(stream, iter(chat), cfg.chat_mix, cfg.seed)
-        for _ in range(self.seqs_done):
-            next(stream)
+        stream = self._stream(self.stream_state)
         if self.device.type == "cuda":  # pack the next batches while the GPU runs this one
-            stream = prefetched(stream, 2 * cfg.batch_size * cfg.grad_accum * dist.world)
+            stream = Prefetched(stream, 2 * cfg.batch_size * cfg.grad_accum * dist.world)
+        self.stream_state = stream.state()
         bar = None
         if dist.main and cfg.progress:
             from tqdm.auto import tqdm
@@ -502,6 +518,7 @@ class _Trainer:
             while self.step_no < self.total_steps:
                 t0 = time.perf_counter()
                 last = self.step(stream)
+                self.stream_state = stream.state()  # after a whole step: what a checkpoint resumes from
                 tps = tokens_per_second(self.tokens_per_step, time.perf_counter() - t0)
                 rec = dict(event="train", step=self.step_no, tokens=self.step_no * self.tokens_per_step, **last,
                            lr=self.sched.get_last_lr()[0], tok_s=tps)
@@ -527,6 +544,8 @@ class _Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            if isinstance(stream, Prefetched):
+                stream.close()
         return self.finish(last["loss"], time.perf_counter() - t_start)
 
     def finish(self, final_loss: float, wall: float) -> DistillResult:
@@ -576,45 +595,80 @@ class _Trainer:
         return DistillResult(student_dir, self.run, self.step_no, tokens, val_student, self.teacher_val, manifest)
 
 
-T = TypeVar("T")
-
-
-def prefetched(it: Iterator[T], depth: int) -> Iterator[T]:
-    """The items of ``it``, in order, read up to ``depth`` ahead by a background thread. The tokenizer releases the
-    GIL, so on a GPU the next batches are tokenized and packed while the current step runs. An error in ``it`` is
+class Prefetched:
+    """The items of a cursor, in order, read up to ``depth`` ahead by a background thread. The tokenizer releases
+    the GIL, so on a GPU the next batches are tokenized and packed while the current step runs. ``state()`` is the
+    cursor's state after the last item taken here (the thread reads it with each item). An error in the cursor is
     raised here, at the item where it happened."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
 
-    def put(item: tuple[str, Any]) -> bool:
-        while not stop.is_set():
+    def __init__(self, it, depth: int) -> None:
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self._state = it.state()
+        self._done = False
+        threading.Thread(target=self._work, args=(it,), name="edgelm-prefetch", daemon=True).start()
+
+    def _put(self, item: tuple[str, Any, Any]) -> bool:
+        while not self.stop.is_set():
             try:
-                q.put(item, timeout=0.1)
+                self.q.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 pass
         return False
 
-    def work() -> None:
+    def _work(self, it) -> None:
         try:
             for x in it:
-                if not put(("item", x)):
+                if not self._put(("item", x, it.state())):
                     return
-            put(("end", None))
+            self._put(("end", None, None))
         except BaseException as e:  # handed to the consumer, raised there
-            put(("error", e))
+            self._put(("error", e, None))
 
-    threading.Thread(target=work, name="edgelm-prefetch", daemon=True).start()
-    try:
-        while True:
-            kind, x = q.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise x
-            yield x
-    finally:
-        stop.set()
+    def state(self) -> dict:
+        return self._state
+
+    def __iter__(self) -> "Prefetched":
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        kind, x, st = self.q.get()
+        if kind == "item":
+            self._state = st
+            return x
+        self._done = True
+        self.stop.set()
+        if kind == "error":
+            raise x
+        raise StopIteration
+
+    def close(self) -> None:
+        self.stop.set()
+
+
+def _tensors(x: Any) -> Any:
+    """A stream state with its numpy arrays as tensors, which torch.load(weights_only=True) reads back."""
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, dict):
+        return {k: _tensors(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_tensors(v) for v in x]
+    return x
+
+
+def _numpy(x: Any) -> Any:
+    """The inverse of _tensors."""
+    if isinstance(x, torch.Tensor):
+        return x.numpy()
+    if isinstance(x, dict):
+        return {k: _numpy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_numpy(v) for v in x]
+    return x
 
 
 def _full_state(student, opt, fsdp: bool) -> tuple[dict, dict | None]:

@@ -98,3 +98,15 @@ def type_of(ql: "QLinear") -> BlockType:
         raise EdgelmError(f"no 32-wide block type holds {ql.bits}-bit {'symmetric' if sym else 'asymmetric'} codes; "
                           f"types: {known}")
     return t
+
+
+def q8_0_roundtrip(w: "torch.Tensor") -> "torch.Tensor":
+    """A float matrix [out, in] through gguf-py's Q8_0 and back: what a target holds for a float matrix it stores
+    at 8 bits (the embedding of a quantized GGUF, say)."""
+    import gguf
+    import numpy as np
+    import torch
+
+    t = gguf.GGMLQuantizationType.Q8_0
+    raw = gguf.quants.quantize(np.ascontiguousarray(w.detach().float().cpu().numpy()), t)
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw, t))).reshape(w.shape).to(w.dtype)

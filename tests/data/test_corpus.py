@@ -115,6 +115,48 @@ def test_stream_packs_fixed_length_and_is_deterministic(tiny_corpus, tok):
     assert not np.array_equal(a, other)
 
 
+@pytest.mark.parametrize("shuffle", [0, 16])
+def test_a_cursor_resumes_from_its_state_without_reading_again(tiny_corpus, tok, tmp_path, shuffle):
+    """A cursor rebuilt from state() (through a checkpoint's torch.save / weights_only load) continues exactly where
+    the first stood, across pass boundaries, and reads only the documents it still needs."""
+    import torch
+
+    from edgelm.distill.trainer import _numpy, _tensors
+
+    import shutil
+
+    small = tmp_path / "corpus"
+    small.mkdir()
+    for f in sorted(tiny_corpus.iterdir())[:6]:
+        shutil.copy(f, small / f.name)
+
+    def stream(loop: bool = True):
+        return TokenStream(Corpus(CorpusSpec((str(small),), val_frac=0.0, test_frac=0.0)), tok, "train", 32,
+                           seed=5, shuffle_buffer=shuffle, loop=loop)
+
+    per_pass = len(stream(loop=False).take(10**6))
+    whole = stream().cursor()
+    ref = [next(whole) for _ in range(3 * per_pass)]
+    assert whole.epoch >= 2, "the test crosses pass boundaries"
+    cut = per_pass + per_pass // 2
+    first = stream().cursor()
+    for _ in range(cut):
+        next(first)
+    torch.save({"stream": _tensors(first.state())}, tmp_path / "state.pt")
+    state = _numpy(torch.load(tmp_path / "state.pt", weights_only=True)["stream"])
+    s = stream()
+    reads = []
+    real_read = s.corpus.read
+    s.corpus.read = lambda split, i: reads.append(i) or real_read(split, i)
+    resumed = s.cursor(state)
+    nxt = next(resumed)
+    assert len(reads) <= 3, "no replay of what was seen"
+    got = [nxt] + [next(resumed) for _ in range(len(ref) - cut - 1)]
+    assert all(np.array_equal(a, b) for a, b in zip(got, ref[cut:], strict=True))
+    again = stream().cursor(first.state())  # the first cursor is unchanged by its state being taken
+    assert np.array_equal(next(again), next(first))
+
+
 def test_unshuffled_stream_is_the_concatenated_documents(tmp_path, tok):
     texts = ["def f():\n    return 1\n", "class A:\n    pass\n"]
     for i, t in enumerate(texts):

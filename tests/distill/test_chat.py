@@ -84,7 +84,7 @@ def test_mix_streams_is_deterministic_and_takes_its_share():
     def take(n):
         code = iter(np.zeros((10_000, 4), dtype=np.int64))
         talk = iter(np.ones((10_000, 4), dtype=np.int64))
-        s = chat.mix_streams(code, talk, 0.25, seed=3)
+        s = chat.MixedStream(code, talk, 0.25, seed=3)
         return np.stack([next(s) for _ in range(n)])[:, 0]
 
     a = take(4000)
@@ -104,6 +104,28 @@ def test_chat_stream_packs_every_token(chat_teacher):
     assert epoch != sum(ids, []), "shuffled"
     again = iter(chat.ChatStream(texts, tok, 1, seed=0))
     assert [int(next(again)[0]) for _ in range(s.tokens)] == epoch, "deterministic"
+
+
+def test_mixed_stream_resumes_from_its_state(chat_teacher, tiny_corpus):
+    from edgelm.data.corpus import TokenStream
+
+    tok = AutoTokenizer.from_pretrained(chat_teacher)
+    talk = chat.ChatStream([chat.render(tok, f"question {i}", f"answer {i} " * i) for i in range(1, 9)], tok, 16)
+
+    def mixed(state=None):
+        code = TokenStream(Corpus(CorpusSpec((str(tiny_corpus),))), tok, "train", 16, seed=1, shuffle_buffer=8,
+                           loop=True)
+        return chat.MixedStream(code.cursor(state and state["code"]), talk.cursor(state and state["chat"]), 0.4,
+                                seed=2, state=state)
+
+    ref = mixed()
+    want = [next(ref) for _ in range(600)]
+    cut = mixed()
+    for _ in range(250):
+        next(cut)
+    assert cut.chat.epoch >= 1, "the chat stream has looped"
+    resumed = mixed(cut.state())
+    assert all(np.array_equal(next(resumed), w) for w in want[250:])
 
 
 def test_chat_mix_trains_and_resumes_bit_identically(chat_teacher, tiny_corpus, tmp_path):

@@ -80,6 +80,29 @@ def test_kill_and_resume_gives_the_same_weights(tiny_teacher, tiny_corpus, tmp_p
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
              if json.loads(ln)["event"] == "train"]
     assert steps == list(range(1, 13)), "metrics keep one record per step after resume"
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert state["stream"]["doc"] > 0 and state["seqs_done"] == 4 * 4  # the stream's place, not a count to replay
+
+
+def test_a_checkpoint_without_a_stream_state_resumes_by_replaying(tiny_teacher, tiny_corpus, tmp_path, caplog):
+    """Checkpoints written before stream positions were kept still resume bit-identically."""
+    import shutil
+
+    kw = dict(max_steps=8, ckpt_every=4, eval_every=0, keep_ckpts=5)
+    full = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "full", **kw))
+    cut = tmp_path / "cut"
+    shutil.copytree(full.run_dir, cut)
+    shutil.rmtree(cut / "student")
+    assert [p.name for p in (cut / "checkpoints").iterdir()] == ["step-0000004"]
+    path = cut / "checkpoints" / "step-0000004" / "state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["stream"]
+    torch.save(state, path)
+    with caplog.at_level("INFO", logger="edgelm.distill.trainer"):
+        resumed = distill(**_args(tiny_teacher, tiny_corpus, cut, resume=True, **kw))
+    assert "replaying 16 sequences" in caplog.text
+    a, b = load_file(full.student_dir / "model.safetensors"), load_file(resumed.student_dir / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_with_a_different_config_is_refused(tiny_teacher, tiny_corpus, tmp_path):
@@ -267,21 +290,44 @@ def test_width_pruned_student_exports_with_parity(tiny_teacher, tiny_corpus, tmp
     assert m["parity"]["passed"] and m["parity"]["greedy_identical"] == 2
 
 
-def test_prefetched_keeps_order_and_raises_where_the_source_fails():
-    from edgelm.distill.trainer import prefetched
+class _Counting:
+    """A cursor over range(stop) (a failure at ``fail``), whose state is the next number."""
 
-    assert list(prefetched(iter(range(1000)), 7)) == list(range(1000))
+    def __init__(self, stop: int, fail: int = -1) -> None:
+        self.n, self.stop, self.fail = 0, stop, fail
 
-    def failing():
-        yield from range(5)
-        raise EdgelmError("no readable text")
+    def state(self) -> dict:
+        return {"next": self.n}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        if self.n == self.fail:
+            raise EdgelmError("no readable text")
+        if self.n == self.stop:
+            raise StopIteration
+        self.n += 1
+        return self.n - 1
+
+
+def test_prefetched_keeps_order_and_state_and_raises_where_the_source_fails():
+    from edgelm.distill.trainer import Prefetched
+
+    it = Prefetched(_Counting(1000), 7)
+    assert it.state() == {"next": 0}
+    got = []
+    for x in it:
+        got.append(x)
+        assert it.state() == {"next": x + 1}  # the cursor's state after the item taken, not after those read ahead
+    assert got == list(range(1000))
 
     got = []
     with pytest.raises(EdgelmError, match="no readable text"):
-        for x in prefetched(failing(), 2):
+        for x in Prefetched(_Counting(10, fail=5), 2):
             got.append(x)
     assert got == [0, 1, 2, 3, 4]
-    it = prefetched(iter(range(10**9)), 4)  # an endless source: closing the consumer stops the thread
+    it = Prefetched(_Counting(10**9), 4)  # an endless source: closing the consumer stops the thread
     assert [next(it) for _ in range(3)] == [0, 1, 2]
     it.close()
     import threading
