@@ -107,3 +107,45 @@ def test_changed_app_folder_is_refused(app_dir, tmp_path):
     assert r.returncode == 2 and "does not match the sha256" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("app", "serve", str(tmp_path))
     assert r.returncode == 2 and "is not an app folder" in r.stderr
+
+
+def test_a_wheel_install_builds_the_app(artifacts, tmp_path):
+    """The page ships as package data: built as a wheel and installed in a fresh venv (its dependencies seen from
+    this one's site-packages, never this checkout), `edgelm app build` finds the page and its runtime files."""
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    if not (repo / "android_demo" / "www" / "vendor" / "wllama" / "index.js").is_file():
+        if os.environ.get("CI"):
+            pytest.fail("the app's npm packages are missing under CI (make app-deps)")
+        pytest.skip("the app's npm packages are missing (make app-deps)")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path / "whl"), str(repo)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = (tmp_path / "whl").glob("edgelm-*.whl")
+    fresh = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fresh)], check=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(fresh / "bin" / "python"), "install", "-q",
+                        "--no-deps", str(wheel)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    fresh_site = Path(subprocess.check_output([str(fresh / "bin" / "python"), "-c",
+                                               "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                              text=True).strip())
+    # a path line: this venv's packages, without running its .pth files (the editable finder of this checkout)
+    (fresh_site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run([str(fresh / "bin" / "python"), "-c", "import edgelm.app.build as b; print(b.__file__); "
+                            "print(b.default_web())"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert where.returncode == 0, where.stderr
+    mod, web = where.stdout.split()
+    assert Path(mod).is_relative_to(fresh_site) and Path(web) == fresh_site / "edgelm" / "app" / "www"
+    r = subprocess.run([str(fresh / "bin" / "edgelm"), "app", "build", str(artifacts["llamacpp"]), "--out",
+                        str(tmp_path / "app")], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    shell = json.loads((tmp_path / "app" / "app.json").read_text())["shell"]
+    for f in ("index.html", "app.js", "vendor/wllama/index.js", "vendor/wllama/single-thread/wllama.wasm"):
+        assert (tmp_path / "app" / f).is_file() and f in shell, f
