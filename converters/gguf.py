@@ -323,6 +323,27 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
     return GgufResult({p.name: p.qtype for p in plan}, notes)
 
 
+def read_back(path: Path, src: SourceWeights):
+    """Each quantized linear of ``src`` as the GGUF at ``path`` holds it, decoded by gguf-py (not by the packer):
+    yields (HF module, file's dequantized weight [out, in], the checkpoint's), both in the file's row order."""
+    import gguf
+
+    from edgelm.models.archs import get_arch
+
+    cfg = src.config
+    arch = get_arch(cfg.get("model_type"), str(src.folder))
+    names_of = NameMap(arch, int(cfg["num_hidden_layers"]))
+    n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    for module, ql in src.qlinears.items():
+        gname = "token_embd.weight" if module == "lm_head" and src.tied else names_of(f"{module}.weight")
+        t = tensors.get(gname or "")
+        if t is None:
+            raise EdgelmError(f"the GGUF has no {gname or module} tensor for the checkpoint's {module}")
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ql.shape)  # [out, in]
+        yield module, w, arch.permute_rows(ql.dequantize().numpy(), gname, n_head, n_kv)
+
+
 def llamacpp_quantize(src_gguf: Path, dst: Path, gguf_type: str, *, threads: int = 0) -> None:
     """Run llama.cpp's quantizer (through llama-cpp-python's ctypes binding) on an f32/f16 GGUF."""
     import gguf

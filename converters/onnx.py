@@ -11,9 +11,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgelm.errors import EdgelmError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from edgelm.converters.source import SourceWeights
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +117,61 @@ def op_counts(path: Path) -> dict[str, int]:
     for n in m.graph.node:
         out[n.op_type] = out.get(n.op_type, 0) + 1
     return dict(sorted(out.items()))
+
+
+def _unpack_low_first(a: "np.ndarray", bits: int) -> "np.ndarray":
+    """uint8 [..., n] holding 8 // bits codes per byte, the first in the low bits -> uint8 [..., n * 8 // bits]."""
+    import numpy as np
+
+    if bits == 8:
+        return a
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits)
+    return ((a[..., None] >> shifts) & (2 ** bits - 1)).astype(np.uint8).reshape(*a.shape[:-1], -1)
+
+
+def _hf_modules(prefix: str, src: "SourceWeights") -> list[str]:
+    """The builder's MatMulNBits module (``model.layers.0.attn.qkv_proj``) -> the HF modules it holds, in row order."""
+    mod = prefix.replace(".attn.", ".self_attn.")
+    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    head, leaf = mod.rsplit(".", 1) if "." in mod else ("", mod)
+    if leaf in fused and mod not in src.qlinears:
+        return [f"{head}.{p}" for p in fused[leaf]]
+    return [mod]
+
+
+def read_back(folder: Path, src: "SourceWeights"):
+    """Each quantized linear of ``src`` as the ONNX model in ``folder`` holds it, decoded from its MatMulNBits
+    initializers (one tensor read at a time): yields (HF module, file's dequantized weight [out, in], the
+    checkpoint's)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+
+    def array(name: str) -> "np.ndarray":
+        return numpy_helper.to_array(inits[name], base_dir=str(folder))
+
+    for node in (n for n in m.graph.node if n.op_type == "MatMulNBits"):
+        attrs = {a.name: a.i for a in node.attribute}
+        k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+        prefix = node.input[1].removesuffix(".MatMulNBits.qweight")
+        mods = _hf_modules(prefix, src)
+        if not all(x in src.qlinears for x in mods):
+            continue  # what the builder quantized itself (a float lm_head at int8): not an exact pack
+        codes = _unpack_low_first(array(node.input[1]), bits).reshape(n, -1)[:, :k].astype(np.float32)  # [N, K]
+        scales = array(node.input[2]).astype(np.float32).reshape(n, -1)  # [N, blocks]
+        blocks = scales.shape[1]
+        if len(node.input) > 3 and node.input[3]:
+            zeros = _unpack_low_first(array(node.input[3]).reshape(n, -1), bits)[:, :blocks].astype(np.float32)
+        else:
+            zeros = np.full(scales.shape, 2 ** (bits - 1), np.float32)
+        s, z = (np.repeat(a, block, axis=1)[:, :k] for a in (scales, zeros))  # [N, K]
+        w = s * (codes - z)
+        start = 0
+        for x in mods:
+            ql = src.qlinears[x]
+            yield x, w[start:start + ql.shape[0]], ql.dequantize().numpy()
+            start += ql.shape[0]

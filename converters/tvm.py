@@ -203,13 +203,61 @@ def q8_0(w: "np.ndarray") -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
     return codes, scales, np.full(scales.shape, 128, np.uint8)
 
 
+def hf_modules(prefix: str) -> list[str]:
+    """A compiled parameter's module (``layers.0.self_attn.qkv``) -> the HF modules it holds, in row order."""
+    from edgelm.converters.tvm_llama import FUSED
+
+    for fused, parts in FUSED.items():
+        if prefix.endswith("." + fused):
+            return [f"model.{prefix[:-len(fused) - 1]}.{p}" for p in parts]
+    return [prefix] if prefix == "lm_head" else [f"model.{prefix}"]
+
+
+def unpack_codes(words: "np.ndarray", bits: int) -> "np.ndarray":
+    """The inverse of ``pack_codes``: uint32 words [out, w] -> uint8 codes [out, w * 32 / bits]."""
+    import numpy as np
+
+    if bits == 8:
+        return words.astype(np.uint8)
+    per = 32 // bits
+    shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None]
+    return ((words[..., None] >> shifts) & (2 ** bits - 1)).astype(np.uint8).reshape(words.shape[0], -1)
+
+
+def read_back(folder: Path, src: "SourceWeights"):
+    """Each quantized linear of ``src`` as the artifact in ``folder`` holds it, decoded from params.safetensors
+    independently of the packer: yields (HF module, file's dequantized weight [out, in], the checkpoint's)."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    def rows(a):  # [out/rb, n, rb] -> [out, n]: interleave_rows undone
+        return a.transpose(0, 2, 1).reshape(-1, a.shape[1])
+
+    params = load_file(str(folder / PARAMS_FILE))
+    for name in sorted(n for n in params if n.endswith(".qweight")):
+        prefix = name.rsplit(".", 1)[0]
+        mods = hf_modules(prefix)
+        if not all(m in src.qlinears for m in mods):
+            continue  # a float embedding stored as Q8_0: the runtime check covers it
+        codes = unpack_codes(rows(params[name]), src.qlinears[mods[0]].bits).astype(np.float32)
+        scales = rows(params[prefix + ".scales"]).astype(np.float32)
+        zeros = rows(params[prefix + ".zeros"]).astype(np.float32)
+        group = codes.shape[1] // scales.shape[1]
+        w = np.repeat(scales, group, axis=1) * (codes - np.repeat(zeros, group, axis=1))  # [out, in]
+        start = 0
+        for m in mods:
+            ql = src.qlinears[m]
+            yield m, w[start:start + ql.shape[0]], ql.dequantize().numpy()
+            start += ql.shape[0]
+
+
 def model_params(cfg: "DecoderConfig", src: "SourceWeights", names: list[str]) -> dict[str, "np.ndarray"]:
     """Every compiled parameter (by its name in the Relax module, e.g. ``layers.0.self_attn.qkv.qweight``) from the
     checkpoint: float tensors as they are, quantized ones as their exact codes, fp16 scales and zeros, rows
     interleaved as ``QLinear`` stores them."""
     import numpy as np
 
-    from edgelm.converters.tvm_llama import FUSED, row_block
+    from edgelm.converters.tvm_llama import row_block
 
     cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -222,12 +270,6 @@ def model_params(cfg: "DecoderConfig", src: "SourceWeights", names: list[str]) -
             else:  # the float tied embedding of a quantized preset
                 cache[module] = q8_0(src.tensors["model.embed_tokens.weight"].numpy())
         return cache[module]
-
-    def hf_modules(prefix: str) -> list[str]:
-        for fused, parts in FUSED.items():
-            if prefix.endswith("." + fused):
-                return [f"model.{prefix[:-len(fused) - 1]}.{p}" for p in parts]
-        return [prefix] if prefix == "lm_head" else [f"model.{prefix}"]
 
     out: dict[str, np.ndarray] = {}
     for name in names:

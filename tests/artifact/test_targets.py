@@ -5,6 +5,7 @@ import pytest
 
 from edgelm.errors import EdgelmError
 from edgelm.artifact.api import export
+from edgelm.artifact.check import EXACT_METHODS, READ_BACK_RTOL
 from edgelm.runtimes.api import open_artifact
 from edgelm.manifest import read_manifest
 from edgelm.quant.presets import get_preset
@@ -46,6 +47,14 @@ def test_pair(preset, target, tmp_path, tiny_q_model, tiny_corpus, quantized):
         assert par["max_abs_logit_diff"] <= TARGETS.get(target).logit_atol
     else:
         assert 0 <= par["kld"] <= p.max_kld and par["top1_agree"] > 0.6
+    if p.method in EXACT_METHODS:  # checked against the dequantized checkpoint it packs
+        ex = par["exact"]
+        assert ex["greedy_identical"] + ex["greedy_ties"] == ex["greedy_prompts"] == 2
+        assert ex["logit_atol"] == TARGETS.get(target).exact_atol
+        assert par["read_back"]["tensors"] > 0 and par["read_back"]["max_rel_weight_diff"] <= READ_BACK_RTOL
+        assert (ex["max_abs_logit_diff"] <= ex["logit_atol"] if ex["logit_atol"] is not None
+                else ex["kld"] <= ex["max_kld_vs_checkpoint"])
+        assert par["kld"] <= ex["max_kld"]
         assert par["max_abs_logit_diff"] > 0  # a quantized artifact is not the fp32 model
     if target == "gguf":
         assert m["fallback_tensors"] == []  # hidden 256 fits every llama.cpp block
