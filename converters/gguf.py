@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from edgelm.models.archs import Arch
     from edgelm.models.qformat import QLinear
+    from edgelm.models.rope import Rope
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +160,8 @@ def add_tokenizer(writer, tokenizer, folder: Path, n_vocab: int) -> None:
     special.add_to_gguf(writer, quiet=True)  # merges, special ids, add_bos/eos, the chat template
 
 
-def add_hparams(writer, cfg: dict[str, Any], arch: "Arch", name: str, file_type: int) -> list[str]:
+def add_hparams(writer, cfg: dict[str, Any], arch: "Arch", name: str, file_type: int, rope: "Rope") -> list[str]:
     """Model hyperparameters under the arch's keys; returns notes on what differs from the HF model."""
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") not in ("default", None):
-        raise EdgelmError(f"GGUF export supports default RoPE only; this model uses rope_type {rope.get('rope_type')!r}")
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     n_head = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
     context, note = arch.export_context(cfg)
@@ -178,12 +175,31 @@ def add_hparams(writer, cfg: dict[str, Any], arch: "Arch", name: str, file_type:
     if head_dim != cfg["hidden_size"] // n_head:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(theta))
+    writer.add_rope_freq_base(rope.theta)
     writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(rope.dim)
     writer.add_vocab_size(cfg["vocab_size"])
     writer.add_file_type(file_type)
     return [note] if note else []
+
+
+def rope_freqs(rope: "Rope", names: NameMap) -> "np.ndarray | None":
+    """A scaled RoPE as llama.cpp's ``rope_freqs`` tensor, f32 [dim / 2]: each frequency's divisor (transformers'
+    own frequencies, so llama3 and linear scaling alike reach llama.cpp exactly); None for unscaled RoPE. A one-line
+    error where llama.cpp's graph for the arch reads no such tensor, or the scaling also scales cos/sin (YaRN)."""
+    import gguf
+    import numpy as np
+
+    if not rope.scaled:
+        return None
+    if rope.attention_scale != 1.0:
+        raise EdgelmError(f"GGUF export does not support rope_type {rope.kind!r} ({names.arch.name}): transformers "
+                          f"scales its cos/sin by {rope.attention_scale:.4f}, which llama.cpp's frequency table can't "
+                          "carry; export to onnx or tvm")
+    if gguf.MODEL_TENSOR.ROPE_FREQS not in gguf.MODEL_TENSORS[names.model_arch]:
+        raise EdgelmError(f"GGUF export does not support rope_type {rope.kind!r} for {names.arch.name}: llama.cpp's "
+                          f"{names.gguf_arch_name} graph reads no rope_freqs tensor; export to onnx or tvm")
+    return np.asarray(rope.freq_factors(), dtype=np.float32)
 
 
 def pack_exact(ql: "QLinear", qtype: str, permute: Callable[["np.ndarray"], "np.ndarray"]) -> "np.ndarray":
@@ -254,10 +270,13 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
     import numpy as np
 
     from edgelm.models.archs import get_arch
+    from edgelm.models.rope import rope_of
 
     cfg = src.config
     arch = get_arch(cfg.get("model_type"), str(src.folder))
     names_of = NameMap(arch, int(cfg["num_hidden_layers"]))
+    rope = rope_of(cfg)
+    freqs = rope_freqs(rope, names_of)  # before any work: a scaling llama.cpp can't carry is refused here
     n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     exact = {n: type_of(ql).name for n, ql in src.qlinears.items()}  # module -> the type holding its codes
     tied_q = "lm_head" in src.qlinears and src.tied  # a mixed plan's tied embedding: one exact matrix
@@ -302,10 +321,13 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
         stored = shape if qtype in ("F32", "F16") else (shape[0], tensor_bytes((1, shape[1]), qtype))
         plan.append(_Planned(gname, stored, qtype, tensor_bytes(shape, qtype), make))
 
+    if freqs is not None:
+        plan.append(_Planned(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", freqs.shape, "F32",
+                             freqs.nbytes, lambda: freqs))
     common = max(set(exact.values()), key=list(exact.values()).count) if exact else None  # the file's main type
     file_type = gguf.LlamaFileType[f"MOSTLY_{common}" if common else {"F32": "ALL_F32", "F16": "MOSTLY_F16"}[float_type]]
     writer = gguf.GGUFWriter(str(path), names_of.gguf_arch_name)
-    notes = add_hparams(writer, cfg, arch, name, int(file_type))
+    notes = add_hparams(writer, cfg, arch, name, int(file_type), rope)
     add_tokenizer(writer, tokenizer, src.folder, int(cfg["vocab_size"]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for p in plan:

@@ -120,14 +120,12 @@ def decoder_config(src: "SourceWeights", *, context: int = 0) -> "DecoderConfig"
     what this target does not support, naming it."""
     from edgelm.converters.tvm_llama import DecoderConfig
     from edgelm.models.archs import get_arch as get_model_arch
+    from edgelm.models.rope import rope_of
 
     c = src.config
     model_type = c.get("model_type")
     arch = get_model_arch(model_type, str(src.folder))
-    for rope in (c.get("rope_scaling") or {}, c.get("rope_parameters") or {}):  # transformers 4 / 5 spellings
-        if (rope.get("rope_type") or rope.get("type")) not in (None, "default"):
-            raise EdgelmError(f"the TVM target does not support RoPE scaling {rope} ({model_type}); "
-                              "export to gguf or onnx")
+    rope = rope_of(c)  # any static scaling: its frequencies are baked into the rotary kernel
     if c.get("hidden_act", "silu") != "silu":
         raise EdgelmError(f"the TVM target supports the SiLU-gated MLP only, not hidden_act={c['hidden_act']!r}")
     if c.get("attention_bias") or c.get("mlp_bias"):
@@ -135,9 +133,6 @@ def decoder_config(src: "SourceWeights", *, context: int = 0) -> "DecoderConfig"
                           "export to gguf or onnx")
     heads = int(c["num_attention_heads"])
     head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
-    if head_dim * heads != c["hidden_size"]:
-        raise EdgelmError(f"the TVM target needs head_dim * heads == hidden_size ({head_dim} * {heads} != "
-                          f"{c['hidden_size']})")
     ctx = min(arch.export_context(c)[0], context or MAX_CONTEXT)
     bits: dict[str, int] = {}
     groups, head_group = set(), 32  # the lm_head's: its own, or Q8_0's 32 for a float one made Q8_0
@@ -159,13 +154,13 @@ def decoder_config(src: "SourceWeights", *, context: int = 0) -> "DecoderConfig"
             raise EdgelmError(f"layer {i}: q/k/v have different bit widths {sorted(kinds)}; the TVM target fuses them")
     if src.quant and "lm_head" not in bits and src.tied:
         bits["lm_head"] = 8  # the float tied embedding becomes Q8_0, as in the GGUF export
-    theta = (c.get("rope_parameters") or {}).get("rope_theta") or c.get("rope_theta") or 10000.0
     return DecoderConfig(
         hidden_size=int(c["hidden_size"]), intermediate_size=int(c["intermediate_size"]),
         num_layers=int(c["num_hidden_layers"]), num_heads=heads,
         num_kv_heads=int(c.get("num_key_value_heads") or heads), head_dim=head_dim, vocab_size=int(c["vocab_size"]),
-        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
-        tie_word_embeddings=src.tied, qkv_bias=model_type == "qwen2", context=ctx, prefill_chunk=min(ctx, 512),
+        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=rope.theta,
+        rope_inv_freq=rope.inv_freq, rope_attention_scale=rope.attention_scale,
+        tie_word_embeddings=src.tied, qkv_bias=arch.qkv_bias, qk_norm=arch.qk_norm, context=ctx, prefill_chunk=min(ctx, 512),
         group_size=groups.pop() if groups else 32, head_group=head_group, bits=bits)
 
 

@@ -15,15 +15,15 @@ Only what edgelm's decoder uses is kept: no sliding window, RoPE applied before 
 
 RoPE. TVM's ``llama_rope_with_position_map`` computes a power, a cosine and a sine for every element of every head
 (2,300 calls per layer and token for 12 heads of 64), most of what its attention builtin costs per layer outside
-the kernel above. Here each position computes its ``head_dim / 2`` angles once and all heads share them; the
-arithmetic per element is TVM's (the same angle; ``cos * x - sin * x2`` and ``cos * x2 + sin * x`` for a pair), so
-the outputs agree within float rounding (1e-6 in the tests).
+the kernel above. Here each position computes its ``rotary_dim / 2`` angles once and all heads share them. The
+frequencies are transformers' own (edgelm.models.rope), baked in as constants, so llama3, linear and YaRN scaling
+and partial rotary come out as the PyTorch model rotates.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 LOG2E = math.log2(math.e)
 
@@ -137,13 +137,29 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
     return batch_decode_paged_kv
 
 
-def split_rotary(theta: float, scale: float, head_dim: int, num_q_heads: int, num_kv_heads: int, dtype: str):
-    """A PrimFunc with ``llama_rope_with_position_map``'s arguments (default RoPE over the whole head):
-    qkv [seq, q + 2 kv heads, D] -> q, k (rotated) and v."""
+def table(values: "Sequence[float]", j, start: int = 0):
+    """values[j - start] for a TIR index ``j`` into a constant float32 table: a balanced tree of selects (a PrimFunc
+    that the KV cache calls takes no constant buffer)."""
+    from tvm import tirx
+
+    if len(values) == 1:
+        return tirx.const(values[0], "float32")
+    mid = len(values) // 2
+    return tirx.Select(j < start + mid, table(values[:mid], j, start), table(values[mid:], j, start + mid))
+
+
+def split_rotary(inv_freq: "Sequence[float]", attention_scale: float, head_dim: int, num_q_heads: int,
+                 num_kv_heads: int, dtype: str):
+    """A PrimFunc with ``llama_rope_with_position_map``'s arguments: qkv [seq, q + 2 kv heads, D] -> q, k (rotated)
+    and v. The first ``2 * len(inv_freq)`` dimensions of a head rotate (fewer than D: partial rotary), as
+    transformers does: angle pos * inv_freq[j] in float32, cos and sin times ``attention_scale`` (YaRN's), the pair
+    (j, j + half) rotated; the other dimensions pass."""
     from tvm.script import tirx as T
 
-    D, half = head_dim, head_dim // 2
+    D, half = head_dim, len(inv_freq)
     Hq, Hkv = num_q_heads, num_kv_heads
+    freqs = [float(f) for f in inv_freq]
+    mscale = float(attention_scale)
 
     @T.prim_func(s_tir=True)
     def split_rope(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: T.handle,
@@ -160,13 +176,11 @@ def split_rotary(theta: float, scale: float, head_dim: int, num_q_heads: int, nu
             with T.sblock("split_rope"):
                 cos = T.sblock_alloc_buffer((half,), "float32")  # this position's angles, shared by every head
                 sin = T.sblock_alloc_buffer((half,), "float32")
-                out = T.sblock_alloc_buffer((Hq + Hkv, D), "float32")  # rotated q and k heads
+                out = T.sblock_alloc_buffer((Hq + Hkv, D), "float32")  # q and k heads, rotated
                 for j in T.serial(half):
-                    # TVM's angle for dimensions j and j + half: pos * scale / theta ** (2j / D)
-                    freq: T.let[T.float32] = T.cast(position_map[s], "float32") * T.float32(scale) / T.pow(
-                        T.float32(theta), T.cast(j * 2, "float32") / T.float32(D))
-                    cos[j] = T.cos(freq)
-                    sin[j] = T.sin(freq)
+                    freq: T.let[T.float32] = T.cast(position_map[s], "float32") * table(freqs, j)
+                    cos[j] = T.cos(freq) * T.float32(mscale)
+                    sin[j] = T.sin(freq) * T.float32(mscale)
                 for h in T.serial(Hq + Hkv):  # q heads, then k heads
                     for d in T.vectorized(half):
                         x1: T.let[T.float32] = T.cast(qkv[s, h, d], "float32")
@@ -177,6 +191,8 @@ def split_rotary(theta: float, scale: float, head_dim: int, num_q_heads: int, nu
                         else:
                             out[h, d] = x1
                             out[h, d + half] = x2
+                    for d in T.serial(D - 2 * half):  # partial rotary: the rest of the head as it is
+                        out[h, 2 * half + d] = T.cast(qkv[s, h, 2 * half + d], "float32")
                 for h in T.serial(Hq):
                     for d in T.vectorized(D):
                         q[s, h, d] = T.cast(out[h, d], dtype)
@@ -191,11 +207,11 @@ def split_rotary(theta: float, scale: float, head_dim: int, num_q_heads: int, nu
 
 
 @contextlib.contextmanager
-def cpu_kernels() -> Iterator[None]:
+def cpu_kernels(inv_freq: "Sequence[float]", attention_scale: float = 1.0) -> Iterator[None]:
     """While open, a ``TIRPagedKVCache`` being built gets edgelm's decode attention and RoPE kernels in place of
-    TVM's (kv_cache.py takes its kernel builders from module globals). They are CPU kernels: edgelm's TVM target
-    builds only ``llvm`` libraries. Anything they do not cover (a sliding window, scaled or partial RoPE) keeps
-    TVM's."""
+    TVM's (kv_cache.py takes its kernel builders from module globals): the RoPE of ``inv_freq`` (transformers'
+    frequencies, any static scaling) and ``attention_scale``. They are CPU kernels: edgelm's TVM target builds only
+    ``llvm`` libraries. A sliding window keeps TVM's decode attention."""
     from tvm.relax.frontend.nn.llm import kv_cache
 
     stock_decode, stock_rope = kv_cache._attention_decode_cpu, kv_cache.llama_rope_with_position_map
@@ -206,9 +222,7 @@ def cpu_kernels() -> Iterator[None]:
         return decode_attention(num_kv_heads, num_qo_heads, head_dim, dtype, page_size)
 
     def rope(theta, scale, head_dim, num_q_heads, num_kv_heads, dtype, rope_scaling, rotary_dim=None):
-        if rope_scaling or rotary_dim not in (None, head_dim) or head_dim % 2:
-            return stock_rope(theta, scale, head_dim, num_q_heads, num_kv_heads, dtype, rope_scaling, rotary_dim)
-        return split_rotary(theta, scale, head_dim, num_q_heads, num_kv_heads, dtype)
+        return split_rotary(inv_freq, attention_scale, head_dim, num_q_heads, num_kv_heads, dtype)
 
     kv_cache._attention_decode_cpu, kv_cache.llama_rope_with_position_map = decode, rope
     try:

@@ -40,8 +40,11 @@ class DecoderConfig:
     vocab_size: int  # rows of the embedding and the lm_head
     rms_norm_eps: float  # RMSNorm epsilon
     rope_theta: float  # RoPE base
+    rope_inv_freq: tuple[float, ...]  # [rotated dims / 2] transformers' RoPE frequencies (scaling applied)
+    rope_attention_scale: float  # cos/sin scale of the RoPE (YaRN's mscale; 1.0 otherwise)
     tie_word_embeddings: bool  # the lm_head is the embedding matrix
     qkv_bias: bool  # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool  # RMSNorm over each query and key head before RoPE (Qwen3)
     context: int  # compiled maximum context: prompt + generated tokens
     prefill_chunk: int  # most tokens one prefill call takes
     group_size: int = 32  # quantized linears: columns per scale
@@ -251,10 +254,17 @@ class Attention(nn.Module):
         width = (self.h_q + 2 * self.h_kv) * self.d
         self.qkv = linear(cfg, f"layers.{i}.self_attn.q_proj", cfg.hidden_size, width, cfg.qkv_bias)  # q, k, v rows
         self.o_proj = linear(cfg, f"layers.{i}.self_attn.o_proj", self.h_q * self.d, cfg.hidden_size)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # over each head's d channels, before the cache rotates q and k
+            self.q_norm = nn.RMSNorm(self.d, -1, cfg.rms_norm_eps, bias=False)
+            self.k_norm = nn.RMSNorm(self.d, -1, cfg.rms_norm_eps, bias=False)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer: int) -> Tensor:
         b, s, _ = x.shape
         qkv = op.reshape(self.qkv(x), (b, s, self.h_q + 2 * self.h_kv, self.d))  # [b, s, hq + 2 hkv, d]
+        if self.qk_norm:
+            q, k, v = op.split(qkv, [self.h_q, self.h_q + self.h_kv], axis=2)  # [b, s, hq | hkv | hkv, d]
+            qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
         out = kv.attention_with_fused_qkv(layer, qkv, self.h_q, sm_scale=self.d**-0.5)  # [b, s, hq, d]
         return self.o_proj(op.reshape(out, (b, s, self.h_q * self.d)))
 
@@ -351,7 +361,8 @@ class Decoder(nn.Module):
         from edgelm.converters.tvm_kvcache import cpu_kernels
 
         c = self.cfg
-        with cpu_kernels():  # TVM's own decode attention and RoPE are scalar and several times slower
+        # edgelm's RoPE (transformers' frequencies) and decode attention: TVM's are scalar and several times slower
+        with cpu_kernels(c.rope_inv_freq, c.rope_attention_scale):
             kv = TIRPagedKVCache(
                 attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
                 prefill_chunk_size=prefill_chunk_size, page_size=page_size,

@@ -160,8 +160,9 @@ class Runtime:
             logits = self._step(tok)
 
     # --- shared API ------------------------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return self._tok().encode(text)
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of ``text``; ``special=False`` for a rendered chat, which holds its BOS already."""
+        return self._tok().encode(text, special)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok().decode(ids)
@@ -177,7 +178,8 @@ class Runtime:
     def chat(self, messages: list[dict[str, str]], config: GenerationConfig | None = None, *, stream: bool = False,
              **options: Any) -> Generation | Stream:
         """Generate the assistant's reply to ``messages`` through the model's chat template."""
-        return self.generate(self.apply_chat_template(messages), config, stream=stream, **options)
+        return self.generate(self.encode(self.apply_chat_template(messages), special=False), config, stream=stream,
+                             **options)
 
     def greedy(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
         """Exactly ``max_new_tokens`` greedy tokens (end-of-sequence masked), as transformers' min_new_tokens does."""

@@ -70,8 +70,11 @@ class LlamaCppRuntime(Runtime):
                     return buf.raw[:n]
                 size = -n
 
-        return TextTokenizer(lambda s: self.native_tokenize(s), lambda ids: b"".join(piece(int(t)) for t in ids)
-                             .decode("utf-8", errors="replace"), eos_ids=(int(self.llm.token_eos()),))
+        # every end-of-generation token llama.cpp knows (eos, eot, eom and the <|im_end|>, <end_of_turn>, <|end|>
+        # family it finds by name), not only token_eos()
+        eog = tuple(t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, t))
+        return TextTokenizer(lambda s, special=True: self.native_tokenize(s), lambda ids: b"".join(
+            piece(int(t)) for t in ids).decode("utf-8", errors="replace"), eos_ids=eog or (int(self.llm.token_eos()),))
 
     def native_tokenize(self, text: str, *, special: bool = True) -> list[int]:
         """llama.cpp's tokenizer (the artifact's tokenizer.json is what generate uses)."""

@@ -94,6 +94,7 @@ class TorchRuntime(Runtime):
 
 def _from_hf(hf_tok) -> TextTokenizer:
     eos = hf_tok.eos_token_id
-    return TextTokenizer(lambda s: hf_tok.encode(s), lambda ids: hf_tok.decode(list(ids), skip_special_tokens=True),
+    return TextTokenizer(lambda s, special=True: hf_tok.encode(s, add_special_tokens=special),
+                         lambda ids: hf_tok.decode(list(ids), skip_special_tokens=True),
                          eos_ids=(eos,) if eos is not None else (), bos_token=hf_tok.bos_token or "",
                          eos_token=hf_tok.eos_token or "", chat_template=getattr(hf_tok, "chat_template", None))

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 class TextTokenizer:
     """Encode/decode with ``tokenizers`` (fast, no transformers import), plus the chat template."""
 
-    def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[Sequence[int]], str], *,
+    def __init__(self, encode: Callable[[str, bool], list[int]], decode: Callable[[Sequence[int]], str], *,
                  eos_ids: tuple[int, ...], bos_token: str = "", eos_token: str = "",
                  chat_template: str | None = None) -> None:
         self._encode, self._decode = encode, decode
@@ -50,11 +50,14 @@ class TextTokenizer:
         template = cfg.get("chat_template")
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(lambda s: tok.encode(s).ids, lambda ids: tok.decode(list(ids), skip_special_tokens=True),
+        return cls(lambda s, special=True: tok.encode(s, add_special_tokens=special).ids,
+                   lambda ids: tok.decode(list(ids), skip_special_tokens=True),
                    eos_ids=tuple(dict.fromkeys(eos_ids)), bos_token=bos, eos_token=eos, chat_template=template)
 
-    def encode(self, text: str) -> list[int]:
-        return self._encode(text)
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of ``text``; ``special=False`` adds no tokens of the tokenizer's own (its BOS): a rendered chat
+        template holds them already, as HF's apply_chat_template(tokenize=True) encodes it."""
+        return self._encode(text, special)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._decode(ids)

@@ -16,7 +16,12 @@ from .conftest import CALIB
 
 # What a tiny model of an arch sets beyond the common shape: the features that set the arch apart.
 ARCH_EXTRAS = {
+    # Llama 3.1's scaling, extreme: every frequency but the highest divided by up to 64, so an exporter that
+    # ignores it rotates differently from the first position on
+    "llama": {"rope_scaling": {"rope_type": "llama3", "factor": 64.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 16}},
     "mistral": {"sliding_window": 96},  # below max_position_embeddings: GGUF caps its context, ONNX applies it
+    "qwen3": {"head_dim": 96},  # its q/k norms on, and heads wider than hidden / heads, as Qwen3-0.6B's 128 of 1024/16
 }
 # The tokenizer each arch's tiny model gets, as its real models ship: Mistral 7B a SentencePiece BPE with byte
 # fallback; Qwen2's tokenizer class brings its own split regex to the byte-level BPE; the rest a GPT-2 ByteLevel BPE.
@@ -114,7 +119,7 @@ def test_quantize_rtn_and_gptq(arch_run, arch_artifacts, tiny_corpus):
         cfg, tensors, qlinears = read_quantized(res.out)
         assert cfg["model_type"] == arch_run["arch"] and len(qlinears) == 7 * 2  # every linear of both blocks
         assert 0 < res.quality["kld"] < res.preset.max_kld
-    if arch_run["arch"] == "qwen2":  # q/k/v biases stay float beside the codes
+    if ARCHS.get(arch_run["arch"]).qkv_bias:  # q/k/v biases stay float beside the codes
         assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.v_proj.bias"} <= set(tensors)
     assert arch_artifacts["gptq"].quality["kld"] < rtn.quality["kld"] * 1.5  # GPTQ is not worse than RTN by much
 
@@ -135,7 +140,10 @@ def test_export_checks_itself(arch_run, arch_artifacts, preset, target):
         from edgelm.converters.gguf import read_types
 
         types = read_types(arch_artifacts["artifacts"][preset, target] / "model.gguf")
-        assert ("blk.0.attn_q.bias" in types) == (arch_run["arch"] == "qwen2")
+        arch = ARCHS.get(arch_run["arch"])
+        assert ("blk.0.attn_q.bias" in types) == arch.qkv_bias
+        assert ("blk.0.attn_q_norm.weight" in types) == ("blk.0.attn_k_norm.weight" in types) == arch.qk_norm
+        assert ("rope_freqs.weight" in types) == ("rope_scaling" in ARCH_EXTRAS.get(arch.name, {}))
         if preset != "fp32":
             assert types["blk.0.attn_q.weight"]["type"] == "Q4_0"  # GPTQ's codes, packed exactly
 

@@ -202,7 +202,7 @@ class CooperativeRuntime:
         flags = (["marked"] if private else []) + self.privacy.flags(text)
         ans = Answer(text="", routed_to="device", router=self.router.name, score=None, threshold=self.threshold,
                      private=flags)
-        ids = self.device.encode(prompt)
+        ids = self.device.encode(prompt, special=kind != "chat")  # a rendered chat holds its BOS already
         ans.prompt_tokens = len(ids)
         too_long = len(ids) >= self.device.context
         decision = None
@@ -242,8 +242,8 @@ class CooperativeRuntime:
                 log.info("cloud failed (%s) after %.2f s: the device answers", e.reason, ans.cloud_latency_s)
                 ans.cloud_chars = sum(map(len, sent))
                 if sent:  # a cut stream: the device continues the text the client already has
-                    ids = self.device.encode(prompt + "".join(sent))
-                    max_tokens = max(1, max_tokens - len(self.device.encode("".join(sent))))
+                    ids = self.device.encode(prompt + "".join(sent), special=kind != "chat")
+                    max_tokens = max(1, max_tokens - len(self.device.encode("".join(sent), special=False)))
                     decision = None
         yield from self._device_answer(ids, max_tokens, sampling, decision, ans)
         self.metrics.observe(ans, time.perf_counter() - t0)

@@ -1,7 +1,8 @@
 """Supported architectures, one registry (``edgelm.registry.ARCHS``), named by HF ``model_type``.
 
 Every supported architecture has the Llama block layout (RMSNorm, GQA attention with RoPE, gated MLP), so pruning,
-quantization and ONNX export treat them alike. What differs is declared here, in the style of llama.cpp's
+quantization and ONNX export treat them alike; RoPE scaling (Llama 3's, linear, YaRN) is read through transformers
+(edgelm.models.rope), so it is no arch's concern. What differs is declared here, in the style of llama.cpp's
 convert_hf_to_gguf: a few fields and small override hooks that the exporters call. An architecture registered here
 is taken through every stage by ``tests/test_archs.py`` (the registry drives that test).
 """
@@ -26,6 +27,8 @@ class Arch:
     gguf_arch: str  # llama.cpp's architecture (a gguf.MODEL_ARCH member name, e.g. "LLAMA")
     rope_permute: bool  # GGUF: llama.cpp rotates interleaved pairs here, so q/k rows are permuted from HF's halves
     description: str  # one line for `edgelm list archs`
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over each query and key head before RoPE (Qwen3)
 
     def export_context(self, cfg: dict[str, Any]) -> tuple[int, str | None]:
         """(the longest context an exported artifact computes exactly, why it is below the model's own or None).
@@ -58,10 +61,11 @@ class SlidingWindowArch(Arch):
 
 
 for _arch in (
-    Arch("llama", "LLAMA", True, "Llama 2/3.x, SmolLM2, TinyLlama"),
+    Arch("llama", "LLAMA", True, "Llama 2, Llama 3.0-3.3 (llama3 RoPE), SmolLM2, TinyLlama"),
     SlidingWindowArch("mistral", "LLAMA", True,
                       "Mistral 7B and its fine-tunes (a sliding window caps the exported context)"),
-    Arch("qwen2", "QWEN2", False, "Qwen2 and Qwen2.5 (q/k/v biases)"),
+    Arch("qwen2", "QWEN2", False, "Qwen2 and Qwen2.5 (q/k/v biases)", qkv_bias=True),
+    Arch("qwen3", "QWEN3", False, "Qwen3 dense models (q/k RMSNorm per head)", qk_norm=True),
 ):
     ARCHS.register(_arch)
 

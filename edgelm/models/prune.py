@@ -42,6 +42,8 @@ PRUNED_AXES: dict[str, dict[int, str]] = {
     "self_attn.v_proj.weight": {1: "hidden"},
     "self_attn.v_proj.bias": {},
     "self_attn.o_proj.weight": {0: "hidden", 1: "heads"},
+    "self_attn.q_norm.weight": {},  # over one head's channels (Qwen3): unchanged by every pruning
+    "self_attn.k_norm.weight": {},
     "mlp.gate_proj.weight": {0: "mlp", 1: "hidden"},
     "mlp.up_proj.weight": {0: "mlp", 1: "hidden"},
     "mlp.down_proj.weight": {0: "hidden", 1: "mlp"},

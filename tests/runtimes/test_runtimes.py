@@ -198,3 +198,7 @@ def test_bare_gguf_reads_long_tokens_from_llamacpp_vocab(artifacts, rt_model, tm
         assert rt.encode(PROMPT) == rt_model["prompt_ids"]
         g = rt.generate(PROMPT, max_new_tokens=24, min_new_tokens=24)
         assert g.ids == rt_model["greedy"] and LONG in g.text and EMOJI in g.text
+        # generation ends at every end-of-generation token llama.cpp knows, <|im_end|> (found by name) as well
+        # as the eos
+        im_end = rt.native_tokenize("<|im_end|>")
+        assert len(im_end) == 1 and set(rt.tokenizer.eos_ids) == {rt.llm.token_eos(), im_end[0]}

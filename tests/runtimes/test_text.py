@@ -65,3 +65,36 @@ def test_chat_template_is_compiled_once_per_tokenizer(tiny_tokenizer_dir, monkey
     assert outs == {"<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"} and compiled == [CHATML]
     tok.chat_template = CHATML.replace("assistant", "bot")
     assert tok.apply_chat_template(msgs).endswith("<|im_start|>bot\n") and len(compiled) == 2
+
+
+def test_a_rendered_chat_gets_no_second_bos(sentencepiece_tokenizer_dir, tmp_path, monkeypatch):
+    """A template that writes the BOS itself, on a tokenizer whose post-processor adds one (Llama's): the chat
+    encodes with one BOS, token for token as HF's apply_chat_template(tokenize=True); a plain prompt keeps its BOS."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from edgelm.runtimes.base import Runtime
+
+    folder = tmp_path / "tok"
+    shutil.copytree(sentencepiece_tokenizer_dir, folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                            "{% if add_generation_prompt %}[assistant] {% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    msgs = [{"role": "user", "content": "def f(x):"}, {"role": "assistant", "content": "return x"},
+            {"role": "user", "content": "and g?"}]
+    hf = AutoTokenizer.from_pretrained(folder)
+    want = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    tok = TextTokenizer.from_folder(folder)
+    text = tok.apply_chat_template(msgs)
+    assert tok.encode(text, special=False) == want and want.count(hf.bos_token_id) == 1
+    assert tok.encode("def f") == hf("def f")["input_ids"] and tok.encode("def f")[0] == hf.bos_token_id
+
+    seen = []  # what Runtime.chat hands to generate
+    monkeypatch.setattr(Runtime, "generate", lambda self, prompt, config=None, **kw: seen.append(prompt))
+    rt = Runtime.__new__(Runtime)
+    rt.tokenizer, rt.path = tok, folder
+    rt.chat(msgs)
+    assert seen == [want]

@@ -1,0 +1,80 @@
+"""A model's rotary position embedding as transformers computes it, for the exporters that bake it into an artifact
+(GGUF's ``rope_freqs`` tensor, the TVM decoder's rotary kernel).
+
+transformers turns a config's ``rope_parameters`` (``rope_scaling`` in older configs) into inverse frequencies and a
+cos/sin scale (``ROPE_INIT_FUNCTIONS``); this module asks it for them, so every scaling it knows (linear, Llama 3's
+``llama3``, ``yarn``) reaches a target as the very float32 values the PyTorch model rotates with.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from edgelm.errors import EdgelmError
+
+# rope types whose frequencies do not depend on the sequence length, so one table serves every position
+STATIC = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class Rope:
+    kind: str  # HF rope_type: "default", "linear", "llama3", "yarn"
+    theta: float  # the frequency base
+    dim: int  # rotated dimensions per head: head_dim, or its first partial_rotary_factor share
+    head_dim: int  # width of one head
+    inv_freq: tuple[float, ...]  # [dim / 2] inverse frequencies, transformers' float32 values
+    attention_scale: float  # transformers multiplies cos and sin by it (YaRN's mscale); 1.0 otherwise
+    params: dict[str, Any]  # the config's RoPE parameters as transformers standardised them
+
+    @property
+    def scaled(self) -> bool:
+        return self.kind != "default"
+
+    def default_inv_freq(self) -> list[float]:
+        """Unscaled inverse frequencies theta ** (-2j / dim), float32: [dim / 2]."""
+        import torch
+
+        return (1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float) / self.dim))).tolist()
+
+    def freq_factors(self) -> list[float]:
+        """Each frequency's divisor against the unscaled one, [dim / 2]: llama.cpp's ``rope_freqs`` (it rotates by
+        pos * theta ** (-2j / dim) / factor[j])."""
+        return [d / f for d, f in zip(self.default_inv_freq(), self.inv_freq)]
+
+
+def hf_config(cfg: dict[str, Any]):
+    """The transformers config object of a config.json dict (standardises its RoPE parameters)."""
+    from transformers import AutoConfig
+
+    kw = {k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version", "architectures")}
+    return AutoConfig.for_model(cfg["model_type"], **kw)
+
+
+def rope_of(cfg: dict[str, Any], layer_type: str | None = None) -> Rope:
+    """The RoPE of a config.json dict (for one ``layer_type`` where the model gives each its own); a one-line error
+    for a scaling that depends on the sequence length."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = hf_config(cfg)
+    params = dict(config.rope_parameters or {})
+    if layer_type is not None and layer_type in params:
+        params = dict(params[layer_type])
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in STATIC:
+        raise EdgelmError(f"{cfg['model_type']}: rope_type {kind!r} changes its frequencies with the sequence length; "
+                          f"edgelm's exporters bake {', '.join(STATIC)} only")
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    dim = int(head_dim * float(getattr(config, "partial_rotary_factor", None) or 1.0))
+    theta = float(params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
+    if kind == "default":
+        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        scale = 1.0
+    else:
+        inv, scale = ROPE_INIT_FUNCTIONS[kind](config, None, layer_type=layer_type)
+    inv_freq = tuple(float(x) for x in inv.float().tolist())
+    if len(inv_freq) != dim // 2 or not all(math.isfinite(x) and x > 0 for x in inv_freq):
+        raise EdgelmError(f"{cfg['model_type']}: transformers gave {len(inv_freq)} RoPE frequencies for {dim} "
+                          "rotated dimensions; check the config's rope_parameters")
+    return Rope(kind, theta, dim, head_dim, inv_freq, float(scale), params)
