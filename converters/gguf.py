@@ -277,6 +277,7 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
     names_of = NameMap(arch, int(cfg["num_hidden_layers"]))
     rope = rope_of(cfg)
     freqs = rope_freqs(rope, names_of)  # before any work: a scaling llama.cpp can't carry is refused here
+    arch.gguf_check(cfg)
     n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     exact = {n: type_of(ql).name for n, ql in src.qlinears.items()}  # module -> the type holding its codes
     tied_q = "lm_head" in src.qlinears and src.tied  # a mixed plan's tied embedding: one exact matrix

@@ -24,17 +24,21 @@ log = logging.getLogger(__name__)
 
 
 def build_onnx(src: Path, out: Path, precision: str, work: Path, extra: dict[str, Any] | None = None) -> list[str]:
-    """Run the builder in a child process (it prints a lot and holds the model twice); raise with its last line.
+    """Run the builder in a child process (it prints a lot and holds the model twice; edgelm.converters.onnx_builder
+    fixes what it gets wrong); raise with its last line.
     Returns notes on where the artifact differs from the HF model (a context capped by its arch)."""
     from edgelm.models.archs import get_arch
     from edgelm.models.loader import read_config
 
+    from edgelm.models.rope import rope_of
+
     cfg = read_config(src)
     context, note = get_arch(cfg.get("model_type"), str(src)).export_context(cfg)
+    rope_of(cfg)  # a RoPE no target can bake (dynamic) is refused before the builder runs
     if note:
         extra = {**(extra or {}), "windowed_kv_cache": "false"}  # the cache holds the (capped) context plainly
     log_path = work / "onnx_builder.log"
-    args = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", precision,
+    args = [sys.executable, "-m", "edgelm.converters.onnx_builder", "-i", str(src), "-o", str(out), "-p", precision,
             "-e", "cpu", "-c", str(work / "builder-cache")]
     if extra:
         args += ["--extra_options", *(f"{k}={v}" for k, v in extra.items())]

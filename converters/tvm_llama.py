@@ -51,6 +51,7 @@ class DecoderConfig:
     head_group: int = 32  # a quantized lm_head's columns per scale (Q8_0's 32 when a float one was made Q8_0)
     bits: dict[str, int] = field(default_factory=dict)  # "layers.0.mlp.up_proj", "lm_head"... -> 4 or 8; absent: float
     int8_dot: bool = False  # one token through a quantized linear: activations rounded to int8 per group, AVX-512 VNNI
+    rope_layers: tuple[bool, ...] = ()  # per layer, whether it rotates (NoPE layers don't); () = all, in the cache
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,8 +249,35 @@ def linear(cfg: DecoderConfig, name: str, in_f: int, out_f: int, bias: bool = Fa
     return nn.Linear(in_f, out_f, bias=bias)
 
 
+def rotary(cfg: DecoderConfig, qkv: Tensor, positions: Tensor) -> Tensor:
+    """RoPE in the graph, for decoders whose layers differ (NoPE) while the cache rotates none: qkv [b, s, hq + 2 hkv,
+    d] and each token's position [b * s] -> qkv, q and k heads rotated as the cache's kernel would
+    (edgelm.converters.tvm_kvcache.split_rotary: transformers' frequencies, the pair (j, j + half))."""
+    from edgelm.converters.tvm_kvcache import table
+
+    freqs, half = [float(f) for f in cfg.rope_inv_freq], len(cfg.rope_inv_freq)
+    heads, mscale = cfg.num_heads + cfg.num_kv_heads, tirx.const(cfg.rope_attention_scale, "float32")
+
+    def rope(x: te.Tensor, pos: te.Tensor) -> te.Tensor:
+        s = x.shape[1]
+
+        def value(i, t, h, d):
+            j = tirx.Select(d < half, d, d - half)  # the pair's first dimension
+            angle = pos[i * s + t].astype("float32") * table(freqs, j)
+            c, sn = tirx.cos(angle) * mscale, tirx.sin(angle) * mscale
+            x1, x2 = x[i, t, h, j], x[i, t, h, j + half]
+            rotated = tirx.Select(d < half, c * x1 - sn * x2, c * x2 + sn * x1)
+            return tirx.Select(tirx.all(h < heads, d < 2 * half), rotated, x[i, t, h, d])
+
+        return te.compute(x.shape, value, name="rope")
+
+    return op.tensor_expr_op(rope, "rope", [qkv, positions])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig, i: int) -> None:
+        self.cfg = cfg
+        self.rotate_here = bool(cfg.rope_layers) and cfg.rope_layers[i]  # RoPE in the graph, not in the cache
         self.h_q, self.h_kv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         width = (self.h_q + 2 * self.h_kv) * self.d
         self.qkv = linear(cfg, f"layers.{i}.self_attn.q_proj", cfg.hidden_size, width, cfg.qkv_bias)  # q, k, v rows
@@ -265,6 +293,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k, v = op.split(qkv, [self.h_q, self.h_q + self.h_kv], axis=2)  # [b, s, hq | hkv | hkv, d]
             qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
+        if self.rotate_here:
+            qkv = rotary(self.cfg, qkv, kv.get_query_positions(b * s))
         out = kv.attention_with_fused_qkv(layer, qkv, self.h_q, sm_scale=self.d**-0.5)  # [b, s, hq, d]
         return self.o_proj(op.reshape(out, (b, s, self.h_q * self.d)))
 
@@ -369,7 +399,8 @@ class Decoder(nn.Module):
                 support_sliding_window=support_sliding_window,
                 layer_partition=rx.ShapeExpr([0, c.num_layers]), num_hidden_layers=c.num_layers,
                 num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, qk_head_dim=c.head_dim,
-                v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL,
+                v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
+                rope_mode=RopeMode.NONE if c.rope_layers else RopeMode.NORMAL,  # NoPE layers: RoPE in the graph
                 rope_scale=1, rope_theta=c.rope_theta, rope_scaling={}, rope_ext_factors=rx.prim_value(0),
                 rotary_dim=c.head_dim, enable_disaggregation=False, dtype="float32", target=tvm.target.Target.current(),
             )

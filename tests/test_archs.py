@@ -22,6 +22,9 @@ ARCH_EXTRAS = {
                                "original_max_position_embeddings": 16}},
     "mistral": {"sliding_window": 96},  # below max_position_embeddings: GGUF caps its context, ONNX applies it
     "qwen3": {"head_dim": 96},  # its q/k norms on, and heads wider than hidden / heads, as Qwen3-0.6B's 128 of 1024/16
+    # four layers, so that one (the fourth) has no RoPE, as llama.cpp's graph expects; SmolLM3's pad id is past
+    # the tiny vocab
+    "smollm3": {"num_hidden_layers": 4, "no_rope_layer_interval": 4, "pad_token_id": None},
 }
 # The tokenizer each arch's tiny model gets, as its real models ship: Mistral 7B a SentencePiece BPE with byte
 # fallback; Qwen2's tokenizer class brings its own split regex to the byte-level BPE; the rest a GPT-2 ByteLevel BPE.
@@ -40,10 +43,10 @@ def make_tiny(arch: str, out: Path, tokenizer_dir: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = AutoConfig.for_model(arch, vocab_size=640, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                               tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                               **ARCH_EXTRAS.get(arch, {}))
+    shape = dict(vocab_size=640, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                 eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    cfg = AutoConfig.for_model(arch, **{**shape, **ARCH_EXTRAS.get(arch, {})})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tok.save_pretrained(out)
@@ -117,7 +120,8 @@ def test_quantize_rtn_and_gptq(arch_run, arch_artifacts, tiny_corpus):
                    **CALIB)
     for res in (rtn, arch_artifacts["gptq"]):
         cfg, tensors, qlinears = read_quantized(res.out)
-        assert cfg["model_type"] == arch_run["arch"] and len(qlinears) == 7 * 2  # every linear of both blocks
+        layers = ARCH_EXTRAS.get(arch_run["arch"], {}).get("num_hidden_layers", 2)
+        assert cfg["model_type"] == arch_run["arch"] and len(qlinears) == 7 * layers  # every linear of every block
         assert 0 < res.quality["kld"] < res.preset.max_kld
     if ARCHS.get(arch_run["arch"]).qkv_bias:  # q/k/v biases stay float beside the codes
         assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.v_proj.bias"} <= set(tensors)

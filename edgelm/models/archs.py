@@ -35,6 +35,13 @@ class Arch:
         Exporters write it into the artifact, so its runtime refuses longer inputs instead of drifting."""
         return int(cfg.get("max_position_embeddings", 2048)), None
 
+    def rope_layers(self, cfg: dict[str, Any]) -> tuple[bool, ...]:
+        """Per decoder layer, whether it applies RoPE (NoPE layers don't)."""
+        return (True,) * int(cfg["num_hidden_layers"])
+
+    def gguf_check(self, cfg: dict[str, Any]) -> None:
+        """A one-line error for a config llama.cpp's graph for this arch would compute differently; None if it can."""
+
     def permute_rows(self, rows: "np.ndarray", gguf_name: str, n_head: int, n_kv: int) -> "np.ndarray":
         """HF's half-split rotary layout -> GGUF's interleaved one, on the output rows of q/k (weights, biases, codes
         and scales alike): [out, ...]. Other tensors, and archs that rotate halves in llama.cpp too, pass through."""
@@ -60,12 +67,35 @@ class SlidingWindowArch(Arch):
         return ctx, None
 
 
+@dataclass(frozen=True)
+class NoPEArch(Arch):
+    """An arch that skips RoPE on some layers: config ``no_rope_layers`` (1 rotates, 0 doesn't), by default every
+    ``no_rope_layer_interval``-th layer (SmolLM3: every fourth). llama.cpp's graph hard-codes the period
+    (``gguf_nope_step``), so GGUF takes that pattern only; a student pruned out of it goes to ONNX or TVM."""
+
+    gguf_nope_step: int = 4  # llama.cpp: layer il rotates iff (il + 1) % step != 0
+
+    def rope_layers(self, cfg: dict[str, Any]) -> tuple[bool, ...]:
+        n, every = int(cfg["num_hidden_layers"]), int(cfg.get("no_rope_layer_interval") or 4)
+        flags = cfg.get("no_rope_layers") or [(i + 1) % every != 0 for i in range(n)]
+        return tuple(bool(f) for f in flags)
+
+    def gguf_check(self, cfg: dict[str, Any]) -> None:
+        have = self.rope_layers(cfg)
+        if have != tuple((i + 1) % self.gguf_nope_step != 0 for i in range(len(have))):
+            nope = [i for i, r in enumerate(have) if not r]
+            raise EdgelmError(f"GGUF export of this {self.name} model is not supported: llama.cpp's graph skips RoPE "
+                              f"on every {self.gguf_nope_step}th layer, this model on layers {nope}; export to onnx "
+                              "or tvm")
+
+
 for _arch in (
     Arch("llama", "LLAMA", True, "Llama 2, Llama 3.0-3.3 (llama3 RoPE), SmolLM2, TinyLlama"),
     SlidingWindowArch("mistral", "LLAMA", True,
                       "Mistral 7B and its fine-tunes (a sliding window caps the exported context)"),
     Arch("qwen2", "QWEN2", False, "Qwen2 and Qwen2.5 (q/k/v biases)", qkv_bias=True),
     Arch("qwen3", "QWEN3", False, "Qwen3 dense models (q/k RMSNorm per head)", qk_norm=True),
+    NoPEArch("smollm3", "SMOLLM3", True, "SmolLM3 (no RoPE on every fourth layer)"),
 ):
     ARCHS.register(_arch)
 

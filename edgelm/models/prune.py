@@ -49,7 +49,7 @@ PRUNED_AXES: dict[str, dict[int, str]] = {
     "mlp.down_proj.weight": {0: "hidden", 1: "mlp"},
 }
 # Per-layer config lists that must shrink along with the layers (transformers 5 configs).
-PER_LAYER_CONFIG_KEYS = ("layer_types",)
+PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
 
 
 @dataclass(frozen=True)

@@ -179,3 +179,25 @@ def test_hidden_size_must_divide_by_the_heads(spec, msg):
     with pytest.raises(EdgelmError, match=msg):
         spec.validate(smollm2)
     StudentSpec(hidden_size=480, heads=6).validate(smollm2)  # fine
+
+
+def test_nope_flags_follow_the_kept_layers_and_gguf_names_a_pattern_it_cannot_carry():
+    """SmolLM3 skips RoPE on every fourth layer; a depth-pruned student keeps each kept layer's flag (and computes
+    with it), and GGUF, whose llama.cpp graph hard-codes the period, refuses the new pattern by name."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edgelm.models.archs import get_arch
+
+    cfg = AutoConfig.for_model("smollm3", vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                               num_attention_heads=2, num_key_value_heads=1, pad_token_id=None)
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(cfg).eval()
+    arch = get_arch("smollm3")
+    assert arch.rope_layers(teacher.config.to_dict()) == (True, True, True, False)
+    arch.gguf_check(teacher.config.to_dict())  # llama.cpp's own pattern: accepted
+    student = prune(teacher, [0, 3])
+    assert student.config.no_rope_layers == [1, 0]
+    assert [bool(layer.self_attn.use_rope) for layer in student.model.layers] == [True, False]  # as it computes
+    with pytest.raises(EdgelmError, match=r"llama.cpp's graph skips RoPE on every 4th layer, this model on layers "
+                                          r"\[1\]; export to onnx or tvm"):
+        arch.gguf_check(student.config.to_dict())
