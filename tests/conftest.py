@@ -96,6 +96,19 @@ def sentencepiece_tokenizer_dir(tmp_path_factory, tiny_corpus) -> Path:
     return folder
 
 
+def with_rope(model: Path, out: Path, rope: dict) -> Path:
+    """A copy of ``model`` whose config.json sets ``rope_scaling`` as a hand edit would (no edgelm.json: no longer
+    the run's output)."""
+    import json
+
+    shutil.copytree(model, out)
+    (out / "edgelm.json").unlink(missing_ok=True)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["rope_scaling"] = rope
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
 def make_tiny_llama(out: Path, tokenizer_dir: Path, *, layers: int = 4, hidden: int = 64, inter: int = 256,
                     seed: int = 0, heads: int = 4, kv_heads: int = 2, vocab: int | None = None) -> Path:
     import torch

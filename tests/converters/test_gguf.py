@@ -211,39 +211,32 @@ def test_imatrix_without_the_tool_is_one_line(tiny_q_model, tmp_path, monkeypatc
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("rope, error", [
-    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+@pytest.mark.parametrize("target, rope, error", [
+    ("gguf", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
      "GGUF export does not support rope_type 'yarn' .*scales its cos/sin by 1.1386"),
-    ({"rope_type": "dynamic", "factor": 2.0}, "rope_type 'dynamic' changes its frequencies with the sequence length"),
+    *((t, {"rope_type": "dynamic", "factor": 2.0}, "rope_type 'dynamic' changes its frequencies with the sequence "
+       "length") for t in ("gguf", "onnx", "tvm")),
 ])
-def test_rope_llamacpp_cannot_carry_is_refused_before_any_work(tiny_q_model, tmp_path, rope, error):
-    import json
-    import shutil
-
+def test_a_rope_the_target_cannot_carry_is_refused_before_any_work(tiny_q_model, tmp_path, target, rope, error):
     from edgelm.artifact.api import export
+    from tests.conftest import with_rope
 
-    src = tmp_path / "scaled"
-    shutil.copytree(tiny_q_model, src)
-    (src / "edgelm.json").unlink()  # a config edited by hand: no longer the run's output
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["rope_scaling"] = rope
-    (src / "config.json").write_text(json.dumps(cfg))
+    src = with_rope(tiny_q_model, tmp_path / "scaled", rope)
     with pytest.raises(EdgelmError, match=error):
-        export(model=str(src), target="gguf", quant="fp32", out=tmp_path / "x")
+        export(model=str(src), target=target, quant="fp32", out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
 def test_llama3_rope_is_llamacpps_frequency_table(tiny_q_model, tmp_path):
     """Llama 3.1's scaling reaches llama.cpp as its rope_freqs tensor: each frequency's divisor, transformers' own."""
     import json
-    import shutil
 
-    src = tmp_path / "llama3"
-    shutil.copytree(tiny_q_model, src)
+    from tests.conftest import with_rope
+
+    src = with_rope(tiny_q_model, tmp_path / "llama3", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                         "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 32})
     cfg = json.loads((src / "config.json").read_text())
-    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                           "original_max_position_embeddings": 32}
-    (src / "config.json").write_text(json.dumps(cfg))
     _write(src, tmp_path / "m.gguf")
     freqs, qtype = _gguf_weights(tmp_path / "m.gguf")["rope_freqs.weight"]
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]

@@ -45,19 +45,3 @@ def test_truncated_onnx_is_a_clear_error(tiny_q_model, tmp_path):
     with pytest.raises(EdgelmError, match="corrupt"):
         OnnxRuntime(out).logits([1, 2, 3])
 
-
-def test_a_rope_no_target_bakes_is_refused_before_the_builder(tiny_q_model, tmp_path):
-    import json
-    import shutil
-
-    from edgelm.artifact.api import export
-
-    src = tmp_path / "dynamic"
-    shutil.copytree(tiny_q_model, src)
-    (src / "edgelm.json").unlink()  # a config edited by hand: no longer the run's output
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
-    (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(EdgelmError, match="rope_type 'dynamic' changes its frequencies with the sequence length"):
-        export(model=str(src), target="onnx", quant="fp32", out=tmp_path / "x")
-    assert not (tmp_path / "x").exists() and not list(tmp_path.glob("**/onnx_builder.log"))

@@ -196,18 +196,6 @@ def test_missing_toolchain_names_the_package(monkeypatch, tmp_path, tiny_q_model
         T.get_arch("riscv64")
 
 
-def test_unsupported_model_is_named(tmp_path, tiny_q_model, tiny_corpus):
-    src = tmp_path / "scaled"
-    shutil.copytree(tiny_q_model, src)
-    (src / "edgelm.json").unlink()  # a config edited by hand: no longer the run's output
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
-    (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(EdgelmError, match="rope_type 'dynamic' changes its frequencies with the sequence length"):
-        export(model=str(src), target="tvm", quant="fp32", out=tmp_path / "x", data=(str(tiny_corpus),))
-    assert not (tmp_path / "x").exists()
-
-
 def test_five_bit_types_are_refused_before_any_work(tmp_path, tiny_q_model):
     with pytest.raises(EdgelmError, match="TVM target takes 4- and 8-bit codes; .*Q5_0"):
         export(model=str(tiny_q_model), target="tvm", quant="gptq-mixed", types=("Q4_0", "Q5_0"), out=tmp_path / "x")
