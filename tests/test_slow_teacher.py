@@ -89,8 +89,10 @@ def test_demo_writes_a_report(tmp_path):
         folder = tmp_path / "demo" / "export" / f"{target}-{preset}"
         if preset == "fp32" or row.group(1).strip() != "failed":
             assert json.loads((folder / "edgelm.json").read_text())["parity"]["passed"], (preset, target)
-        else:
-            assert "quality check failed: KL divergence" in row.group(2) and not folder.exists()
+        else:  # its quality gate, or (TVM's int8-activation decode on flat logits) its greedy identity to the
+            # dequantized checkpoint beyond a tie: either is named in the row, and nothing is left behind
+            assert re.search(r"quality check failed: KL divergence|pack check failed: \d/\d prompts greedy-identical",
+                             row.group(2)) and not folder.exists(), row.group(2)
     # step 2: the chat measure and three answers of teacher and student side by side
     chat = json.loads((tmp_path / "demo" / "chat.json").read_text())
     assert chat["instructions"] == 3 and set(chat["scores"]) == {"teacher", "student"}
