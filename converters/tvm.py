@@ -126,6 +126,7 @@ def decoder_config(src: "SourceWeights", *, context: int = 0) -> "DecoderConfig"
     model_type = c.get("model_type")
     arch = get_model_arch(model_type, str(src.folder))
     rope = rope_of(c)  # any static scaling: its frequencies are baked into the rotary kernel
+    rope_layers = arch.rope_layers(c)  # NoPE layers rotate nothing: RoPE then runs in the graph
     if c.get("hidden_act", "silu") != "silu":
         raise EdgelmError(f"the TVM target supports the SiLU-gated MLP only, not hidden_act={c['hidden_act']!r}")
     if c.get("attention_bias") or c.get("mlp_bias"):
@@ -160,8 +161,8 @@ def decoder_config(src: "SourceWeights", *, context: int = 0) -> "DecoderConfig"
         num_kv_heads=int(c.get("num_key_value_heads") or heads), head_dim=head_dim, vocab_size=int(c["vocab_size"]),
         rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=rope.theta,
         rope_inv_freq=rope.inv_freq, rope_attention_scale=rope.attention_scale,
-        rope_layers=() if all(arch.rope_layers(c)) else arch.rope_layers(c),
-        tie_word_embeddings=src.tied, qkv_bias=arch.qkv_bias, qk_norm=arch.qk_norm, context=ctx, prefill_chunk=min(ctx, 512),
+        rope_layers=() if all(rope_layers) else rope_layers, tie_word_embeddings=src.tied, qkv_bias=arch.qkv_bias,
+        qk_norm=arch.qk_norm, context=ctx, prefill_chunk=min(ctx, 512),
         group_size=groups.pop() if groups else 32, head_group=head_group, bits=bits)
 
 

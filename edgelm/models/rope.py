@@ -22,25 +22,24 @@ class Rope:
     kind: str  # HF rope_type: "default", "linear", "llama3", "yarn"
     theta: float  # the frequency base
     dim: int  # rotated dimensions per head: head_dim, or its first partial_rotary_factor share
-    head_dim: int  # width of one head
     inv_freq: tuple[float, ...]  # [dim / 2] inverse frequencies, transformers' float32 values
     attention_scale: float  # transformers multiplies cos and sin by it (YaRN's mscale); 1.0 otherwise
-    params: dict[str, Any]  # the config's RoPE parameters as transformers standardised them
 
     @property
     def scaled(self) -> bool:
         return self.kind != "default"
 
-    def default_inv_freq(self) -> list[float]:
-        """Unscaled inverse frequencies theta ** (-2j / dim), float32: [dim / 2]."""
-        import torch
-
-        return (1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float) / self.dim))).tolist()
-
     def freq_factors(self) -> list[float]:
         """Each frequency's divisor against the unscaled one, [dim / 2]: llama.cpp's ``rope_freqs`` (it rotates by
         pos * theta ** (-2j / dim) / factor[j])."""
-        return [d / f for d, f in zip(self.default_inv_freq(), self.inv_freq)]
+        return [d / f for d, f in zip(default_inv_freq(self.theta, self.dim).tolist(), self.inv_freq)]
+
+
+def default_inv_freq(theta: float, dim: int):
+    """Unscaled inverse frequencies theta ** (-2j / dim) as transformers computes them, float32 tensor [dim / 2]."""
+    import torch
+
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
 
 
 def hf_config(cfg: dict[str, Any]):
@@ -54,7 +53,6 @@ def hf_config(cfg: dict[str, Any]):
 def rope_of(cfg: dict[str, Any], layer_type: str | None = None) -> Rope:
     """The RoPE of a config.json dict (for one ``layer_type`` where the model gives each its own); a one-line error
     for a scaling that depends on the sequence length."""
-    import torch
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     config = hf_config(cfg)
@@ -69,12 +67,11 @@ def rope_of(cfg: dict[str, Any], layer_type: str | None = None) -> Rope:
     dim = int(head_dim * float(getattr(config, "partial_rotary_factor", None) or 1.0))
     theta = float(params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
     if kind == "default":
-        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-        scale = 1.0
+        inv, scale = default_inv_freq(theta, dim), 1.0
     else:
         inv, scale = ROPE_INIT_FUNCTIONS[kind](config, None, layer_type=layer_type)
     inv_freq = tuple(float(x) for x in inv.float().tolist())
     if len(inv_freq) != dim // 2 or not all(math.isfinite(x) and x > 0 for x in inv_freq):
         raise EdgelmError(f"{cfg['model_type']}: transformers gave {len(inv_freq)} RoPE frequencies for {dim} "
                           "rotated dimensions; check the config's rope_parameters")
-    return Rope(kind, theta, dim, head_dim, inv_freq, float(scale), params)
+    return Rope(kind, theta, dim, inv_freq, float(scale))
