@@ -195,6 +195,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from edgelm.runtimes.api import load
+    from edgelm.runtimes.chat import ChatSession, repl
+    from edgelm.runtimes.sampling import GenerationConfig
+
+    cfg = _from_args(GenerationConfig, args)
+    cfg = cfg.with_options(stop_ids=tuple(args.stop_ids) if args.stop_ids else None).validate()
+    with load(args.model, runtime=args.runtime, threads=args.threads, context=args.context,
+              keep_cache=not args.no_cache) as rt:
+        rt.apply_chat_template([{"role": "user", "content": "hi"}])  # no template: say so before the first turn
+        return repl(ChatSession(rt, system=args.system, config=cfg), stats=args.stats)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from edgelm.bench.api import bench
     from edgelm.bench.config import BenchConfig
@@ -374,6 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(g, GenerationConfig, skip=("stop_ids",))
     g.add_argument("--stop-ids", type=int, nargs="+", default=None, help="stop token ids (default: end-of-sequence)")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="an interactive multi-turn chat with any model or artifact, on any runtime")
+    c.add_argument("model", help="artifact folder, HF folder, .gguf, built-in name or hub id")
+    c.add_argument("--system", default="", help="system prompt (also /system TEXT in the chat)")
+    c.add_argument("--runtime", default=None, help="force a runtime (edgelm list runtimes)")
+    c.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's pick, logged)")
+    c.add_argument("--context", type=int, default=None, help="KV cache tokens (default: the runtime's)")
+    c.add_argument("--no-cache", action="store_true", help="prefill the whole conversation every turn (no KV reuse)")
+    c.add_argument("--stats", action="store_true", help="after each reply: tokens, cached tokens, TTFT and tok/s")
+    add_dataclass_args(c, GenerationConfig, skip=("stop_ids",))
+    c.add_argument("--stop-ids", type=int, nargs="+", default=None, help="stop token ids (default: end-of-generation)")
+    c.set_defaults(func=cmd_chat)
 
     b = sub.add_parser("bench", help="tok/s, TTFT, memory, size (and quality) of artifacts and runtimes, side by side")
     b.add_argument("models", nargs="*", help="artifact folders, HF folders or .gguf files")

@@ -49,10 +49,11 @@ def _looks_like_hub_id(s: str) -> bool:
 
 
 def load(path: str | os.PathLike, *, runtime: str | None = None, threads: int | None = None,
-         context: int | None = None):
+         context: int | None = None, keep_cache: bool = False):
     """Open ``path`` (artifact folder, HF folder, .gguf, built-in name or hub id) with its runtime.
 
     ``runtime`` forces a backend (edgelm list runtimes); ``threads`` None picks per backend and logs the choice.
+    ``keep_cache``: a prompt that starts with the last call's tokens prefills only the rest (a chat's next turn).
     """
     from edgelm.registry import RUNTIMES
 
@@ -65,7 +66,9 @@ def load(path: str | os.PathLike, *, runtime: str | None = None, threads: int | 
     target = Path(path)
     if fmt == "gguf" and name == "torch" and target.is_dir():
         target = target / "model.gguf"
-    return cls(target if target.exists() else str(path), threads=threads, context=context)
+    rt = cls(target if target.exists() else str(path), threads=threads, context=context)
+    rt.keep_cache = keep_cache
+    return rt
 
 
 def open_artifact(folder: str | os.PathLike, *, threads: int | None = None, runtime: str | None = None):

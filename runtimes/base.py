@@ -3,6 +3,10 @@
 A backend supplies four small hooks: ``_prefill(ids)`` and ``_step(token)`` (next-token logits with a KV cache),
 ``logits(ids)`` (all positions, for perplexity and KLD) and ``_close()``. Sampling, stop handling, streaming and
 timing live here once, so a GenerationConfig means the same thing on every backend.
+
+With ``keep_cache`` on (``edgelm chat``, ``edgelm serve``), a prompt that shares its start with the tokens already
+in the KV cache prefills only the rest: two more hooks, ``_rewind(n)`` (keep the first n cached tokens) and
+``_extend(ids)`` (run ids after them), on the backends whose cache can do it.
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ class Generation:
     prefill_s: float = 0.0  # prompt in -> first logits out
     ttft_s: float = 0.0  # call -> first token chosen (includes tokenizing and prefill)
     decode_s: float = 0.0  # first token -> last token
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the previous call's cache (keep_cache)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -125,6 +130,9 @@ class Runtime:
         self.threads = threads
         self.context = context  # tokens the KV cache holds (prompt + generated)
         self.model_bytes = model_bytes  # bytes of the model file(s)
+        self.keep_cache = False  # reuse the cache of the last call for a prompt that starts the same way
+        self._held: list[int] = []  # the tokens in the KV cache, in order, as far as keep_cache may trust it
+        self.last_cached = 0  # prompt tokens the last call found in the cache
 
     # --- backend hooks -------------------------------------------------------------------------------------------
     def _prefill(self, ids: Sequence[int], max_new_tokens: int = 0) -> "np.ndarray":
@@ -140,14 +148,47 @@ class Runtime:
         """Logits [T, V] (float32) for every position of one sequence, from an empty KV cache."""
         raise NotImplementedError
 
+    def _rewind(self, n: int) -> bool:
+        """Keep the first ``n`` tokens of the KV cache and drop the rest; False where this backend can't (the prompt
+        is then prefilled afresh)."""
+        return False
+
+    def _extend(self, ids: Sequence[int]) -> "np.ndarray":
+        """Run ``ids`` after the cached tokens; return the next-token logits [V]."""
+        raise NotImplementedError
+
     def _close(self) -> None:
         pass
+
+    def drop_cache(self) -> None:
+        """Forget what the KV cache holds (a reply stopped mid-step): the next call prefills afresh."""
+        self._held = []
+
+    def _start(self, ids: list[int], max_new_tokens: int) -> tuple["np.ndarray", int]:
+        """(next-token logits after ``ids``, how many of them were reused from the cache). With keep_cache, the cached
+        tokens that ``ids`` starts with are kept, and only the rest is run; at least one token runs, for its logits."""
+        n = 0
+        if self.keep_cache:
+            n = next((i for i, (a, b) in enumerate(zip(self._held, ids)) if a != b), min(len(self._held), len(ids)))
+            n = min(n, len(ids) - 1)
+        if n > 0 and self._rewind(n):
+            logits = self._extend(ids[n:])
+        else:  # a kept cache is sized for the whole context, so that later turns fit
+            n, logits = 0, self._prefill(ids, 0 if self.keep_cache else max_new_tokens)
+        self._held, self.last_cached = list(ids), n
+        return logits, n
+
+    def _advance(self, token: int) -> "np.ndarray":
+        """_step, keeping the record of what the cache holds."""
+        logits = self._step(token)
+        self._held.append(token)
+        return logits
 
     def _tokens(self, ids: list[int], cfg: GenerationConfig, stop_ids: tuple[int, ...], rng, clock: dict) -> Iterator[int]:
         """Yield chosen tokens (stop token included); record prefill time in ``clock``. Backends with a faster
         native loop for some configs override this and call ``super()._tokens`` otherwise."""
         t0 = time.perf_counter()
-        logits = self._prefill(ids, cfg.max_new_tokens)
+        logits, clock["cached"] = self._start(ids, cfg.max_new_tokens)
         clock["prefill"] = time.perf_counter() - t0
         seen = list(ids)
         for i in range(cfg.max_new_tokens):
@@ -157,7 +198,7 @@ class Runtime:
             if tok in stop_ids or i + 1 == cfg.max_new_tokens:
                 return
             seen.append(tok)
-            logits = self._step(tok)
+            logits = self._advance(tok)
 
     # --- shared API ------------------------------------------------------------------------------------------------
     def encode(self, text: str, special: bool = True) -> list[int]:
@@ -246,7 +287,8 @@ class Runtime:
         text = stops.text if text_out is not None else ""
         t_first = t_first or t_end
         yield Generation(text=text, ids=out, prompt_tokens=len(ids), finish_reason=finish,
-                         prefill_s=clock.get("prefill", 0.0), ttft_s=t_first - t_call, decode_s=t_end - t_first)
+                         prefill_s=clock.get("prefill", 0.0), ttft_s=t_first - t_call, decode_s=t_end - t_first,
+                         cached_tokens=int(clock.get("cached", 0)))
 
     def _beam_logits(self, seqs: list[list[int]]) -> "np.ndarray":
         """Next-token logits [B, V] for each full sequence (backends may batch this)."""
@@ -312,7 +354,7 @@ class Runtime:
             raise EdgelmError(f"the prompt has {len(ids)} tokens but the context holds {self.context}; shorten it")
         k = min(k, self.context - len(ids))
         stop = set(self.tokenizer.eos_ids if self.tokenizer else ())
-        logits, d = self._prefill(list(ids), k), Draft([], [], [])
+        logits, d = self._start(list(ids), k)[0], Draft([], [], [])
         for i in range(k):
             lp = log_softmax_np(logits)  # [V]
             d.ids.append(int(np.argmax(logits)))
@@ -322,7 +364,7 @@ class Runtime:
                 d.top_logprobs.append(np.sort(np.partition(lp, -top_n)[-top_n:])[::-1].tolist())
             if d.ids[-1] in stop or i + 1 == k:
                 break
-            logits = self._step(d.ids[-1])
+            logits = self._advance(d.ids[-1])
         return d
 
     def score(self, text: str | Sequence[int]) -> "LMScore":

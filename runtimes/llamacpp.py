@@ -99,6 +99,17 @@ class LlamaCppRuntime(Runtime):
     def _reset(self) -> None:
         self.llm._ctx.kv_cache_clear()
         self.n_past = 0
+        self._held = []
+
+    def _rewind(self, n: int) -> bool:
+        # llama.cpp refuses a partial removal its memory can't do (a sliding-window cache that has dropped keys)
+        if not self.llm._ctx.kv_cache_seq_rm(0, n, -1):
+            return False
+        self.n_past = n
+        return True
+
+    def _extend(self, ids: Sequence[int]) -> "np.ndarray":
+        return self._decode(list(ids), False)[-1]
 
     def _prefill(self, ids: Sequence[int], max_new_tokens: int = 0) -> "np.ndarray":
         self._reset()

@@ -121,8 +121,21 @@ class OnnxRuntime(Runtime):
         if n > self.context:
             raise EdgelmError(f"the prompt has {len(ids)} tokens and {max_new_tokens} more were asked for, but the "
                               f"context holds {self.context}; shorten the prompt or lower max_new_tokens")
+        self._held = []
         self._gen = self._generator(n)
         self._gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        return self._gen.get_logits().reshape(-1)  # [V]
+
+    def _rewind(self, n: int) -> bool:
+        if self._gen is None:
+            return False
+        self._gen.rewind_to(n)
+        return True
+
+    def _extend(self, ids: Sequence[int]) -> "np.ndarray":
+        import numpy as np
+
+        self._gen.append_tokens(np.asarray(list(ids), dtype=np.int32))
         return self._gen.get_logits().reshape(-1)  # [V]
 
     def _step(self, token: int) -> "np.ndarray":
@@ -134,7 +147,7 @@ class OnnxRuntime(Runtime):
     def _native_ok(self, cfg: GenerationConfig, stop_ids: tuple[int, ...]) -> bool:
         """genai's own greedy loop is exact when it would stop and mask on the same ids as ours."""
         return (not cfg.do_sample and cfg.repetition_penalty == 1.0 and cfg.num_beams == 1
-                and set(stop_ids) == set(self.genai_eos))
+                and set(stop_ids) == set(self.genai_eos) and not self.keep_cache)  # its loop owns its own cache
 
     def _tokens(self, ids: list[int], cfg: GenerationConfig, stop_ids: tuple[int, ...], rng, clock: dict) -> Iterator[int]:
         if not self._native_ok(cfg, stop_ids):

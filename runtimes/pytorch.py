@@ -53,9 +53,24 @@ class TorchRuntime(Runtime):
     def _prefill(self, ids: Sequence[int], max_new_tokens: int = 0) -> "np.ndarray":
         from transformers import DynamicCache
 
+        self._held = []
         self._cache = DynamicCache(config=self.model.config)
         out = self._forward(ids, self._cache)
         return out.logits[0, -1].float().numpy()  # [V]
+
+    def _rewind(self, n: int) -> bool:
+        if self._cache is None or n > self._cache.get_seq_length():
+            return False
+        try:
+            self._cache.crop(n - self._cache.get_seq_length())  # minus the tokens to drop
+            # (a sliding-window layer that has dropped its oldest keys can't go back: start afresh)
+        except Exception as e:  # noqa: BLE001 (transformers raises various types here)
+            log.debug("torch: the cache can't be cropped to %d tokens (%s); prefilling afresh", n, e)
+            return False
+        return self._cache.get_seq_length() == n
+
+    def _extend(self, ids: Sequence[int]) -> "np.ndarray":
+        return self._forward(ids, self._cache).logits[0, -1].float().numpy()  # [V]
 
     def _step(self, token: int) -> "np.ndarray":
         return self._forward([token], self._cache).logits[0, -1].float().numpy()  # [V]

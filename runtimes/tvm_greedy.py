@@ -55,6 +55,7 @@ class Session:
         f = tvm.get_global_func
         self._add, self._clear = f("vm.builtin.kv_state_add_sequence"), f("vm.builtin.kv_state_clear")
         self._begin, self._end = f("vm.builtin.kv_state_begin_forward"), f("vm.builtin.kv_state_end_forward")
+        self._popn = f("vm.builtin.kv_state_popn")
         self._add(self.kv, 0)
         self.length = 0  # tokens in the KV cache
 
@@ -78,7 +79,17 @@ class Session:
     def prefill(self, ids, fn: str = "prefill") -> list:
         """Start the sequence afresh with ``ids``, in chunks; returns each chunk's logits."""
         self.reset()
+        return self.extend(ids, fn)
+
+    def extend(self, ids, fn: str = "prefill") -> list:
+        """Append ``ids`` to the sequence, in chunks; returns each chunk's logits."""
         return [self.forward(fn, ids[i:i + self.chunk]) for i in range(0, len(ids), self.chunk)]
+
+    def rewind(self, n: int) -> None:
+        """Keep the first ``n`` tokens of the sequence (the paged cache pops the rest)."""
+        if n < self.length:
+            self._popn(self.kv, 0, self.length - n)
+            self.length = n
 
     def close(self) -> None:
         self.kv = self.vm = self.params = None

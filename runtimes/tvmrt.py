@@ -66,7 +66,16 @@ class TvmRuntime(Runtime):
 
     def _prefill(self, ids: Sequence[int], max_new_tokens: int = 0) -> "np.ndarray":
         self._check_fits(0, ids)
+        self._held = []
         return self._session.prefill(ids)[-1][0, -1].astype("float32")  # [V]
+
+    def _rewind(self, n: int) -> bool:
+        self._session.rewind(n)
+        return True
+
+    def _extend(self, ids: Sequence[int]) -> "np.ndarray":
+        self._check_fits(self._session.length, ids)
+        return self._session.extend(list(ids))[-1][0, -1].astype("float32")  # [V]
 
     def _step(self, token: int) -> "np.ndarray":
         self._check_fits(self._session.length, [token])
@@ -76,6 +85,7 @@ class TvmRuntime(Runtime):
         import numpy as np
 
         self._check_fits(0, ids)
+        self._held = []
         parts = self._session.prefill(ids, "prefill_all")
         return np.concatenate([p[0] for p in parts]).astype(np.float32)  # [T, V]
 

@@ -36,7 +36,8 @@ def build_runtime(config: ServeConfig | None = None, **kwargs: Any):
     if c.max_queue < 1:
         raise EdgelmError(f"--max-queue must be >= 1, got {c.max_queue}")
     with contextlib.ExitStack() as stack:  # closes what was opened if anything below fails
-        device = load(c.device, runtime=c.runtime or None, threads=c.threads)
+        # keep_cache: a conversation's next request prefills only its new turn
+        device = load(c.device, runtime=c.runtime or None, threads=c.threads, keep_cache=True)
         stack.callback(device.close)
         cloud = None
         if c.cloud_url and router.needs_cloud:

@@ -51,6 +51,7 @@ class Answer:
     cloud_latency_s: float = 0.0  # time spent on the cloud, failed attempts included
     router_latency_s: float = 0.0  # the router's own time
     prompt_tokens: int = 0  # in the device's tokenizer
+    cached_tokens: int = 0  # prompt tokens the device found in its KV cache (a conversation that continues)
     completion_tokens: int = 0  # device tokens generated (0 for cloud answers)
     cloud_chars: int = 0  # characters of the text that came from the cloud (all of it, or a cut stream's part)
     finish_reason: str = "stop"
@@ -218,6 +219,8 @@ class CooperativeRuntime:
             try:
                 with self._device_lock:
                     decision = self.router.score(self.device, ids)
+                    if decision.draft:  # the router ran the prompt on the device: that is where the cache counted
+                        ans.cached_tokens = self.device.last_cached
             finally:
                 self._leave_queue()
             ans.score, ans.router_latency_s = decision.score, decision.seconds
@@ -291,6 +294,8 @@ class CooperativeRuntime:
                     s = self.device.generate(ids, cfg, stream=True)
                     yield from s
                     ans.completion_tokens, ans.finish_reason = len(s.result.ids), s.result.finish_reason
+                    if decision is None or not decision.draft:
+                        ans.cached_tokens = s.result.cached_tokens
                 ans.device_latency_s += time.perf_counter() - td
         finally:
             self._leave_queue()

@@ -159,7 +159,8 @@ def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_ke
         return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
                 "model": model_name, "choices": [choice],
                 "usage": {"prompt_tokens": ans.prompt_tokens, "completion_tokens": ans.completion_tokens,
-                          "total_tokens": ans.prompt_tokens + ans.completion_tokens},
+                          "total_tokens": ans.prompt_tokens + ans.completion_tokens,
+                          "prompt_tokens_details": {"cached_tokens": ans.cached_tokens}},
                 "edgelm": ans.metadata()}
 
     def chunk(kind: str, delta: str | None, created: int, rid: str, finish: str | None = None,
