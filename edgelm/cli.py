@@ -168,12 +168,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from edgelm.runtimes.api import load
+def _generation_config(args: argparse.Namespace):
+    """The GenerationConfig of `generate` and `chat`'s flags (_add_generation_args), validated."""
     from edgelm.runtimes.sampling import GenerationConfig
 
     cfg = _from_args(GenerationConfig, args)
-    cfg = cfg.with_options(stop_ids=tuple(args.stop_ids) if args.stop_ids else None).validate()
+    return cfg.with_options(stop_ids=tuple(args.stop_ids) if args.stop_ids else None).validate()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from edgelm.runtimes.api import load
+
+    cfg = _generation_config(args)
     if args.prompt is None and not args.chat:
         raise EdgelmError("pass a prompt (or --chat MESSAGE)")
     with load(args.model, runtime=args.runtime, threads=args.threads, context=args.context) as rt:
@@ -198,10 +204,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from edgelm.runtimes.api import load
     from edgelm.runtimes.chat import ChatSession, repl
-    from edgelm.runtimes.sampling import GenerationConfig
 
-    cfg = _from_args(GenerationConfig, args)
-    cfg = cfg.with_options(stop_ids=tuple(args.stop_ids) if args.stop_ids else None).validate()
+    cfg = _generation_config(args)
     with load(args.model, runtime=args.runtime, threads=args.threads, context=args.context,
               keep_cache=not args.no_cache) as rt:
         rt.apply_chat_template([{"role": "user", "content": "hi"}])  # no template: say so before the first turn
@@ -329,6 +333,22 @@ def _command(sub: Any, name: str, help: str, cls: type, func: Callable[[argparse
     return p
 
 
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """The model and how to open it, for the commands that run one (generate, chat)."""
+    p.add_argument("model", help="artifact folder, HF folder, .gguf, built-in name or hub id")
+    p.add_argument("--runtime", default=None, help="force a runtime (edgelm list runtimes)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's pick, logged)")
+    p.add_argument("--context", type=int, default=None, help="KV cache tokens (default: the runtime's)")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    """GenerationConfig's flags, and --stop-ids (read back by _generation_config)."""
+    from edgelm.runtimes.sampling import GenerationConfig
+
+    add_dataclass_args(p, GenerationConfig, skip=("stop_ids",))
+    p.add_argument("--stop-ids", type=int, nargs="+", default=None, help="stop token ids (default: end-of-sequence)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edgelm.distill.config import DistillConfig
 
@@ -374,30 +394,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_demo)
 
     from edgelm.bench.config import BenchConfig
-    from edgelm.runtimes.sampling import GenerationConfig
 
     g = sub.add_parser("generate", help="generate text with any model or artifact, on any runtime (streams to stdout)")
-    g.add_argument("model", help="artifact folder, HF folder, .gguf, built-in name or hub id")
+    _add_runtime_args(g)
     g.add_argument("prompt", nargs="?", default=None, help="prompt text")
     g.add_argument("--chat", default=None, metavar="MESSAGE", help="a user message, formatted with the chat template")
-    g.add_argument("--runtime", default=None, help="force a runtime (edgelm list runtimes)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's pick, logged)")
-    g.add_argument("--context", type=int, default=None, help="KV cache tokens (default: the runtime's)")
     g.add_argument("--no-stream", dest="stream", action="store_false", help="print the text at the end")
-    add_dataclass_args(g, GenerationConfig, skip=("stop_ids",))
-    g.add_argument("--stop-ids", type=int, nargs="+", default=None, help="stop token ids (default: end-of-sequence)")
+    _add_generation_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="an interactive multi-turn chat with any model or artifact, on any runtime")
-    c.add_argument("model", help="artifact folder, HF folder, .gguf, built-in name or hub id")
+    _add_runtime_args(c)
     c.add_argument("--system", default="", help="system prompt (also /system TEXT in the chat)")
-    c.add_argument("--runtime", default=None, help="force a runtime (edgelm list runtimes)")
-    c.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's pick, logged)")
-    c.add_argument("--context", type=int, default=None, help="KV cache tokens (default: the runtime's)")
     c.add_argument("--no-cache", action="store_true", help="prefill the whole conversation every turn (no KV reuse)")
     c.add_argument("--stats", action="store_true", help="after each reply: tokens, cached tokens, TTFT and tok/s")
-    add_dataclass_args(c, GenerationConfig, skip=("stop_ids",))
-    c.add_argument("--stop-ids", type=int, nargs="+", default=None, help="stop token ids (default: end-of-generation)")
+    _add_generation_args(c)
     c.set_defaults(func=cmd_chat)
 
     b = sub.add_parser("bench", help="tok/s, TTFT, memory, size (and quality) of artifacts and runtimes, side by side")

@@ -167,9 +167,9 @@ class Runtime:
     def _start(self, ids: list[int], max_new_tokens: int) -> tuple["np.ndarray", int]:
         """(next-token logits after ``ids``, how many of them were reused from the cache). With keep_cache, the cached
         tokens that ``ids`` starts with are kept, and only the rest is run; at least one token runs, for its logits."""
-        n = 0
+        held, self._held, n = self._held, [], 0  # no record while the cache changes (a failure leaves none)
         if self.keep_cache:
-            n = next((i for i, (a, b) in enumerate(zip(self._held, ids)) if a != b), min(len(self._held), len(ids)))
+            n = next((i for i, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
             n = min(n, len(ids) - 1)
         if n > 0 and self._rewind(n):
             logits = self._extend(ids[n:])

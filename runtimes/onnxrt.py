@@ -121,7 +121,6 @@ class OnnxRuntime(Runtime):
         if n > self.context:
             raise EdgelmError(f"the prompt has {len(ids)} tokens and {max_new_tokens} more were asked for, but the "
                               f"context holds {self.context}; shorten the prompt or lower max_new_tokens")
-        self._held = []
         self._gen = self._generator(n)
         self._gen.append_tokens(np.asarray(ids, dtype=np.int32))
         return self._gen.get_logits().reshape(-1)  # [V]

@@ -53,7 +53,6 @@ class TorchRuntime(Runtime):
     def _prefill(self, ids: Sequence[int], max_new_tokens: int = 0) -> "np.ndarray":
         from transformers import DynamicCache
 
-        self._held = []
         self._cache = DynamicCache(config=self.model.config)
         out = self._forward(ids, self._cache)
         return out.logits[0, -1].float().numpy()  # [V]

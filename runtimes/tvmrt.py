@@ -66,7 +66,6 @@ class TvmRuntime(Runtime):
 
     def _prefill(self, ids: Sequence[int], max_new_tokens: int = 0) -> "np.ndarray":
         self._check_fits(0, ids)
-        self._held = []
         return self._session.prefill(ids)[-1][0, -1].astype("float32")  # [V]
 
     def _rewind(self, n: int) -> bool:

@@ -219,6 +219,10 @@ def test_ctrl_c_stops_a_reply_and_then_leaves(tmp_path, tiny_tokenizer_dir):
     t = Pty(_edgelm("chat", str(tmp_path / "m"), "--threads", "1"))
     try:
         t.expect(r"> ")
+        # readline draws the prompt before it waits in select(); a SIGINT between the two only sets CPython's flag,
+        # which it checks when select() is interrupted, so that Ctrl-C would take effect at the next key. Wait until
+        # it waits (a person doesn't press Ctrl-C within that millisecond window; a loaded test machine widens it).
+        time.sleep(1.0)
         t.send("\x03")  # Ctrl-C at the prompt
         assert t.wait() == 0
     finally:
