@@ -37,7 +37,11 @@ SPLIT_REGEX_PRE: dict[str, str] = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
         "llama-bpe",  # Llama 3.x (tiktoken's cl100k split)
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "qwen2",  # Qwen2, Qwen2.5 (digits one at a time)
+        "qwen2",  # Qwen2, Qwen2.5, Qwen3 (digits one at a time)
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "gpt-4o",  # Phi-4-mini (GPT-4o's o200k split; llama.cpp rewrites its Unicode classes with lookaheads)
 }
 
 
@@ -164,7 +168,7 @@ def add_hparams(writer, cfg: dict[str, Any], arch: "Arch", name: str, file_type:
     """Model hyperparameters under the arch's keys; returns notes on what differs from the HF model."""
     n_head = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
-    context, note = arch.export_context(cfg)
+    context, note = arch.export_context(cfg, "gguf")
     writer.add_name(name)
     writer.add_context_length(context)
     writer.add_embedding_length(cfg["hidden_size"])
@@ -178,28 +182,62 @@ def add_hparams(writer, cfg: dict[str, Any], arch: "Arch", name: str, file_type:
     writer.add_rope_freq_base(rope.theta)
     writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
     writer.add_rope_dimension_count(rope.dim)
+    windows = arch.windows(cfg)
+    if arch.applies_windows(cfg, "gguf") and any(windows):  # llama.cpp applies them (Gemma 3): the window, and its layers
+        writer.add_sliding_window(max(windows))
+        writer.add_sliding_window_pattern([bool(w) for w in windows])
     writer.add_vocab_size(cfg["vocab_size"])
     writer.add_file_type(file_type)
     return [note] if note else []
 
 
-def rope_freqs(rope: "Rope", names: NameMap) -> "np.ndarray | None":
-    """A scaled RoPE as llama.cpp's ``rope_freqs`` tensor, f32 [dim / 2]: each frequency's divisor (transformers'
-    own frequencies, so llama3 and linear scaling alike reach llama.cpp exactly); None for unscaled RoPE. A one-line
-    error where llama.cpp's graph for the arch reads no such tensor, or the scaling also scales cos/sin (YaRN)."""
+def layer_ropes(cfg: dict[str, Any], arch: "Arch") -> tuple["Rope", "Rope | None"]:
+    """(the RoPE of the full-attention layers, that of the sliding-window layers where they have their own (Gemma 3's
+    local theta) or None): llama.cpp keeps one scaled RoPE, and a base frequency for the window layers."""
+    from edgelm.models.rope import rope_of
+
+    kinds = set(arch.layer_types(cfg))
+    main = rope_of(cfg, "full_attention" if None not in kinds else None)
+    local = rope_of(cfg, "sliding_attention") if "sliding_attention" in kinds else None
+    return main, (local if local is not None and local != main else None)
+
+
+def add_rope(writer, rope: "Rope", local: "Rope | None", names: NameMap) -> list[tuple[str, "np.ndarray"]]:
+    """A scaled RoPE as llama.cpp carries it, before any work; returns the frequency tables to write as tensors.
+
+    - where the arch's graph reads a frequency table (``rope_freqs``, or Phi-3's ``rope_factors_long/short``): each
+      frequency's divisor, transformers' own values (so llama3, YaRN and LongRoPE alike reach llama.cpp exactly),
+      and the cos/sin scale (YaRN's and LongRoPE's attention factor) as ``rope.scaling.attn_factor``;
+    - else linear scaling as llama.cpp's own keys (Gemma 3's global layers);
+    - the sliding-window layers' own base frequency (llama.cpp scales them by nothing).
+    Anything else is a one-line error."""
     import gguf
     import numpy as np
 
+    arch, tensors = names.arch.name, gguf.MODEL_TENSORS[names.model_arch]
+    if local is not None:
+        if local.scaled or local.dim != rope.dim:
+            raise EdgelmError(f"GGUF export does not support this {arch} model's sliding-window RoPE "
+                              f"({local.kind}, {local.dim} dims): llama.cpp gives those layers a base frequency only; "
+                              "export to onnx or tvm")
+        writer.add_rope_freq_base_swa(local.theta)
     if not rope.scaled:
-        return None
+        return []
+    factors = np.asarray(rope.freq_factors(), dtype=np.float32)  # [dim / 2]
+    if gguf.MODEL_TENSOR.ROPE_FREQS in tensors:
+        tables = [gguf.MODEL_TENSOR.ROPE_FREQS]
+    elif gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT in tensors:  # both the same: the artifact stops at the short context
+        tables = [gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT]
+    elif rope.kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(factors[0]))
+        return []
+    else:
+        raise EdgelmError(f"GGUF export does not support rope_type {rope.kind!r} for {arch}: llama.cpp's "
+                          f"{names.gguf_arch_name} graph reads no frequency table; export to onnx or tvm")
     if rope.attention_scale != 1.0:
-        raise EdgelmError(f"GGUF export does not support rope_type {rope.kind!r} ({names.arch.name}): transformers "
-                          f"scales its cos/sin by {rope.attention_scale:.4f}, which llama.cpp's frequency table can't "
-                          "carry; export to onnx or tvm")
-    if gguf.MODEL_TENSOR.ROPE_FREQS not in gguf.MODEL_TENSORS[names.model_arch]:
-        raise EdgelmError(f"GGUF export does not support rope_type {rope.kind!r} for {names.arch.name}: llama.cpp's "
-                          f"{names.gguf_arch_name} graph reads no rope_freqs tensor; export to onnx or tvm")
-    return np.asarray(rope.freq_factors(), dtype=np.float32)
+        writer.add_rope_scaling_attn_factors(rope.attention_scale)
+    return [(gguf.TENSOR_NAMES[t] + ".weight", factors) for t in tables]
 
 
 def pack_exact(ql: "QLinear", qtype: str, permute: Callable[["np.ndarray"], "np.ndarray"]) -> "np.ndarray":
@@ -270,15 +308,20 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
     import numpy as np
 
     from edgelm.models.archs import get_arch
-    from edgelm.models.rope import rope_of
 
     cfg = src.config
     arch = get_arch(cfg.get("model_type"), str(src.folder))
     names_of = NameMap(arch, int(cfg["num_hidden_layers"]))
-    rope = rope_of(cfg)
-    freqs = rope_freqs(rope, names_of)  # before any work: a scaling llama.cpp can't carry is refused here
+    writer = gguf.GGUFWriter(str(path), names_of.gguf_arch_name)
+    rope, local = layer_ropes(cfg, arch)
+    tables = add_rope(writer, rope, local, names_of)  # before any work: a RoPE llama.cpp can't carry is refused here
     arch.gguf_check(cfg)
     n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    q_scale = arch.attention_scale(cfg) * head_dim ** 0.5  # llama.cpp scales q·k by head_dim ** -0.5
+    if q_scale != 1.0 and not arch.qk_norm:
+        raise EdgelmError(f"GGUF export of this {arch.name} model is not supported: its attention scale "
+                          f"{arch.attention_scale(cfg):.4g} is not llama.cpp's head_dim ** -0.5; export to onnx or tvm")
     exact = {n: type_of(ql).name for n, ql in src.qlinears.items()}  # module -> the type holding its codes
     tied_q = "lm_head" in src.qlinears and src.tied  # a mixed plan's tied embedding: one exact matrix
     plan: list[_Planned] = []
@@ -310,9 +353,16 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
         qtype = "F32" if len(shape) == 1 else float_type
         if exact and gname in ("token_embd.weight", "output.weight") and shape[1] % block_size("Q8_0")[0] == 0:
             qtype = "Q8_0"  # quantized presets keep embedding/output at 8 bits, as llama.cpp keeps its output tensor
+        # an RMSNorm's scale as llama.cpp multiplies by it: Gemma's offset + weight (as llama.cpp's converter
+        # writes it), the query norm's also times the attention scale llama.cpp does not apply (Gemma's
+        # query_pre_attn_scalar): q·k is linear in q, and RoPE too
+        scale = (arch.norm_offset, q_scale if gname.endswith("attn_q_norm.weight") else 1.0) \
+            if hf.endswith("norm.weight") else (0.0, 1.0)
 
-        def make(hf=hf, permute=permute, qtype=qtype):
+        def make(hf=hf, permute=permute, qtype=qtype, scale=scale):
             a = permute(src.tensors[hf].numpy())  # read now: one tensor in memory at a time
+            if scale != (0.0, 1.0):
+                a = (a.astype(np.float32) + np.float32(scale[0])) * np.float32(scale[1])
             if qtype == "F32":
                 return np.ascontiguousarray(a, dtype=np.float32)
             if qtype == "F16":
@@ -322,12 +372,13 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
         stored = shape if qtype in ("F32", "F16") else (shape[0], tensor_bytes((1, shape[1]), qtype))
         plan.append(_Planned(gname, stored, qtype, tensor_bytes(shape, qtype), make))
 
-    if freqs is not None:
-        plan.append(_Planned(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", freqs.shape, "F32",
-                             freqs.nbytes, lambda: freqs))
+    # the frequency tables first, as llama.cpp's converter writes them: ggml's RoPE reads a table entry for every
+    # pair of a head, rotated or not, so with partial rotary it reads past the table (values it does not use), and
+    # past the end of the file (a segfault) when the table is the file's last tensor
+    plan[:0] = [_Planned(tname, table.shape, "F32", table.nbytes, lambda table=table: table)
+                for tname, table in tables]
     common = max(set(exact.values()), key=list(exact.values()).count) if exact else None  # the file's main type
     file_type = gguf.LlamaFileType[f"MOSTLY_{common}" if common else {"F32": "ALL_F32", "F16": "MOSTLY_F16"}[float_type]]
-    writer = gguf.GGUFWriter(str(path), names_of.gguf_arch_name)
     notes = add_hparams(writer, cfg, arch, name, int(file_type), rope)
     add_tokenizer(writer, tokenizer, src.folder, int(cfg["vocab_size"]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

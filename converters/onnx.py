@@ -33,9 +33,10 @@ def build_onnx(src: Path, out: Path, precision: str, work: Path, extra: dict[str
     from edgelm.models.rope import rope_of
 
     cfg = read_config(src)
-    context, note = get_arch(cfg.get("model_type"), str(src)).export_context(cfg)
-    rope_of(cfg)  # a RoPE no target can bake (dynamic) is refused before the builder runs
-    if note:
+    context, note = get_arch(cfg.get("model_type"), str(src)).export_context(cfg, "onnx")
+    for layer_type in dict.fromkeys(cfg.get("layer_types") or [None]):
+        rope_of(cfg, layer_type)  # a RoPE no target can bake (dynamic) is refused before the builder runs
+    if note or any(get_arch(cfg.get("model_type"), str(src)).windows(cfg)):
         extra = {**(extra or {}), "windowed_kv_cache": "false"}  # the cache holds the (capped) context plainly
     log_path = work / "onnx_builder.log"
     args = [sys.executable, "-m", "edgelm.converters.onnx_builder", "-i", str(src), "-o", str(out), "-p", precision,

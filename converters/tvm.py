@@ -125,16 +125,27 @@ def decoder_config(src: "SourceWeights", *, context: int = 0) -> "DecoderConfig"
     c = src.config
     model_type = c.get("model_type")
     arch = get_model_arch(model_type, str(src.folder))
-    rope = rope_of(c)  # any static scaling: its frequencies are baked into the rotary kernel
-    rope_layers = arch.rope_layers(c)  # NoPE layers rotate nothing: RoPE then runs in the graph
-    if c.get("hidden_act", "silu") != "silu":
-        raise EdgelmError(f"the TVM target supports the SiLU-gated MLP only, not hidden_act={c['hidden_act']!r}")
-    if c.get("attention_bias") or c.get("mlp_bias"):
+    act = c.get("hidden_activation") or c.get("hidden_act") or "silu"
+    if act not in ACTIVATIONS:
+        raise EdgelmError(f"the TVM target supports the gated MLP with {', '.join(ACTIVATIONS)}, not {act!r}")
+    if c.get("attention_bias") and not arch.qkv_bias or c.get("mlp_bias"):
         raise EdgelmError("the TVM target does not support attention_bias/mlp_bias on every projection; "
                           "export to gguf or onnx")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if c.get(key):
+            raise EdgelmError(f"the TVM target does not support {key} ({c[key]}); export to gguf or onnx")
+    # each layer's RoPE (any static scaling: its frequencies are baked into the rotary kernel), by layer type; NoPE
+    # layers rotate nothing. One table for every layer rotates in the cache, else each layer in the graph
+    ropes, layer_rope = [], []
+    for rotates, layer_type in zip(arch.rope_layers(c), arch.layer_types(c)):
+        r = rope_of(c, layer_type)
+        if r not in ropes:
+            ropes.append(r)
+        layer_rope.append(ropes.index(r) if rotates else -1)
     heads = int(c["num_attention_heads"])
     head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
-    ctx = min(arch.export_context(c)[0], context or MAX_CONTEXT)
+    ctx = min(arch.export_context(c, "tvm")[0], context or MAX_CONTEXT)
+    windows = tuple(w if 0 < w < ctx else 0 for w in arch.windows(c)) if arch.applies_windows(c, "tvm") else ()
     bits: dict[str, int] = {}
     groups, head_group = set(), 32  # the lm_head's: its own, or Q8_0's 32 for a float one made Q8_0
     for name, ql in src.qlinears.items():
@@ -146,7 +157,8 @@ def decoder_config(src: "SourceWeights", *, context: int = 0) -> "DecoderConfig"
             head_group = gs
         else:
             groups.add(gs)
-        bits[name.removeprefix("model.")] = ql.bits
+        for part in unfused(arch, name):  # the decoder's names are the Llama block's (Phi-3's qkv_proj: q, k, v)
+            bits[part.removeprefix("model.")] = ql.bits
     if len(groups) > 1:
         raise EdgelmError(f"the TVM target takes one group size per model; this checkpoint has {sorted(groups)}")
     for i in range(int(c["num_hidden_layers"])):
@@ -159,11 +171,29 @@ def decoder_config(src: "SourceWeights", *, context: int = 0) -> "DecoderConfig"
         hidden_size=int(c["hidden_size"]), intermediate_size=int(c["intermediate_size"]),
         num_layers=int(c["num_hidden_layers"]), num_heads=heads,
         num_kv_heads=int(c.get("num_key_value_heads") or heads), head_dim=head_dim, vocab_size=int(c["vocab_size"]),
-        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=rope.theta,
-        rope_inv_freq=rope.inv_freq, rope_attention_scale=rope.attention_scale,
-        rope_layers=() if all(rope_layers) else rope_layers, tie_word_embeddings=src.tied, qkv_bias=arch.qkv_bias,
-        qk_norm=arch.qk_norm, context=ctx, prefill_chunk=min(ctx, 512),
-        group_size=groups.pop() if groups else 32, head_group=head_group, bits=bits)
+        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=ropes[0].theta,
+        rope_tables=tuple(r.inv_freq for r in ropes), rope_scales=tuple(r.attention_scale for r in ropes),
+        layer_rope=tuple(layer_rope), layer_window=windows if any(windows) else (), tie_word_embeddings=src.tied,
+        qkv_bias=arch.qkv_bias, qk_norm=arch.qk_norm, context=ctx,
+        # TVM's paged attention masks the window on the cached part only, and a prompt chunk attends to all of
+        # itself: that is the window while a chunk is shorter than it (a row that sees no cached position at all
+        # comes out NaN, so one less)
+        prefill_chunk=min(ctx, 512, *(w - 1 for w in windows if w)),
+        group_size=groups.pop() if groups else 32, head_group=head_group, bits=bits,
+        attn_scale=arch.attention_scale(c), embed_scale=arch.embedding_scale(c), post_norms=arch.post_norms,
+        act=ACTIVATIONS[act])
+
+
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF activation -> the decoder's
+
+
+def unfused(arch, module: str) -> list[str]:
+    """An HF module as the Llama block's modules it holds (Phi-3's ``...self_attn.qkv_proj``: q, k and v)."""
+    for fused, parts in arch.fused:
+        if module.endswith("." + fused):
+            head = module[: -len(fused)]
+            return [head + p for p in parts]
+    return [module]
 
 
 # --- weights ---------------------------------------------------------------------------------------------------------
@@ -200,13 +230,20 @@ def q8_0(w: "np.ndarray") -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
     return codes, scales, np.full(scales.shape, 128, np.uint8)
 
 
-def hf_modules(prefix: str) -> list[str]:
-    """A compiled parameter's module (``layers.0.self_attn.qkv``) -> the HF modules it holds, in row order."""
+def hf_modules(prefix: str, src: "SourceWeights") -> list[str]:
+    """A compiled parameter's module (``layers.0.self_attn.qkv``) -> the HF modules it holds, in row order: the
+    checkpoint's own fused projection where it has one (Phi-3's ``qkv_proj``, ``gate_up_proj``), else its parts."""
     from edgelm.converters.tvm_llama import FUSED
+    from edgelm.models.archs import PHI3_FUSED
 
+    whole = {parts: name for name, parts in PHI3_FUSED}
     for fused, parts in FUSED.items():
         if prefix.endswith("." + fused):
-            return [f"model.{prefix[:-len(fused) - 1]}.{p}" for p in parts]
+            head = f"model.{prefix[:-len(fused) - 1]}"
+            own = f"{head}.{whole[parts]}"
+            if own in src.qlinears or f"{own}.weight" in src.tensors:
+                return [own]
+            return [f"{head}.{p}" for p in parts]
     return [prefix] if prefix == "lm_head" else [f"model.{prefix}"]
 
 
@@ -233,7 +270,7 @@ def read_back(folder: Path, src: "SourceWeights"):
     params = load_file(str(folder / PARAMS_FILE))
     for name in sorted(n for n in params if n.endswith(".qweight")):
         prefix = name.rsplit(".", 1)[0]
-        mods = hf_modules(prefix)
+        mods = hf_modules(prefix, src)
         if not all(m in src.qlinears for m in mods):
             continue  # a float embedding stored as Q8_0: the runtime check covers it
         codes = unpack_codes(rows(params[name]), src.qlinears[mods[0]].bits).astype(np.float32)
@@ -255,6 +292,7 @@ def model_params(cfg: "DecoderConfig", src: "SourceWeights", names: list[str]) -
     import numpy as np
 
     from edgelm.converters.tvm_llama import row_block
+    from edgelm.models.archs import get_arch as get_model_arch
 
     cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -268,18 +306,21 @@ def model_params(cfg: "DecoderConfig", src: "SourceWeights", names: list[str]) -
                 cache[module] = q8_0(src.tensors["model.embed_tokens.weight"].numpy())
         return cache[module]
 
+    offset = get_model_arch(src.config.get("model_type")).norm_offset  # Gemma's RMSNorms scale by 1 + w
     out: dict[str, np.ndarray] = {}
     for name in names:
         prefix, leaf = name.rsplit(".", 1)
-        mods = hf_modules(prefix)
+        mods = hf_modules(prefix, src)
         if leaf in ("qweight", "scales", "zeros"):
             k = ("qweight", "scales", "zeros").index(leaf)
             a = np.concatenate([quantized(m)[k] for m in mods])
             if leaf == "qweight":
-                a = pack_codes(a, cfg.bits_of(mods[0].removeprefix("model.")))
+                a = pack_codes(a, src.qlinears[mods[0]].bits if mods[0] in src.qlinears else 8)
             a = interleave_rows(a, row_block(a.shape[0]))
         else:
             a = np.concatenate([src.tensors[f"{m}.{leaf}"].numpy().astype(np.float32) for m in mods])
+            if offset and prefix.endswith("norm") and leaf == "weight":
+                a = a + np.float32(offset)  # as transformers computes it: 1.0 + weight in float32
         out[name] = np.ascontiguousarray(a)
     return out
 
@@ -570,7 +611,7 @@ def compile_artifact(src: Path, tmp: Path, work: Path, *, arch: str = "", tune_t
     a = get_arch(arch)
     weights = read_source(src)
     cfg = decoder_config(weights)
-    _, why = get_model_arch(weights.config.get("model_type")).export_context(weights.config)
+    _, why = get_model_arch(weights.config.get("model_type")).export_context(weights.config, "tvm")
     target = tvm_target(a)
     if "+avx512vnni" in target.attrs.get("mattr", []) and cfg.bits:  # a native build on a CPU with VNNI
         cfg = replace(cfg, int8_dot=True)  # one token's quantized linears: int8 activations, VNNI dot products

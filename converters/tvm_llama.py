@@ -1,9 +1,14 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2) in TVM's ``relax.frontend.nn``, with TVM's paged KV cache.
+"""The decoder of every supported architecture (edgelm.models.archs) in TVM's ``relax.frontend.nn``, with TVM's
+paged KV cache: one module, whose per-architecture differences are fields of :class:`DecoderConfig` read from the
+arch's hooks (as MLC-LLM builds each model from shared blocks): q/k norms (Qwen3, Gemma 3), Gemma's norms around
+each sublayer, embedding scale, GELU and attention scale, per-layer RoPE tables (Gemma 3's local and global theta,
+SmolLM3's NoPE layers) and per-layer sliding windows.
 
 The route MLC-LLM proved, written for edgelm's checkpoints: q/k/v are one fused projection, RoPE and attention run
 in the KV cache's CPU TIR kernels, and a quantized linear keeps its GPTQ codes packed in uint32 words: one token
 runs its own kernel on the codes (``QLinear._gemv``), a prompt dequantizes inside the matmul's kernel (FuseOps puts
-the dequantize and the matmul in one TIR function).
+the dequantize and the matmul in one TIR function). RMSNorm weights arrive as the scales they multiply by (Gemma's
+1 + w folded in at export).
 
 Compiled functions (params are passed packed, as the last argument):
   prefill(input_ids [1, s] int32, kv) -> (logits [1, 1, V], kv)   the last position's logits
@@ -39,19 +44,29 @@ class DecoderConfig:
     head_dim: int  # width of one head
     vocab_size: int  # rows of the embedding and the lm_head
     rms_norm_eps: float  # RMSNorm epsilon
-    rope_theta: float  # RoPE base
-    rope_inv_freq: tuple[float, ...]  # [rotated dims / 2] transformers' RoPE frequencies (scaling applied)
-    rope_attention_scale: float  # cos/sin scale of the RoPE (YaRN's mscale; 1.0 otherwise)
+    rope_theta: float  # RoPE base of the first table (what the KV cache is told)
+    rope_tables: tuple[tuple[float, ...], ...]  # distinct RoPE frequency tables [rotated dims / 2] (transformers')
+    rope_scales: tuple[float, ...]  # each table's cos/sin scale (YaRN's and LongRoPE's attention factor; 1.0 else)
     tie_word_embeddings: bool  # the lm_head is the embedding matrix
     qkv_bias: bool  # q/k/v projections carry a bias (Qwen2)
-    qk_norm: bool  # RMSNorm over each query and key head before RoPE (Qwen3)
+    qk_norm: bool  # RMSNorm over each query and key head before RoPE (Qwen3, Gemma 3)
     context: int  # compiled maximum context: prompt + generated tokens
     prefill_chunk: int  # most tokens one prefill call takes
     group_size: int = 32  # quantized linears: columns per scale
     head_group: int = 32  # a quantized lm_head's columns per scale (Q8_0's 32 when a float one was made Q8_0)
     bits: dict[str, int] = field(default_factory=dict)  # "layers.0.mlp.up_proj", "lm_head"... -> 4 or 8; absent: float
     int8_dot: bool = False  # one token through a quantized linear: activations rounded to int8 per group, AVX-512 VNNI
-    rope_layers: tuple[bool, ...] = ()  # per layer, whether it rotates (NoPE layers don't); () = all, in the cache
+    layer_rope: tuple[int, ...] = ()  # per layer, its rope_tables entry (-1: no RoPE); () = table 0 everywhere
+    layer_window: tuple[int, ...] = ()  # per layer, its sliding attention window (0: full attention); () = none
+    attn_scale: float = 0.0  # softmax scale of q·k; 0 = head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    embed_scale: float = 1.0  # token embeddings are multiplied by it (Gemma: sqrt(hidden) in float32)
+    post_norms: bool = False  # RMSNorm on the attention and MLP outputs before each residual add (Gemma 3)
+    act: str = "silu"  # the gated MLP's activation: "silu" or "gelu_tanh"
+
+    @property
+    def cache_rotates(self) -> bool:
+        """Every layer rotates with table 0, so the KV cache's kernel does it; else each layer rotates in the graph."""
+        return all(r == 0 for r in self.layer_rope)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -249,21 +264,22 @@ def linear(cfg: DecoderConfig, name: str, in_f: int, out_f: int, bias: bool = Fa
     return nn.Linear(in_f, out_f, bias=bias)
 
 
-def rotary(cfg: DecoderConfig, qkv: Tensor, positions: Tensor) -> Tensor:
-    """RoPE in the graph, for decoders whose layers differ (NoPE) while the cache rotates none: qkv [b, s, hq + 2 hkv,
-    d] and each token's position [b * s] -> qkv, q and k heads rotated as the cache's kernel would
-    (edgelm.converters.tvm_kvcache.split_rotary: transformers' frequencies, the pair (j, j + half))."""
-    from edgelm.converters.tvm_kvcache import table
+def rotary(cfg: DecoderConfig, table: int, qkv: Tensor, positions: Tensor) -> Tensor:
+    """RoPE in the graph, for decoders whose layers rotate differently (Gemma 3's two thetas, SmolLM3's NoPE layers)
+    while the cache rotates none: qkv [b, s, hq + 2 hkv, d] and each token's position [b * s] -> qkv, q and k heads
+    rotated with ``rope_tables[table]`` as the cache's kernel would (edgelm.converters.tvm_kvcache.split_rotary:
+    transformers' frequencies, the pair (j, j + half))."""
+    from edgelm.converters.tvm_kvcache import table as const_table
 
-    freqs, half = [float(f) for f in cfg.rope_inv_freq], len(cfg.rope_inv_freq)
-    heads, mscale = cfg.num_heads + cfg.num_kv_heads, tirx.const(cfg.rope_attention_scale, "float32")
+    freqs, half = [float(f) for f in cfg.rope_tables[table]], len(cfg.rope_tables[table])
+    heads, mscale = cfg.num_heads + cfg.num_kv_heads, tirx.const(cfg.rope_scales[table], "float32")
 
     def rope(x: te.Tensor, pos: te.Tensor) -> te.Tensor:
         s = x.shape[1]
 
         def value(i, t, h, d):
             j = tirx.Select(d < half, d, d - half)  # the pair's first dimension
-            angle = pos[i * s + t].astype("float32") * table(freqs, j)
+            angle = pos[i * s + t].astype("float32") * const_table(freqs, j)
             c, sn = tirx.cos(angle) * mscale, tirx.sin(angle) * mscale
             x1, x2 = x[i, t, h, j], x[i, t, h, j + half]
             rotated = tirx.Select(d < half, c * x1 - sn * x2, c * x2 + sn * x1)
@@ -274,18 +290,23 @@ def rotary(cfg: DecoderConfig, qkv: Tensor, positions: Tensor) -> Tensor:
     return op.tensor_expr_op(rope, "rope", [qkv, positions])
 
 
+def rms_norm(cfg: DecoderConfig, width: int) -> nn.Module:
+    return nn.RMSNorm(width, -1, cfg.rms_norm_eps, bias=False)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig, i: int) -> None:
         self.cfg = cfg
-        self.rotate_here = bool(cfg.rope_layers) and cfg.rope_layers[i]  # RoPE in the graph, not in the cache
+        # RoPE in the graph, not in the cache: this layer's table, or None (the cache rotates, or a NoPE layer)
+        self.table = None if cfg.cache_rotates or cfg.layer_rope[i] < 0 else cfg.layer_rope[i]
         self.h_q, self.h_kv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         width = (self.h_q + 2 * self.h_kv) * self.d
         self.qkv = linear(cfg, f"layers.{i}.self_attn.q_proj", cfg.hidden_size, width, cfg.qkv_bias)  # q, k, v rows
         self.o_proj = linear(cfg, f"layers.{i}.self_attn.o_proj", self.h_q * self.d, cfg.hidden_size)
         self.qk_norm = cfg.qk_norm
-        if cfg.qk_norm:  # over each head's d channels, before the cache rotates q and k
-            self.q_norm = nn.RMSNorm(self.d, -1, cfg.rms_norm_eps, bias=False)
-            self.k_norm = nn.RMSNorm(self.d, -1, cfg.rms_norm_eps, bias=False)
+        if cfg.qk_norm:  # over each head's d channels, before q and k rotate
+            self.q_norm = rms_norm(cfg, self.d)
+            self.k_norm = rms_norm(cfg, self.d)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer: int) -> Tensor:
         b, s, _ = x.shape
@@ -293,17 +314,19 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k, v = op.split(qkv, [self.h_q, self.h_q + self.h_kv], axis=2)  # [b, s, hq | hkv | hkv, d]
             qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
-        if self.rotate_here:
-            qkv = rotary(self.cfg, qkv, kv.get_query_positions(b * s))
-        out = kv.attention_with_fused_qkv(layer, qkv, self.h_q, sm_scale=self.d**-0.5)  # [b, s, hq, d]
-        return self.o_proj(op.reshape(out, (b, s, self.h_q * self.d)))
+        if self.table is not None:
+            qkv = rotary(self.cfg, self.table, qkv, kv.get_query_positions(b * s))
+        out = kv.attention_with_fused_qkv(layer, qkv, self.h_q, sm_scale=self.cfg.attn_scale or self.d**-0.5)
+        return self.o_proj(op.reshape(out, (b, s, self.h_q * self.d)))  # out: [b, s, hq, d]
 
 
 class MLP(nn.Module):
-    """SiLU-gated MLP; gate and up are one fused projection unless a mixed plan gave them different widths."""
+    """Gated MLP (SiLU, or Gemma's tanh-approximated GELU); gate and up are one fused projection unless a mixed plan
+    gave them different widths."""
 
     def __init__(self, cfg: DecoderConfig, i: int) -> None:
         inter, hid, pre = cfg.intermediate_size, cfg.hidden_size, f"layers.{i}.mlp."
+        self.act = cfg.act
         self.fused = cfg.bits_of(pre + "gate_proj") == cfg.bits_of(pre + "up_proj")
         if self.fused:
             self.gate_up = linear(cfg, pre + "gate_proj", hid, 2 * inter)  # gate rows, then up rows
@@ -317,17 +340,28 @@ class MLP(nn.Module):
             gate, up = op.split(self.gate_up(x), 2, axis=-1)  # 2 x [b, s, inter]
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(op.silu(gate) * up)
+        act = op.gelu(gate, approximate="tanh") if self.act == "gelu_tanh" else op.silu(gate)
+        return self.down_proj(act * up)
 
 
 class Layer(nn.Module):
+    """A pre-norm block; with ``post_norms`` (Gemma 3) each sublayer's output is normed again before its residual
+    add."""
+
     def __init__(self, cfg: DecoderConfig, i: int) -> None:
-        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.input_layernorm = rms_norm(cfg, cfg.hidden_size)
         self.self_attn = Attention(cfg, i)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.post_attention_layernorm = rms_norm(cfg, cfg.hidden_size)  # the MLP's input norm, unless post_norms
         self.mlp = MLP(cfg, i)
+        self.post_norms = cfg.post_norms
+        if cfg.post_norms:
+            self.pre_feedforward_layernorm = rms_norm(cfg, cfg.hidden_size)
+            self.post_feedforward_layernorm = rms_norm(cfg, cfg.hidden_size)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer: int) -> Tensor:
+        if self.post_norms:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), kv, layer))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), kv, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -347,7 +381,7 @@ class Decoder(nn.Module):
             if not cfg.tie_word_embeddings:
                 self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.layers = nn.ModuleList([Layer(cfg, i) for i in range(cfg.num_layers)])
-        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.norm = rms_norm(cfg, cfg.hidden_size)
 
     def _embed(self, ids: Tensor) -> Tensor:
         b, s = ids.shape
@@ -356,6 +390,8 @@ class Decoder(nn.Module):
             x = self.lm_head.rows(flat)
         else:
             x = self.embed_tokens(flat)
+        if self.cfg.embed_scale != 1.0:
+            x = x * self.cfg.embed_scale
         return op.reshape(x, (b, s, self.cfg.hidden_size))  # [b, s, hidden]
 
     def _logits(self, h: Tensor) -> Tensor:
@@ -391,16 +427,17 @@ class Decoder(nn.Module):
         from edgelm.converters.tvm_kvcache import cpu_kernels
 
         c = self.cfg
+        windows = c.layer_window or (0,) * c.num_layers
         # edgelm's RoPE (transformers' frequencies) and decode attention: TVM's are scalar and several times slower
-        with cpu_kernels(c.rope_inv_freq, c.rope_attention_scale):
+        with cpu_kernels(c.rope_tables[0], c.rope_scales[0]):
             kv = TIRPagedKVCache(
-                attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
-                prefill_chunk_size=prefill_chunk_size, page_size=page_size,
-                support_sliding_window=support_sliding_window,
+                attn_kind=["mha_sliding" if w else "mha" for w in windows], max_batch_size=max_batch_size,
+                max_total_seq_len=max_total_seq_len, prefill_chunk_size=prefill_chunk_size, page_size=page_size,
+                support_sliding_window=support_sliding_window, layer_sliding_window_size=max(windows) or 1024,
                 layer_partition=rx.ShapeExpr([0, c.num_layers]), num_hidden_layers=c.num_layers,
                 num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, qk_head_dim=c.head_dim,
                 v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-                rope_mode=RopeMode.NONE if c.rope_layers else RopeMode.NORMAL,  # NoPE layers: RoPE in the graph
+                rope_mode=RopeMode.NORMAL if c.cache_rotates else RopeMode.NONE,  # else RoPE in the graph, per layer
                 rope_scale=1, rope_theta=c.rope_theta, rope_scaling={}, rope_ext_factors=rx.prim_value(0),
                 rotary_dim=c.head_dim, enable_disaggregation=False, dtype="float32", target=tvm.target.Target.current(),
             )

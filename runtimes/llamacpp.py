@@ -73,8 +73,17 @@ class LlamaCppRuntime(Runtime):
         # every end-of-generation token llama.cpp knows (eos, eot, eom and the <|im_end|>, <end_of_turn>, <|end|>
         # family it finds by name), not only token_eos()
         eog = tuple(t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, t))
-        return TextTokenizer(lambda s, special=True: self.native_tokenize(s), lambda ids: b"".join(
-            piece(int(t)) for t in ids).decode("utf-8", errors="replace"), eos_ids=eog or (int(self.llm.token_eos()),))
+        meta = self.llm.metadata
+
+        def text(t: int) -> str:
+            return llama_cpp.llama_vocab_get_text(vocab, t).decode("utf-8", errors="replace") if t >= 0 else ""
+
+        # special=True (a plain prompt): the BOS the GGUF asks for; False (a rendered chat, which holds its own)
+        return TextTokenizer(
+            lambda s, special=True: self.llm.tokenize(s.encode("utf-8"), add_bos=special, special=True),
+            lambda ids: b"".join(piece(int(t)) for t in ids).decode("utf-8", errors="replace"),
+            eos_ids=eog or (int(self.llm.token_eos()),), bos_token=text(llama_cpp.llama_vocab_bos(vocab)),
+            eos_token=text(llama_cpp.llama_vocab_eos(vocab)), chat_template=meta.get("tokenizer.chat_template"))
 
     def native_tokenize(self, text: str, *, special: bool = True) -> list[int]:
         """llama.cpp's tokenizer (the artifact's tokenizer.json is what generate uses)."""

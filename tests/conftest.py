@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # the tiny model on every backend (tests/runtimes, tests/bench); a real cloud on loopback (tests/coop, tests/app)
-pytest_plugins = ["tests.runtime_fixtures", "tests.cloud_fixtures"]
+pytest_plugins = ["tests.runtime_fixtures", "tests.cloud_fixtures", "tests.tokenizer_fixtures"]
 
 # Small, readable stdlib modules for the tiny corpus: enough files for every split.
 STDLIB_FILES = 160
@@ -68,32 +68,9 @@ def sentencepiece_tokenizer_dir(tmp_path_factory, tiny_corpus) -> Path:
     """A SentencePiece BPE with byte fallback (as Llama 2 and Mistral 7B ship), trained by sentencepiece on the tiny
     corpus, written as the HF tokenizer.json those models have: the vocab in piece order, merges ranked by the piece
     they make, "▁" for spaces (legacy normalizer), BOS added. Its tokens equal sentencepiece's own (tested)."""
-    import sentencepiece as spm
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tests.tokenizer_fixtures import sentencepiece_llama
 
-    out = tmp_path_factory.mktemp("spm")
-    text = out / "train.txt"
-    text.write_text("\n".join(p.read_text(encoding="utf-8") for p in sorted(tiny_corpus.glob("*.py"))[:80]))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(out / "spm"), vocab_size=600, model_type="bpe",
-                                   byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                                   split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-                                   normalization_rule_name="identity", max_sentence_length=1 << 20, minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
-    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    merges = sorted((pid, vocab[p[:k]], vocab[p[k:]], p[:k], p[k:]) for p, pid in vocab.items()
-                    if sp.is_unknown(pid) + sp.is_control(pid) + sp.is_byte(pid) == 0
-                    for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token="<unk>", fuse_unk=True,
-                               byte_fallback=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    folder = out / "hf"
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
-    (folder / "spm.model").write_bytes((out / "spm.model").read_bytes())  # for the test that compares the two
-    return folder
+    return sentencepiece_llama(tmp_path_factory.mktemp("spm"), tiny_corpus)
 
 
 def with_rope(model: Path, out: Path, rope: dict) -> Path:

@@ -6,6 +6,7 @@ The registry drives the parametrization: an architecture registered without work
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,23 @@ ARCH_EXTRAS = {
     # four layers, so that one (the fourth) has no RoPE, as llama.cpp's graph expects; SmolLM3's pad id is past
     # the tiny vocab
     "smollm3": {"num_hidden_layers": 4, "no_rope_layer_interval": 4, "pad_token_id": None},
+    # Phi-4-mini's partial rotary (a quarter of each head here) and LongRoPE: short factors far from 1 and an
+    # attention factor of sqrt(1 + ln 2 / ln 256) from a context twice the original; the export stops at 256
+    "phi3": {"pad_token_id": None, "partial_rotary_factor": 0.25, "original_max_position_embeddings": 256,
+             "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0 + 0.5 * i for i in range(8)],
+                              "long_factor": [2.0 + i for i in range(8)], "original_max_position_embeddings": 256}},
+    # Gemma 3's pattern in two layers: a sliding window shorter than the check's sequences on the first, full
+    # attention with its own theta and Gemma 3 4B's linear scaling on the second; a query_pre_attn_scalar that is
+    # not the head width
+    "gemma3_text": {"head_dim": 64, "query_pre_attn_scalar": 48, "sliding_window": 40,
+                    "layer_types": ["sliding_attention", "full_attention"], "pad_token_id": None,
+                    "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
 }
-# The tokenizer each arch's tiny model gets, as its real models ship: Mistral 7B a SentencePiece BPE with byte
-# fallback; Qwen2's tokenizer class brings its own split regex to the byte-level BPE; the rest a GPT-2 ByteLevel BPE.
-ARCH_TOKENIZER = {"mistral": "sentencepiece_tokenizer_dir"}
+# The tokenizer each arch's tiny model gets, as its real models ship (tests/tokenizer_fixtures.py): Llama 3's split,
+# Mistral 7B's SentencePiece BPE with byte fallback, Qwen's digit-by-digit split and ChatML, Phi-4-mini's GPT-4o-style
+# split, Gemma's SentencePiece; Qwen2's tokenizer class brings its own split regex; SmolLM3 a GPT-2 ByteLevel BPE.
+ARCH_TOKENIZER = {"llama": "llama3_tokenizer_dir", "mistral": "sentencepiece_tokenizer_dir",
+                  "qwen3": "qwen_tokenizer_dir", "phi3": "gpt4o_tokenizer_dir", "gemma3_text": "gemma_tokenizer_dir"}
 CHECK = dict(eval_seqs=4, eval_seqlen=64, prompts=2, new_tokens=8)
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
 NEW = 12
@@ -43,12 +57,16 @@ def make_tiny(arch: str, out: Path, tokenizer_dir: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    gen = tokenizer_dir / "generation_config.json"  # a chat family's end-of-generation ids, as its models list them
+    eos = json.loads(gen.read_text())["eos_token_id"] if gen.is_file() else tok.eos_token_id
     shape = dict(vocab_size=640, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-                 eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+                 eos_token_id=eos, bos_token_id=tok.bos_token_id)
     cfg = AutoConfig.for_model(arch, **{**shape, **ARCH_EXTRAS.get(arch, {})})
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -121,7 +139,9 @@ def test_quantize_rtn_and_gptq(arch_run, arch_artifacts, tiny_corpus):
     for res in (rtn, arch_artifacts["gptq"]):
         cfg, tensors, qlinears = read_quantized(res.out)
         layers = ARCH_EXTRAS.get(arch_run["arch"], {}).get("num_hidden_layers", 2)
-        assert cfg["model_type"] == arch_run["arch"] and len(qlinears) == 7 * layers  # every linear of every block
+        linears = ARCHS.get(arch_run["arch"]).linears()  # the Llama block's seven, Phi-3's four with fused ones
+        assert cfg["model_type"] == arch_run["arch"] and len(qlinears) == len(linears) * layers  # every one
+        assert {n.split(".", 3)[3] for n in qlinears} == set(linears)
         assert 0 < res.quality["kld"] < res.preset.max_kld
     if ARCHS.get(arch_run["arch"]).qkv_bias:  # q/k/v biases stay float beside the codes
         assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.v_proj.bias"} <= set(tensors)
@@ -147,9 +167,19 @@ def test_export_checks_itself(arch_run, arch_artifacts, preset, target):
         arch = ARCHS.get(arch_run["arch"])
         assert ("blk.0.attn_q.bias" in types) == arch.qkv_bias
         assert ("blk.0.attn_q_norm.weight" in types) == ("blk.0.attn_k_norm.weight" in types) == arch.qk_norm
-        assert ("rope_freqs.weight" in types) == ("rope_scaling" in ARCH_EXTRAS.get(arch.name, {}))
+        # a scaled RoPE as llama.cpp carries it: a frequency table (Llama 3's rope_freqs, Phi-3's rope_factors) or
+        # its linear scaling keys (Gemma 3's global layers)
+        import gguf
+
+        from edgelm.converters.gguf import NameMap
+
+        keys = set(gguf.GGUFReader(arch_artifacts["artifacts"][preset, target] / "model.gguf").fields)
+        scaling = f"{NameMap(arch, 2).gguf_arch_name}.rope.scaling.factor" in keys
+        tables = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"} & set(types)
+        assert bool(tables) + scaling == ("rope_scaling" in ARCH_EXTRAS.get(arch.name, {}))
         if preset != "fp32":
-            assert types["blk.0.attn_q.weight"]["type"] == "Q4_0"  # GPTQ's codes, packed exactly
+            q = "blk.0.attn_qkv.weight" if arch.fused else "blk.0.attn_q.weight"  # Phi-3's fused projection
+            assert types[q]["type"] == "Q4_0"  # GPTQ's codes, packed exactly
 
 
 def test_gptq_artifacts_agree_across_targets(arch_artifacts):
@@ -187,31 +217,71 @@ def test_llamacpp_tokenizes_like_hf(arch_run, arch_artifacts, tiny_corpus):
     tok = AutoTokenizer.from_pretrained(arch_run["model"])
     texts = [p.read_text(encoding="utf-8")[:2000] for p in sorted(tiny_corpus.glob("*.py"))[:8]]
     texts += ["x  +  1\n\n\n    return  a\t\tb", "naïve café 123456 ½ 🙂 日本語", "it's we'll I'M 1,000,000"]
+    # the family's special tokens inside text, as a rendered chat holds them
+    texts += [" ".join(tok.all_special_tokens) + "\nhi" + "".join(tok.all_special_tokens) + "def f():  pass"]
     with edgelm.load(arch_artifacts["artifacts"]["fp32", "gguf"], threads=1) as rt:
         for t in texts:
             assert rt.native_tokenize(t) == tok.encode(t, add_special_tokens=False), repr(t[:80])
 
 
+CHAT = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Reverse a string s."},
+        {"role": "assistant", "content": "def rev(s):\n    return s[::-1]"}, {"role": "user", "content": "Thanks! 42"}]
+
+
+@pytest.mark.parametrize("runtime", ["torch", "llamacpp", "llamacpp-bare", "onnx", "tvm"])
+def test_a_two_turn_chat_renders_and_tokenizes_as_hf(arch_run, arch_artifacts, runtime, tmp_path):
+    """The family's chat template renders a two-turn conversation to HF's apply_chat_template(tokenize=True) ids, the
+    BOS once, on every runtime, a bare .gguf too (its template and vocab are llama.cpp's own); and every runtime
+    stops at the model's end-of-generation tokens (generation_config.json's list), not only at its eos_token."""
+    import shutil
+
+    import edgelm
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(arch_run["model"])
+    if not tok.chat_template:
+        pytest.skip(f"the {arch_run['arch']} row's tokenizer has no chat template")
+    want = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
+    path = {"torch": arch_run["model"], "llamacpp": arch_artifacts["artifacts"]["fp32", "gguf"],
+            "onnx": arch_artifacts["artifacts"]["fp32", "onnx"], "tvm": arch_artifacts["artifacts"]["fp32", "tvm"]}
+    if runtime == "llamacpp-bare":
+        path[runtime] = shutil.copy(path["llamacpp"] / "model.gguf", tmp_path / "model.gguf")
+    eog = GenerationConfig.from_pretrained(arch_run["model"]).eos_token_id
+    with edgelm.load(path[runtime], threads=1) as rt:
+        assert rt.encode(rt.apply_chat_template(CHAT), special=False) == want
+        assert set([eog] if isinstance(eog, int) else eog) <= set(rt.tokenizer.eos_ids)
+
+
 @pytest.mark.parametrize("target", ["gguf", "onnx", "tvm"])
-def test_sliding_window_caps_the_exported_context(arch_run, arch_artifacts, target):
-    """A window below the context: neither llama.cpp's graph nor the ONNX builder's CPU attention applies it, so
-    the artifact's context stops at the window (where both attentions are equal), and its manifest says so."""
-    window = ARCH_EXTRAS.get(arch_run["arch"], {}).get("sliding_window")
-    if window is None:
-        pytest.skip(f"{arch_run['arch']} has no sliding window")
+def test_sliding_windows_are_applied_or_cap_the_context(arch_run, arch_artifacts, target):
+    """A window below the context. Where the target's runtime applies the arch's windows (Gemma 3 on every target),
+    the artifact keeps the whole context and matches PyTorch past the window, prefilled and decoded; elsewhere
+    (Mistral: neither llama.cpp's graph nor the ONNX builder's attention applies it) the context stops at the
+    window, where both attentions are equal, and the manifest says so."""
     import numpy as np
 
     import edgelm
     from edgelm.errors import EdgelmError
     from edgelm.manifest import read_manifest
+    from edgelm.models.loader import read_config
 
+    cfg = read_config(arch_run["model"])
+    arch = ARCHS.get(arch_run["arch"])
+    window = min((w for w in arch.windows(cfg) if w), default=0)
+    if not window:
+        pytest.skip(f"{arch_run['arch']} has no sliding window")
     folder = arch_artifacts["artifacts"]["fp32", target]
-    assert any(f"sliding window {window}" in n for n in read_manifest(folder)["notes"])
     ids = [int(i) for i in np.random.default_rng(0).integers(3, 600, window + 40)]
+    atol = 0.25 if target == "gguf" else 1e-3
     with edgelm.load(arch_run["model"], threads=1) as ref, edgelm.load(folder, threads=1) as rt:
+        if arch.applies_windows(cfg, target):
+            assert rt.context == cfg["max_position_embeddings"]
+            np.testing.assert_allclose(rt.logits(ids), ref.logits(ids), atol=atol)  # every position, past the window
+            assert rt.greedy(ids, 8) == ref.greedy(ids, 8)  # one token at a time over a cache longer than the window
+            return
+        assert any(f"sliding window {window}" in n for n in read_manifest(folder)["notes"])
         assert rt.context == window
-        np.testing.assert_allclose(rt.logits(ids[:window]), ref.logits(ids[:window]), atol=0.25 if target == "gguf"
-                                   else 1e-3)
+        np.testing.assert_allclose(rt.logits(ids[:window]), ref.logits(ids[:window]), atol=atol)
         with pytest.raises(EdgelmError, match="exceed the context"):
             rt.logits(ids)
         assert len(rt.generate(ids[: window - 4], max_new_tokens=8).ids) <= 4  # generation stops at the window

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from edgelm.errors import EdgelmError
 from edgelm.artifact.config import ExportConfig
 
 log = logging.getLogger(__name__)
+GENERATION_CONFIG = "generation_config.json"  # copied from the source into every artifact
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,10 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
                 source["imatrix"] = _write_imatrix(c, src, work)
         log.info("exporting %s -> %s (%s)", c.model, c.target, preset.name)
         fields = target.export(src, preset, tmp, work, c)
+        if (src / GENERATION_CONFIG).is_file() and not (tmp / GENERATION_CONFIG).is_file():
+            # the model's end-of-generation ids (Llama 3's <|eot_id|>, Gemma's <end_of_turn>...): every runtime stops
+            # at them, not only at the tokenizer's eos_token
+            shutil.copyfile(src / GENERATION_CONFIG, tmp / GENERATION_CONFIG)
         fields_time = time.perf_counter() - t0
         if c.check:
             rt = target.open(tmp, threads=c.threads, work=work)

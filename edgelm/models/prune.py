@@ -19,22 +19,27 @@ from edgelm.registry import STUDENT_ZOO
 
 log = logging.getLogger(__name__)
 
-# Per-architecture module names (all supported archs share the Llama block layout).
+# Module names every supported arch's block has (edgelm.models.archs: the Llama block, Phi-3's fused projections and
+# Gemma's extra norms are handled by name below).
 BLOCK_NAMES = {
     "layers": "model.layers",
-    "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),  # rows are MLP neurons
     "mlp_out": "mlp.down_proj",  # columns are MLP neurons
     "attn_out": "self_attn.o_proj",  # columns are the query heads' outputs, head by head
-    "norms": ("input_layernorm", "post_attention_layernorm"),  # their outputs rank the hidden channels
+    # the block's RMSNorms (Gemma has all four); their outputs rank the hidden channels
+    "norms": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
 }
 # Which axis of each weight runs over what width pruning removes: "hidden" channels (the residual stream), "mlp"
-# neurons or query "heads" (head_dim rows or columns each). Matched by the longest suffix of the weight's name.
+# neurons or query "heads" (head_dim rows or columns each); Phi-3's fused projections stack them: "qkv" (the kept
+# heads' query rows, then every key and value row) and "mlp2" (the kept neurons' gate rows, then their up rows).
+# Matched by the longest suffix of the weight's name.
 PRUNED_AXES: dict[str, dict[int, str]] = {
     "embed_tokens.weight": {1: "hidden"},
     "lm_head.weight": {1: "hidden"},
     "norm.weight": {0: "hidden"},
     "input_layernorm.weight": {0: "hidden"},
     "post_attention_layernorm.weight": {0: "hidden"},
+    "pre_feedforward_layernorm.weight": {0: "hidden"},
+    "post_feedforward_layernorm.weight": {0: "hidden"},
     "self_attn.q_proj.weight": {0: "heads", 1: "hidden"},
     "self_attn.q_proj.bias": {0: "heads"},
     "self_attn.k_proj.weight": {1: "hidden"},
@@ -42,11 +47,13 @@ PRUNED_AXES: dict[str, dict[int, str]] = {
     "self_attn.v_proj.weight": {1: "hidden"},
     "self_attn.v_proj.bias": {},
     "self_attn.o_proj.weight": {0: "hidden", 1: "heads"},
-    "self_attn.q_norm.weight": {},  # over one head's channels (Qwen3): unchanged by every pruning
+    "self_attn.qkv_proj.weight": {0: "qkv", 1: "hidden"},
+    "self_attn.q_norm.weight": {},  # over one head's channels (Qwen3, Gemma 3): unchanged by every pruning
     "self_attn.k_norm.weight": {},
     "mlp.gate_proj.weight": {0: "mlp", 1: "hidden"},
     "mlp.up_proj.weight": {0: "mlp", 1: "hidden"},
     "mlp.down_proj.weight": {0: "hidden", 1: "mlp"},
+    "mlp.gate_up_proj.weight": {0: "mlp2", 1: "hidden"},
 }
 # Per-layer config lists that must shrink along with the layers (transformers 5 configs).
 PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
@@ -180,7 +187,7 @@ def hidden_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> torc
         sums.add_(output.abs().double().sum(dim=(0, 1)).cpu())  # output [B, T, H]
 
     count = _calibrate(model, batches, [layer.get_submodule(name).register_forward_hook(fn) for layer in _layers(model)
-                                        for name in BLOCK_NAMES["norms"]])
+                                        for name in BLOCK_NAMES["norms"] if hasattr(layer, name)])
     return sums / max(count, 1)
 
 
@@ -255,20 +262,26 @@ def prune(
             if old not in keep_layers:
                 continue
             key = f"{prefix}{keep_layers.index(old)}.{rest}"
-        index: dict[str, torch.Tensor | None] = {"hidden": keep_hidden, "mlp": None, "heads": None}
+        index: dict[str, torch.Tensor | None] = {"hidden": keep_hidden, "mlp": None, "heads": None, "qkv": None,
+                                                 "mlp2": None}
         if old is not None and inter < tc.intermediate_size:
             index["mlp"] = _top(neuron_scores[old], inter)
+            index["mlp2"] = torch.cat([index["mlp"], tc.intermediate_size + index["mlp"]])  # gate rows, up rows
         if old is not None and nq < tc.num_attention_heads:
             kept = _kept_heads(head_scores[old], nq, tc.num_key_value_heads)  # [nq]
             index["heads"] = (kept[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)  # rows of kept heads
+            kv_rows = torch.arange(2 * tc.num_key_value_heads * head_dim)  # every key and value row
+            index["qkv"] = torch.cat([index["heads"], tc.num_attention_heads * head_dim + kv_rows])
         axes = _axes_of(key)
-        if axes is None and (keep_hidden is not None or index["mlp"] is not None or index["heads"] is not None):
+        if axes is None and any(v is not None for v in index.values()):
             raise EdgelmError(f"width pruning does not know the weight {key!r}; prune depth only (--layers) for this "
                               "model")
         for axis, kind in (axes or {}).items():
             if index[kind] is not None:
                 value = value.index_select(axis, index[kind])
         new_state[key] = value.clone()
+    if keep_hidden is not None:
+        _keep_embedding_scale(new_state, tc.to_dict(), hidden)
     missing, unexpected = student.load_state_dict(new_state, strict=False)
     # Tied embeddings show up as a missing lm_head; anything else is a bug in the name table.
     missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
@@ -276,6 +289,27 @@ def prune(
         raise EdgelmError(f"pruning left weights unmatched (missing {missing[:3]}, unexpected {unexpected[:3]})")
     student.eval()
     return student
+
+
+def _keep_embedding_scale(state: dict[str, torch.Tensor], cfg: dict, hidden: int) -> None:
+    """An arch that scales its embeddings by sqrt(hidden) (Gemma) scales a narrower student's by less: the kept
+    embedding rows are multiplied by c = sqrt(old / new) to make up for it, and the final norm's scale divided by c,
+    so the tied lm_head's logits stay as they were."""
+    import math
+
+    from edgelm.models.archs import get_arch
+
+    arch = get_arch(cfg.get("model_type"))
+    if not arch.embed_scale:
+        return
+    c = math.sqrt(cfg["hidden_size"] / hidden)
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"] * c
+    norm = state["model.norm.weight"]
+    state["model.norm.weight"] = (arch.norm_offset + norm) / c - arch.norm_offset
+    if cfg.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)  # the same matrix: loaded after the embedding, it would undo the scaling
+    elif "lm_head.weight" in state:
+        state["lm_head.weight"] = state["lm_head.weight"] * c  # an untied head: its input was divided by c
 
 
 def choose_layers(scores: list[float], n_keep: int) -> list[int]:

@@ -21,9 +21,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
-# Linear layers that weight-only presets quantize (every supported arch has the Llama block's names); lm_head and
-# embeddings stay float, except in mixed plans (edgelm.quant.mixed), which also quantize the lm_head.
-QUANT_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Linear layers that weight-only presets quantize: the Llama block's, and Phi-3's fused ones (edgelm.models.archs
+# Arch.linears); lm_head and embeddings stay float, except in mixed plans (edgelm.quant.mixed), which also quantize
+# the lm_head.
+QUANT_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                 "gate_up_proj")
 
 
 @dataclass
@@ -54,6 +56,18 @@ class QLinear:
             return None
         gs = n_in // n_groups
         return gs if torch.equal(self.g_idx.long(), torch.arange(n_in) // gs) else None
+
+
+def stack_rows(parts: list[QLinear]) -> QLinear:
+    """Linears that read the same input as one whose output rows are theirs in order (Phi-3's gate_up_proj from a
+    gate_proj and an up_proj): the same codes, scales and zeros, exactly."""
+    import torch
+
+    first = parts[0]
+    if any(p.bits != first.bits or not torch.equal(p.g_idx, first.g_idx) for p in parts):
+        raise EdgelmError("linears with different bits or groups can't be stacked into one")
+    return QLinear(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                   torch.cat([p.zeros for p in parts]), first.g_idx, first.bits)
 
 
 def container_bits(bits: int) -> int:

@@ -6,11 +6,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgelm.errors import EdgelmError
 from edgelm.quant.config import QuantizeConfig
 from edgelm.quant.presets import QuantPreset
+
+if TYPE_CHECKING:
+    from edgelm.models.qformat import QLinear
 
 log = logging.getLogger(__name__)
 MIN_CALIB_SAMPLES = 4
@@ -154,7 +157,21 @@ def _gptq(source, tok, preset: QuantPreset, tmp: Path, *, data, text_field, samp
         run_gptq(source.path, work_p / "calib.npy", work_p / "out", bits=preset.bits, group_size=preset.group_size,
                  sym=preset.sym, act_order=preset.act_order, damp=preset.damp, mse=preset.mse, device=device,
                  log_path=log_path)
-        _, _, qlinears = read_quantized(work_p / "out")
+        cfg, _, qlinears = read_quantized(work_p / "out")
+    return fuse_parts(cfg, qlinears)
+
+
+def fuse_parts(cfg: dict[str, Any], qlinears: dict[str, "QLinear"]) -> dict[str, "QLinear"]:
+    """The model's own fused projections from their parts, where GPTQModel quantized them apart (it loads Phi-3's
+    gate_up_proj as a gate_proj and an up_proj: the same input, so their rows stack exactly)."""
+    from edgelm.models.archs import get_arch
+    from edgelm.models.qformat import stack_rows
+
+    for fused, parts in get_arch(cfg.get("model_type")).fused:
+        for name in [n for n in qlinears if n.endswith("." + parts[0])]:
+            head = name[: -len(parts[0])]
+            if all(head + p in qlinears for p in parts):
+                qlinears[head + fused] = stack_rows([qlinears.pop(head + p) for p in parts])
     return qlinears
 
 

@@ -201,3 +201,77 @@ def test_nope_flags_follow_the_kept_layers_and_gguf_names_a_pattern_it_cannot_ca
     with pytest.raises(EdgelmError, match=r"llama.cpp's graph skips RoPE on every 4th layer, this model on layers "
                                           r"\[1\]; export to onnx or tvm"):
         arch.gguf_check(student.config.to_dict())
+
+
+def _tiny(model_type: str, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=None,
+                               tie_word_embeddings=True, **extra)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_phi3_fused_projections_prune_as_their_parts():
+    """Phi-3's qkv_proj and gate_up_proj stack the Llama block's projections: a Phi-3 pruned in heads, MLP neurons
+    and hidden channels computes exactly what the same Llama (its fused weights split) pruned alike computes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    phi = _tiny("phi3", initializer_range=0.2)
+    llama = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", **{k: getattr(phi.config, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                        "num_hidden_layers", "num_attention_heads",
+                                                        "num_key_value_heads", "rms_norm_eps")},
+        tie_word_embeddings=True)).eval()
+    state, q, kv, inter = {}, 4 * 16, 2 * 16, 128
+    for k, v in phi.state_dict().items():
+        if k.endswith("qkv_proj.weight"):
+            head = k[: -len("qkv_proj.weight")]
+            state.update({head + "q_proj.weight": v[:q], head + "k_proj.weight": v[q:q + kv],
+                          head + "v_proj.weight": v[q + kv:]})
+        elif k.endswith("gate_up_proj.weight"):
+            head = k[: -len("gate_up_proj.weight")]
+            state.update({head + "gate_proj.weight": v[:inter], head + "up_proj.weight": v[inter:]})
+        else:
+            state[k] = v
+    llama.load_state_dict(state, strict=False)
+    llama.tie_weights()
+    ids = torch.randint(0, 64, (1, 24))
+    with torch.no_grad():
+        assert torch.allclose(phi(ids).logits, llama(ids).logits, atol=1e-5)  # the same model
+    g = torch.Generator().manual_seed(1)
+    scores = dict(neuron_scores=[torch.rand(inter, generator=g) for _ in range(2)],
+                  hidden_scores=torch.rand(64, generator=g), head_scores=[torch.rand(4, generator=g) for _ in range(2)])
+    kw = dict(hidden_size=32, heads=2, **{k: v for k, v in scores.items() if k != "neuron_scores"})
+    small_phi = prune(phi, [0, 1], 64, scores["neuron_scores"], **kw)
+    small_llama = prune(llama, [0, 1], 64, scores["neuron_scores"], **kw)
+    assert small_phi.model.layers[0].self_attn.qkv_proj.weight.shape == (2 * 16 + 2 * kv, 32)
+    assert small_phi.model.layers[0].mlp.gate_up_proj.weight.shape == (2 * 64, 32)
+    with torch.no_grad():
+        assert torch.allclose(small_phi(ids).logits, small_llama(ids).logits, atol=1e-5)
+
+
+def test_gemma_prunes_its_four_norms_and_keeps_its_embedding_scale():
+    """Gemma 3's block has four norms and q/k norms; a narrower student scales its embeddings by sqrt(its hidden),
+    which pruning makes up for (embedding rows times sqrt(old / new), the final norm's scale divided by it), so the
+    kept channels of the scaled embeddings are the teacher's."""
+    teacher = _tiny("gemma3_text", head_dim=16, initializer_range=0.2, layer_types=["sliding_attention",
+                                                                                    "full_attention"])
+    ids = torch.randint(0, 64, (1, 24))
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.rand(64, generator=g)
+    student = prune(teacher, [0, 1], hidden_size=32, hidden_scores=hidden)
+    layer = student.model.layers[0]
+    for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"):
+        assert getattr(layer, name).weight.shape == (32,)
+    assert layer.self_attn.q_norm.weight.shape == (16,)
+    kept = torch.topk(hidden, 32).indices.sort().values
+    scale = (64 / 32) ** 0.5
+    assert torch.allclose(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight[:, kept] * scale)
+    with torch.no_grad():
+        h_teacher = teacher.model.embed_tokens(ids)[..., kept]  # [1, T, 32], scaled by sqrt(64)
+        h_student = student.model.embed_tokens(ids)  # scaled by sqrt(32), rows times sqrt(2)
+        assert torch.allclose(h_student, h_teacher, atol=1e-5)
+        assert torch.isfinite(student(ids).logits).all()
