@@ -25,7 +25,7 @@ def test_unsupported_architecture(tmp_path, tiny_tokenizer_dir):
     AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(tmp_path / "gpt2")
     for target in ("gguf", "onnx"):
         r = run_cli("export", str(tmp_path / "gpt2"), "--target", target, "--out", str(tmp_path / "o"))
-        _fails(r, "'gpt2'", "supported architectures: llama, mistral, qwen2")
+        _fails(r, "'gpt2'", "supported architectures: gemma3_text, llama, mistral, phi3, qwen2, qwen3, smollm3")
     r = run_cli("quantize", str(tmp_path / "gpt2"), "--quant", "int8", "--out", str(tmp_path / "o"))
     _fails(r, "supported architectures")
     assert not (tmp_path / "o").exists()

@@ -212,8 +212,6 @@ def test_imatrix_without_the_tool_is_one_line(tiny_q_model, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("target, rope, error", [
-    ("gguf", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
-     "GGUF export does not support rope_type 'yarn' .*scales its cos/sin by 1.1386"),
     *((t, {"rope_type": "dynamic", "factor": 2.0}, "rope_type 'dynamic' changes its frequencies with the sequence "
        "length") for t in ("gguf", "onnx", "tvm")),
 ])
@@ -242,3 +240,25 @@ def test_llama3_rope_is_llamacpps_frequency_table(tiny_q_model, tmp_path):
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
     assert qtype == "F32" and freqs.shape == (head_dim // 2,)
     assert freqs[0] == 1.0 and freqs[-1] == 8.0 and np.all(np.diff(freqs) >= 0)  # high frequencies kept, low scaled
+
+
+def test_yarn_reaches_llamacpp_as_its_table_and_attention_factor(tiny_q_model, tmp_path):
+    """YaRN (Qwen2.5's long-context configs): transformers' frequencies as llama.cpp's rope_freqs table and its
+    cos/sin scale (0.1 ln 4 + 1 = 1.1386) as rope.scaling.attn_factor: llama.cpp computes what PyTorch does."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import edgelm
+    from tests.conftest import with_rope
+
+    src = with_rope(tiny_q_model, tmp_path / "yarn", {"rope_type": "yarn", "factor": 4.0,
+                                                      "original_max_position_embeddings": 128})
+    _write(src, tmp_path / "m.gguf")
+    fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
+    assert float(fields["llama.rope.scaling.attn_factor"].parts[-1][0]) == pytest.approx(0.1 * np.log(4) + 1, 1e-6)
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, 500, 200)]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(src).eval()(torch.tensor([ids])).logits[0].numpy()
+    with edgelm.load(tmp_path / "m.gguf", threads=1) as rt:
+        np.testing.assert_allclose(rt.logits(ids), ref, atol=0.05)  # past the original 128 positions too

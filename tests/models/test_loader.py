@@ -59,7 +59,8 @@ def test_unsupported_architecture_lists_supported(tmp_path, tiny_tokenizer_dir):
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(tmp_path)
-    with pytest.raises(EdgelmError, match="'gpt2' model; supported architectures: llama"):
+    with pytest.raises(EdgelmError, match="'gpt2' model; supported architectures: gemma3_text, llama, mistral, phi3, "
+                                          "qwen2, qwen3, smollm3"):
         load_model(tmp_path)
 
 
