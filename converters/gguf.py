@@ -322,7 +322,9 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
     if q_scale != 1.0 and not arch.qk_norm:
         raise EdgelmError(f"GGUF export of this {arch.name} model is not supported: its attention scale "
                           f"{arch.attention_scale(cfg):.4g} is not llama.cpp's head_dim ** -0.5; export to onnx or tvm")
-    exact = {n: type_of(ql).name for n, ql in src.qlinears.items()}  # module -> the type holding its codes
+    exact, qshape = {}, {}  # module -> the type holding its codes, [out, in] (one linear read at a time)
+    for n, ql in src.qlinears.items():
+        exact[n], qshape[n] = type_of(ql).name, ql.shape
     tied_q = "lm_head" in src.qlinears and src.tied  # a mixed plan's tied embedding: one exact matrix
     plan: list[_Planned] = []
     names = list(src.tensors) + [f"{n}.weight" for n in src.qlinears]
@@ -344,10 +346,11 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
         if tied_q and gname == "token_embd.weight":
             module = "lm_head"
         if hf.endswith(".weight") and module in src.qlinears:
-            ql, qtype = src.qlinears[module], exact[module]
-            shape = (ql.shape[0], tensor_bytes((1, ql.shape[1]), qtype))
-            plan.append(_Planned(gname, shape, qtype, shape[0] * shape[1],
-                                 lambda ql=ql, qtype=qtype, permute=permute: pack_exact(ql, qtype, permute)))
+            qtype, (out_f, in_f) = exact[module], qshape[module]
+            shape = (out_f, tensor_bytes((1, in_f), qtype))
+            plan.append(_Planned(gname, shape, qtype, shape[0] * shape[1],  # the codes read when written
+                                 lambda m=module, qtype=qtype, permute=permute: pack_exact(src.qlinears[m], qtype,
+                                                                                          permute)))
             continue
         shape = src.shape(hf)
         qtype = "F32" if len(shape) == 1 else float_type

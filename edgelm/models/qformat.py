@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,32 +159,50 @@ def save_quantized(folder: Path, model, tokenizer, qlinears: dict[str, QLinear],
         model.generation_config.save_pretrained(folder)
 
 
-def read_quantized(folder: str | Path) -> tuple[dict, dict[str, "torch.Tensor"], dict[str, QLinear]]:
-    """(config dict, float tensors, QLinear per module) of a GPTQ-format folder."""
-    from safetensors import safe_open
+class LazyQLinears(Mapping):
+    """module -> QLinear of a GPTQ-format folder, each read and unpacked when it is asked for (a model of any size:
+    one linear's codes in memory at a time)."""
+
+    PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+    def __init__(self, files: list[Path], q: dict[str, Any]) -> None:
+        from edgelm.models.weights import LazySafetensors
+
+        self._raw = LazySafetensors(files, floats_only=False, only=lambda n: n.rsplit(".", 1)[-1] in self.PARTS)
+        self._q, self._v1 = q, q.get("checkpoint_format", "gptq") == "gptq"
+        self._modules = sorted({n.rsplit(".", 1)[0] for n in self._raw if n.endswith(".qweight")})
+
+    def __getitem__(self, module: str) -> QLinear:
+        if module not in self._modules:
+            raise KeyError(module)
+        parts = {p: self._raw.raw(f"{module}.{p}") for p in self.PARTS}
+        return unpack_gptq(parts, module_bits(self._q, module), v1=self._v1)
+
+    def shape(self, module: str) -> tuple[int, int]:
+        """(out, in) without reading the codes."""
+        return self._raw.shape(f"{module}.scales")[1], self._raw.shape(f"{module}.g_idx")[0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+def read_quantized(folder: str | Path) -> tuple[dict, Mapping[str, "torch.Tensor"], Mapping[str, QLinear]]:
+    """(config dict, float tensors as float32, QLinear per module) of a GPTQ-format folder; tensors and linears are
+    read when they are asked for."""
+    from edgelm.models.weights import LazySafetensors, safetensors_files
 
     folder = Path(folder)
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     q = cfg.get("quantization_config") or {}
     if q.get("quant_method") != "gptq":
         raise EdgelmError(f"{folder} is not a GPTQ-format checkpoint (quantization_config.quant_method != 'gptq')")
-    v1 = q.get("checkpoint_format", "gptq") == "gptq"
-    tensors: dict[str, Any] = {}
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise EdgelmError(f"{folder} has no .safetensors weights")
-    try:
-        for f in files:
-            with safe_open(str(f), "pt") as sf:
-                for k in sf.keys():
-                    tensors[k] = sf.get_tensor(k)
-    except Exception as e:
-        raise EdgelmError(f"{folder}: could not read the weights ({type(e).__name__}: {e}); the checkpoint may be corrupt") from None
-    qlinears: dict[str, QLinear] = {}
-    for k in [k for k in tensors if k.endswith(".qweight")]:
-        name = k[: -len(".qweight")]
-        parts = {p: tensors.pop(f"{name}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx")}
-        qlinears[name] = unpack_gptq(parts, module_bits(q, name), v1=v1)
+    files = safetensors_files(folder)
+    qlinears = LazyQLinears(files, q)
+    tensors = LazySafetensors(files, floats_only=False,
+                              only=lambda n: n.rsplit(".", 1)[-1] not in LazyQLinears.PARTS)
     return cfg, tensors, qlinears
 
 
@@ -215,12 +234,18 @@ def load_quantized_model(folder: str | Path):
     cfg.pop("quantization_config", None)
     config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("transformers_version",)})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-    sd.update({f"{n}.weight": ql.dequantize() for n, ql in qlinears.items()})
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    expected = set(model.state_dict())
+    values = [(k, lambda k=k: tensors[k]) for k in tensors]
+    values += [(f"{n}.weight", lambda n=n: qlinears[n].dequantize()) for n in qlinears]
+    unexpected = [k for k, _ in values if k not in expected]
+    loaded = {k for k, _ in values}
+    missing = [m for m in expected - loaded if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise EdgelmError(f"{folder}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    state = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for k, value in values:  # one tensor read at a time
+            state[k].copy_(value())
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()

@@ -50,13 +50,22 @@ def quantize_to_folder(model_spec: str, preset: QuantPreset, tmp: Path, *, data:
     """Write the quantized checkpoint of ``model_spec`` into the (empty) folder ``tmp``; return manifest fields."""
     import torch
 
-    from edgelm.models.loader import load_model
+    from edgelm.models.loader import load_model, resolve
     from edgelm.models.qformat import quantized_linears, save_quantized
     from edgelm.quant.rtn import rtn_quantize
 
     if preset.method == "llamacpp":
         raise EdgelmError(f"{preset.name} is llama.cpp's own quantizer and applies at export: "
                           f"edgelm export MODEL --target gguf --quant {preset.name}")
+    if preset.method == "rtn":
+        source = resolve(model_spec)
+        if source.kind != "hub" and any(Path(source.path).glob("*.safetensors")):  # a folder: stream it
+            from edgelm.quant.rtn import rtn_folder
+
+            n = rtn_folder(Path(source.path), tmp, preset)
+            log.info("RTN %s: %d linears, tensor by tensor", preset.name, n)
+            return {"source": {"spec": source.spec, "kind": source.kind, "sha256": source.sha256},
+                    "preset": preset.as_dict()}
     model, tok, source = load_model(model_spec)
     fields: dict[str, Any] = {"source": {"spec": source.spec, "kind": source.kind, "sha256": source.sha256},
                               "preset": preset.as_dict()}
@@ -157,7 +166,8 @@ def _gptq(source, tok, preset: QuantPreset, tmp: Path, *, data, text_field, samp
         run_gptq(source.path, work_p / "calib.npy", work_p / "out", bits=preset.bits, group_size=preset.group_size,
                  sym=preset.sym, act_order=preset.act_order, damp=preset.damp, mse=preset.mse, device=device,
                  log_path=log_path)
-        cfg, _, qlinears = read_quantized(work_p / "out")
+        cfg, _, lazy = read_quantized(work_p / "out")
+        qlinears = dict(lazy.items())  # read now: the work folder goes
     return fuse_parts(cfg, qlinears)
 
 
