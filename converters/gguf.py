@@ -287,6 +287,37 @@ def pack_exact(ql: "QLinear", qtype: str, permute: Callable[["np.ndarray"], "np.
     return np.ascontiguousarray(blocks.reshape(out_f, -1))
 
 
+CHUNK_BYTES = 64 << 20  # float32 bytes of rows read at a time from a big matrix
+
+
+def _encode(a: "np.ndarray", qtype: str) -> "np.ndarray":
+    """float rows as a GGML type: F32, F16, or gguf-py's quantizer (Q8_0 for a quantized preset's embedding)."""
+    import gguf
+    import numpy as np
+
+    if qtype == "F32":
+        return np.ascontiguousarray(a, dtype=np.float32)
+    if qtype == "F16":
+        return a.astype(np.float16)
+    return gguf.quants.quantize(a, gguf.GGMLQuantizationType[qtype])
+
+
+class ChunkedRows:
+    """A tensor gguf-py's writer writes in slices of rows (it asks only ``nbytes`` and ``tofile``), each made when
+    it is written: ``encode(start, stop)`` -> the rows' bytes in the tensor's type."""
+
+    def __init__(self, rows: int, row_bytes: int, encode) -> None:
+        self.rows, self.row_bytes, self.encode = rows, row_bytes, encode
+        self.nbytes = rows * row_bytes
+        self.step = max(1, CHUNK_BYTES // max(1, row_bytes * 4))
+
+    def tofile(self, f) -> None:
+        for a in range(0, self.rows, self.step):
+            part = self.encode(a, min(self.rows, a + self.step))
+            assert part.nbytes == (min(self.rows, a + self.step) - a) * self.row_bytes
+            part.tofile(f)
+
+
 @dataclass
 class _Planned:
     name: str
@@ -356,23 +387,30 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
         qtype = "F32" if len(shape) == 1 else float_type
         if exact and gname in ("token_embd.weight", "output.weight") and shape[1] % block_size("Q8_0")[0] == 0:
             qtype = "Q8_0"  # quantized presets keep embedding/output at 8 bits, as llama.cpp keeps its output tensor
+        stored = shape if qtype in ("F32", "F16") else (shape[0], tensor_bytes((1, shape[1]), qtype))
         # an RMSNorm's scale as llama.cpp multiplies by it: Gemma's offset + weight (as llama.cpp's converter
         # writes it), the query norm's also times the attention scale llama.cpp does not apply (Gemma's
         # query_pre_attn_scalar): q·k is linear in q, and RoPE too
         scale = (arch.norm_offset, q_scale if gname.endswith("attn_q_norm.weight") else 1.0) \
             if hf.endswith("norm.weight") else (0.0, 1.0)
 
+        rows_of = getattr(src.tensors, "rows", None)
+        if rows_of is not None and len(shape) == 2 and shape[0] * shape[1] * 4 > CHUNK_BYTES \
+                and ".attn_q." not in gname and ".attn_k." not in gname:  # (q/k rows are permuted per head)
+            # a big matrix (the embedding, the lm_head) is read, converted and written a slice of rows at a time
+            def chunked(hf=hf, qtype=qtype, shape=shape):
+                return ChunkedRows(shape[0], tensor_bytes((1, shape[1]), qtype),
+                                   lambda a, b: _encode(rows_of(hf, a, b).numpy(), qtype))
+
+            plan.append(_Planned(gname, stored, qtype, tensor_bytes(shape, qtype), chunked))
+            continue
+
         def make(hf=hf, permute=permute, qtype=qtype, scale=scale):
             a = permute(src.tensors[hf].numpy())  # read now: one tensor in memory at a time
             if scale != (0.0, 1.0):
                 a = (a.astype(np.float32) + np.float32(scale[0])) * np.float32(scale[1])
-            if qtype == "F32":
-                return np.ascontiguousarray(a, dtype=np.float32)
-            if qtype == "F16":
-                return a.astype(np.float16)
-            return gguf.quants.quantize(a, gguf.GGMLQuantizationType[qtype])
+            return _encode(a, qtype)
 
-        stored = shape if qtype in ("F32", "F16") else (shape[0], tensor_bytes((1, shape[1]), qtype))
         plan.append(_Planned(gname, stored, qtype, tensor_bytes(shape, qtype), make))
 
     # the frequency tables first, as llama.cpp's converter writes them: ggml's RoPE reads a table entry for every

@@ -78,11 +78,15 @@ def container_bits(bits: int) -> int:
 
 
 def _pack(values: "torch.Tensor", bits: int) -> "torch.Tensor":
-    """Pack non-negative ints along dim 0: [n, m] -> int32 [n*bits/32, m]."""
+    """Pack non-negative ints along dim 0: [n, m] -> int32 [n*bits/32, m] (code k of a word in bits k*b..)."""
     import torch
 
     bits = container_bits(bits)
     per = 32 // bits
+    if bits in (4, 8):  # byte views: the words' little-endian bytes, two 4-bit codes (low nibble first) or one
+        v = values.to(torch.uint8).reshape(-1, per, values.shape[1]).permute(0, 2, 1)  # [n/per, m, per]
+        b = v[..., 0::2] | (v[..., 1::2] << 4) if bits == 4 else v  # [n/per, m, 4]
+        return b.contiguous().flatten().view(torch.int32).reshape(-1, values.shape[1])
     v = values.to(torch.int64).reshape(-1, per, values.shape[1])  # [n/per, per, m]
     shifts = (torch.arange(per, dtype=torch.int64) * bits)[None, :, None]
     packed = (v << shifts).sum(1)  # [n/per, m], fits in uint32
@@ -90,15 +94,20 @@ def _pack(values: "torch.Tensor", bits: int) -> "torch.Tensor":
 
 
 def _unpack(packed: "torch.Tensor", bits: int) -> "torch.Tensor":
-    """Inverse of :func:`_pack`: int32 [n, m] -> int64 [n*32/bits, m]."""
+    """Inverse of :func:`_pack`: int32 [n, m] -> uint8 [n*32/bits, m]."""
     import torch
 
     bits = container_bits(bits)
     per = 32 // bits
+    n, m = packed.shape
+    if bits in (4, 8):
+        b = packed.contiguous().flatten().view(torch.uint8).reshape(n, m, 4)  # each word's bytes, little-endian
+        v = torch.stack((b & 0x0F, b >> 4), -1).reshape(n, m, 8) if bits == 4 else b  # [n, m, per]
+        return v.permute(0, 2, 1).reshape(-1, m)
     p = packed.to(torch.int64) & 0xFFFFFFFF  # [n, m]
     shifts = (torch.arange(per, dtype=torch.int64) * bits)[None, :, None]
     v = (p[:, None, :] >> shifts) & (2**bits - 1)  # [n, per, m]
-    return v.reshape(-1, packed.shape[1])
+    return v.reshape(-1, m).to(torch.uint8)
 
 
 def pack_gptq(ql: QLinear) -> dict[str, "torch.Tensor"]:

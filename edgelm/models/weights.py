@@ -71,6 +71,18 @@ class LazySafetensors(Mapping):
         t = torch.from_numpy(a)
         return t.view(torch.bfloat16) if dtype == "BF16" else t
 
+    def rows(self, name: str, start: int, stop: int) -> "torch.Tensor":
+        """Rows [start, stop) of a float tensor, as float32 (only those bytes are read)."""
+        import numpy as np
+        import torch
+
+        f, dtype, shape, offset, _ = self._index[name]
+        np_dtype, width = DTYPES[dtype]
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        a = np.fromfile(f, dtype=np_dtype, count=(stop - start) * row, offset=offset + start * row * width)
+        t = torch.from_numpy(a.reshape(stop - start, *shape[1:]))
+        return (t.view(torch.bfloat16) if dtype == "BF16" else t).float()
+
     def __getitem__(self, name: str) -> "torch.Tensor":
         t = self.raw(name)
         return t.float() if self.dtype(name) in FLOATS else t
@@ -95,7 +107,7 @@ class ShardWriter:
 
     INDEX = "model.safetensors.index.json"
 
-    def __init__(self, folder: Path, shard_bytes: int = 1 << 30) -> None:
+    def __init__(self, folder: Path, shard_bytes: int = 256 << 20) -> None:
         self.folder, self.shard_bytes = Path(folder), shard_bytes
         self._pending: dict[str, "torch.Tensor"] = {}
         self._size = 0

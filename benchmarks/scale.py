@@ -1,0 +1,208 @@
+"""Models of 1B-8B parameters on this machine: edgelm's quantize and export beside llama.cpp's own tools, on the same
+files, each command in its own process, timed, with its peak RSS (/usr/bin/time -v).
+
+    python benchmarks/scale.py                        # 135M, 1B (Llama-3.2-1B's shape)
+    python benchmarks/scale.py --sizes 135m 1b 8b     # and Llama-3.1-8B's shape (16 GB of bf16 safetensors)
+    python benchmarks/scale.py --sizes 1b --check     # also the 1B's int4-g32 export with its check
+
+The models are random-weight Llamas in the real shapes (vocab 128,256) with SmolLM2's tokenizer, written as bf16
+safetensors shards by this script (made once, under --work). llama.cpp's `convert_hf_to_gguf.py` comes from the
+llama.cpp that llama-cpp-python vendors (downloaded once from PyPI with its gguf-py), `llama-quantize` from
+`make llama-quantize`. Writes docs/results.md (section "scale"), docs/scale.png and docs/scale.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+from edgelm.report import md_table, update_section  # noqa: E402
+
+# Llama shapes: hidden, layers, heads, kv heads, MLP width, vocab, tied
+SHAPES = {
+    "135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                 intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),  # SmolLM2-135M
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),  # Llama-3.2-1B
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),  # Llama-3.1-8B
+}
+LLAMA_CPP_PYTHON = "0.3.36"
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def make_model(size: str, out: Path) -> Path:
+    """A random-weight Llama of ``size``'s shape as bf16 safetensors, one shard per block (written block by block:
+    the 8B never sits in memory), with SmolLM2's tokenizer. Made once."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from edgelm.models.loader import resolve
+
+    if (out / "config.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    s = SHAPES[size]
+    h, inter, layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    head = h // s["num_attention_heads"]
+    kv = s["num_key_value_heads"] * head
+    rng = np.random.default_rng(0)
+
+    def rand(*shape) -> "torch.Tensor":
+        return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * 0.02).bfloat16()
+
+    shards: list[dict] = [{"model.embed_tokens.weight": rand(s["vocab_size"], h),
+                           "model.norm.weight": torch.ones(h).bfloat16()}]
+    if not s["tie_word_embeddings"]:
+        shards.append({"lm_head.weight": rand(s["vocab_size"], h)})
+    names = []
+    n = len(shards) + layers
+    for i, shard in enumerate(shards):
+        names.append(f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+        save_file(shard, str(tmp / names[-1]), metadata={"format": "pt"})
+    weight_map = {k: names[i] for i, shard in enumerate(shards) for k in shard}
+    del shards
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        block = {p + "input_layernorm.weight": torch.ones(h).bfloat16(),
+                 p + "post_attention_layernorm.weight": torch.ones(h).bfloat16(),
+                 p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
+                 p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
+                 p + "mlp.gate_proj.weight": rand(inter, h), p + "mlp.up_proj.weight": rand(inter, h),
+                 p + "mlp.down_proj.weight": rand(h, inter)}
+        name = f"model-{len(names) + 1:05d}-of-{n:05d}.safetensors"
+        save_file(block, str(tmp / name), metadata={"format": "pt"})
+        names.append(name)
+        weight_map.update({k: name for k in block})
+        logging.info("%s: block %d/%d written", size, i + 1, layers)
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    tok_dir = Path(resolve("smollm2-135m-instruct").path)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = LlamaConfig(**s, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg.dtype = "bfloat16"
+    cfg.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def llama_convert(work: Path) -> tuple[Path, Path]:
+    """(convert_hf_to_gguf.py, its gguf-py) from the llama.cpp that llama-cpp-python vendors, downloaded once."""
+    root = work / "llama-convert"
+    script, gguf_py = root / "convert_hf_to_gguf.py", root / "gguf-py"
+    if not script.is_file():
+        dl = work / "llama-sdist"
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(dl)], check=True)
+        shutil.unpack_archive(str(dl / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"), str(dl))
+        src = dl / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src / "gguf-py", gguf_py, dirs_exist_ok=True)
+        shutil.copyfile(src / "convert_hf_to_gguf.py", script)
+        shutil.rmtree(dl)
+    return script, gguf_py
+
+
+def llama_quantize() -> str:
+    found = shutil.which("llama-quantize") or shutil.which("llama-quantize", path=str(Path(sys.executable).parent))
+    if not found:
+        raise SystemExit("llama-quantize is missing: run `make llama-quantize`")
+    return found
+
+
+def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run ``cmd`` under /usr/bin/time -v: {"seconds", "peak_rss_mib", "rc"} (the peak is the largest process of
+    the tree, as time reports it: a child's, when the command runs one)."""
+    stats = log.with_suffix(".time")
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run(["/usr/bin/time", "-v", "-o", str(stats), *cmd], stdout=f, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}).returncode
+    seconds = time.perf_counter() - t0
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stats.read_text())
+    return {"seconds": round(seconds, 1), "peak_rss_mib": round(int(rss.group(1)) / 1024) if rss else None, "rc": rc}
+
+
+def edgelm(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edgelm", *args]
+
+
+def rows_for(size: str, model: Path, work: Path, check: bool) -> list[dict]:
+    """Every command on one model: llama.cpp's converter and quantizer, then edgelm's exports."""
+    script, gguf_py = llama_convert(work)
+    out = work / f"out-{size}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    pyenv = {"PYTHONPATH": str(gguf_py), "NO_LOCAL_GGUF": ""}
+    plan = [
+        ("llama.cpp", "convert_hf_to_gguf --outtype f16", [sys.executable, str(script), str(model), "--outtype", "f16",
+                                                          "--outfile", str(out / "f16.gguf")], pyenv),
+        ("llama.cpp", "convert_hf_to_gguf --outtype q8_0", [sys.executable, str(script), str(model), "--outtype",
+                                                           "q8_0", "--outfile", str(out / "q8.gguf")], pyenv),
+        ("llama.cpp", "llama-quantize f16 -> Q4_0", [llama_quantize(), str(out / "f16.gguf"), str(out / "q4_0.gguf"),
+                                                    "Q4_0", str(os.cpu_count() or 1)], None),
+        ("edgelm", "export --target gguf --quant fp16 --no-check",
+         edgelm("export", str(model), "--target", "gguf", "--quant", "fp16", "--no-check", "--out",
+                str(out / "e-fp16")), None),
+        ("edgelm", "export --target gguf --quant int4-g32 --no-check",
+         edgelm("export", str(model), "--target", "gguf", "--quant", "int4-g32", "--no-check", "--out",
+                str(out / "e-int4")), None),
+    ]
+    if check:
+        plan.append(("edgelm", "export --target gguf --quant int4-g32 (with the check)",
+                     edgelm("export", str(model), "--target", "gguf", "--quant", "int4-g32", "--out",
+                            str(out / "e-int4-check"), "--eval-seqs", "8", "--prompts", "2"), None))
+    rows = []
+    for tool, what, cmd, env in plan:
+        logging.info("%s: %s %s", size, tool, what)
+        r = measure(cmd, out / f"{len(rows)}.log", env)
+        rows.append({"size": size, "tool": tool, "command": what, **r})
+        logging.info("  %s", r)
+    shutil.rmtree(out, ignore_errors=True)  # GB of artifacts
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=["135m", "1b"], choices=list(SHAPES))
+    ap.add_argument("--work", type=Path, default=ROOT / "runs/bench-scale-models")
+    ap.add_argument("--check", action="store_true", help="also export int4-g32 with the check")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    rows = []
+    for size in args.sizes:
+        model = make_model(size, args.work / size)
+        rows += rows_for(size, model, args.work, args.check)
+    result = {"cpu": cpu_name(), "cores": os.cpu_count(), "rows": rows}
+    (ROOT / "docs/scale.json").write_text(json.dumps(result, indent=1))
+    table = md_table(["model", "tool", "command", "peak RSS (MiB)", "wall (s)"],
+                     [[r["size"], r["tool"], r["command"], r["peak_rss_mib"], r["seconds"] if r["rc"] == 0 else
+                       f"failed ({r['rc']})"] for r in rows])
+    update_section(ROOT / "docs/results.md", "scale", f"`python benchmarks/scale.py --sizes {' '.join(args.sizes)}"
+                   f"{' --check' if args.check else ''}` on {result['cpu']} ({result['cores']} cores)\n\n{table}")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
