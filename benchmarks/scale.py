@@ -101,6 +101,7 @@ def make_model(size: str, out: Path) -> Path:
     cfg = LlamaConfig(**s, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     cfg.dtype = "bfloat16"
+    cfg.architectures = ["LlamaForCausalLM"]
     cfg.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     tmp.rename(out)
@@ -119,6 +120,7 @@ def llama_convert(work: Path) -> tuple[Path, Path]:
         src = dl / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
         root.mkdir(parents=True, exist_ok=True)
         shutil.copytree(src / "gguf-py", gguf_py, dirs_exist_ok=True)
+        shutil.copytree(src / "conversion", root / "conversion", dirs_exist_ok=True)  # its per-arch modules
         shutil.copyfile(src / "convert_hf_to_gguf.py", script)
         shutil.rmtree(dl)
     return script, gguf_py

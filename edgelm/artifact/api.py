@@ -113,7 +113,7 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
                                         text_field=c.text_field, eval_seqs=c.eval_seqs, eval_seqlen=c.eval_seqlen,
                                         prompts=c.prompts, new_tokens=c.new_tokens,
                                         checkpoint=src if exact else None, exact_atol=target.exact_atol,
-                                        as_packed=(lambda m: target.as_packed(m, src)) if exact else None,
+                                        as_packed=target.packed_transforms(src) if exact else None,
                                         read_back=target.read_back(tmp, src) if exact else None)
             finally:
                 close = getattr(rt, "close", None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 from edgelm.errors import EdgelmError
@@ -50,6 +51,21 @@ def torch_greedy(model, ids, n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+def _ref_greedy(ref_model, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """The reference's greedy tokens for each prompt: one generate per prompt, or, for a streamed model (which reads
+    its blocks at every step), one for all of them (the prompts have one length)."""
+    import torch
+
+    from edgelm.models.streamed import STREAMED
+
+    if not getattr(ref_model, STREAMED, False) or len({len(p) for p in prompts}) != 1:
+        return [torch_greedy(ref_model, p, n) for p in prompts]
+    with torch.no_grad():
+        out = ref_model.generate(torch.as_tensor(prompts), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 num_beams=1, pad_token_id=0)
+    return out[:, len(prompts[0]):].tolist()
+
+
 def _greedy_same(ref_model, runtime, seqs, new_tokens: int, tie: float = 0.0) -> tuple[int, int]:
     """(prompts giving the reference's greedy tokens, prompts that part from them only at a tie: where the
     reference's logits for its token and the runtime's lie within ``tie``, or TIE_SHARE of that step's logit spread,
@@ -57,9 +73,9 @@ def _greedy_same(ref_model, runtime, seqs, new_tokens: int, tie: float = 0.0) ->
     import torch
 
     same = ties = 0
-    for s in seqs:
-        ids = [int(x) for x in s]
-        ref, got = torch_greedy(ref_model, ids, new_tokens), [int(t) for t in runtime.greedy(ids, new_tokens)]
+    prompts = [[int(x) for x in s] for s in seqs]
+    for ids, ref in zip(prompts, _ref_greedy(ref_model, prompts, new_tokens)):
+        got = [int(t) for t in runtime.greedy(ids, new_tokens)]
         if ref == got:
             same += 1
             continue
@@ -91,16 +107,19 @@ def _read_back(pairs, name: str) -> dict[str, Any]:
 def check_artifact(runtime, preset, ref_spec: str, *, logit_atol: float, data: tuple[str, ...] = (),
                    text_field: str = "text", eval_seqs: int = 16, eval_seqlen: int = 128, prompts: int = 4,
                    new_tokens: int = 16, checkpoint: str | Path | None = None, exact_atol: float | None = 0.0,
-                   as_packed: Callable | None = None, read_back: Iterable | None = None) -> dict[str, Any]:
+                   as_packed: Mapping[str, Callable] | None = None, read_back: Iterable | None = None
+                   ) -> dict[str, Any]:
     """Run the parity check of an opened artifact; raise ParityError when it fails. Returns the manifest entry.
 
-    ``checkpoint``: the GPTQ-format folder an exact pack was made from; ``as_packed(model)`` turns its dequantized
-    model into what the target holds (the target's Q8_0 of a float embedding, say); ``read_back`` yields each packed
-    linear decoded from the artifact's files with the checkpoint's (``Target.read_back``)."""
-    from edgelm.models.loader import load_model
-    from edgelm.quant.quality import quality_vs_reference, torch_logits_fn, val_sequences
+    ``checkpoint``: the GPTQ-format folder an exact pack was made from; ``as_packed`` (parameter name -> function,
+    ``Target.packed_transforms``) turns its dequantized model into what the target holds (the target's Q8_0 of a
+    float embedding, say); ``read_back`` yields each packed linear decoded from the artifact's files with the
+    checkpoint's (``Target.read_back``). A reference too big to hold in float32 runs block by block
+    (edgelm.models.streamed)."""
+    from edgelm.models.streamed import load_reference
+    from edgelm.quant.quality import quality_vs_reference, val_sequences
 
-    ref_model, tok, _ = load_model(ref_spec)
+    ref_model, tok = load_reference(ref_spec)
     if runtime.context < eval_seqlen:  # e.g. a GGUF whose context stops at a sliding window
         log.warning("check: sequences of %d tokens, the artifact's context (asked %d)", runtime.context, eval_seqlen)
         eval_seqlen = runtime.context
@@ -120,10 +139,8 @@ def check_artifact(runtime, preset, ref_spec: str, *, logit_atol: float, data: t
     elif preset.method in EXACT_METHODS and checkpoint is not None:
         if read_back is not None:  # the file's codes and scales, decoded without the packer
             result["read_back"] = _read_back(read_back, preset.name)
-        packed, _, _ = load_model(str(checkpoint))  # the checkpoint's codes and scales, dequantized
-        if as_packed is not None:
-            as_packed(packed)
-        ck = quality_vs_reference(ref_spec, torch_logits_fn(packed), ref_model=ref_model, **evals)
+        packed, _ = load_reference(checkpoint, as_packed)  # the checkpoint's codes and scales, dequantized
+        ck = quality_vs_reference(ref_spec, packed, ref_model=ref_model, **evals)
         vs = quality_vs_reference(str(checkpoint), runtime.logits, ref_model=packed, **evals)
         seqs = val_sequences(tok, data, text_field, prompts, prompt_len)
         # a runtime that rounds activations to 8 bits (exact_atol None) is bounded by KL divergence instead, and a

@@ -51,28 +51,21 @@ class Target:
     # (the token embedding) and/or "lm_head"; a tied pair is one matrix
     q8_float: tuple[str, ...] = ()
 
-    def as_packed(self, model, src: Path) -> None:
-        """Make ``model`` (the dequantized checkpoint ``src``) what this target holds: its float embedding and
-        lm_head through Q8_0 where the target stores them at 8 bits."""
-        import torch
-
+    def packed_transforms(self, src: Path) -> dict[str, Any]:
+        """What this target stores of the dequantized checkpoint ``src`` other than as it is: parameter name ->
+        function of its float32 value (gguf-py's Q8_0 of a float embedding or lm_head stored at 8 bits). A tied pair
+        is one matrix, unless only the lm_head is stored at 8 bits."""
         from edgelm.models.loader import read_config
         from edgelm.quant.grids import q8_0_roundtrip
 
-        q = read_config(src).get("quantization_config") or {}
-        if q.get("lm_head"):  # the plan quantized the head (and a tied embedding with it): exact already
-            return
-        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-        tied = head.weight is emb.weight
-        with torch.no_grad():
-            if tied and self.q8_float == ("lm_head",):  # the head alone at 8 bits: untie it
-                head.weight = torch.nn.Parameter(q8_0_roundtrip(head.weight))
-            elif tied and self.q8_float:
-                emb.weight.copy_(q8_0_roundtrip(emb.weight))
-            else:
-                for part, mod in (("embed", emb), ("lm_head", head)):
-                    if part in self.q8_float:
-                        mod.weight.copy_(q8_0_roundtrip(mod.weight))
+        cfg = read_config(src)
+        if (cfg.get("quantization_config") or {}).get("lm_head"):  # the plan quantized the head: exact already
+            return {}
+        parts = {"embed": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
+        chosen = set(self.q8_float)
+        if cfg.get("tie_word_embeddings") and chosen and chosen != {"lm_head"}:
+            chosen = {"embed", "lm_head"}  # one matrix
+        return {parts[p]: q8_0_roundtrip for p in sorted(chosen)}
 
     def read_back(self, folder: Path, src: Path):
         """Exact packs: each quantized linear as the artifact holds it, decoded from its files independently of the
@@ -131,12 +124,13 @@ class GgufTarget(Target):
                 log.warning("llama.cpp fell back from %s on %d tensors (rows not a multiple of its block), e.g. %s -> %s",
                             preset.gguf_type, len(fallbacks), fallbacks[0]["tensor"], fallbacks[0]["type"])
             fields["fallback_tensors"] = fallbacks
+            types = [v["type"] for v in read_types(out).values()]
         else:
-            notes = write_gguf(weights, tok, out, float_type="F16" if preset.method == "cast" else "F32").notes
+            written = write_gguf(weights, tok, out, float_type="F16" if preset.method == "cast" else "F32")
+            notes, types = written.notes, list(written.types.values())
             fields["fallback_tensors"] = []
         fields["notes"] = notes
-        types = read_types(out)
-        fields["tensor_types"] = _count(v["type"] for v in types.values())
+        fields["tensor_types"] = _count(types)
         tok.save_pretrained(tmp)  # runtimes detokenize with the HF tokenizer
         return fields
 

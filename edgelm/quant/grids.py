@@ -71,6 +71,8 @@ def grid_params(wg: "torch.Tensor", bits: int, sym: bool, *, norm: float = 2.4,
             z = torch.full_like(s, 2 ** (bits - 1))
         else:
             z = torch.round(-lo * p / s).clamp(0, maxq)
+        if len(shrink) == 1:  # nothing to choose between (round-to-nearest)
+            return s, z
         q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, maxq)
         err = ((s[..., None] * (q - z[..., None]) - wg).abs() ** norm).sum(-1)  # [R, G]
         if best_err is None:

@@ -57,11 +57,11 @@ def test_one_flipped_group_scale_fails_the_check(target, flip, tmp_path, quantiz
         with pytest.raises(ParityError, match="pack check failed: model.layers.1.mlp.down_proj in the artifact is "
                                               "not the checkpoint's codes and scales"):
             check_artifact(rt, preset, str(tiny_q_model), logit_atol=t.logit_atol, data=data, checkpoint=src,
-                           exact_atol=t.exact_atol, as_packed=lambda m: t.as_packed(m, src),
+                           exact_atol=t.exact_atol, as_packed=t.packed_transforms(src),
                            read_back=t.read_back(out, src), **CHECK)
         if target == "tvm":  # its fp32 math shows the flip in the logits too
             with pytest.raises(ParityError, match="pack check failed: .* max .logit diff. .*does not run as the"):
                 check_artifact(rt, preset, str(tiny_q_model), logit_atol=t.logit_atol, data=data, checkpoint=src,
-                               exact_atol=t.exact_atol, as_packed=lambda m: t.as_packed(m, src), **CHECK)
+                               exact_atol=t.exact_atol, as_packed=t.packed_transforms(src), **CHECK)
     finally:
         getattr(rt, "close", lambda: None)()
