@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from edgelm.converters.source import SourceWeights
 from edgelm.errors import EdgelmError, require_llama_cpp
 from edgelm.quant.grids import type_of
+from edgelm.report import progress
 
 if TYPE_CHECKING:
     import numpy as np
@@ -430,7 +431,7 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for p in plan:  # one tensor in memory at a time
+    for p in progress(plan, desc=f"GGUF {path.name}", unit="tensor"):  # one tensor in memory at a time
         writer.write_tensor_data(p.make())
     writer.close()
     for note in notes:

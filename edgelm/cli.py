@@ -165,6 +165,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(line)
     if m.get("fallback_tensors"):
         print(f"warning: llama.cpp fell back on {len(m['fallback_tensors'])} tensors (listed in edgelm.json)")
+    print(f"took {m['seconds']:.1f} s, peak memory {m['peak_rss_mib']:,} MiB")
     return 0
 
 

@@ -133,3 +133,23 @@ def capture_fds(log_path: str | os.PathLike) -> Iterator[None]:
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+def peak_rss_mib() -> float:
+    """The largest resident set this process, or a child it waited for (GPTQ, the ONNX builder), has had: MiB."""
+    import resource
+
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+
+
+def check_free_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+    """A one-line error, before anything is written, when the filesystem holding ``folder`` has fewer than
+    ``needed`` bytes free."""
+    p = Path(folder).resolve()
+    while not p.exists():
+        p = p.parent
+    free = shutil.disk_usage(p).free
+    if free < needed:
+        raise EdgelmError(f"{what} needs about {needed / 2**30:.2f} GiB on {p}, which has {free / 2**30:.2f} GiB free; "
+                          "free some space or write elsewhere")

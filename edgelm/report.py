@@ -257,3 +257,10 @@ def chat_side_by_side(ev, k: int = 3, max_chars: int = 700) -> str:
     rows = [[cell(ev.instructions[i].prompt)] + [cell(ev.answers[lb][i].text) for lb in labels]
             for i in range(min(k, len(ev.instructions)))]
     return md_table(["instruction"] + labels, rows)
+
+
+def progress(iterable, *, total: int | None = None, desc: str = "", unit: str = "it"):
+    """A progress bar on stderr for a long step (tensors written, blocks run), shown on a terminal only."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=None, leave=False, dynamic_ncols=True)

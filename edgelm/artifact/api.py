@@ -41,7 +41,7 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
     import tempfile
 
     from edgelm.artifact.check import EXACT_METHODS, check_artifact
-    from edgelm.fsutil import atomic_dir
+    from edgelm.fsutil import atomic_dir, peak_rss_mib
     from edgelm.manifest import read_manifest, write_manifest
     from edgelm.models.loader import check_arch, resolve
     from edgelm.quant.api import quantize_to_folder
@@ -65,6 +65,8 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
         find_llama_quantize()  # before any work
     t0 = time.perf_counter()
     prior = _existing_quantized(c.model)
+    if prior is None and os.path.isdir(c.model):
+        _check_disk(Path(c.model), preset, Path(c.out))
     with tempfile.TemporaryDirectory(prefix="edgelm-export-") as work_s, atomic_dir(c.out, overwrite=c.force) as tmp:
         work = Path(work_s)
         ref_spec = c.model
@@ -124,8 +126,41 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
             parity = {"skipped": True}
         manifest = write_manifest(tmp, f"export-{c.target}", target=c.target, runtime=target.runtime,
                                   preset=preset.as_dict(), source=source, parity=parity,
-                                  export_seconds=round(fields_time, 2), **({"plan": plan} if plan else {}), **fields)
+                                  export_seconds=round(fields_time, 2), peak_rss_mib=round(peak_rss_mib()),
+                                  seconds=round(time.perf_counter() - t0, 2), **({"plan": plan} if plan else {}),
+                                  **fields)
     return ExportResult(Path(c.out), c.target, preset.name, manifest)
+
+
+def _check_disk(model: Path, preset, out: Path) -> None:
+    """Refuse before any work when the output's filesystem, or the work folder's (a quantized checkpoint on the way),
+    can't hold what the export writes: the quantized linears at the preset's bits, the rest at its float width
+    (8 bits for a quantized preset's embedding)."""
+    import math
+
+    from edgelm.fsutil import check_free_space
+    from edgelm.models.qformat import QUANT_LINEARS
+    from edgelm.models.weights import LazySafetensors
+
+    files = sorted(model.glob("*.safetensors"))
+    if not files:
+        return
+    t = LazySafetensors(files)
+    linear = sum(math.prod(t.shape(n)) for n in t if n.endswith(".weight") and n.rsplit(".", 2)[-2] in QUANT_LINEARS)
+    other_bytes = sum(t.nbytes(n) for n in t) - 2 * linear  # as stored (bf16 for the big ones)
+    other = sum(math.prod(t.shape(n)) for n in t) - linear
+    bpw = preset.bits_per_weight
+    width = 4 if preset.method == "none" else 2 if preset.method == "cast" else 1
+    out_bytes = int(linear * bpw / 8 + other * width)
+    check_free_space(out.parent, out_bytes, f"exporting {model.name} as {preset.name}")
+    import tempfile
+
+    if preset.weight_only:
+        check_free_space(tempfile.gettempdir(), int(linear * bpw / 8 + other_bytes) + out_bytes,
+                         f"exporting {model.name} as {preset.name} (its quantized checkpoint in the work folder)")
+    elif preset.method == "llamacpp":  # llama.cpp's quantizer reads an f32 GGUF from the work folder
+        check_free_space(tempfile.gettempdir(), 4 * (linear + other) + out_bytes,
+                         f"exporting {model.name} as {preset.name} (an f32 GGUF in the work folder)")
 
 
 def _write_imatrix(c: ExportConfig, src: Path, work: Path) -> dict[str, Any]:

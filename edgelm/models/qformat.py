@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +69,36 @@ def stack_rows(parts: list[QLinear]) -> QLinear:
         raise EdgelmError("linears with different bits or groups can't be stacked into one")
     return QLinear(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
                    torch.cat([p.zeros for p in parts]), first.g_idx, first.bits)
+
+
+class StackedParts(Mapping):
+    """A model's own fused projections over a checkpoint that quantized their parts apart (GPTQModel loads Phi-3's
+    gate_up_proj as a gate_proj and an up_proj: the same input, so their rows stack exactly): the parts' codes
+    stacked when the fused module is read. ``fused``: an Arch's (fused name, parts) pairs."""
+
+    def __init__(self, qlinears: Mapping[str, QLinear], fused: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+        self._q = qlinears
+        self._stacked: dict[str, list[str]] = {}
+        for whole, parts in fused:
+            for name in [n for n in qlinears if n.endswith("." + parts[0])]:
+                head = name[: -len(parts[0])]
+                if all(head + p in qlinears for p in parts):
+                    self._stacked[head + whole] = [head + p for p in parts]
+        hidden = {p for ps in self._stacked.values() for p in ps}
+        self._names = sorted([n for n in qlinears if n not in hidden] + list(self._stacked))
+
+    def __getitem__(self, module: str) -> QLinear:
+        if module in self._stacked:
+            return stack_rows([self._q[p] for p in self._stacked[module]])
+        if module not in self._names:
+            raise KeyError(module)
+        return self._q[module]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def container_bits(bits: int) -> int:
@@ -196,6 +226,44 @@ class LazyQLinears(Mapping):
 
     def __len__(self) -> int:
         return len(self._modules)
+
+
+def write_quantized(src: Path, tmp: Path, modules: set[str], qlinear: Callable[[str], QLinear], qcfg: dict[str, Any],
+                    *, desc: str = "quantize") -> None:
+    """The GPTQ-format checkpoint of the float HF folder ``src`` in the empty folder ``tmp``, a tensor at a time:
+    each of ``modules`` as ``qlinear(module)`` gives its codes (computed or read only then), packed; every other
+    tensor copied as stored (bf16 stays bf16); shards of edgelm.models.weights.ShardWriter; then config.json with
+    its quantization_config, and the tokenizer and generation config as they are."""
+    import shutil
+
+    from edgelm.models.weights import LazySafetensors, ShardWriter, safetensors_files
+    from edgelm.report import progress
+
+    cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    tensors = LazySafetensors(safetensors_files(src))
+    writer = ShardWriter(tmp)
+    for name in progress(list(tensors), desc=desc, unit="tensor"):
+        if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+            continue  # the embedding's matrix
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if module in modules:
+            for part, t in pack_gptq(qlinear(module)).items():
+                writer.add(f"{module}.{part}", t)
+        else:
+            writer.add(name, tensors.raw(name))
+    writer.close()
+    cfg["quantization_config"] = {"quant_method": "gptq", "checkpoint_format": "gptq", "lm_head": False,
+                                  "desc_act": False, **qcfg}
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    for f in src.iterdir():
+        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template"))
+                            or f.suffix in (".model", ".tiktoken")):
+            shutil.copyfile(f, tmp / f.name)
+
+
+def linear_weights(names) -> list[str]:
+    """The weight names of the linears weight-only presets quantize, among a checkpoint's tensor names."""
+    return [n for n in names if n.endswith(".weight") and ".layers." in n and n.rsplit(".", 2)[-2] in QUANT_LINEARS]
 
 
 def read_quantized(folder: str | Path) -> tuple[dict, Mapping[str, "torch.Tensor"], Mapping[str, QLinear]]:

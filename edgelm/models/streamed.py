@@ -141,7 +141,7 @@ def apply_transforms(model, transforms: Mapping[str, Callable]) -> None:
                 done.add(id(p))
 
 
-def batch_for(model, seq_len: int, budget: int = 512 << 20) -> int:
+def batch_for(model, seq_len: int, budget: int = 256 << 20) -> int:
     """Sequences per forward of a streamed model: as many as keep its float32 logits within ``budget`` bytes."""
     vocab = int(model.config.vocab_size)
     return max(1, budget // max(1, 4 * vocab * max(1, seq_len)))

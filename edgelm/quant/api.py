@@ -47,28 +47,35 @@ def calibration_set(source_tok, data: tuple[str, ...], text_field: str, samples:
 def quantize_to_folder(model_spec: str, preset: QuantPreset, tmp: Path, *, data: tuple[str, ...] = (),
                        text_field: str = "text", calib_samples: int = 128, calib_seqlen: int = 512, seed: int = 0,
                        device: str | None = None) -> dict[str, Any]:
-    """Write the quantized checkpoint of ``model_spec`` into the (empty) folder ``tmp``; return manifest fields."""
+    """Write the quantized checkpoint of ``model_spec`` into the (empty) folder ``tmp``; return manifest fields.
+    RTN and GPTQ of a local model work a tensor at a time (GPTQ's child block by block); the rest hold the model."""
     import torch
 
-    from edgelm.models.loader import load_model, resolve
+    from edgelm.models.loader import load_model, load_tokenizer, resolve
     from edgelm.models.qformat import quantized_linears, save_quantized
     from edgelm.quant.rtn import rtn_quantize
 
     if preset.method == "llamacpp":
         raise EdgelmError(f"{preset.name} is llama.cpp's own quantizer and applies at export: "
                           f"edgelm export MODEL --target gguf --quant {preset.name}")
-    if preset.method == "rtn":
-        source = resolve(model_spec)
-        if source.kind != "hub" and any(Path(source.path).glob("*.safetensors")):  # a folder: stream it
-            from edgelm.quant.rtn import rtn_folder
-
-            n = rtn_folder(Path(source.path), tmp, preset)
-            log.info("RTN %s: %d linears, tensor by tensor", preset.name, n)
-            return {"source": {"spec": source.spec, "kind": source.kind, "sha256": source.sha256},
-                    "preset": preset.as_dict()}
-    model, tok, source = load_model(model_spec)
+    source = resolve(model_spec)
     fields: dict[str, Any] = {"source": {"spec": source.spec, "kind": source.kind, "sha256": source.sha256},
                               "preset": preset.as_dict()}
+    calibration = {"split": "train", "samples": calib_samples, "seqlen": calib_seqlen, "seed": seed}
+    streams = source.kind != "hub" and any(Path(source.path).glob("*.safetensors"))
+    if preset.method in ("rtn", "gptq") and streams:
+        _check_groups(Path(source.path), preset)  # before any work
+    if preset.method == "rtn" and streams:
+        from edgelm.quant.rtn import rtn_folder
+
+        n = rtn_folder(Path(source.path), tmp, preset)
+        log.info("RTN %s: %d linears, tensor by tensor", preset.name, n)
+        return fields
+    if preset.method == "gptq" and streams:
+        _gptq(source, load_tokenizer(source), preset, tmp, data=data, text_field=text_field, samples=calib_samples,
+              seqlen=calib_seqlen, seed=seed, device=device)
+        return {**fields, "calibration": calibration}
+    model, tok, source = load_model(model_spec)
     if preset.method in ("none", "cast"):
         model.to(torch.float16 if preset.method == "cast" else torch.float32).save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -83,18 +90,27 @@ def quantize_to_folder(model_spec: str, preset: QuantPreset, tmp: Path, *, data:
         if gs > 0 and in_f % gs:
             raise EdgelmError(f"{n} has {in_f} input columns, not a multiple of {preset.name}'s group size {gs}; "
                               "pick a preset with a group size that divides it")
+    if preset.method == "gptq":  # a hub model: GPTQModel reads it from there, this process holds it
+        _gptq(source, tok, preset, tmp, data=data, text_field=text_field, samples=calib_samples, seqlen=calib_seqlen,
+              seed=seed, device=device, model=model)
+        return {**fields, "calibration": calibration}
     qcfg = {"bits": preset.bits, "group_size": gs, "sym": preset.sym, "desc_act": preset.act_order}
-    if preset.method == "rtn":
-        qlinears = {n: rtn_quantize(model.get_submodule(n).weight.data, preset.bits, gs, preset.sym) for n in names}
-    else:
-        qlinears = _gptq(source, tok, preset, tmp, data=data, text_field=text_field, samples=calib_samples,
-                         seqlen=calib_seqlen, seed=seed, device=device)
-        fields["calibration"] = {"split": "train", "samples": calib_samples, "seqlen": calib_seqlen, "seed": seed}
-        missing = set(names) - set(qlinears)
-        if missing:
-            raise EdgelmError(f"GPTQ left {len(missing)} linear layers unquantized (e.g. {sorted(missing)[0]})")
+    qlinears = {n: rtn_quantize(model.get_submodule(n).weight.data, preset.bits, gs, preset.sym) for n in names}
     save_quantized(tmp, model, tok, qlinears, qcfg)
     return fields
+
+
+def _check_groups(folder: Path, preset: QuantPreset) -> None:
+    """Every linear's input columns split into the preset's groups, or a one-line error naming the first that
+    doesn't (read from the safetensors headers)."""
+    from edgelm.models.qformat import linear_weights
+    from edgelm.models.weights import LazySafetensors, safetensors_files
+
+    tensors, gs = LazySafetensors(safetensors_files(folder)), preset.group_size
+    for name in linear_weights(tensors):
+        if gs > 0 and tensors.shape(name)[1] % gs:
+            raise EdgelmError(f"{name[: -len('.weight')]} has {tensors.shape(name)[1]} input columns, not a multiple "
+                              f"of {preset.name}'s group size {gs}; pick a preset with a group size that divides it")
 
 
 def _mixed(model, tok, preset: QuantPreset, tmp: Path, fields: dict[str, Any], *, data, text_field, samples, seqlen,
@@ -149,15 +165,28 @@ def quantize_mixed_sweep(model_spec: str, presets: list[QuantPreset], out_root: 
     return results
 
 
-def _gptq(source, tok, preset: QuantPreset, tmp: Path, *, data, text_field, samples, seqlen, seed, device):
+def _gptq(source, tok, preset: QuantPreset, tmp: Path, *, data, text_field, samples, seqlen, seed, device,
+          model=None) -> None:
+    """GPTQModel on ``source`` in a child process, then its codes written into ``tmp`` as the checkpoint, read a
+    linear at a time from the child's output while it is still there: beside the source's own float tensors, or
+    ``model``'s (a hub model, held)."""
     import numpy as np
     import torch
 
+    from edgelm.models.archs import get_arch
+    from edgelm.models.qformat import StackedParts, linear_weights, read_quantized, save_quantized, write_quantized
+    from edgelm.models.weights import LazySafetensors, safetensors_files
     from edgelm.quant.gptq import run_gptq
-    from edgelm.models.qformat import read_quantized
 
     calib = calibration_set(tok, data, text_field, samples, seqlen, seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    qcfg = {"bits": preset.bits, "group_size": preset.group_size, "sym": preset.sym, "desc_act": preset.act_order}
+    if model is None:
+        modules = {n[: -len(".weight")] for n in linear_weights(LazySafetensors(safetensors_files(source.path)))}
+    else:
+        from edgelm.models.qformat import quantized_linears
+
+        modules = set(quantized_linears(model))
     with tempfile.TemporaryDirectory(prefix="edgelm-gptq-") as work:
         work_p = Path(work)
         np.save(work_p / "calib.npy", calib)
@@ -166,23 +195,15 @@ def _gptq(source, tok, preset: QuantPreset, tmp: Path, *, data, text_field, samp
         run_gptq(source.path, work_p / "calib.npy", work_p / "out", bits=preset.bits, group_size=preset.group_size,
                  sym=preset.sym, act_order=preset.act_order, damp=preset.damp, mse=preset.mse, device=device,
                  log_path=log_path)
-        cfg, _, lazy = read_quantized(work_p / "out")
-        qlinears = dict(lazy.items())  # read now: the work folder goes
-    return fuse_parts(cfg, qlinears)
-
-
-def fuse_parts(cfg: dict[str, Any], qlinears: dict[str, "QLinear"]) -> dict[str, "QLinear"]:
-    """The model's own fused projections from their parts, where GPTQModel quantized them apart (it loads Phi-3's
-    gate_up_proj as a gate_proj and an up_proj: the same input, so their rows stack exactly)."""
-    from edgelm.models.archs import get_arch
-    from edgelm.models.qformat import stack_rows
-
-    for fused, parts in get_arch(cfg.get("model_type")).fused:
-        for name in [n for n in qlinears if n.endswith("." + parts[0])]:
-            head = name[: -len(parts[0])]
-            if all(head + p in qlinears for p in parts):
-                qlinears[head + fused] = stack_rows([qlinears.pop(head + p) for p in parts])
-    return qlinears
+        cfg, _, done = read_quantized(work_p / "out")
+        qlinears = StackedParts(done, get_arch(cfg.get("model_type")).fused)
+        missing = modules - set(qlinears)
+        if missing:
+            raise EdgelmError(f"GPTQ left {len(missing)} linear layers unquantized (e.g. {sorted(missing)[0]})")
+        if model is None:
+            write_quantized(Path(source.path), tmp, modules, qlinears.__getitem__, qcfg, desc=f"write {preset.name}")
+        else:
+            save_quantized(tmp, model, tok, dict(qlinears.items()), qcfg)
 
 
 def quantize(config: QuantizeConfig | None = None, /, **kwargs: Any) -> QuantizeResult:

@@ -104,11 +104,17 @@ def type_of(ql: "QLinear") -> BlockType:
 
 def q8_0_roundtrip(w: "torch.Tensor") -> "torch.Tensor":
     """A float matrix [out, in] through gguf-py's Q8_0 and back: what a target holds for a float matrix it stores
-    at 8 bits (the embedding of a quantized GGUF, say)."""
+    at 8 bits (the embedding of a quantized GGUF, say). A float32 matrix is overwritten (the transforms of
+    edgelm.models.streamed read it fresh; a 128k-word embedding is a GB), a slice of rows at a time."""
     import gguf
     import numpy as np
     import torch
 
     t = gguf.GGMLQuantizationType.Q8_0
-    raw = gguf.quants.quantize(np.ascontiguousarray(w.detach().float().cpu().numpy()), t)
-    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw, t))).reshape(w.shape).to(w.dtype)
+    out = w.detach().cpu().float().contiguous()
+    a = out.numpy()  # [out, in], shares out's memory
+    step = max(1, (16 << 20) // (4 * a.shape[1]))  # rows at a time: gguf-py's quantizer makes several copies
+    for i in range(0, a.shape[0], step):
+        raw = gguf.quants.quantize(np.ascontiguousarray(a[i:i + step]), t)
+        a[i:i + step] = gguf.quants.dequantize(raw, t).reshape(-1, a.shape[1])
+    return out.to(w.dtype) if w.dtype != torch.float32 else out

@@ -45,12 +45,12 @@ def quality_vs_reference(ref_spec: str, candidate, *, data: tuple[str, ...] = ()
     import torch
 
     from edgelm.metrics import compare_logits
-    from edgelm.models.loader import load_model
+    from edgelm.models.streamed import load_reference
 
     if ref_model is None:
-        ref_model, tokenizer, _ = load_model(ref_spec)
+        ref_model, tokenizer = load_reference(ref_spec)
     if isinstance(candidate, (str, Path)):
-        candidate, _, _ = load_model(str(candidate))
+        candidate, _ = load_reference(str(candidate))  # streamed block by block when it is big
     seqs = val_sequences(tokenizer, data, text_field, n, seq_len)
     got = model_logits(candidate, seqs) if isinstance(candidate, torch.nn.Module) else \
         (torch.as_tensor(candidate(s)).float() for s in seqs)
