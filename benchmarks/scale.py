@@ -150,7 +150,7 @@ def edgelm(*args: str) -> list[str]:
     return [sys.executable, "-m", "edgelm", *args]
 
 
-def rows_for(size: str, model: Path, work: Path, check: bool) -> list[dict]:
+def rows_for(size: str, model: Path, work: Path, check: bool, tvm: bool) -> list[dict]:
     """Every command on one model: llama.cpp's converter and quantizer, then edgelm's exports."""
     script, gguf_py = llama_convert(work)
     out = work / f"out-{size}"
@@ -170,19 +170,61 @@ def rows_for(size: str, model: Path, work: Path, check: bool) -> list[dict]:
         ("edgelm", "export --target gguf --quant int4-g32 --no-check",
          edgelm("export", str(model), "--target", "gguf", "--quant", "int4-g32", "--no-check", "--out",
                 str(out / "e-int4")), None),
+        ("edgelm", "export --target gguf --quant int8-g32 --no-check",
+         edgelm("export", str(model), "--target", "gguf", "--quant", "int8-g32", "--no-check", "--out",
+                str(out / "e-int8")), None),
     ]
+    plan.append(("edgelm", "export --target onnx --quant int4-g32 --no-check",
+                 edgelm("export", str(model), "--target", "onnx", "--quant", "int4-g32", "--no-check", "--out",
+                        str(out / "e-onnx-int4")), None))
+    if tvm:
+        plan.append(("edgelm", "export --target tvm --quant int4-g32 --no-check",
+                     edgelm("export", str(model), "--target", "tvm", "--quant", "int4-g32", "--no-check", "--out",
+                            str(out / "e-tvm-int4")), None))
     if check:
-        plan.append(("edgelm", "export --target gguf --quant int4-g32 (with the check)",
+        plan.append(("edgelm", "export --target gguf --quant int4-g32 (with the check: 8 x 128 tokens, 2 prompts)",
                      edgelm("export", str(model), "--target", "gguf", "--quant", "int4-g32", "--out",
                             str(out / "e-int4-check"), "--eval-seqs", "8", "--prompts", "2"), None))
     rows = []
     for tool, what, cmd, env in plan:
         logging.info("%s: %s %s", size, tool, what)
         r = measure(cmd, out / f"{len(rows)}.log", env)
-        rows.append({"size": size, "tool": tool, "command": what, **r})
+        rows.append({"size": size, "params": params(model), "tool": tool, "command": what, **r})
         logging.info("  %s", r)
     shutil.rmtree(out, ignore_errors=True)  # GB of artifacts
     return rows
+
+
+def params(model: Path) -> int:
+    import math
+
+    from edgelm.models.weights import LazySafetensors, safetensors_files
+
+    t = LazySafetensors(safetensors_files(model))
+    return sum(math.prod(t.shape(k)) for k in t)
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Peak RSS and wall time against parameters, one line per command."""
+    from edgelm.report import _plt, save_figure
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (tool, what) in dict.fromkeys((r["tool"], r["command"]) for r in rows):
+        pts = sorted((r["params"] / 1e9, r["peak_rss_mib"], r["seconds"]) for r in rows
+                     if (r["tool"], r["command"]) == (tool, what) and r["rc"] == 0)
+        if not pts:
+            continue
+        x = [p[0] for p in pts]
+        style = "-o" if tool == "edgelm" else "--s"
+        axes[0].plot(x, [p[1] / 1024 for p in pts], style, label=f"{tool}: {what}")
+        axes[1].plot(x, [p[2] for p in pts], style, label=f"{tool}: {what}")
+    axes[0].set(xlabel="parameters (billions)", ylabel="peak RSS (GiB)", title="memory")
+    axes[1].set(xlabel="parameters (billions)", ylabel="wall time (s)", title="time")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return save_figure(fig, path)
 
 
 def main() -> None:
@@ -190,19 +232,22 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["135m", "1b"], choices=list(SHAPES))
     ap.add_argument("--work", type=Path, default=ROOT / "runs/bench-scale-models")
     ap.add_argument("--check", action="store_true", help="also export int4-g32 with the check")
+    ap.add_argument("--tvm", nargs="*", default=["135m", "1b"], help="sizes that also export to TVM")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rows = []
     for size in args.sizes:
         model = make_model(size, args.work / size)
-        rows += rows_for(size, model, args.work, args.check)
+        rows += rows_for(size, model, args.work, args.check, size in args.tvm)
     result = {"cpu": cpu_name(), "cores": os.cpu_count(), "rows": rows}
     (ROOT / "docs/scale.json").write_text(json.dumps(result, indent=1))
     table = md_table(["model", "tool", "command", "peak RSS (MiB)", "wall (s)"],
                      [[r["size"], r["tool"], r["command"], r["peak_rss_mib"], r["seconds"] if r["rc"] == 0 else
                        f"failed ({r['rc']})"] for r in rows])
+    plot(rows, ROOT / "docs/scale.png")
     update_section(ROOT / "docs/results.md", "scale", f"`python benchmarks/scale.py --sizes {' '.join(args.sizes)}"
-                   f"{' --check' if args.check else ''}` on {result['cpu']} ({result['cores']} cores)\n\n{table}")
+                   f"{' --check' if args.check else ''}` on {result['cpu']} ({result['cores']} cores)\n\n{table}\n\n"
+                   "![scale](scale.png)")
     print(table)
 
 

@@ -42,48 +42,38 @@ class ParityError(EdgelmError):
     exit_code = 4
 
 
-def torch_greedy(model, ids, n: int) -> list[int]:
-    import torch
-
-    with torch.no_grad():
-        out = model.generate(torch.as_tensor(ids)[None], max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             num_beams=1, pad_token_id=0)
-    return out[0, len(ids):].tolist()
-
-
-def _ref_greedy(ref_model, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """The reference's greedy tokens for each prompt: one generate per prompt, or, for a streamed model (which reads
-    its blocks at every step), one for all of them (the prompts have one length)."""
-    import torch
-
-    from edgelm.models.streamed import STREAMED
-
-    if not getattr(ref_model, STREAMED, False) or len({len(p) for p in prompts}) != 1:
-        return [torch_greedy(ref_model, p, n) for p in prompts]
-    with torch.no_grad():
-        out = ref_model.generate(torch.as_tensor(prompts), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                 num_beams=1, pad_token_id=0)
-    return out[:, len(prompts[0]):].tolist()
-
-
 def _greedy_same(ref_model, runtime, seqs, new_tokens: int, tie: float = 0.0) -> tuple[int, int]:
     """(prompts giving the reference's greedy tokens, prompts that part from them only at a tie: where the
     reference's logits for its token and the runtime's lie within ``tie``, or TIE_SHARE of that step's logit spread,
-    of each other)."""
+    of each other).
+
+    The reference runs once, teacher-forced on each prompt and the runtime's tokens: its greedy tokens are the
+    runtime's exactly when, at every step, its argmax (end-of-sequence masked, as ``min_new_tokens`` does) is the
+    runtime's token; where they first part, that step's logits decide the tie. One forward per prompt (a streamed
+    reference: per batch of prompts) instead of one per generated token."""
+    import numpy as np
     import torch
 
-    same = ties = 0
+    from edgelm.quant.quality import model_logits
+
     prompts = [[int(x) for x in s] for s in seqs]
-    for ids, ref in zip(prompts, _ref_greedy(ref_model, prompts, new_tokens)):
-        got = [int(t) for t in runtime.greedy(ids, new_tokens)]
+    gots = [[int(t) for t in runtime.greedy(ids, new_tokens)] for ids in prompts]
+    eos = ref_model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    forced = [np.asarray(ids + got[:-1]) for ids, got in zip(prompts, gots)]
+    same = ties = 0
+    for ids, got, logits in zip(prompts, gots, model_logits(ref_model, forced)):
+        steps = logits[len(ids) - 1:]  # [n, V]: the logits each generated token was picked from
+        masked = steps.clone()
+        masked[:, eos] = -torch.inf
+        ref = masked.argmax(-1).tolist()
         if ref == got:
             same += 1
             continue
-        k = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
-        if tie > 0 and k is not None:
-            with torch.no_grad():
-                logits = ref_model(torch.as_tensor(ids + ref[:k])[None]).logits[0, -1]  # [V]
-            ties += float(logits[ref[k]] - logits[got[k]]) <= max(tie, TIE_SHARE * float(logits.std()))
+        k = next(i for i, (a, b) in enumerate(zip(ref, got)) if a != b)
+        if tie > 0:
+            row = steps[k]  # [V]
+            ties += float(row[ref[k]] - row[got[k]]) <= max(tie, TIE_SHARE * float(row.std()))
     return same, ties
 
 

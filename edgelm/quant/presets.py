@@ -118,6 +118,7 @@ _PRESETS = [
     QuantPreset("fp16", "cast", 16, targets=("gguf",), max_kld=1e-3, summary="float16 weights (GGUF F16)"),
     # per-row scales: TVM's dequantizing matmul takes one group size for every linear
     QuantPreset("int8", "rtn", 8, -1, targets=("gguf", "onnx"), max_kld=0.02, summary="8-bit round-to-nearest, one scale per output row"),
+    QuantPreset("int8-g32", "rtn", 8, 32, max_kld=0.02, summary="8-bit round-to-nearest, groups of 32 (-> GGUF Q8_0)"),
     QuantPreset("int4-g32", "rtn", 4, 32, max_kld=0.5, summary="4-bit round-to-nearest, groups of 32"),
     QuantPreset("int4-g128", "rtn", 4, 128, max_kld=0.8, summary="4-bit round-to-nearest, groups of 128"),
     QuantPreset("gptq-int4-g32", "gptq", 4, 32, mse=2.4, max_kld=0.5, summary="GPTQ 4-bit, groups of 32 (-> GGUF Q4_0 exactly)"),

@@ -12,7 +12,7 @@ from edgelm.quant.presets import get_preset
 from edgelm.registry import QUANTS, TARGETS
 
 LLAMACPP = ["llamacpp-q8_0", "llamacpp-q6_k", "llamacpp-q5_k_m", "llamacpp-q4_k_m", "llamacpp-q4_0", "llamacpp-q2_k"]
-WEIGHT_ONLY = ["fp32", "fp16", "int8", "int4-g32", "int4-g128", "gptq-int4-g32", "gptq-int4-g128", "gptq-int8",
+WEIGHT_ONLY = ["fp32", "fp16", "int8", "int8-g32", "int4-g32", "int4-g128", "gptq-int4-g32", "gptq-int4-g128", "gptq-int8",
                "gptq-mixed", "gptq-int4-g32-all"]
 # Every pair must be listed; a new preset or target without a test fails test_every_pair_is_tested.
 PAIRS = [(p, t) for t in ("gguf", "onnx", "tvm") for p in WEIGHT_ONLY + LLAMACPP]
