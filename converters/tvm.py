@@ -223,10 +223,14 @@ def q8_0(w: "np.ndarray") -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
     import numpy as np
 
     out, n_in = w.shape
-    raw = gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
-    blocks = raw.reshape(out, n_in // 32, 34)  # per block: fp16 scale, 32 int8
-    scales = blocks[..., :2].copy().view(np.float16)[..., 0]  # [out, in/32]
-    codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8).reshape(out, n_in)
+    codes, scales = np.empty((out, n_in), np.uint8), np.empty((out, n_in // 32), np.float16)
+    step = max(1, (16 << 20) // (4 * n_in))  # rows at a time: gguf-py's quantizer makes several copies
+    for i in range(0, out, step):
+        raw = gguf.quants.quantize(np.ascontiguousarray(w[i:i + step], dtype=np.float32),
+                                   gguf.GGMLQuantizationType.Q8_0)
+        blocks = raw.reshape(-1, n_in // 32, 34)  # per block: fp16 scale, 32 int8
+        scales[i:i + step] = blocks[..., :2].copy().view(np.float16)[..., 0]  # [rows, in/32]
+        codes[i:i + step] = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).reshape(-1, n_in)
     return codes, scales, np.full(scales.shape, 128, np.uint8)
 
 
