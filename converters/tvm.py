@@ -20,7 +20,7 @@ import struct
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from edgelm.errors import EdgelmError, require
 
@@ -289,16 +289,16 @@ def read_back(folder: Path, src: "SourceWeights"):
             start += ql.shape[0]
 
 
-def model_params(cfg: "DecoderConfig", src: "SourceWeights", names: list[str]) -> dict[str, "np.ndarray"]:
+def model_params(cfg: "DecoderConfig", src: "SourceWeights", names: list[str]) -> Iterator[tuple[str, "np.ndarray"]]:
     """Every compiled parameter (by its name in the Relax module, e.g. ``layers.0.self_attn.qkv.qweight``) from the
-    checkpoint: float tensors as they are, quantized ones as their exact codes, fp16 scales and zeros, rows
-    interleaved as ``QLinear`` stores them."""
+    checkpoint, in ``names``' order, one at a time: float tensors as they are, quantized ones as their exact codes,
+    fp16 scales and zeros, rows interleaved as ``QLinear`` stores them."""
     import numpy as np
 
     from edgelm.converters.tvm_llama import row_block
     from edgelm.models.archs import get_arch as get_model_arch
 
-    cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # the modules of the parameter in hand
 
     def quantized(module: str) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
         if module not in cache:
@@ -311,10 +311,11 @@ def model_params(cfg: "DecoderConfig", src: "SourceWeights", names: list[str]) -
         return cache[module]
 
     offset = get_model_arch(src.config.get("model_type")).norm_offset  # Gemma's RMSNorms scale by 1 + w
-    out: dict[str, np.ndarray] = {}
     for name in names:
         prefix, leaf = name.rsplit(".", 1)
         mods = hf_modules(prefix, src)
+        for m in [m for m in cache if m not in mods]:
+            del cache[m]  # its qweight, scales and zeros are written
         if leaf in ("qweight", "scales", "zeros"):
             k = ("qweight", "scales", "zeros").index(leaf)
             a = np.concatenate([quantized(m)[k] for m in mods])
@@ -325,18 +326,20 @@ def model_params(cfg: "DecoderConfig", src: "SourceWeights", names: list[str]) -
             a = np.concatenate([src.tensors[f"{m}.{leaf}"].numpy().astype(np.float32) for m in mods])
             if offset and prefix.endswith("norm") and leaf == "weight":
                 a = a + np.float32(offset)  # as transformers computes it: 1.0 + weight in float32
-        out[name] = np.ascontiguousarray(a)
-    return out
+        yield name, np.ascontiguousarray(a)
 
 
 # --- compile ---------------------------------------------------------------------------------------------------------
-def export_module(cfg: "DecoderConfig", target):
-    """(Relax IRModule, parameter names in order) of the decoder for ``target``."""
+def export_module(cfg: "DecoderConfig", target, *, shapes: bool = False):
+    """(Relax IRModule, parameter names in order) of the decoder for ``target``; with ``shapes``, the parameters as
+    (name, shape, dtype)."""
     from edgelm.converters.tvm_llama import Decoder
 
     with target:
         model = Decoder(cfg)
         mod, params, _ = model.export_tvm(spec=model.spec(), allow_extern=True)
+    if shapes:
+        return mod, [(n, tuple(int(d) for d in p.shape), str(p.dtype)) for n, p in params]
     return mod, [n for n, _ in params]
 
 
@@ -607,7 +610,7 @@ def compile_artifact(src: Path, tmp: Path, work: Path, *, arch: str = "", tune_t
     ``tmp``; a cross build also leaves a host build of the same module in ``work`` for the check. Returns the
     manifest fields."""
     import tvm
-    from safetensors.numpy import save_file
+    from edgelm.models.weights import write_safetensors
 
     from edgelm.converters.source import read_source
     from edgelm.models.archs import get_arch as get_model_arch
@@ -619,8 +622,9 @@ def compile_artifact(src: Path, tmp: Path, work: Path, *, arch: str = "", tune_t
     target = tvm_target(a)
     if "+avx512vnni" in target.attrs.get("mattr", []) and cfg.bits:  # a native build on a CPU with VNNI
         cfg = replace(cfg, int8_dot=True)  # one token's quantized linears: int8 activations, VNNI dot products
-    mod, names = export_module(cfg, target)
-    save_file(model_params(cfg, weights, names), str(tmp / PARAMS_FILE))
+    mod, specs = export_module(cfg, target, shapes=True)
+    names = [n for n, _, _ in specs]
+    write_safetensors(tmp / PARAMS_FILE, specs, model_params(cfg, weights, names))  # a tensor at a time
     del weights
     key = workload_key(cfg, target)
     mod = lower(mod, target)

@@ -142,3 +142,32 @@ class ShardWriter:
             (self.folder / self.INDEX).write_text(json.dumps({"metadata": {"total_size": self.bytes},
                                                               "weight_map": weight_map}, indent=1))
         return names
+
+
+ST_DTYPES = {"float32": "F32", "float16": "F16", "uint8": "U8", "uint32": "U32", "int32": "I32", "int8": "I8"}
+
+
+def write_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...], str]], arrays) -> int:
+    """One safetensors file written as its tensors come: the header from ``specs`` ([(name, shape, numpy dtype
+    name)], in file order) first, then each array of ``arrays`` (an iterator of (name, array) in the same order),
+    checked against its spec. One tensor in memory at a time; returns the bytes written."""
+    import math
+
+    import numpy as np
+
+    header, offset = {}, 0
+    for name, shape, dtype in specs:
+        n = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for (name, shape, dtype), (got, a) in zip(specs, arrays):
+            if got != name or tuple(a.shape) != tuple(shape) or a.dtype != np.dtype(dtype):
+                raise EdgelmError(f"{path.name}: {got} {a.dtype}{list(a.shape)} where {name} {dtype}{list(shape)} "
+                                  "was declared")
+            np.ascontiguousarray(a).tofile(f)
+    return offset
