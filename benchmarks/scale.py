@@ -156,7 +156,7 @@ def rows_for(size: str, model: Path, work: Path, check: bool, tvm: bool) -> list
     out = work / f"out-{size}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    pyenv = {"PYTHONPATH": str(gguf_py), "NO_LOCAL_GGUF": ""}
+    pyenv = None  # the script puts its own gguf-py (beside it) ahead of the installed gguf
     plan = [
         ("llama.cpp", "convert_hf_to_gguf --outtype f16", [sys.executable, str(script), str(model), "--outtype", "f16",
                                                           "--outfile", str(out / "f16.gguf")], pyenv),
