@@ -3,7 +3,7 @@ files, each command in its own process, timed, with its peak RSS (/usr/bin/time 
 
     python benchmarks/scale.py                        # 135M, 1B (Llama-3.2-1B's shape)
     python benchmarks/scale.py --sizes 135m 1b 8b     # and Llama-3.1-8B's shape (16 GB of bf16 safetensors)
-    python benchmarks/scale.py --sizes 1b --check     # also the 1B's int4-g32 export with its check
+    python benchmarks/scale.py --sizes 1b --check 1b  # also the 1B's int4-g32 export with its check
 
 The models are random-weight Llamas in the real shapes (vocab 128,256) with SmolLM2's tokenizer, written as bf16
 safetensors shards by this script (made once, under --work). llama.cpp's `convert_hf_to_gguf.py` comes from the
@@ -133,14 +133,14 @@ def llama_quantize() -> str:
     return found
 
 
-def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+def measure(cmd: list[str], log: Path) -> dict:
     """Run ``cmd`` under /usr/bin/time -v: {"seconds", "peak_rss_mib", "rc"} (the peak is the largest process of
     the tree, as time reports it: a child's, when the command runs one)."""
     stats = log.with_suffix(".time")
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        rc = subprocess.run(["/usr/bin/time", "-v", "-o", str(stats), *cmd], stdout=f, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})}).returncode
+        rc = subprocess.run(["/usr/bin/time", "-v", "-o", str(stats), *cmd], stdout=f,
+                            stderr=subprocess.STDOUT).returncode
     seconds = time.perf_counter() - t0
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stats.read_text())
     return {"seconds": round(seconds, 1), "peak_rss_mib": round(int(rss.group(1)) / 1024) if rss else None, "rc": rc}
@@ -150,48 +150,54 @@ def edgelm(*args: str) -> list[str]:
     return [sys.executable, "-m", "edgelm", *args]
 
 
-def rows_for(size: str, model: Path, work: Path, check: bool, tvm: bool) -> list[dict]:
-    """Every command on one model: llama.cpp's converter and quantizer, then edgelm's exports."""
-    script, gguf_py = llama_convert(work)
+def rows_for(size: str, model: Path, work: Path, check: bool, tvm: bool, onnx: bool) -> list[dict]:
+    """Every command on one model: llama.cpp's converter and quantizer, then edgelm's exports. Each output is removed
+    once no later command reads it (the 8B's would not fit on the disk together)."""
+    script, _ = llama_convert(work)
     out = work / f"out-{size}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    pyenv = None  # the script puts its own gguf-py (beside it) ahead of the installed gguf
+
+    def export(target: str, quant: str, name: str, *extra: str) -> list[str]:
+        return edgelm("export", str(model), "--target", target, "--quant", quant, *extra, "--out", str(out / name))
+
+    # (tool, command, argv, outputs removed after it); the converter puts its own gguf-py ahead of the installed one
     plan = [
-        ("llama.cpp", "convert_hf_to_gguf --outtype f16", [sys.executable, str(script), str(model), "--outtype", "f16",
-                                                          "--outfile", str(out / "f16.gguf")], pyenv),
-        ("llama.cpp", "convert_hf_to_gguf --outtype q8_0", [sys.executable, str(script), str(model), "--outtype",
-                                                           "q8_0", "--outfile", str(out / "q8.gguf")], pyenv),
-        ("llama.cpp", "llama-quantize f16 -> Q4_0", [llama_quantize(), str(out / "f16.gguf"), str(out / "q4_0.gguf"),
-                                                    "Q4_0", str(os.cpu_count() or 1)], None),
-        ("edgelm", "export --target gguf --quant fp16 --no-check",
-         edgelm("export", str(model), "--target", "gguf", "--quant", "fp16", "--no-check", "--out",
-                str(out / "e-fp16")), None),
+        ("llama.cpp", "convert_hf_to_gguf --outtype f16",
+         [sys.executable, str(script), str(model), "--outtype", "f16", "--outfile", str(out / "f16.gguf")], []),
+        ("llama.cpp", "convert_hf_to_gguf --outtype q8_0",
+         [sys.executable, str(script), str(model), "--outtype", "q8_0", "--outfile", str(out / "q8.gguf")],
+         ["q8.gguf"]),
+        ("llama.cpp", "llama-quantize f16 -> Q4_0",
+         [llama_quantize(), str(out / "f16.gguf"), str(out / "q4_0.gguf"), "Q4_0", str(os.cpu_count() or 1)],
+         ["f16.gguf", "q4_0.gguf"]),
+        ("edgelm", "export --target gguf --quant fp16 --no-check", export("gguf", "fp16", "e-fp16", "--no-check"),
+         ["e-fp16"]),
         ("edgelm", "export --target gguf --quant int4-g32 --no-check",
-         edgelm("export", str(model), "--target", "gguf", "--quant", "int4-g32", "--no-check", "--out",
-                str(out / "e-int4")), None),
+         export("gguf", "int4-g32", "e-int4", "--no-check"), ["e-int4"]),
         ("edgelm", "export --target gguf --quant int8-g32 --no-check",
-         edgelm("export", str(model), "--target", "gguf", "--quant", "int8-g32", "--no-check", "--out",
-                str(out / "e-int8")), None),
+         export("gguf", "int8-g32", "e-int8", "--no-check"), ["e-int8"]),
     ]
-    plan.append(("edgelm", "export --target onnx --quant int4-g32 --no-check",
-                 edgelm("export", str(model), "--target", "onnx", "--quant", "int4-g32", "--no-check", "--out",
-                        str(out / "e-onnx-int4")), None))
+    if onnx:
+        plan.append(("edgelm", "export --target onnx --quant int4-g32 --no-check",
+                     export("onnx", "int4-g32", "e-onnx", "--no-check"), ["e-onnx"]))
     if tvm:
         plan.append(("edgelm", "export --target tvm --quant int4-g32 --no-check",
-                     edgelm("export", str(model), "--target", "tvm", "--quant", "int4-g32", "--no-check", "--out",
-                            str(out / "e-tvm-int4")), None))
+                     export("tvm", "int4-g32", "e-tvm", "--no-check"), ["e-tvm"]))
     if check:
         plan.append(("edgelm", "export --target gguf --quant int4-g32 (with the check: 8 x 128 tokens, 2 prompts)",
-                     edgelm("export", str(model), "--target", "gguf", "--quant", "int4-g32", "--out",
-                            str(out / "e-int4-check"), "--eval-seqs", "8", "--prompts", "2"), None))
+                     export("gguf", "int4-g32", "e-check", "--eval-seqs", "8", "--prompts", "2"), ["e-check"]))
     rows = []
-    for tool, what, cmd, env in plan:
+    for tool, what, cmd, done in plan:
         logging.info("%s: %s %s", size, tool, what)
-        r = measure(cmd, out / f"{len(rows)}.log", env)
+        r = measure(cmd, out / f"{len(rows)}.log")
         rows.append({"size": size, "params": params(model), "tool": tool, "command": what, **r})
         logging.info("  %s", r)
-    shutil.rmtree(out, ignore_errors=True)  # GB of artifacts
+        for name in done:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
     return rows
 
 
@@ -231,14 +237,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["135m", "1b"], choices=list(SHAPES))
     ap.add_argument("--work", type=Path, default=ROOT / "runs/bench-scale-models")
-    ap.add_argument("--check", action="store_true", help="also export int4-g32 with the check")
+    ap.add_argument("--check", nargs="*", default=[], help="sizes that also export int4-g32 with the check")
     ap.add_argument("--tvm", nargs="*", default=["135m", "1b"], help="sizes that also export to TVM")
+    ap.add_argument("--onnx", nargs="*", default=["135m", "1b"],
+                    help="sizes that also export to ONNX (the onnxruntime-genai builder holds the whole model)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rows = []
     for size in args.sizes:
         model = make_model(size, args.work / size)
-        rows += rows_for(size, model, args.work, args.check, size in args.tvm)
+        rows += rows_for(size, model, args.work, size in args.check, size in args.tvm, size in args.onnx)
     result = {"cpu": cpu_name(), "cores": os.cpu_count(), "rows": rows}
     (ROOT / "docs/scale.json").write_text(json.dumps(result, indent=1))
     table = md_table(["model", "tool", "command", "peak RSS (MiB)", "wall (s)"],
@@ -246,7 +254,7 @@ def main() -> None:
                        f"failed ({r['rc']})"] for r in rows])
     plot(rows, ROOT / "docs/scale.png")
     update_section(ROOT / "docs/results.md", "scale", f"`python benchmarks/scale.py --sizes {' '.join(args.sizes)}"
-                   f"{' --check' if args.check else ''}` on {result['cpu']} ({result['cores']} cores)\n\n{table}\n\n"
+                   f"{' --check ' + ' '.join(args.check) if args.check else ''} --onnx {' '.join(args.onnx)} --tvm {' '.join(args.tvm)}` on {result['cpu']} ({result['cores']} cores)\n\n{table}\n\n"
                    "![scale](scale.png)")
     print(table)
 
