@@ -150,7 +150,7 @@ def edgelm(*args: str) -> list[str]:
     return [sys.executable, "-m", "edgelm", *args]
 
 
-def rows_for(size: str, model: Path, work: Path, check: bool, tvm: bool, onnx: bool) -> list[dict]:
+def rows_for(size: str, model: Path, work: Path, check: bool, tvm: bool, onnx: bool, gptq: bool) -> list[dict]:
     """Every command on one model: llama.cpp's converter and quantizer, then edgelm's exports. Each output is removed
     once no later command reads it (the 8B's would not fit on the disk together)."""
     script, _ = llama_convert(work)
@@ -184,6 +184,10 @@ def rows_for(size: str, model: Path, work: Path, check: bool, tvm: bool, onnx: b
     if tvm:
         plan.append(("edgelm", "export --target tvm --quant int4-g32 --no-check",
                      export("tvm", "int4-g32", "e-tvm", "--no-check"), ["e-tvm"]))
+    if gptq:
+        plan.append(("edgelm", "quantize --quant gptq-int4-g32 --calib-samples 32 (32 x 512 tokens)",
+                     edgelm("quantize", str(model), "--quant", "gptq-int4-g32", "--calib-samples", "32",
+                            "--eval-seqs", "8", "--out", str(out / "e-gptq")), ["e-gptq"]))
     if check:
         plan.append(("edgelm", "export --target gguf --quant int4-g32 (with the check: 8 x 128 tokens, 2 prompts)",
                      export("gguf", "int4-g32", "e-check", "--eval-seqs", "8", "--prompts", "2"), ["e-check"]))
@@ -241,12 +245,14 @@ def main() -> None:
     ap.add_argument("--tvm", nargs="*", default=["135m", "1b"], help="sizes that also export to TVM")
     ap.add_argument("--onnx", nargs="*", default=["135m", "1b"],
                     help="sizes that also export to ONNX (the onnxruntime-genai builder holds the whole model)")
+    ap.add_argument("--gptq", nargs="*", default=["135m"], help="sizes that also run GPTQ (hours for an 8B on a CPU)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rows = []
     for size in args.sizes:
         model = make_model(size, args.work / size)
-        rows += rows_for(size, model, args.work, size in args.check, size in args.tvm, size in args.onnx)
+        rows += rows_for(size, model, args.work, size in args.check, size in args.tvm, size in args.onnx,
+                        size in args.gptq)
     result = {"cpu": cpu_name(), "cores": os.cpu_count(), "rows": rows}
     (ROOT / "docs/scale.json").write_text(json.dumps(result, indent=1))
     table = md_table(["model", "tool", "command", "peak RSS (MiB)", "wall (s)"],
@@ -254,7 +260,8 @@ def main() -> None:
                        f"failed ({r['rc']})"] for r in rows])
     plot(rows, ROOT / "docs/scale.png")
     update_section(ROOT / "docs/results.md", "scale", f"`python benchmarks/scale.py --sizes {' '.join(args.sizes)}"
-                   f"{' --check ' + ' '.join(args.check) if args.check else ''} --onnx {' '.join(args.onnx)} --tvm {' '.join(args.tvm)}` on {result['cpu']} ({result['cores']} cores)\n\n{table}\n\n"
+                   f"{' --check ' + ' '.join(args.check) if args.check else ''} --onnx {' '.join(args.onnx)} --tvm {' '.join(args.tvm)}"
+                   f" --gptq {' '.join(args.gptq)}` on {result['cpu']} ({result['cores']} cores)\n\n{table}\n\n"
                    "![scale](scale.png)")
     print(table)
 

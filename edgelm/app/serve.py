@@ -190,7 +190,7 @@ def serve_app(config: AppServeConfig | None = None, **kwargs: Any) -> None:
     except ImportError:
         raise EdgelmError("serving needs uvicorn and starlette; pip install 'edgelm[serve]'") from None
     from edgelm.coop.api import inbound_key
-    from edgelm.coop.cloud import read_key
+    from edgelm.cloud import read_key
 
     if c.cloud and not c.cloud.startswith(("http://", "https://")):
         raise EdgelmError(f"--cloud {c.cloud!r} must start with http:// or https:// (e.g. http://127.0.0.1:8080/v1)")

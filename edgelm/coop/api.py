@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def build_runtime(config: ServeConfig | None = None, **kwargs: Any):
-    from edgelm.coop.cloud import CloudClient, CloudConfig
+    from edgelm.cloud import CloudClient, CloudConfig
     from edgelm.coop.data import function_queries
     from edgelm.coop.routers import calibrate, check_budget
     from edgelm.coop.runtime import CooperativeRuntime
@@ -105,7 +105,7 @@ def is_loopback(host: str) -> bool:
 def inbound_key(c: ServeConfig) -> str | None:
     """The key clients must send, if any; refuses a server reachable beyond this machine without one, since it holds
     the cloud key and anyone who reaches it spends the user's cloud budget (as llama.cpp's server asks --api-key)."""
-    from edgelm.coop.cloud import read_key
+    from edgelm.cloud import read_key
 
     key = read_key(c.serve_key_env, c.serve_key_file)
     if key is None and not is_loopback(c.host):
@@ -127,7 +127,7 @@ def has_key(headers: Any, key: str) -> bool:
 
 def _open_device_and_cloud(c, stack: contextlib.ExitStack):
     """The device runtime and cloud client of a RouteConfig, each closed by ``stack`` on every path."""
-    from edgelm.coop.cloud import CloudClient, CloudConfig
+    from edgelm.cloud import CloudClient, CloudConfig
     from edgelm.runtimes.api import load
 
     if not c.device:

@@ -108,7 +108,7 @@ def judge(device, cloud, queries, *, max_tokens: int = 48, routers: Sequence[Any
     failed, why, and that ``--resume`` retries just those (the others are kept in the journal)."""
     from tqdm import tqdm
 
-    from edgelm.coop.cloud import CloudError
+    from edgelm.cloud import CloudError
 
     out: list[Judged] = []
     failed: dict[str, int] = {}

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
-from edgelm.coop.cloud import CloudClient, CloudError
+from edgelm.cloud import CloudClient, CloudError
 from edgelm.coop.privacy import PrivacyGuard
 from edgelm.errors import EdgelmError
 from edgelm.runtimes.base import Stream

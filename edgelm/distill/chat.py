@@ -9,10 +9,12 @@ perplexity of the teacher's answers under each model.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -127,16 +129,32 @@ class Answer:
 class AnswerCache:
     """Greedy answers of one model, one JSON line each, keyed by the rendered prompt and the token limit. Rewritten
     atomically after every generated batch, so an interrupted run keeps what it generated and never leaves half a
-    file."""
+    file. ``AnswerCache(model, tok)`` generates with the local model (keyed by its weights);
+    ``AnswerCache.served(url, ...)`` asks an OpenAI-compatible server (keyed by its URL and model name)."""
 
-    def __init__(self, model, tok, root: Path | None = None) -> None:
+    def __init__(self, model, tok, root: Path | None = None, *, name: str | None = None,
+                 produce: Callable[..., Any] | None = None) -> None:
         self.model, self.tok = model, tok
-        self.path = (root or cache_dir() / "chat") / f"{fingerprint(model)[:24]}.jsonl"
+        self.path = (root or cache_dir() / "chat") / f"{name or fingerprint(model)[:24]}.jsonl"
+        self._produce = produce or (lambda prompts, **kw: generate(model, tok, prompts, **kw))
         self.entries: dict[str, dict[str, Any]] = {}
         if self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 rec = json.loads(line)
                 self.entries[rec["key"]] = rec
+
+    @classmethod
+    def served(cls, url: str, tok, *, model: str = "", concurrency: int = 4, retries: int = 3, backoff: float = 1.0,
+               root: Path | None = None) -> "AnswerCache":
+        """Answers from a teacher on a serving engine (vLLM, llama.cpp's server, TGI): greedy chat completions,
+        ``concurrency`` requests in flight, each retried on timeouts, refused connections, 429 and 5xx. The server
+        applies its own chat template; the answers are rendered in ``tok``'s for training."""
+        from edgelm.cloud import CloudClient, CloudConfig
+
+        client = CloudClient(CloudConfig(url=url, model=model, read_timeout=600.0, retries=retries, backoff=backoff,
+                                         breaker_failures=1 << 30))
+        name = "served-" + hashlib.sha256(f"{url}\0{model}".encode()).hexdigest()[:24]
+        return cls(None, tok, root, name=name, produce=functools.partial(_ask_server, client, concurrency))
 
     def _key(self, prompt: str, max_new_tokens: int) -> str:
         return hashlib.sha256(f"{max_new_tokens}\0{render(self.tok, prompt)}".encode()).hexdigest()
@@ -156,9 +174,47 @@ class AnswerCache:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(self.path, "".join(json.dumps(e) + "\n" for e in self.entries.values()))
 
-            generate(self.model, self.tok, [instrs[i].prompt for i in todo], max_new_tokens=max_new_tokens,
-                     progress=progress, desc=desc, on_batch=keep)
+            self._produce([instrs[i].prompt for i in todo], max_new_tokens=max_new_tokens, progress=progress,
+                          desc=desc, on_batch=keep)
         return [Answer(i, self.entries[k]["text"], self.entries[k]["finished"]) for i, k in zip(instrs, keys)]
+
+
+def _ask_server(client, concurrency: int, prompts: Sequence[str], *, max_new_tokens: int, progress: bool = False,
+                desc: str = "teacher answers",
+                on_batch: Callable[[list[int], list[tuple[str, bool]]], None] | None = None) -> None:
+    """Greedy answers to ``prompts`` from ``client``'s server, at most ``concurrency`` at once; each answer goes to
+    ``on_batch`` (in this thread) as it arrives. A request that fails after its retries stops the rest, in one line;
+    what arrived before stays with ``on_batch``."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from edgelm.cloud import CloudError
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc=desc, unit="answer", dynamic_ncols=True)
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="chat-teacher")
+    try:
+        futures = {pool.submit(client.chat_answer, [{"role": "user", "content": p}], max_tokens=max_new_tokens,
+                               deadline=time.monotonic() + 3600, temperature=0.0): i for i, p in enumerate(prompts)}
+        done = 0
+        for fut in as_completed(futures):
+            try:
+                got = fut.result()
+            except CloudError as e:
+                raise EdgelmError(f"--chat-teacher-url {client.cfg.url}: no answer ({e.reason}) after {done} of "
+                                  f"{len(prompts)}; those are cached: check the server and run again") from None
+            done += 1
+            if on_batch is not None:
+                on_batch([futures[fut]], [got])
+            if bar is not None:
+                bar.update(1)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        client.close()
+        if bar is not None:
+            bar.close()
 
 
 def fitting(instrs: Sequence[Instruction], tok, context: int, max_new_tokens: int) -> list[Instruction]:
@@ -171,15 +227,17 @@ def fitting(instrs: Sequence[Instruction], tok, context: int, max_new_tokens: in
     return keep
 
 
-def teacher_chat(teacher, tok, corpus: Corpus, n: int, max_new_tokens: int, *, progress: bool = False) -> list[Answer]:
-    """The teacher's answers to the first ``n`` train-split instructions (cached)."""
+def teacher_chat(teacher, tok, corpus: Corpus, n: int, max_new_tokens: int, *, progress: bool = False,
+                 served: AnswerCache | None = None) -> list[Answer]:
+    """The teacher's answers to the first ``n`` train-split instructions (cached), from ``served`` (a teacher on a
+    serving engine: ``AnswerCache.served``) when given, else generated by ``teacher``."""
     need_chat_template(tok, "--chat-mix")
     context = getattr(teacher.config, "max_position_embeddings", None) or 1 << 30
     instrs = fitting(instructions(corpus, "train", n), tok, context, max_new_tokens)
     if not instrs:
         raise EdgelmError(f"--chat-mix: no documented Python functions in the train split of "
                           f"{corpus.spec.describe()} to make instructions from; drop --chat-mix or add .py files")
-    return AnswerCache(teacher, tok).answers(instrs, max_new_tokens=max_new_tokens, progress=progress)
+    return (served or AnswerCache(teacher, tok)).answers(instrs, max_new_tokens=max_new_tokens, progress=progress)
 
 
 class ChatStream:

@@ -10,7 +10,8 @@ from edgelm.errors import EdgelmError
 
 BF16_MODES = ("auto", "on", "require", "off")  # see DistillConfig.bf16
 # Fields that may change between a run and its --resume without changing the weights it produces.
-RESUME_FREE = {"resume", "force", "progress", "threads", "ckpt_every", "keep_ckpts", "out", "eval_test", "peak_tflops"}
+RESUME_FREE = {"resume", "force", "progress", "threads", "ckpt_every", "keep_ckpts", "out", "eval_test", "peak_tflops",
+               "chat_teacher_concurrency"}
 
 
 @dataclass
@@ -32,6 +33,11 @@ class DistillConfig:
     chat_mix: float = 0.0  # share of training sequences from the teacher's chat answers (needs a chat template)
     chat_examples: int = 256  # train-split instructions the teacher answers for --chat-mix (answers are cached)
     chat_max_new_tokens: int = 192  # longest teacher answer, in tokens
+    # the --chat-mix answers from a teacher on a serving engine (vLLM, llama.cpp's server, TGI: an OpenAI-compatible
+    # base URL such as http://127.0.0.1:8000/v1; API key from $EDGELM_CLOUD_API_KEY); logit KD still uses --teacher
+    chat_teacher_url: str = ""
+    chat_teacher_model: str = ""  # model name sent to --chat-teacher-url (empty: the server's default)
+    chat_teacher_concurrency: int = 4  # --chat-teacher-url requests in flight at once
     # --- loss ---
     loss: str = "forward_kl"  # KD loss name; see `edgelm list losses`
     alpha: float = 1.0  # weight of KD; (1 - alpha) goes to cross-entropy on the data
@@ -99,6 +105,14 @@ class DistillConfig:
         need(0.0 <= self.chat_mix < 1.0, "chat_mix", "in [0, 1)", self.chat_mix)
         need(self.chat_examples >= 1, "chat_examples", "at least 1", self.chat_examples)
         need(self.chat_max_new_tokens >= 8, "chat_max_new_tokens", "at least 8", self.chat_max_new_tokens)
+        need(self.chat_teacher_concurrency >= 1, "chat_teacher_concurrency", "at least 1",
+             self.chat_teacher_concurrency)
+        if self.chat_teacher_url:
+            if not self.chat_teacher_url.startswith(("http://", "https://")):
+                raise EdgelmError(f"--chat-teacher-url must start with http:// or https:// (e.g. "
+                                  f"http://127.0.0.1:8000/v1), got {self.chat_teacher_url!r}")
+            if self.chat_mix <= 0:
+                raise EdgelmError("--chat-teacher-url answers the --chat-mix instructions: add --chat-mix (e.g. 0.25)")
         need(self.kd_chunk >= 0, "kd_chunk", "0 or more", self.kd_chunk)
         need(self.cache_topk >= 1, "cache_topk", "at least 1", self.cache_topk)
         if self.teacher_cache:

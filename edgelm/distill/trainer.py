@@ -227,14 +227,18 @@ class _Data:
                          ", ".join(skipped.examples))
         chat = []
         if cfg.chat_mix > 0:
-            from edgelm.distill.chat import teacher_chat
+            from edgelm.distill.chat import AnswerCache, teacher_chat
+
+            def served() -> AnswerCache | None:
+                return AnswerCache.served(cfg.chat_teacher_url, tok, model=cfg.chat_teacher_model,
+                                          concurrency=cfg.chat_teacher_concurrency) if cfg.chat_teacher_url else None
 
             if dist.main:  # the others read the answers from the cache it writes
                 chat = teacher_chat(teacher, tok, corpus, cfg.chat_examples, cfg.chat_max_new_tokens,
-                                    progress=cfg.progress)
+                                    progress=cfg.progress, served=served())
             dist.barrier()
             if not dist.main:
-                chat = teacher_chat(teacher, tok, corpus, cfg.chat_examples, cfg.chat_max_new_tokens)
+                chat = teacher_chat(teacher, tok, corpus, cfg.chat_examples, cfg.chat_max_new_tokens, served=served())
         return cls(teacher, tok, tsrc, corpus, val, test, counts, chat)
 
 
@@ -584,7 +588,8 @@ class _Trainer:
                               "bf16_speedup": self.precision.bf16_speedup,
                               "fused_head_loss": self.fused, "final_loss": final_loss, "teacher_cache": cache,
                               "chat": {"mix": cfg.chat_mix, "answers": len(data.chat),
-                                       "finished": sum(a.finished for a in data.chat)},
+                                       "finished": sum(a.finished for a in data.chat),
+                                       "teacher": cfg.chat_teacher_url or "local"},
                               "wall_s_this_process": round(wall, 1), "config": cfg.as_dict()},
                     val={"student": val_student.as_dict(), "teacher": self.teacher_val.as_dict(),
                          "seqs": len(data.val), "seq_len": cfg.seq_len},

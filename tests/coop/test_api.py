@@ -10,7 +10,7 @@ from tests.cloud_fixtures import free_port
 @pytest.fixture()
 def closes(monkeypatch):
     """Count close() calls of cloud clients and runtimes (the real close still runs)."""
-    from edgelm.coop.cloud import CloudClient
+    from edgelm.cloud import CloudClient
     from edgelm.runtimes.base import Runtime
 
     seen = {"cloud": 0, "device": 0}

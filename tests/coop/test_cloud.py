@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from edgelm.coop.cloud import CloudClient, CloudConfig, CloudError
+from edgelm.cloud import CloudClient, CloudConfig, CloudError
 from tests.cloud_fixtures import direct_chat
 
 MSGS = [{"role": "user", "content": "def add(a, b):"}]

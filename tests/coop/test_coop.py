@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from edgelm.coop.cloud import CloudClient, CloudConfig
+from edgelm.cloud import CloudClient, CloudConfig
 from edgelm.coop.runtime import Busy, CooperativeRuntime
 from edgelm.errors import EdgelmError
 from edgelm.registry import ROUTERS

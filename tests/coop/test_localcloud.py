@@ -36,7 +36,7 @@ def test_stop_closes_the_log(artifacts, tmp_path):
 def test_overlapping_streams_each_run_to_the_end(artifacts, tmp_path):
     """llama-cpp-python's server cuts a stream short when another request arrives, unless told not to; a cloud must
     serve every client in full (a cut stream once made a cooperative-runtime test fail at random)."""
-    from edgelm.coop.cloud import CloudClient, CloudConfig
+    from edgelm.cloud import CloudClient, CloudConfig
 
     payload = {"messages": [{"role": "user", "content": "def add(a, b):"}], "max_tokens": 96, "min_tokens": 96,
                "temperature": 0}

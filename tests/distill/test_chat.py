@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from transformers import AutoTokenizer
 from edgelm.data.corpus import Corpus, CorpusSpec
 from edgelm.distill import chat
 from edgelm.distill.api import distill
+from edgelm.errors import EdgelmError
 from edgelm.manifest import read_manifest
 from edgelm.metrics import perplexity, score_answers
 from edgelm.models.loader import load_model
@@ -78,6 +80,59 @@ def test_teacher_answers_are_cached(chat_teacher, tiny_corpus, monkeypatch):
     monkeypatch.undo()
     longer = chat.teacher_chat(model, tok, corpus, 6, 20)  # another token limit is another key
     assert len(longer) == 6
+
+
+def test_a_served_teacher_answers_once_bounded_and_keeps_what_it_got(proxy, rt_model, tiny_corpus, tmp_path):
+    """--chat-teacher-url: the answers come from an OpenAI-compatible server (llama-cpp-python's on loopback, behind
+    the fault proxy), at most ``concurrency`` in flight, cached by URL and model; a server that fails midway stops
+    the run in one line and keeps what it answered, so the next run asks only for the rest."""
+    model, tok, _ = load_model(rt_model["folder"])
+    corpus = Corpus(CorpusSpec((str(tiny_corpus),)))
+    url = proxy.url
+    in_flight, peak, lock = [0], [0], threading.Lock()
+    original = proxy.count
+
+    def served(**kw):
+        cache = chat.AnswerCache.served(url, tok, backoff=0.05, **kw)
+        inner = cache._produce.args[0]  # the client: count the requests it has in flight
+        ask = inner.chat_answer
+
+        def counted(*a, **k):
+            with lock:
+                in_flight[0] += 1
+                peak[0] = max(peak[0], in_flight[0])
+            try:
+                return ask(*a, **k)
+            finally:
+                with lock:
+                    in_flight[0] -= 1
+
+        inner.chat_answer = counted
+        return cache
+
+    got = chat.teacher_chat(model, tok, corpus, 5, 16, served=served(concurrency=2))
+    assert len(got) == 5 and proxy.count - original == 5 and peak[0] == 2
+    assert all(isinstance(a.text, str) and isinstance(a.finished, bool) for a in got)
+    asked = proxy.count
+    proxy.mode = "500"
+    assert chat.teacher_chat(model, tok, corpus, 5, 16, served=served(concurrency=2)) == got, "read from the cache"
+    assert proxy.count == asked
+    proxy.mode = "pass"
+    # another model name is another cache; the server fails (500, retried) after two answers
+    proxy.fail_after = proxy.count + 2
+    with pytest.raises(EdgelmError, match=r"no answer \(http_500\) after 2 of 5; those are cached"):
+        chat.teacher_chat(model, tok, corpus, 5, 16, served=served(model="other", concurrency=1, retries=1))
+    proxy.fail_after = None
+    asked = proxy.count
+    again = chat.teacher_chat(model, tok, corpus, 5, 16, served=served(model="other", concurrency=1))
+    assert len(again) == 5 and proxy.count - asked == 3, "only the three missing answers are asked for"
+    # distill takes the served answers (cached above: the server is down for it), logit KD from the local teacher
+    proxy.mode = "500"
+    res = distill(**_args(rt_model["folder"], tiny_corpus, tmp_path / "run", chat_mix=0.5, chat_examples=5,
+                          chat_max_new_tokens=16, chat_teacher_url=url, max_steps=2, eval_every=0, ckpt_every=0))
+    assert res.manifest["training"]["chat"] == {"mix": 0.5, "answers": 5, "teacher": url,
+                                                "finished": sum(a.finished for a in got)}
+    proxy.mode = "pass"
 
 
 def test_mix_streams_is_deterministic_and_takes_its_share():

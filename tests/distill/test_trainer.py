@@ -270,7 +270,9 @@ def test_bf16_without_native_support(tiny_teacher, tiny_corpus, tmp_path, monkey
 
 def test_bad_bf16_and_chunk_flags_are_one_line(tiny_teacher, tiny_corpus, tmp_path):
     for flag, val, msg in (("--bf16", "maybe", "--bf16 must be auto or on or require or off, got 'maybe'"),
-                           ("--kd-chunk", "-1", "--kd-chunk must be 0 or more, got -1")):
+                           ("--kd-chunk", "-1", "--kd-chunk must be 0 or more, got -1"),
+                           ("--chat-teacher-url", "http://127.0.0.1:9/v1", "add --chat-mix"),
+                           ("--chat-teacher-url", "127.0.0.1:8000", "must start with http:// or https://")):
         r = run_cli("distill", "--teacher", str(tiny_teacher), "--data", str(tiny_corpus), "--max-steps", "1",
                     "--out", str(tmp_path / "x"), flag, val)
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr

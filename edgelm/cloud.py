@@ -1,6 +1,6 @@
-"""OpenAI-compatible cloud client: timeouts, bounded retries with backoff (timeouts, refused connections, 429, 5xx;
-one policy for plain and streamed requests), a circuit breaker and a per-request deadline. Every failure is a
-CloudError with a short reason the cooperative runtime reports.
+"""OpenAI-compatible client, for the cooperative runtime's cloud and a served chat teacher: timeouts, bounded retries
+with backoff (timeouts, refused connections, 429, 5xx; one policy for plain and streamed requests), a circuit breaker
+and a per-request deadline. Every failure is a CloudError with a short reason the caller reports.
 
 The retry loop is our own, not tenacity's or httpx's: httpx's transport retries cover refused connections only, and
 what the loop must also do (stop when the deadline leaves less than the next backoff, never replay a stream that
@@ -177,10 +177,17 @@ class CloudClient:
         return list(self._retrying(once, deadline))[0]
 
     def chat(self, messages: list[dict[str, str]], *, max_tokens: int, deadline: float, **params: Any) -> str:
+        return self.chat_answer(messages, max_tokens=max_tokens, deadline=deadline, **params)[0]
+
+    def chat_answer(self, messages: list[dict[str, str]], *, max_tokens: int, deadline: float, **params: Any
+                    ) -> tuple[str, bool]:
+        """(text, finished): ``finished`` is False when the answer was cut at ``max_tokens`` (finish_reason
+        "length")."""
         body = self._post("chat/completions", {"messages": messages, "max_tokens": max_tokens, **params}, deadline)
         try:
-            return str(body["choices"][0]["message"]["content"] or "")
-        except (KeyError, IndexError, TypeError):
+            choice = body["choices"][0]
+            return str(choice["message"]["content"] or ""), choice.get("finish_reason") != "length"
+        except (KeyError, IndexError, TypeError, AttributeError):
             raise CloudError("malformed_json") from None
 
     def complete(self, prompt: str, *, max_tokens: int, deadline: float, **params: Any) -> str:
