@@ -3,7 +3,8 @@ files, each command in its own process, timed, with its peak RSS (/usr/bin/time 
 
     python benchmarks/scale.py                        # 135M, 1B (Llama-3.2-1B's shape)
     python benchmarks/scale.py --sizes 135m 1b 8b     # and Llama-3.1-8B's shape (16 GB of bf16 safetensors)
-    python benchmarks/scale.py --sizes 1b --check 1b  # also the 1B's int4-g32 export with its check
+    python benchmarks/scale.py --sizes 1b --gguf --check 1b --append   # only the 1B's export with its check, kept
+                                                                       # beside the rows already in docs/scale.json
 
 The models are random-weight Llamas in the real shapes (vocab 128,256) with SmolLM2's tokenizer, written as bf16
 safetensors shards by this script (made once, under --work). llama.cpp's `convert_hf_to_gguf.py` comes from the
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,10 +152,25 @@ def edgelm(*args: str) -> list[str]:
     return [sys.executable, "-m", "edgelm", *args]
 
 
-def rows_for(size: str, model: Path, work: Path, check: bool, tvm: bool, onnx: bool, gptq: bool) -> list[dict]:
-    """Every command on one model: llama.cpp's converter and quantizer, then edgelm's exports. Each output is removed
-    once no later command reads it (the 8B's would not fit on the disk together)."""
-    script, _ = llama_convert(work)
+DISTILL = ["--layers", "4", "--hidden-size", "1024", "--heads", "16", "--intermediate-size", "2048", "--seq-len", "256",
+           "--batch-size", "4", "--max-steps", "8", "--calib-seqs", "4", "--eval-seqs", "4", "--eval-every", "0",
+           "--ckpt-every", "0", "--no-progress"]
+
+
+def distill_note(run: Path) -> str:
+    """Training tok/s (the median step after the first) and the teacher's dtype, from a distill run's folder."""
+    import statistics
+
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    tps = [r["tok_s"] for r in steps if r.get("event") == "train"][1:]
+    m = json.loads((run / "student" / "edgelm.json").read_text())
+    return (f"{statistics.median(tps):,.0f} tok/s, teacher {m['training']['teacher_dtype']}, "
+            f"student {m['student']['params'] / 1e6:.0f}M params")
+
+
+def rows_for(size: str, model: Path, work: Path, kinds: set[str]) -> list[dict]:
+    """The commands of ``kinds`` on one model: llama.cpp's converter and quantizer, then edgelm's. Each output is
+    removed once no later command reads it (the 8B's would not fit on the disk together)."""
     out = work / f"out-{size}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -161,40 +178,51 @@ def rows_for(size: str, model: Path, work: Path, check: bool, tvm: bool, onnx: b
     def export(target: str, quant: str, name: str, *extra: str) -> list[str]:
         return edgelm("export", str(model), "--target", target, "--quant", quant, *extra, "--out", str(out / name))
 
-    # (tool, command, argv, outputs removed after it); the converter puts its own gguf-py ahead of the installed one
-    plan = [
-        ("llama.cpp", "convert_hf_to_gguf --outtype f16",
-         [sys.executable, str(script), str(model), "--outtype", "f16", "--outfile", str(out / "f16.gguf")], []),
-        ("llama.cpp", "convert_hf_to_gguf --outtype q8_0",
-         [sys.executable, str(script), str(model), "--outtype", "q8_0", "--outfile", str(out / "q8.gguf")],
-         ["q8.gguf"]),
-        ("llama.cpp", "llama-quantize f16 -> Q4_0",
-         [llama_quantize(), str(out / "f16.gguf"), str(out / "q4_0.gguf"), "Q4_0", str(os.cpu_count() or 1)],
-         ["f16.gguf", "q4_0.gguf"]),
-        ("edgelm", "export --target gguf --quant fp16 --no-check", export("gguf", "fp16", "e-fp16", "--no-check"),
-         ["e-fp16"]),
-        ("edgelm", "export --target gguf --quant int4-g32 --no-check",
-         export("gguf", "int4-g32", "e-int4", "--no-check"), ["e-int4"]),
-        ("edgelm", "export --target gguf --quant int8-g32 --no-check",
-         export("gguf", "int8-g32", "e-int8", "--no-check"), ["e-int8"]),
-    ]
-    if onnx:
+    # (tool, command, argv, outputs removed after it, a note read from the outputs first)
+    plan: list[tuple[str, str, list[str], list[str], Callable[[], str] | None]] = []
+    if "gguf" in kinds:
+        script, _ = llama_convert(work)  # the converter puts its own gguf-py ahead of the installed one
+        plan += [
+            ("llama.cpp", "convert_hf_to_gguf --outtype f16",
+             [sys.executable, str(script), str(model), "--outtype", "f16", "--outfile", str(out / "f16.gguf")], [],
+             None),
+            ("llama.cpp", "convert_hf_to_gguf --outtype q8_0",
+             [sys.executable, str(script), str(model), "--outtype", "q8_0", "--outfile", str(out / "q8.gguf")],
+             ["q8.gguf"], None),
+            ("llama.cpp", "llama-quantize f16 -> Q4_0",
+             [llama_quantize(), str(out / "f16.gguf"), str(out / "q4_0.gguf"), "Q4_0", str(os.cpu_count() or 1)],
+             ["f16.gguf", "q4_0.gguf"], None),
+            ("edgelm", "export --target gguf --quant fp16 --no-check", export("gguf", "fp16", "e-fp16", "--no-check"),
+             ["e-fp16"], None),
+            ("edgelm", "export --target gguf --quant int4-g32 --no-check",
+             export("gguf", "int4-g32", "e-int4", "--no-check"), ["e-int4"], None),
+            ("edgelm", "export --target gguf --quant int8-g32 --no-check",
+             export("gguf", "int8-g32", "e-int8", "--no-check"), ["e-int8"], None),
+        ]
+    if "onnx" in kinds:
         plan.append(("edgelm", "export --target onnx --quant int4-g32 --no-check",
-                     export("onnx", "int4-g32", "e-onnx", "--no-check"), ["e-onnx"]))
-    if tvm:
+                     export("onnx", "int4-g32", "e-onnx", "--no-check"), ["e-onnx"], None))
+    if "tvm" in kinds:
         plan.append(("edgelm", "export --target tvm --quant int4-g32 --no-check",
-                     export("tvm", "int4-g32", "e-tvm", "--no-check"), ["e-tvm"]))
-    if gptq:
+                     export("tvm", "int4-g32", "e-tvm", "--no-check"), ["e-tvm"], None))
+    if "gptq" in kinds:
         plan.append(("edgelm", "quantize --quant gptq-int4-g32 --calib-samples 32 (32 x 512 tokens)",
                      edgelm("quantize", str(model), "--quant", "gptq-int4-g32", "--calib-samples", "32",
-                            "--eval-seqs", "8", "--out", str(out / "e-gptq")), ["e-gptq"]))
-    if check:
+                            "--eval-seqs", "8", "--out", str(out / "e-gptq")), ["e-gptq"], None))
+    if "check" in kinds:
         plan.append(("edgelm", "export --target gguf --quant int4-g32 (with the check: 8 x 128 tokens, 2 prompts)",
-                     export("gguf", "int4-g32", "e-check", "--eval-seqs", "8", "--prompts", "2"), ["e-check"]))
+                     export("gguf", "int4-g32", "e-check", "--eval-seqs", "8", "--prompts", "2"), ["e-check"],
+                     None))
+    if "distill" in kinds:
+        plan.append(("edgelm", "distill " + " ".join(DISTILL[:8]) + " (8 steps of 4 x 256 tokens)",
+                     edgelm("distill", "--teacher", str(model), *DISTILL, "--out", str(out / "e-distill")),
+                     ["e-distill"], lambda: distill_note(out / "e-distill")))
     rows = []
-    for tool, what, cmd, done in plan:
+    for tool, what, cmd, done, note in plan:
         logging.info("%s: %s %s", size, tool, what)
         r = measure(cmd, out / f"{len(rows)}.log")
+        if note is not None and r["rc"] == 0:
+            r["note"] = note()
         rows.append({"size": size, "params": params(model), "tool": tool, "command": what, **r})
         logging.info("  %s", r)
         for name in done:
@@ -237,32 +265,48 @@ def plot(rows: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+KINDS = {  # row kind -> the sizes it runs on by default
+    "gguf": ["135m", "1b", "8b"],  # llama.cpp's convert and quantize, edgelm's GGUF exports
+    "onnx": ["135m", "1b"],  # the onnxruntime-genai builder holds the whole model: 6.3 GB at 1B
+    "tvm": ["135m", "1b"],
+    "gptq": ["135m"],  # GPTQModel on a CPU: hours for an 8B
+    "check": ["1b", "8b"],
+    "distill": ["1b"],
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["135m", "1b"], choices=list(SHAPES))
     ap.add_argument("--work", type=Path, default=ROOT / "runs/bench-scale-models")
-    ap.add_argument("--check", nargs="*", default=[], help="sizes that also export int4-g32 with the check")
-    ap.add_argument("--tvm", nargs="*", default=["135m", "1b"], help="sizes that also export to TVM")
-    ap.add_argument("--onnx", nargs="*", default=["135m", "1b"],
-                    help="sizes that also export to ONNX (the onnxruntime-genai builder holds the whole model)")
-    ap.add_argument("--gptq", nargs="*", default=["135m"], help="sizes that also run GPTQ (hours for an 8B on a CPU)")
+    for kind, sizes in KINDS.items():
+        ap.add_argument(f"--{kind}", nargs="*", default=sizes, choices=list(SHAPES),
+                        help=f"sizes that run the {kind} rows (default: {' '.join(sizes)}; none: the flag alone)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep docs/scale.json's other rows (a row of the same model and command is replaced)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rows = []
     for size in args.sizes:
         model = make_model(size, args.work / size)
-        rows += rows_for(size, model, args.work, size in args.check, size in args.tvm, size in args.onnx,
-                        size in args.gptq)
-    result = {"cpu": cpu_name(), "cores": os.cpu_count(), "rows": rows}
-    (ROOT / "docs/scale.json").write_text(json.dumps(result, indent=1))
-    table = md_table(["model", "tool", "command", "peak RSS (MiB)", "wall (s)"],
+        rows += rows_for(size, model, args.work, {k for k in KINDS if size in getattr(args, k)})
+    command = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
+    path = ROOT / "docs/scale.json"
+    old = json.loads(path.read_text()) if args.append and path.is_file() else {"rows": [], "commands": []}
+    new = {(r["size"], r["command"]) for r in rows}
+    order = list(SHAPES)
+    rows = sorted([r for r in old["rows"] if (r["size"], r["command"]) not in new] + rows,
+                  key=lambda r: order.index(r["size"]))  # stable: each model's rows in run order
+    result = {"cpu": cpu_name(), "cores": os.cpu_count(), "commands": [*old.get("commands", []), command],
+              "rows": rows}
+    path.write_text(json.dumps(result, indent=1))
+    table = md_table(["model", "tool", "command", "peak RSS (MiB)", "wall (s)", "note"],
                      [[r["size"], r["tool"], r["command"], r["peak_rss_mib"], r["seconds"] if r["rc"] == 0 else
-                       f"failed ({r['rc']})"] for r in rows])
+                       f"failed ({r['rc']})", r.get("note", "")] for r in rows])
     plot(rows, ROOT / "docs/scale.png")
-    update_section(ROOT / "docs/results.md", "scale", f"`python benchmarks/scale.py --sizes {' '.join(args.sizes)}"
-                   f"{' --check ' + ' '.join(args.check) if args.check else ''} --onnx {' '.join(args.onnx)} --tvm {' '.join(args.tvm)}"
-                   f" --gptq {' '.join(args.gptq)}` on {result['cpu']} ({result['cores']} cores)\n\n{table}\n\n"
-                   "![scale](scale.png)")
+    runs = "\n".join(f"`{c}`" for c in result["commands"])
+    update_section(ROOT / "docs/results.md", "scale",
+                   f"{runs}\n\non {result['cpu']} ({result['cores']} cores)\n\n{table}\n\n![scale](scale.png)")
     print(table)
 
 

@@ -256,9 +256,10 @@ def cmd_route(args: argparse.Namespace) -> int:
     else:
         res = route_eval(cfg)
         print(f"device quality {res.device_quality:.3f}, cloud quality {res.cloud_quality:.3f}, "
-              f"{res.queries} test queries\n")
-        print(res.table)
-        print(f"wrote {cfg.out}/routing.md, routing.png, routing.json")
+              f"{res.queries} test queries. {res.verdict}\n")
+        if res.routers:
+            print(res.table)
+        print(f"wrote {cfg.out}/routing.md{', routing.png' if res.routers else ''}, routing.json")
     return 0
 
 

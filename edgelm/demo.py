@@ -276,17 +276,23 @@ def write_routing_section(report: Path, res, out: Path) -> None:
     if isinstance(res, StepSkipped):
         body = f"## Device and cloud routing\n\nNot measured: {res.error}\n"
     else:
-        shutil.copy(out / "route" / "eval" / "routing.png", out / "routing.png")
         by = res.by_router()
+        if res.gap["judgeable"]:
+            figures = (f"{res.verdict} CPT(80%) of the learned router: {100 * by['learned'].cpt80:.0f}% (random "
+                       f"{100 * by['random'].cpt80:.0f}%).")
+        else:
+            figures = res.verdict
+        plot = ""
+        if res.routers:
+            shutil.copy(out / "route" / "eval" / "routing.png", out / "routing.png")
+            plot = "![answer quality against cloud share](routing.png)\n"
         body = f"""## Device and cloud routing
 
 Device: the student's quantized GGUF; cloud: the teacher behind llama-cpp-python's OpenAI-compatible server on
 127.0.0.1. {res.queries} test-split functions: the prompt is a function's first 2 lines, quality the edit
 similarity of the answer's first 3 lines to the rest. Mean quality: device {res.device_quality:.3f}, cloud
-{res.cloud_quality:.3f}. CPT(80%) of the learned router: {100 * by['learned'].cpt80:.0f}% (random
-{100 * by['random'].cpt80:.0f}%). Files: `{out / 'route'}`.
+{res.cloud_quality:.3f}. {figures} Files: `{out / 'route'}`.
 
-{res.table}
-![answer quality against cloud share](routing.png)
-"""
+{res.table if res.routers else ""}
+{plot}"""
     update_section(report, "routing", body)

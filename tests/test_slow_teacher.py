@@ -117,10 +117,12 @@ def test_demo_writes_a_report(tmp_path):
         assert f"| {r['model']} | {r['preset']} | {r['runtime']} | {r['threads']} |" in report
     # step 5: routing, against the teacher as a local cloud (an untrained student may leave no gap: then it says so)
     assert "## Device and cloud routing" in report
-    if "Not measured" not in report:
-        assert "| learned |" in report and (tmp_path / "demo" / "routing.png").stat().st_size > 1000
-    else:
+    if "Not measured" in report:
         assert "the cloud is not better than the device" in report
+    elif "routing can't be judged" in report:  # a gap within noise: no APGR, one sentence with the interval
+        assert "95% interval" in report and not re.search(r"\| learned \| \d", report)
+    else:
+        assert "| learned |" in report and (tmp_path / "demo" / "routing.png").stat().st_size > 1000
     # the mobile app: the checked GGUF artifacts, the app's all-4-bit preset first, then the chosen preset (a 4-bit
     # one may have failed its check on this barely trained student), then the smallest; and the ONNX of the chosen
     # preset and the mixed plan, each if it passed

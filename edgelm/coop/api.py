@@ -12,7 +12,7 @@ from edgelm.coop.routers import RouterState, router_from_state
 from edgelm.errors import EdgelmError
 
 if TYPE_CHECKING:
-    from edgelm.coop.evaluate import RouterSummary
+    from edgelm.coop.evaluate import Gap, RouterSummary
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +201,10 @@ class RouteEvalResult:
     device_quality: float  # mean answer quality of the device alone
     cloud_quality: float  # ... of the cloud alone
     routers: list["RouterSummary"]  # random, each scored router, then the oracle
-    table: str  # the markdown table written to routing.md
+    table: str  # the markdown table written to routing.md (or the sentence saying why there is none)
     config: dict[str, Any] = field(default_factory=dict)  # the RouteConfig it ran with
+    gap: dict[str, Any] = field(default_factory=dict)  # evaluate.Gap: the gap, its interval, whether it is judgeable
+    verdict: str = ""  # one sentence on the gap (Gap.verdict)
 
     def by_router(self) -> dict[str, "RouterSummary"]:
         return {s.router: s for s in self.routers}
@@ -211,15 +213,30 @@ class RouteEvalResult:
         return asdict(self)
 
 
-def route_eval(config: RouteConfig | None = None, **kwargs: Any) -> RouteEvalResult:
-    """Judge every router on test-split queries; write table, plot and JSON into --out."""
+def routing_table(sums: list["RouterSummary"], judged: list, gap: "Gap") -> str:
+    """The routers' markdown table: APGR only where the gap is judgeable ("-" otherwise), CPT with its interval
+    always, and each scored router's cost per query."""
     import numpy as np
 
+    from edgelm.report import md_table
+
+    rows = []
+    for s in sums:
+        scored = s.router in judged[0].scores
+        ci = f"{100 * s.cpt80_ci95[0]:.0f}-{100 * s.cpt80_ci95[1]:.0f}%" if s.cpt80_ci95 else "-"
+        rows.append([s.router, f"{s.apgr:.3f}" if gap.judgeable else "-", f"{100 * s.cpt50:.0f}%",
+                     f"{100 * s.cpt80:.0f}%", ci,
+                     f"{1e3 * float(np.mean([j.seconds.get(s.router, 0.0) for j in judged])):.1f}" if scored else "-"])
+    return md_table(["router", "APGR", "CPT(50%)", "CPT(80%)", "CPT(80%) 95% interval", "router ms/query"], rows)
+
+
+def route_eval(config: RouteConfig | None = None, **kwargs: Any) -> RouteEvalResult:
+    """Judge every router on test-split queries; write table, plot and JSON into --out."""
     from edgelm.coop.data import function_queries
-    from edgelm.coop.evaluate import bootstrap_cpt80, judge, plot_curves, random_summary, save_judged, summarize
+    from edgelm.coop.evaluate import (RouterSummary, bootstrap_cpt80, judge, plot_curves, quality_gap,
+                                      random_summary, save_judged, summarize)
     from edgelm.fsutil import atomic_write_json, atomic_write_text
     from edgelm.registry import ROUTERS
-    from edgelm.report import md_table
 
     c = replace(config or RouteConfig(), **kwargs)
     if not c.out:
@@ -238,22 +255,23 @@ def route_eval(config: RouteConfig | None = None, **kwargs: Any) -> RouteEvalRes
     out.mkdir(parents=True, exist_ok=True)
     save_judged(judged, out / "answers.json")
     journal.finish()
-    sums = [random_summary(judged)] + [summarize(judged, r.name, [j.scores[r.name] for j in judged]) for r in routers]
-    oracle = summarize(judged, "oracle", [j.cloud - j.device for j in judged])
-    rows = []
-    for s in sums + [oracle]:
-        lat = [j.seconds.get(s.router, 0.0) for j in judged]
-        scored = s.router in judged[0].scores
-        if scored:  # how much CPT(80%) owes to the draw of test queries
+    gap = quality_gap(judged)
+    sums: list[RouterSummary] = []
+    if gap.gap > 0:  # every figure below divides by it
+        sums = [random_summary(judged)] + [summarize(judged, r.name, [j.scores[r.name] for j in judged])
+                                           for r in routers]
+        sums.append(summarize(judged, "oracle", [j.cloud - j.device for j in judged]))
+    for s in sums:
+        if s.router in judged[0].scores:  # how much CPT(80%) owes to the draw of test queries
             s.cpt80_ci95 = bootstrap_cpt80(judged, [j.scores[s.router] for j in judged])
-        ci = f"{100 * s.cpt80_ci95[0]:.0f}-{100 * s.cpt80_ci95[1]:.0f}%" if s.cpt80_ci95 else "-"
-        rows.append([s.router, f"{s.apgr:.3f}", f"{100 * s.cpt50:.0f}%", f"{100 * s.cpt80:.0f}%", ci,
-                     f"{1e3 * float(np.mean(lat)):.1f}" if scored else "-"])
-    qd, qc = float(np.mean([j.device for j in judged])), float(np.mean([j.cloud for j in judged]))
-    table = md_table(["router", "APGR", "CPT(50%)", "CPT(80%)", "CPT(80%) 95% interval", "router ms/query"], rows)
-    plot_curves(sums + [oracle], judged, out / "routing.png")
-    result = RouteEvalResult(len(judged), qd, qc, sums + [oracle], table, c.as_dict())
+    table = routing_table(sums, judged, gap) if sums else gap.verdict + "\n"
+    if sums:
+        plot_curves(sums, judged, out / "routing.png")
+    result = RouteEvalResult(len(judged), gap.device, gap.cloud, sums, table, c.as_dict(), asdict(gap), gap.verdict)
     atomic_write_json(out / "routing.json", result.as_dict())
-    atomic_write_text(out / "routing.md", f"device quality {qd:.3f}, cloud quality {qc:.3f}, {len(judged)} queries\n\n"
-                      + table + "\n![quality vs cloud share](routing.png)\n")
+    atomic_write_text(out / "routing.md", f"device quality {gap.device:.3f}, cloud quality {gap.cloud:.3f}, "
+                      f"{len(judged)} queries. {gap.verdict}\n\n" + table
+                      + ("\n![quality vs cloud share](routing.png)\n" if sums else ""))
+    if not gap.judgeable:
+        log.warning("%s", gap.verdict)
     return result

@@ -7,6 +7,10 @@ threshold t sends the queries scoring above t to the cloud, so one pass gives it
   * PGR(share) = (quality(share) - quality_device) / (quality_cloud - quality_device), the gap recovered;
   * APGR = mean PGR over shares 0..1 (area under the curve); random routing scores 0.5;
   * CPT(x) = the smallest cloud share with PGR >= x (random needs about x).
+
+Each of them divides by the device-to-cloud gap, so they are reported only when the gap is real: its 95% bootstrap
+interval (queries resampled) lies above 0 and the gap is at least MIN_GAP of the quality's 0-1 range. Otherwise the
+reports say so in one sentence (``Gap.verdict``) instead of printing APGR.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from edgelm.errors import EdgelmError
 log = logging.getLogger(__name__)
 
 ANSWER_LINES = 3  # lines of an answer compared with the reference
+MIN_GAP = 0.02  # a device-to-cloud quality gap below this (of the 0-1 range) is too small to judge routing on
 
 
 def edit_similarity(a: str, b: str) -> float:
@@ -165,6 +170,37 @@ def pgr(judged: list[Judged], quality: list[float]) -> list[float]:
         raise EdgelmError(f"the cloud is not better than the device on these queries (quality {qc:.3f} vs "
                           f"{qd:.3f}): nothing to route for")
     return [(x - qd) / (qc - qd) for x in quality]
+
+
+@dataclass
+class Gap:
+    device: float  # mean answer quality of the device alone
+    cloud: float  # ... of the cloud alone
+    gap: float  # cloud - device
+    ci95: tuple[float, float]  # 95% bootstrap interval of the gap (queries resampled)
+    judgeable: bool  # the interval is above 0 and the gap at least MIN_GAP: APGR and PGR mean something
+
+    @property
+    def verdict(self) -> str:
+        """One sentence for the reports: the gap with its interval, and whether routing can be judged on it."""
+        figures = f"cloud - device {self.gap:+.3f}, 95% interval {self.ci95[0]:+.3f} to {self.ci95[1]:+.3f}"
+        if self.judgeable:
+            return f"The device-to-cloud gap is real ({figures})."
+        return (f"Device and cloud are within noise on these queries ({figures}; routing needs an interval above 0 "
+                f"and a gap of at least {MIN_GAP}): routing can't be judged, so APGR and PGR are not reported.")
+
+
+def quality_gap(judged: list[Judged], samples: int = 2000, seed: int = 0) -> Gap:
+    """The device-to-cloud gap in mean quality, with its 95% bootstrap interval."""
+    import numpy as np
+
+    dev = np.array([j.device for j in judged], dtype=float)
+    diff = np.array([j.cloud for j in judged], dtype=float) - dev  # [N] per-query gain of the cloud
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (samples, len(diff)))].mean(axis=1)  # [samples]
+    lo, hi = (float(x) for x in np.quantile(means, [0.025, 0.975]))
+    gap = float(diff.mean())
+    return Gap(float(dev.mean()), float(dev.mean()) + gap, gap, (lo, hi), lo > 0 and gap >= MIN_GAP)
 
 
 @dataclass

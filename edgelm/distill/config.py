@@ -18,6 +18,9 @@ RESUME_FREE = {"resume", "force", "progress", "threads", "ckpt_every", "keep_ckp
 class DistillConfig:
     # --- models ---
     teacher: str = "smollm2-135m-instruct"  # HF folder, .gguf file, built-in name or hub id
+    # the teacher's weights: auto (bfloat16 when its float32 weights pass 4 GiB: a 1B-8B teacher; else float32),
+    # float32, bfloat16
+    teacher_dtype: str = "auto"
     student: str | None = None  # existing HF folder to keep distilling (must share the teacher's tokenizer)
     zoo: str | None = None  # named student shape (random init) instead of pruning; see `edgelm list students`
     layers: int | None = None  # pruned student: decoder blocks to keep (by block importance)
@@ -122,6 +125,8 @@ class DistillConfig:
                                   "--teacher-cache")
             if self.kd_chunk == 0:
                 raise EdgelmError("--teacher-cache needs the fused loss: drop --kd-chunk 0")
+        need(self.teacher_dtype in ("auto", "float32", "bfloat16"), "teacher_dtype", "auto, float32 or bfloat16",
+             self.teacher_dtype)
         need(self.bf16 in BF16_MODES, "bf16", " or ".join(BF16_MODES), self.bf16)
         need(self.threads is None or self.threads >= 1, "threads", "at least 1", self.threads)
         if self.max_steps is None and self.max_tokens is None:

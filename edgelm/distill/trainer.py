@@ -199,12 +199,17 @@ class _Data:
     test: np.ndarray | None  # [N, T] test-split sequences, also scored with --eval-test
     counts: dict[str, Any]  # per-split docs/bytes/tokens (main process)
     chat: list[Any] = field(default_factory=list)  # the teacher's answers mixed in with --chat-mix (chat.Answer)
+    teacher_dtype: str = "float32"  # what the teacher was loaded in (bf16 autocast may cast it after its val score)
 
     @classmethod
     def load(cls, cfg: DistillConfig, dist: _Dist, state: dict[str, Any] | None, device: torch.device) -> "_Data":
         """Data: the teacher (on ``device``) and its tokenizer, the corpus, its val sequences and, with --chat-mix,
         the teacher's chat answers."""
-        teacher, tok, tsrc = load_model(cfg.teacher)
+        dtype = _teacher_dtype(cfg)
+        teacher, tok, tsrc = load_model(cfg.teacher, dtype=dtype)
+        if dtype != "float32":
+            log.info("teacher held in %s: its float32 weights pass 4 GiB (EDGELM_STREAM_BYTES); --teacher-dtype "
+                     "float32 keeps them", dtype)
         teacher.to(device)
         corpus = Corpus(CorpusSpec(cfg.data, text_field=cfg.text_field))
         max_pos = getattr(teacher.config, "max_position_embeddings", None)
@@ -239,7 +244,19 @@ class _Data:
             dist.barrier()
             if not dist.main:
                 chat = teacher_chat(teacher, tok, corpus, cfg.chat_examples, cfg.chat_max_new_tokens, served=served())
-        return cls(teacher, tok, tsrc, corpus, val, test, counts, chat)
+        return cls(teacher, tok, tsrc, corpus, val, test, counts, chat, dtype)
+
+
+def _teacher_dtype(cfg: DistillConfig) -> str:
+    """--teacher-dtype, with "auto" resolved: bfloat16 for a folder whose float32 weights pass 4 GiB (a 1B-8B
+    teacher is only ever run forward, so the student's weights are the only float32 ones), else float32."""
+    if cfg.teacher_dtype != "auto":
+        return cfg.teacher_dtype
+    from edgelm.models.loader import resolve
+    from edgelm.models.streamed import should_stream
+
+    src = resolve(cfg.teacher)
+    return "bfloat16" if src.kind == "folder" and should_stream(src.path) else "float32"
 
 
 class _Trainer:
@@ -249,7 +266,7 @@ class _Trainer:
                  state: dict[str, Any] | None) -> None:
         self.cfg, self.run, self.device, self.dist, self.data = cfg, run, device, dist, data
         self.student, self.build_info = self._student(state)
-        self.student.to(device).train()
+        self.student.to(device, torch.float32).train()  # fp32 master weights, whatever the teacher is held in
         data.teacher.to(device)
         self.n_student, self.n_teacher = count_params(self.student), count_params(data.teacher)
         # Fused: the student's body runs alone and the lm_head + loss go in chunks (one process; DDP and FSDP hook
@@ -584,7 +601,7 @@ class _Trainer:
                              "heads": student.config.num_attention_heads, **self.build_info},
                     training={"steps": self.step_no, "tokens_seen": tokens, "world_size": dist.world,
                               "device": self.device.type, "precision": "bf16" if self.bf16 else "fp32",
-                              "precision_reason": self.precision.reason,
+                              "precision_reason": self.precision.reason, "teacher_dtype": data.teacher_dtype,
                               "bf16_speedup": self.precision.bf16_speedup,
                               "fused_head_loss": self.fused, "final_loss": final_loss, "teacher_cache": cache,
                               "chat": {"mix": cfg.chat_mix, "answers": len(data.chat),

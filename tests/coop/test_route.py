@@ -42,6 +42,29 @@ def test_apgr_and_cpt_on_known_orders():
     assert lo <= oracle.cpt80 <= hi < rlo <= rhi  # the oracle's interval lies below a random order's
 
 
+def test_routing_is_judged_only_on_a_real_gap():
+    """APGR and PGR divide by the device-to-cloud gap: a gap whose bootstrap interval holds 0, or that is under
+    MIN_GAP, is reported as noise in one sentence, and the table drops APGR (CPT with its interval stays)."""
+    from edgelm.coop.api import routing_table
+    from edgelm.coop.evaluate import MIN_GAP, quality_gap
+
+    real = quality_gap(_judged())
+    assert real.judgeable and real.ci95[0] > 0 and real.ci95[0] <= real.gap <= real.ci95[1]
+    assert "is real" in real.verdict
+    rng = np.random.default_rng(3)
+    noise = [Judged(f"f{i}", 1, float(d), float(d + e)) for i, (d, e) in
+             enumerate(zip(rng.random(100), 0.2 * rng.standard_normal(100) + 0.004))]
+    g = quality_gap(noise)
+    assert not g.judgeable and g.ci95[0] < 0 < g.ci95[1]
+    assert "within noise" in g.verdict and "routing can't be judged" in g.verdict
+    small = [Judged(f"f{i}", 1, 0.5, 0.5 + MIN_GAP / 2) for i in range(40)]  # certain, and too small to matter
+    assert quality_gap(small).ci95[0] > 0 and not quality_gap(small).judgeable
+    j = _judged()
+    sums = [summarize(j, "oracle", [x.cloud - x.device for x in j])]
+    assert "| oracle | - |" in routing_table(sums, j, quality_gap(noise))
+    assert f"| oracle | {sums[0].apgr:.3f} |" in routing_table(sums, j, real)
+
+
 def test_no_gap_is_a_clear_error():
     j = [Judged("f", 1, 0.5, 0.4)] * 4
     with pytest.raises(EdgelmError, match="the cloud is not better than the device"):
@@ -99,6 +122,8 @@ def test_route_train_and_eval(artifacts, trained_cloud, tiny_corpus, tmp_path):
     assert all(0 <= s["cpt50"] <= s["cpt80"] <= 1 for s in res["routers"])
     assert all(s["cpt80_ci95"][0] <= s["cpt80_ci95"][1] for s in res["routers"][1:4])
     assert "| learned |" in r.stdout and (tmp_path / "eval" / "routing.png").read_bytes()[:4] == b"\x89PNG"
+    assert res["verdict"] in r.stdout and res["gap"]["judgeable"] == (res["gap"]["ci95"][0] > 0 and
+                                                                      res["gap"]["gap"] >= 0.02)
     # the trained router serves
     from edgelm.coop.api import build_runtime
 

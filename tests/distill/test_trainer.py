@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -351,3 +352,18 @@ def test_mfu_peak_comes_from_the_table_or_the_flag(caplog):
     with caplog.at_level(logging.WARNING):
         assert peak_flops(name="Some Future GPU") is None
     assert "--peak-tflops" in caplog.text and "Some Future GPU" in caplog.text
+
+
+def test_a_big_teacher_is_held_in_bf16_and_the_student_in_fp32(tiny_teacher, tiny_corpus, tmp_path, monkeypatch):
+    """A teacher whose float32 weights pass the streaming threshold (4 GiB; lowered here) loads in bf16: pruning,
+    its val score and KD run on it, and the student it is pruned into trains and is saved in fp32."""
+    monkeypatch.setenv("EDGELM_STREAM_BYTES", "1")
+    res = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "run", hidden_size=32, max_steps=2, eval_every=0,
+                          ckpt_every=0))
+    assert res.manifest["training"]["teacher_dtype"] == "bfloat16"
+    weights = load_file(res.student_dir / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    assert math.isfinite(res.val_student.ppl) and math.isfinite(res.val_teacher.ppl)
+    monkeypatch.delenv("EDGELM_STREAM_BYTES")
+    small = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "small", max_steps=1, eval_every=0, ckpt_every=0))
+    assert small.manifest["training"]["teacher_dtype"] == "float32"
