@@ -71,7 +71,9 @@ class CloudClient:
     """Thread-safe; one connection pool. ``chat``/``complete`` return text; ``stream_*`` yield text deltas."""
 
     def __init__(self, cfg: CloudConfig) -> None:
-        import httpx
+        from edgelm.errors import require
+
+        httpx = require("httpx", "serve")
 
         if not cfg.url.startswith(("http://", "https://")):
             raise EdgelmError(f"cloud URL {cfg.url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8001/v1)")

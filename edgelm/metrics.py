@@ -288,37 +288,10 @@ def defines_function(answer: str) -> bool:
 
 def edit_similarity(a: str, b: str) -> float:
     """1 - Levenshtein distance / length of the longer string, over characters: 1 for equal strings, 0 for
-    nothing in common."""
-    import numpy as np
+    nothing in common (rapidfuzz's C++ Levenshtein)."""
+    from rapidfuzz.distance import Levenshtein
 
-    if not a and not b:
-        return 1.0
-    if len(a) < len(b):
-        a, b = b, a
-    cb = np.frombuffer(b.encode("utf-32-le"), dtype=np.uint32)  # [m] code points
-    j = np.arange(len(b) + 1)
-    prev = j.copy()  # distances from a[:0] to b[:j]
-    for i, ch in enumerate(a, 1):
-        # deletion / substitution first, then insertion chains along the row: cur[j] = min_k (x[k] + j - k)
-        x = np.empty_like(prev)
-        x[0] = i
-        x[1:] = np.minimum(prev[1:] + 1, prev[:-1] + (cb != ord(ch)))
-        prev = np.minimum.accumulate(x - j) + j
-    return 1.0 - float(prev[-1]) / len(a)
-
-
-@dataclass(frozen=True)
-class ChatScore:
-    """A model's answers to instructions, against a reference model's (the teacher's) answers."""
-
-    answers: int  # instructions answered
-    finished: float  # share of answers that ended (end of turn) before the token limit
-    defines_function: float  # share of answers whose first code block parses and defines a function
-    edit_similarity: float  # mean edit similarity to the reference answer
-    answer_ppl: float  # perplexity of the reference answers' tokens, given their prompts
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+    return float(Levenshtein.normalized_similarity(a, b))
 
 
 def score_answers(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], *,

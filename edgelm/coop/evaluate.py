@@ -22,26 +22,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edgelm.errors import EdgelmError
+from edgelm.metrics import edit_similarity
 
 log = logging.getLogger(__name__)
 
 ANSWER_LINES = 3  # lines of an answer compared with the reference
 MIN_GAP = 0.02  # a device-to-cloud quality gap below this (of the 0-1 range) is too small to judge routing on
-
-
-def edit_similarity(a: str, b: str) -> float:
-    """1 - Levenshtein(a, b) / max(len): 1 for equal strings, 0 for nothing in common."""
-    if not a and not b:
-        return 1.0
-    if len(a) < len(b):
-        a, b = b, a
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return 1.0 - prev[-1] / max(len(a), len(b))
 
 
 def answer_quality(answer: str, reference: str, lines: int = ANSWER_LINES) -> float:

@@ -6,16 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from edgelm.coop.evaluate import Judged, bootstrap_cpt80, edit_similarity, random_summary, summarize
+from edgelm.coop.evaluate import Judged, bootstrap_cpt80, random_summary, summarize
 from edgelm.errors import EdgelmError
 from tests.conftest import run_cli
 from edgelm.coop.localcloud import LocalCloud
-
-
-def test_edit_similarity():
-    assert edit_similarity("abc", "abc") == 1.0 and edit_similarity("", "") == 1.0
-    assert edit_similarity("abc", "abd") == pytest.approx(2 / 3)
-    assert edit_similarity("abc", "") == 0.0
 
 
 def _judged(n: int = 50, seed: int = 0) -> list[Judged]:
