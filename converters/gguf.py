@@ -11,6 +11,7 @@ f32 GGUF and hand it to llama.cpp's own quantizer (``llama_model_quantize``), th
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -351,6 +352,8 @@ def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, na
     n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
     q_scale = arch.attention_scale(cfg) * head_dim ** 0.5  # llama.cpp scales q·k by head_dim ** -0.5
+    if math.isclose(q_scale, 1.0, rel_tol=1e-9):
+        q_scale = 1.0  # 128 ** -0.5 * 128 ** 0.5 is 1.0000000000000002 in floats
     if q_scale != 1.0 and not arch.qk_norm:
         raise EdgelmError(f"GGUF export of this {arch.name} model is not supported: its attention scale "
                           f"{arch.attention_scale(cfg):.4g} is not llama.cpp's head_dim ** -0.5; export to onnx or tvm")

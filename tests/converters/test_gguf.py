@@ -262,3 +262,17 @@ def test_yarn_reaches_llamacpp_as_its_table_and_attention_factor(tiny_q_model, t
         ref = AutoModelForCausalLM.from_pretrained(src).eval()(torch.tensor([ids])).logits[0].numpy()
     with edgelm.load(tmp_path / "m.gguf", threads=1) as rt:
         np.testing.assert_allclose(rt.logits(ids), ref, atol=0.05)  # past the original 128 positions too
+
+
+@pytest.mark.parametrize("head_dim", [96, 128])
+def test_real_head_sizes_export_with_parity(tiny_tokenizer_dir, tiny_corpus, tmp_path, head_dim):
+    """Phi-3's 96 and Llama 3 8B's / Qwen's / Mistral's 128: head_dim ** -0.5 * head_dim ** 0.5 is not exactly 1.0 in
+    floats for them, which once refused every such model ("its attention scale ... is not llama.cpp's")."""
+    from edgelm.artifact.api import export
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "m", tiny_tokenizer_dir, layers=1, hidden=2 * head_dim, inter=128, heads=2,
+                            kv_heads=1)
+    m = export(model=str(model), target="gguf", quant="fp32", out=tmp_path / "gguf", data=(str(tiny_corpus),),
+               eval_seqs=2, eval_seqlen=32, prompts=2, new_tokens=8).manifest
+    assert m["parity"]["passed"] and m["parity"]["greedy_identical"] == 2
