@@ -335,28 +335,40 @@ class GgufResult:
     notes: list[str]  # where the GGUF differs from the HF model (e.g. a context capped at a sliding window)
 
 
-def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, name: str = "edgelm") -> GgufResult:
-    """Write ``src`` as GGUF. ``float_type`` (F32/F16) is used for float matrices."""
+def gguf_header(cfg: dict[str, Any], where: str, path: Path | None):
+    """What llama.cpp can carry of a model, decided from its config alone (``path`` None: a dry run, the export's
+    check before any work): (arch, NameMap, a GGUFWriter for ``path`` with the RoPE keys, the full-attention
+    layers' RoPE, the frequency tables to write, the factor the query norm carries). A RoPE, a shape or an attention scale llama.cpp can't take is one
+    line."""
     import gguf
-    import numpy as np
 
     from edgelm.models.archs import get_arch
 
-    cfg = src.config
-    arch = get_arch(cfg.get("model_type"), str(src.folder))
+    arch = get_arch(cfg.get("model_type"), where)
     names_of = NameMap(arch, int(cfg["num_hidden_layers"]))
-    writer = gguf.GGUFWriter(str(path), names_of.gguf_arch_name)
+    writer = gguf.GGUFWriter(str(path) if path is not None else None, names_of.gguf_arch_name)
     rope, local = layer_ropes(cfg, arch)
-    tables = add_rope(writer, rope, local, names_of)  # before any work: a RoPE llama.cpp can't carry is refused here
+    tables = add_rope(writer, rope, local, names_of)
     arch.gguf_check(cfg)
-    n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     q_scale = arch.attention_scale(cfg) * head_dim ** 0.5  # llama.cpp scales q·k by head_dim ** -0.5
     if math.isclose(q_scale, 1.0, rel_tol=1e-9):
         q_scale = 1.0  # 128 ** -0.5 * 128 ** 0.5 is 1.0000000000000002 in floats
     if q_scale != 1.0 and not arch.qk_norm:
         raise EdgelmError(f"GGUF export of this {arch.name} model is not supported: its attention scale "
                           f"{arch.attention_scale(cfg):.4g} is not llama.cpp's head_dim ** -0.5; export to onnx or tvm")
+    return arch, names_of, writer, rope, tables, q_scale
+
+
+def write_gguf(src: SourceWeights, tokenizer, path: Path, *, float_type: str, name: str = "edgelm") -> GgufResult:
+    """Write ``src`` as GGUF. ``float_type`` (F32/F16) is used for float matrices."""
+    import gguf
+    import numpy as np
+
+    cfg = src.config
+    arch, names_of, writer, rope, tables, q_scale = gguf_header(cfg, str(src.folder), path)
+    n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
     exact, qshape = {}, {}  # module -> the type holding its codes, [out, in] (one linear read at a time)
     for n, ql in src.qlinears.items():
         exact[n], qshape[n] = type_of(ql).name, ql.shape

@@ -57,6 +57,10 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
         raise EdgelmError(f"preset {preset.name} cannot be exported to {c.target}; presets for {c.target}: {', '.join(ok)}")
     target.check_preset(preset)
     target.check_options(c)
+    if (Path(c.model) / "config.json").is_file():
+        from edgelm.models.loader import read_config
+
+        target.check_model(read_config(c.model), str(c.model))
     if Path(c.out).exists() and not c.force:
         raise EdgelmError(f"{c.out} already exists; remove it or pass --force")
     if preset.imatrix:

@@ -44,6 +44,15 @@ class Target:
     def check_options(self, config: ExportConfig) -> None:
         """Refuse, before any work, options this target can't honour (a missing toolchain, say)."""
 
+    def check_model(self, cfg: dict[str, Any], where: str) -> None:
+        """Refuse, before any work (a quantization can take minutes), a model this target can't carry, from its
+        config alone: an architecture edgelm doesn't know, a RoPE no target bakes (dynamic)."""
+        from edgelm.models.archs import get_arch
+        from edgelm.models.rope import rope_of
+
+        for layer_type in dict.fromkeys(get_arch(cfg.get("model_type"), where).layer_types(cfg)):
+            rope_of(cfg, layer_type)
+
     # exact packs: max |logit - the dequantized checkpoint's logit| allowed, for a runtime computing in fp32; None for
     # one that rounds activations to 8 bits, which is bounded by KL divergence instead (edgelm.artifact.check)
     exact_atol: float | None = 0.0
@@ -89,6 +98,12 @@ class GgufTarget(Target):
     name, runtime, logit_atol = "gguf", "llamacpp", 0.25
     exact_atol, q8_float = None, ("embed", "lm_head")  # llama.cpp rounds activations to 8 bits in its dots
     FILE = "model.gguf"
+
+    def check_model(self, cfg: dict[str, Any], where: str) -> None:
+        from edgelm.converters.gguf import gguf_header
+
+        super().check_model(cfg, where)
+        gguf_header(cfg, where, None)  # llama.cpp's RoPE keys, its shapes and attention scale, on no file
 
     def export(self, src: Path, preset: QuantPreset, tmp: Path, work: Path, config: ExportConfig) -> dict[str, Any]:
         from transformers import AutoTokenizer

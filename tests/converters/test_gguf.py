@@ -215,14 +215,19 @@ def test_imatrix_without_the_tool_is_one_line(tiny_q_model, tmp_path, monkeypatc
     *((t, {"rope_type": "dynamic", "factor": 2.0}, "rope_type 'dynamic' changes its frequencies with the sequence "
        "length") for t in ("gguf", "onnx", "tvm")),
 ])
-def test_a_rope_the_target_cannot_carry_is_refused_before_any_work(tiny_q_model, tmp_path, target, rope, error):
+def test_a_rope_the_target_cannot_carry_is_refused_before_any_work(tiny_q_model, tmp_path, target, rope, error,
+                                                                    monkeypatch):
+    """From the config alone, before a quantized preset quantizes anything."""
     from edgelm.artifact.api import export
+    from edgelm.quant import api as quant_api
     from tests.conftest import with_rope
 
     src = with_rope(tiny_q_model, tmp_path / "scaled", rope)
-    with pytest.raises(EdgelmError, match=error):
-        export(model=str(src), target=target, quant="fp32", out=tmp_path / "x")
-    assert not (tmp_path / "x").exists()
+    monkeypatch.setattr(quant_api, "quantize_to_folder", lambda *a, **k: pytest.fail("quantized before refusing"))
+    for quant in ("fp32", "int4-g32"):
+        with pytest.raises(EdgelmError, match=error):
+            export(model=str(src), target=target, quant=quant, out=tmp_path / "x")
+        assert not (tmp_path / "x").exists()
 
 
 def test_llama3_rope_is_llamacpps_frequency_table(tiny_q_model, tmp_path):
