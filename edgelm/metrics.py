@@ -294,6 +294,20 @@ def edit_similarity(a: str, b: str) -> float:
     return float(Levenshtein.normalized_similarity(a, b))
 
 
+@dataclass(frozen=True)
+class ChatScore:
+    """A model's answers to instructions, against a reference model's (the teacher's) answers."""
+
+    answers: int  # instructions answered
+    finished: float  # share of answers that ended (end of turn) before the token limit
+    defines_function: float  # share of answers whose first code block parses and defines a function
+    edit_similarity: float  # mean edit similarity to the reference answer
+    answer_ppl: float  # perplexity of the reference answers' tokens, given their prompts
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 def score_answers(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], *,
                   device: str | None = None) -> tuple[float, int]:
     """Summed NLL (nats) and count of the ``answers`` tokens, each given its prompt (token ids, one pair at a time)."""
