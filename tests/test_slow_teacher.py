@@ -100,8 +100,8 @@ def test_demo_writes_a_report(tmp_path):
     assert "## Chat: does the student keep the teacher's?" in report
     assert report.count("| <pre>Write a Python function ") == 3
     manifest = json.loads((tmp_path / "demo" / "student" / "edgelm.json").read_text())
-    assert manifest["training"]["chat"] == {"mix": 0.2, "answers": 8, "finished": manifest["training"]["chat"][
-        "finished"]} and 0 <= manifest["training"]["chat"]["finished"] <= 8
+    assert manifest["training"]["chat"] == {"mix": 0.2, "answers": 8, "teacher": "local", "finished": manifest[
+        "training"]["chat"]["finished"]} and 0 <= manifest["training"]["chat"]["finished"] <= 8
     assert "(quant.png)" in report and (tmp_path / "demo" / "quant.png").stat().st_size > 1000
     q4km = tmp_path / "demo" / "export" / "gguf-llamacpp-q4_k_m" / "edgelm.json"
     if q4km.exists():  # rows of 576 don't fit K-quant blocks: reported in the manifest and the report
