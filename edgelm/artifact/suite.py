@@ -55,13 +55,23 @@ def export_suite(model: str, plan: Sequence[tuple[str, str]], out_root: str | Pa
     ``reuse``: keep an artifact already in ``out_root`` whose manifest (sha256 checked) has this preset and a
     passed check, instead of exporting it again.
     """
+    from edgelm.quant.hessian import reuse_hessians
+
+    with reuse_hessians():  # the mixed plans (and an importance matrix) of one model: one calibration pass
+        return _export_all(model, plan, Path(out_root), data=data, calib_samples=calib_samples,
+                           calib_seqlen=calib_seqlen, eval_seqs=eval_seqs, eval_seqlen=eval_seqlen, threads=threads,
+                           label=label, reuse=reuse)
+
+
+def _export_all(model: str, plan: Sequence[tuple[str, str]], out_root: Path, *, data: tuple[str, ...],
+                calib_samples: int, calib_seqlen: int, eval_seqs: int, eval_seqlen: int, threads: int,
+                label: str | None, reuse: bool) -> list[ArtifactRow]:
     from edgelm.artifact.api import export
     from edgelm.errors import EdgelmError
     from edgelm.manifest import read_manifest
     from edgelm.quant.api import quantize
     from edgelm.quant.presets import get_preset
 
-    out_root = Path(out_root)
     rows: list[ArtifactRow] = []
     quantized: dict[str, tuple[Path, float]] = {}
     for preset_name, target in plan:
@@ -89,7 +99,8 @@ def export_suite(model: str, plan: Sequence[tuple[str, str]], out_root: str | Pa
             out = out_root / f"{target}-{preset_name}"
             log.info("== %s: %s -> %s", label or model, preset_name, target)
             r = export(model=src, target=target, quant=preset_name, out=out, force=True, data=data,
-                       eval_seqs=eval_seqs, eval_seqlen=eval_seqlen, threads=threads)
+                       calib_samples=calib_samples, calib_seqlen=calib_seqlen, eval_seqs=eval_seqs,
+                       eval_seqlen=eval_seqlen, threads=threads)
             rows.append(_row(label or model, preset, target, out, r.manifest, time.perf_counter() - t0 + q_seconds))
         except EdgelmError as e:
             log.warning("%s -> %s failed: %s", preset_name, target, e)

@@ -123,7 +123,7 @@ def _mixed(model, tok, preset: QuantPreset, tmp: Path, fields: dict[str, Any], *
     calib = calibration_set(tok, data, text_field, samples, seqlen, seed)
     sens = measure_sensitivity(model, calib, preset.types, damp=preset.damp)
     plan, qlinears = sens.choose(budget_bpw=preset.budget_bpw, max_mib=preset.max_mib)
-    log.info("mixed plan: %s, predicted KLD %.4f", plan.summary(), plan.as_dict()["predicted_kld"])
+    log.info("mixed plan: %s, predicted KLD %s", plan.summary(), plan.as_dict()["predicted_kld"])
     save_mixed(tmp, model, tok, plan, qlinears, preset.group_size)
     fields["calibration"] = {"split": "train", "samples": samples, "seqlen": seqlen, "seed": seed}
     fields["plan"] = plan.as_dict()

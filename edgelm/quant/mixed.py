@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class TensorPlan:
     name: str  # module name (LM_HEAD for the output / tied embedding)
     shape: tuple[int, int]  # [out, in]
-    kld: dict[str, float] = field(default_factory=dict)  # type -> predicted KL increase when quantized at it
+    kld: dict[str, float] = field(default_factory=dict)  # type -> predicted KL increase at it (empty: one type)
     loss: dict[str, float] = field(default_factory=dict)  # type -> GPTQ's Hessian-weighted loss
     choice: str = ""  # the chosen type
 
@@ -72,7 +72,9 @@ class MixedPlan:
     def as_dict(self) -> dict[str, Any]:
         return {"summary": self.summary(), "bits_per_weight": round(self.bpw, 4), "bytes": self.nbytes,
                 "budget_bytes": self.budget_bytes, "other_bytes": self.other_bytes,
-                "predicted_kld": round(sum(t.kld[t.choice] for t in self.tensors), 5),
+                # None for a one-type plan, whose tensors' costs were not measured (nothing to choose)
+                "predicted_kld": round(sum(t.kld[t.choice] for t in self.tensors), 5) if all(
+                    t.kld for t in self.tensors) else None,
                 "tensors": {t.name: {"type": t.choice, "kld": {k: round(v, 6) for k, v in t.kld.items()}}
                             for t in self.tensors}}
 
@@ -165,10 +167,10 @@ def allocate(tensors: list[TensorPlan], types: tuple[str, ...], budget: int) -> 
     for t in tensors:
         groups.setdefault(_group_key(t.name), []).append(t)
     cost = {g: {ty: sum(t.nbytes(ty) for t in ts) for ty in types} for g, ts in groups.items()}
-    kld = {g: {ty: sum(t.kld[ty] for t in ts) for ty in types} for g, ts in groups.items()}
+    kld = {g: {ty: sum(t.kld[ty] for t in ts) for ty in types} for g, ts in groups.items()} if len(types) > 1 else {}
     choice = {g: min(types, key=_bytes) for g in groups}
     used = sum(cost[g][choice[g]] for g in groups)
-    while True:
+    while len(types) > 1:
         best = None
         for g in groups:
             cur = choice[g]
@@ -245,7 +247,8 @@ def measure_sensitivity(model, calib: "np.ndarray", types: tuple[str, ...], *, d
     log.info("mixed: Hessians of %d matrices from %d x %d calibration tokens (%.0f s)", len(planned), *calib.shape,
              time.perf_counter() - t0)
     cheapest = min(types, key=lambda t: BLOCK_TYPES[t].block_bytes)
-    probe = KldProbe(model, calib[:sens_seqs, :sens_len])
+    # one type leaves nothing to choose: its plan needs the codes only, not what each tensor costs
+    probe = KldProbe(model, calib[:sens_seqs, :sens_len]) if len(types) > 1 else None
     solved: dict[tuple[str, str], QLinear] = {}
     plans = []
     for n, w in planned.items():
@@ -254,12 +257,14 @@ def measure_sensitivity(model, calib: "np.ndarray", types: tuple[str, ...], *, d
             bt: BlockType = BLOCK_TYPES[ty]
             r = gptq_solve(w.data, hess[n], bt.bits, bt.sym, damp=damp)
             solved[(n, ty)], tp.loss[ty] = r.qlinear, r.loss
-        base = max(probe(w, solved[(n, cheapest)].dequantize()), 0.0)
-        ref_loss = tp.loss[cheapest]
-        tp.kld = {ty: base * (tp.loss[ty] / ref_loss if ref_loss > 0 else 0.0) for ty in types}
+        if probe is not None:
+            base = max(probe(w, solved[(n, cheapest)].dequantize()), 0.0)
+            ref_loss = tp.loss[cheapest]
+            tp.kld = {ty: base * (tp.loss[ty] / ref_loss if ref_loss > 0 else 0.0) for ty in types}
+            log.debug("mixed: %s KLD at %s %.5f", n, cheapest, base)
         plans.append(tp)
-        log.debug("mixed: %s KLD at %s %.5f", n, cheapest, base)
-    log.info("mixed: sensitivity of %d tensors on %s (%.0f s)", len(plans), ", ".join(types), time.perf_counter() - t0)
+    log.info("mixed: %s of %d tensors on %s (%.0f s)", "sensitivity" if probe else "GPTQ codes", len(plans),
+             ", ".join(types), time.perf_counter() - t0)
     return Sensitivity(plans, solved, tuple(types), other_bytes(model, planned))
 
 

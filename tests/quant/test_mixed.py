@@ -195,3 +195,34 @@ def test_cli_prints_the_plan_in_one_line(tmp_path, tiny_q_model, tiny_corpus):
     counts = [int(n) for n in re.findall(r"(\d+) x Q\d_\d", line)]
     assert sum(counts) == 15 and re.search(r", (\d\.\d\d) bits/weight, [\d.]+ MiB of tensors$", line), line
     assert float(re.search(r"(\d\.\d\d) bits/weight", line).group(1)) <= 5.5
+
+
+def test_a_one_type_plan_skips_the_sensitivity_sweep(monkeypatch, tiny_q_model, tiny_corpus, tmp_path):
+    """gptq-int4-g32-all has one type, so nothing to choose: no KL probe runs, every tensor is Q4_0, and the plan
+    predicts no KLD it didn't measure."""
+    import edgelm.quant.mixed as mixed
+    from edgelm.manifest import read_manifest
+    from edgelm.quant.api import quantize
+    from tests.conftest import CALIB
+
+    def refuse(*a, **kw):
+        raise AssertionError("the KL probe ran for a one-type plan")
+
+    monkeypatch.setattr(mixed, "KldProbe", refuse)
+    quantize(model=tiny_q_model, quant="gptq-int4-g32-all", out=tmp_path / "q", data=tiny_corpus, **CALIB)
+    plan = read_manifest(tmp_path / "q")["plan"]
+    assert {t["type"] for t in plan["tensors"].values()} == {"Q4_0"} and len(plan["tensors"]) == 15
+    assert plan["predicted_kld"] is None
+    with pytest.raises(AssertionError, match="KL probe"):  # two types still measure
+        quantize(model=tiny_q_model, quant="gptq-mixed", out=tmp_path / "q2", data=tiny_corpus, **CALIB)
+
+
+def test_an_export_suite_collects_the_hessians_once(monkeypatch, tiny_q_model, tiny_corpus, tmp_path):
+    """Two mixed presets of one model in one suite (as `edgelm demo` exports them): one calibration pass."""
+    from edgelm.artifact.suite import export_suite
+    from tests.quant.test_hessian import _counting
+
+    calls = _counting(monkeypatch)
+    rows = export_suite(str(tiny_q_model), [("gptq-mixed", "gguf"), ("gptq-int4-g32-all", "gguf")], tmp_path,
+                        data=(str(tiny_corpus),), calib_samples=8, calib_seqlen=64, eval_seqs=2, eval_seqlen=64)
+    assert [r.error for r in rows] == ["", ""] and len(calls) == 1
