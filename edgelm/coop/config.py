@@ -46,9 +46,10 @@ class RouteConfig:
     cloud_model: str = ""  # model name sent to the cloud
     api_key_env: str = "EDGELM_CLOUD_API_KEY"  # environment variable with the cloud API key
     api_key_file: str = ""  # or a file with it (never logged)
+    task: str = "complete"  # queries: complete (code continuation), chat (verified checks) or humaneval (eval only)
     data: tuple[str, ...] = ()  # corpus whose functions are the queries (default: stdlib source)
     queries: int = 200  # queries (train split for `route train`, test split for `route eval`)
-    max_tokens: int = 48  # tokens each side answers with
+    max_tokens: int = 0  # tokens each side answers with (0: the task's: complete 48, chat 256, humaneval 384)
     cloud_budget: float = 0.3  # `route train`: the share of training queries its threshold sends to the cloud
     router_file: str = ""  # `route eval`: a trained learned router to compare (from `route train`)
     out: str = ""  # `route train`: the router file to write; `route eval`: a folder for table, plot and JSON

@@ -1,7 +1,10 @@
 """`edgelm route train` and `edgelm route eval`: routers judged on queries with known answers.
 
-A query is a function's first lines; its reference is the rest. Device and cloud each answer every query once
-(greedy); an answer's quality is the normalized edit similarity of its first lines to the reference's. A router at
+Queries come from a task (edgelm.coop.data.TASKS). Device and cloud each answer every query once (greedy). For
+``complete``, a query is a function's first lines, and an answer's quality is the normalized edit similarity of its
+first lines to the rest; for ``chat`` and ``humaneval``, a query is an instruction answered through the chat template,
+and its quality is the verified score of edgelm.metrics.check_answer (code that parses and defines the asked function,
+its doctests or unit tests run in a sandbox, no loop, ended). A router at
 threshold t sends the queries scoring above t to the cloud, so one pass gives its whole quality-vs-share curve:
 
   * PGR(share) = (quality(share) - quality_device) / (quality_cloud - quality_device), the gap recovered;
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edgelm.errors import EdgelmError
-from edgelm.metrics import edit_similarity
+from edgelm.metrics import check_answer, edit_similarity
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,30 @@ MIN_GAP = 0.02  # a device-to-cloud quality gap below this (of the 0-1 range) is
 def answer_quality(answer: str, reference: str, lines: int = ANSWER_LINES) -> float:
     head = lambda s: "\n".join(s.splitlines()[:lines]).rstrip()  # noqa: E731
     return edit_similarity(head(answer), head(reference))
+
+
+def query_quality(q, answer: str, finished: bool) -> float:
+    """One answer's quality in 0-1: the edit similarity of its first lines for a completion, the verified score
+    (edgelm.metrics.AnswerCheck) for a chat task."""
+    if not q.chat:
+        return answer_quality(answer, q.reference)
+    return check_answer(q.kind, q.reference, answer, finished, tests=q.tests, entry_point=q.entry_point).score
+
+
+def prompt_ids(device, q) -> list[int]:
+    """The device's prompt tokens for a query: the text itself, or a chat query's user message in the chat template."""
+    if not q.chat:
+        return device.encode(q.prompt)
+    return device.encode(device.apply_chat_template([{"role": "user", "content": q.prompt}]), special=False)
+
+
+def _cloud_answer(cloud, q, max_tokens: int) -> tuple[str, bool]:
+    """The cloud's greedy (text, finished) for a query, through its chat API for a chat task; may raise CloudError."""
+    deadline = time.monotonic() + 120
+    if q.chat:
+        return cloud.chat_answer([{"role": "user", "content": q.prompt}], max_tokens=max_tokens, deadline=deadline,
+                                 temperature=0.0)
+    return cloud.complete(q.prompt, max_tokens=max_tokens, deadline=deadline, temperature=0.0), True
 
 
 @dataclass
@@ -94,7 +121,8 @@ class Journal:
 
 def judge(device, cloud, queries, *, max_tokens: int = 48, routers: Sequence[Any] = (), progress: bool = True,
           journal: Journal | None = None) -> list[Judged]:
-    """Both answers and every router's score for each query (greedy, completion style). A cloud failure is recorded
+    """Both answers and every router's score for each query (greedy; chat queries through the chat template and the
+    cloud's chat API). A cloud failure is recorded
     with the query (``error``) and the run goes on; at the end, any failure is one EdgelmError that says how many
     failed, why, and that ``--resume`` retries just those (the others are kept in the journal)."""
     from tqdm import tqdm
@@ -107,15 +135,15 @@ def judge(device, cloud, queries, *, max_tokens: int = 48, routers: Sequence[Any
         if journal is not None and q.source in journal.done:
             out.append(journal.done[q.source])
             continue
-        ids = device.encode(q.prompt)
-        dev = device.generate(ids, max_new_tokens=max_tokens).text
+        ids = prompt_ids(device, q)
+        g = device.generate(ids, max_new_tokens=max_tokens)
+        dev = query_quality(q, g.text, g.finish_reason != "length")
         try:
-            cl = cloud.complete(q.prompt, max_tokens=max_tokens, deadline=time.monotonic() + 120, temperature=0.0)
-            j = Judged(q.source, len(ids), answer_quality(dev, q.reference), answer_quality(cl, q.reference))
+            j = Judged(q.source, len(ids), dev, query_quality(q, *_cloud_answer(cloud, q, max_tokens)))
         except CloudError as e:
             failed[e.reason] = failed.get(e.reason, 0) + 1
             log.warning("query %s: the cloud failed (%s); recorded, --resume retries it", q.source, e.reason)
-            j = Judged(q.source, len(ids), answer_quality(dev, q.reference), None, error=e.reason)
+            j = Judged(q.source, len(ids), dev, None, error=e.reason)
         if j.cloud is not None:
             for r in routers:
                 d = r.score(device, ids)

@@ -26,7 +26,7 @@ from edgelm.data.chat import Instruction, instructions
 from edgelm.data.corpus import Corpus, CorpusSpec
 from edgelm.errors import EdgelmError
 from edgelm.fsutil import atomic_write_text, cache_dir
-from edgelm.metrics import ChatScore, defines_function, edit_similarity, perplexity, score_answers
+from edgelm.metrics import ChatScore, check_answer, defines_function, edit_similarity, perplexity, score_answers
 
 log = logging.getLogger(__name__)
 
@@ -336,19 +336,23 @@ def score_chat(model, tok, reference: Sequence[Answer], answers: Sequence[Answer
     prompts = [tok(render(tok, a.instruction.prompt), add_special_tokens=False)["input_ids"] for a in reference]
     ref_ids = [tok(a.text, add_special_tokens=False)["input_ids"] for a in reference]
     nll, n = score_answers(model, prompts, ref_ids)
+    checks = [check_answer(a.instruction.kind, a.instruction.reference, a.text, a.finished) for a in answers]
     return ChatScore(answers=len(answers), finished=float(np.mean([a.finished for a in answers])),
                      defines_function=float(np.mean([defines_function(a.text) for a in answers])),
                      edit_similarity=float(np.mean([edit_similarity(a.text, r.text)
                                                     for a, r in zip(answers, reference)])),
-                     answer_ppl=perplexity(nll, n))
+                     answer_ppl=perplexity(nll, n), verified=float(np.mean([c.score for c in checks])),
+                     tests=(sum(c.tests[0] for c in checks if c.tests), sum(c.tests[1] for c in checks if c.tests)))
 
 
 def chat_eval(models: dict[str, str | os.PathLike], *, teacher: str | os.PathLike = "smollm2-135m-instruct",
               data: Sequence[str] = (), n: int = 100, max_new_tokens: int = 192, threads: int | None = None,
               progress: bool = False) -> ChatEval:
     """Greedy answers of the teacher and of each model in ``models`` (label -> model) to ``n`` test-split "write"
-    instructions, scored against the teacher's: the share whose code parses and defines a function, the edit
-    similarity to the teacher's answer, and the perplexity of the teacher's answers under the model."""
+    instructions, scored against the teacher's: the share whose code parses and defines a function, the verified
+    score (edgelm.metrics.AnswerCheck: the asked name and parameters, the source's doctests run in a sandbox, no
+    loop, ended), the edit similarity to the teacher's answer, and the perplexity of the teacher's answers under
+    the model."""
     from edgelm.models.loader import load_model
 
     if n < 1 or max_new_tokens < 8:

