@@ -19,7 +19,8 @@ class DemoConfig:
     teacher: str = "smollm2-135m-instruct"  # any teacher `edgelm distill` accepts
     layers: int = 16  # decoder blocks kept of the teacher's 30, by block importance
     intermediate_size: int = 1024  # MLP width kept of the teacher's 1536 (multiple of 256)
-    max_tokens: int = 100_000  # training budget in tokens (sized for ~12 min on 2 CPU cores)
+    minutes: float = 7.0  # training time: the token budget is sized from the speed of the first steps (0: off)
+    max_tokens: int = 0  # most tokens to train (0: as many as --minutes allow; 7 min ~ 100k tokens on 2 CPU cores)
     seq_len: int = 256  # tokens per sequence
     batch_size: int = 4  # sequences per step
     lr: float = 5e-4  # peak learning rate
@@ -74,10 +75,13 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         get_preset(name)
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    log.info("[1/6] distill: %s -> %d layers, MLP %d, %s tokens", cfg.teacher, cfg.layers, cfg.intermediate_size,
-             f"{cfg.max_tokens:,}")
+    budget = " and ".join(filter(None, (f"{cfg.minutes:g} min" if cfg.minutes else "",
+                                        f"{cfg.max_tokens:,} tokens" if cfg.max_tokens else "")))
+    log.info("[1/6] distill: %s -> %d layers, MLP %d, %s", cfg.teacher, cfg.layers, cfg.intermediate_size,
+             f"at most {budget}" if budget else "no budget")
     dcfg = DistillConfig(
-        teacher=cfg.teacher, layers=cfg.layers, intermediate_size=cfg.intermediate_size, max_tokens=cfg.max_tokens,
+        teacher=cfg.teacher, layers=cfg.layers, intermediate_size=cfg.intermediate_size,
+        max_tokens=cfg.max_tokens or None, max_minutes=cfg.minutes,
         seq_len=cfg.seq_len, batch_size=cfg.batch_size, lr=cfg.lr, eval_every=cfg.eval_every, ckpt_every=cfg.eval_every * 2,
         out=str(out), threads=cfg.threads, resume=cfg.resume, force=not cfg.resume, progress=cfg.progress,
         chat_mix=cfg.chat_mix, chat_examples=cfg.chat_examples, chat_max_new_tokens=cfg.chat_max_new_tokens,
@@ -114,7 +118,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     log.info("[6/6] report")
     report = write_distill_report(out, res, test, wall_s=time.perf_counter() - t0)
     if chat is not None:
-        write_chat_section(report, chat, out)
+        write_chat_section(report, chat, out, res.manifest.get("training", {}))
     if rows:
         write_export_section(report, rows, out)
     if bench is not None:
@@ -126,7 +130,31 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     return DemoResult(res.student_dir, report, test, rows, bench, routing, chat, app)
 
 
-def write_chat_section(report: Path, chat, out: Path) -> None:
+USABLE_TOKENS = 10_000_000  # below this a demo's student is a pipeline demonstration (docs/results.md: 60M made one)
+
+
+def what_it_bought(chat, training: dict) -> str:
+    """One paragraph: the training budget, the student's chat against the teacher's, and plainly whether the student
+    is an assistant or a demonstration, with what makes one."""
+    tokens, s, t = training.get("tokens_seen", 0), chat.scores["student"], chat.scores["teacher"]
+    sized = training.get("time_budget") or {}
+    how = (f"{sized['minutes']:g} minutes at {sized['tok_s']:,.0f} tok/s measured in the first steps"
+           if sized else "a fixed token budget")
+    text = (f"**What this run bought.** {tokens:,} training tokens on {training.get('device', '?')} ({how}). The "
+            f"student's verified chat score is {s.verified:.2f} against the teacher's {t.verified:.2f}; "
+            f"{100 * s.defines_function:.0f}% of its answers define a function that parses (the teacher's "
+            f"{100 * t.defines_function:.0f}%), and {100 * s.finished:.0f}% end within the limit "
+            f"({100 * t.finished:.0f}%).")
+    if tokens < USABLE_TOKENS:
+        text += (" At this budget the student is a demonstration of the pipeline, not a usable assistant. The one "
+                 "that beat the teacher's Q4_0 and kept its chat took 60M tokens in 7 minutes on one H200 "
+                 "(docs/results.md, `distill_scale_gpu`): on a CUDA machine, `edgelm demo --minutes 7 --batch-size "
+                 "256` sizes a budget of that order, or distill it directly with `edgelm distill --device cuda "
+                 "--batch-size 256 --kd-chunk 8192 --lr 1e-3 --max-tokens 60000000`.")
+    return text + "\n"
+
+
+def write_chat_section(report: Path, chat, out: Path, training: dict | None = None) -> None:
     """The chat measure and three answers side by side, appended to the report (figures also in chat.json)."""
     import json
 
@@ -139,9 +167,13 @@ def write_chat_section(report: Path, chat, out: Path) -> None:
 ## Chat: does the student keep the teacher's?
 
 Greedy answers (PyTorch, at most {chat.max_new_tokens} tokens) to {len(chat.instructions)} "write a function"
-instructions made from test-split files, scored against the teacher's answers.
+instructions made from test-split files. The verified score checks each answer by itself: its code must parse, then
+it counts whether the code defines the asked name with the asked parameters, ended before the limit, holds no
+repetition loop, and passes the source docstring's doctest examples where there are some (run in a child process
+with no network; `edgelm.metrics.AnswerCheck` has the weights). The other columns compare it with the teacher's.
 
 {chat_table(chat)}
+{what_it_bought(chat, training or {}) if "student" in chat.scores else ""}
 {chat_side_by_side(chat, 3)}""")
 
 

@@ -55,6 +55,7 @@ class DistillConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int | None = None  # optimizer steps; or set max_tokens
     max_tokens: int | None = None  # token budget, turned into steps
+    max_minutes: float = 0.0  # wall-time budget of the training steps, sized from tok/s measured after a few steps
     lr: float = 5e-4  # peak AdamW learning rate
     peak_tflops: float | None = None  # the GPU's dense bf16 peak for MFU (default: edgelm's table by GPU name)
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
@@ -125,12 +126,16 @@ class DistillConfig:
                                   "--teacher-cache")
             if self.kd_chunk == 0:
                 raise EdgelmError("--teacher-cache needs the fused loss: drop --kd-chunk 0")
+            if self.max_steps is None and self.max_tokens is None:
+                raise EdgelmError("--teacher-cache sizes its file from the step count: with --max-minutes, also give "
+                                  "--max-tokens or --max-steps (the most the time budget may train)")
         need(self.teacher_dtype in ("auto", "float32", "bfloat16"), "teacher_dtype", "auto, float32 or bfloat16",
              self.teacher_dtype)
         need(self.bf16 in BF16_MODES, "bf16", " or ".join(BF16_MODES), self.bf16)
         need(self.threads is None or self.threads >= 1, "threads", "at least 1", self.threads)
-        if self.max_steps is None and self.max_tokens is None:
-            raise EdgelmError("set a budget: --max-steps N or --max-tokens N")
+        if self.max_steps is None and self.max_tokens is None and not self.max_minutes:
+            raise EdgelmError("set a budget: --max-steps N, --max-tokens N or --max-minutes M")
+        need(self.max_minutes >= 0, "max_minutes", "at least 0 (0: no time budget)", self.max_minutes)
         need(self.max_steps is None or self.max_steps >= 1, "max_steps", "at least 1", self.max_steps)
         need(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "at least 1", self.max_tokens)
         if self.student and (self.zoo or self.layers or self.intermediate_size or self.hidden_size or self.heads):

@@ -14,6 +14,7 @@ import math
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from edgelm.registry import KD_LOSSES
 log = logging.getLogger(__name__)
 
 SHUFFLE_BUFFER = 256  # packed sequences mixed across documents
+SIZE_STEPS = 6  # --max-minutes: steps timed before the budget is sized (the first pays for warm-up)
 
 
 @dataclass
@@ -275,7 +277,11 @@ class _Trainer:
         self.model = self._wrap(self.student.base_model if self.fused else self.student)  # what the forward runs
         self.seqs_per_step = cfg.batch_size * cfg.grad_accum * dist.world
         self.tokens_per_step = self.seqs_per_step * cfg.seq_len
-        self.total_steps = cfg.max_steps or math.ceil(cfg.max_tokens / self.tokens_per_step)
+        # the step budget: --max-steps, else --max-tokens; --max-minutes sizes it (within those) after SIZE_STEPS
+        self.cap_steps = cfg.max_steps or (math.ceil(cfg.max_tokens / self.tokens_per_step) if cfg.max_tokens
+                                           else None)
+        self.total_steps = self.cap_steps or sys.maxsize
+        self.sized: dict[str, Any] | None = None  # how --max-minutes sized it (kept in checkpoints)
         self.opt, self.sched = self._optimizer()
         self.step_no, self.seqs_done = 0, 0
         self.stream_state: dict[str, Any] | None = None  # the training stream's state after the last whole step
@@ -391,6 +397,8 @@ class _Trainer:
         self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         self.step_no, self.seqs_done = state["step"], state["seqs_done"]
+        if state.get("sized"):  # a resumed run keeps the step count its time budget gave it, measured once
+            self.sized, self.total_steps = state["sized"], state["sized"]["steps"]
         self.stream_state = _numpy(state.get("stream"))
         self.teacher_val = LMScore(**state["teacher_val"])
 
@@ -441,7 +449,7 @@ class _Trainer:
                 "seqs_done": self.seqs_done, "rng": torch.get_rng_state(), "config": self.cfg.as_dict(),
                 "stream": _tensors(self.stream_state),
                 "student_config": self.student.config.to_dict(), "build_info": self.build_info,
-                "teacher_val": self.teacher_val.as_dict(), "split_stats": self.data.counts,
+                "teacher_val": self.teacher_val.as_dict(), "split_stats": self.data.counts, "sized": self.sized,
             }, tmp / "state.pt")
         if self.tcache is not None:
             self.tcache.flush()
@@ -535,12 +543,18 @@ class _Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step_no, desc="distill", unit="step", dynamic_ncols=True)
         t_start = time.perf_counter()
         last = {"loss": float("nan")}
+        step_s: list[float] = []
         try:
             while self.step_no < self.total_steps:
                 t0 = time.perf_counter()
                 last = self.step(stream)
                 self.stream_state = stream.state()  # after a whole step: what a checkpoint resumes from
-                tps = tokens_per_second(self.tokens_per_step, time.perf_counter() - t0)
+                step_s.append(time.perf_counter() - t0)
+                tps = tokens_per_second(self.tokens_per_step, step_s[-1])
+                if cfg.max_minutes and self.sized is None and len(step_s) == SIZE_STEPS:
+                    self._size_budget(step_s, time.perf_counter() - t_start)
+                    if bar is not None:
+                        bar.total = self.total_steps
                 rec = dict(event="train", step=self.step_no, tokens=self.step_no * self.tokens_per_step, **last,
                            lr=self.sched.get_last_lr()[0], tok_s=tps)
                 if self.device.type == "cuda":
@@ -568,6 +582,25 @@ class _Trainer:
             if isinstance(stream, Prefetched):
                 stream.close()
         return self.finish(last["loss"], time.perf_counter() - t_start)
+
+    def _size_budget(self, step_s: list[float], elapsed: float) -> None:
+        """--max-minutes: the steps that fit the time left at the median speed of the steps after the first (which
+        pays for warm-up), within --max-steps/--max-tokens when set. Evaluations are not counted."""
+        import statistics
+
+        per_step = statistics.median(step_s[1:])
+        left = self.cfg.max_minutes * 60 - elapsed
+        steps = self.step_no + max(0, math.floor(left / per_step))
+        self.total_steps = min(steps, self.cap_steps or steps)
+        self.sized = {"minutes": self.cfg.max_minutes, "tok_s": round(self.tokens_per_step / per_step, 1),
+                      "measured_steps": len(step_s) - 1, "elapsed_s": round(elapsed, 3),
+                      "step_s": round(per_step, 6), "steps": self.total_steps,
+                      "capped": self.cap_steps is not None and steps > self.cap_steps}
+        self.metrics.write(event="budget", step=self.step_no, **self.sized)
+        log.info("time budget %.1f min: %.0f tok/s measured over %d steps -> %d steps (%s tokens)%s",
+                 self.cfg.max_minutes, self.sized["tok_s"], len(step_s) - 1, self.total_steps,
+                 f"{self.total_steps * self.tokens_per_step:,}", ", capped by --max-steps/--max-tokens"
+                 if self.sized["capped"] else "")
 
     def finish(self, final_loss: float, wall: float) -> DistillResult:
         """The final evaluation and the student folder with its manifest."""
@@ -600,6 +633,7 @@ class _Trainer:
                              "hidden_size": student.config.hidden_size,
                              "heads": student.config.num_attention_heads, **self.build_info},
                     training={"steps": self.step_no, "tokens_seen": tokens, "world_size": dist.world,
+                              "time_budget": self.sized,
                               "device": self.device.type, "precision": "bf16" if self.bf16 else "fp32",
                               "precision_reason": self.precision.reason, "teacher_dtype": data.teacher_dtype,
                               "bf16_speedup": self.precision.bf16_speedup,

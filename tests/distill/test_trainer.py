@@ -367,3 +367,42 @@ def test_a_big_teacher_is_held_in_bf16_and_the_student_in_fp32(tiny_teacher, tin
     monkeypatch.delenv("EDGELM_STREAM_BYTES")
     small = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "small", max_steps=1, eval_every=0, ckpt_every=0))
     assert small.manifest["training"]["teacher_dtype"] == "float32"
+
+
+def test_a_time_budget_sizes_the_steps_from_the_measured_speed(tiny_teacher, tiny_corpus, tmp_path):
+    """--max-minutes: after SIZE_STEPS steps the run is sized to the steps that fit the time left at the median speed
+    of steps 2..SIZE_STEPS; --max-steps caps it; a resumed run keeps the size its checkpoint holds."""
+    import shutil
+    import statistics
+
+    from edgelm.distill.trainer import SIZE_STEPS
+
+    kw = dict(max_steps=None, max_minutes=0.05, eval_every=0, ckpt_every=SIZE_STEPS + 1, keep_ckpts=100)
+    res = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "r", **kw))
+    b = res.manifest["training"]["time_budget"]
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r.get("event") == "train"]
+    assert [r["step"] for r in recs if r.get("event") == "budget"] == [SIZE_STEPS] and not b["capped"]
+    assert res.steps == b["steps"] == len(train) > SIZE_STEPS + 1
+    tokens_per_step = 4 * 64
+    assert b["step_s"] == pytest.approx(statistics.median(tokens_per_step / r["tok_s"] for r in train[1:SIZE_STEPS]),
+                                        rel=1e-3)
+    assert b["steps"] == SIZE_STEPS + max(0, math.floor((0.05 * 60 - b["elapsed_s"]) / b["step_s"]))
+    # a resume from a checkpoint after the sizing trains to the same step count without measuring again
+    cut = tmp_path / "cut"
+    shutil.copytree(res.run_dir, cut)
+    shutil.rmtree(cut / "student")
+    last = sorted((cut / "checkpoints").iterdir())[-1]
+    assert torch.load(last / "state.pt", weights_only=True)["sized"] == b
+    resumed = distill(**_args(tiny_teacher, tiny_corpus, cut, resume=True, **kw))
+    assert resumed.steps == res.steps and resumed.manifest["training"]["time_budget"] == b
+    budget = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines() if '"budget"' in x]
+    assert len(budget) == 1
+    capped = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "c", max_steps=SIZE_STEPS + 2, max_minutes=10,
+                             eval_every=0, ckpt_every=0))
+    assert capped.steps == SIZE_STEPS + 2 and capped.manifest["training"]["time_budget"]["capped"]
+    with pytest.raises(EdgelmError, match="--max-minutes must be at least 0"):
+        distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "x", max_minutes=-1))
+    with pytest.raises(EdgelmError, match="--teacher-cache sizes its file from the step count"):
+        distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "y", max_steps=None, max_minutes=1,
+                        teacher_cache=str(tmp_path / "tc")))
