@@ -26,6 +26,7 @@ class ExportConfig(QuantizeConfig):
     arch: str = ""  # tvm: CPU to compile for, x86-64 or aarch64 (default: this machine's; --device aarch64 too)
     tune: int = 0  # tvm: meta-schedule trials (0: a stored database for these shapes if any, else dlight's rules)
     tuning_db: str = ""  # tvm: a tuning database folder to apply (an artifact's tuning/), ignored if for other shapes
+    max_kld: float | None = None  # the quality gate's KL divergence bound, nats (default: the preset's; random weights)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -36,5 +37,13 @@ class ExportConfig(QuantizeConfig):
             object.__setattr__(self, "device", "")
 
     def preset(self) -> "QuantPreset":
+        import dataclasses
+
+        from edgelm.errors import EdgelmError
+
         p = super().preset()
+        if self.max_kld is not None:
+            if not self.max_kld > 0:
+                raise EdgelmError(f"--max-kld must be > 0 nats, got {self.max_kld}")
+            p = dataclasses.replace(p, max_kld=self.max_kld)  # the check's gate only: the artifact is the same
         return p.with_options(imatrix=True) if self.imatrix else p

@@ -98,6 +98,7 @@ def test_output_exists_needs_force(tmp_path, tiny_q_model):
     (["--quant", "int3"], ["unknown quant preset 'int3'", "gptq-int4-g32"]),
     (["--target", "onnx", "--quant", "llamacpp-q4_k_m"], ["cannot be exported to onnx", "presets for onnx: "]),
     (["--quant", "int4-g32", "--act-order"], ["--act-order applies to GPTQ presets only"]),
+    (["--quant", "int4-g32", "--max-kld", "0"], ["--max-kld must be > 0 nats, got 0.0"]),
 ])
 def test_bad_names_and_options(args, needles, tmp_path, tiny_q_model):
     _fails(run_cli("export", str(tiny_q_model), "--out", str(tmp_path / "o"), *args), *needles)
@@ -136,3 +137,17 @@ def test_onnx_refuses_a_per_row_block_that_is_not_a_power_of_two(tmp_path, tiny_
     r = run_cli("export", str(model), "--target", "onnx", "--quant", "int8", "--out", str(tmp_path / "o"))
     _fails(r, "power-of-two blocks", "blocks of 96")
     assert not (tmp_path / "o").exists()
+
+
+def test_max_kld_sets_the_quality_gate(tmp_path, tiny_q_model, tiny_corpus):
+    """--max-kld replaces the preset's bound in the quality gate (what a random-weight benchmark model needs) and
+    the manifest records the bound it passed; a bound below the artifact's KLD fails it with exit 4."""
+    from edgelm.manifest import read_manifest
+
+    common = ["--quant", "int4-g32", "--data", str(tiny_corpus), "--eval-seqs", "2", "--eval-seqlen", "32"]
+    last = _fails(run_cli("export", str(tiny_q_model), "--out", str(tmp_path / "a"), *common, "--max-kld", "1e-9"),
+                  "int4-g32 quality check failed: KL divergence", "> 1e-09", code=4)
+    assert not (tmp_path / "a").exists(), last
+    r = run_cli("export", str(tiny_q_model), "--out", str(tmp_path / "b"), *common, "--max-kld", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_manifest(tmp_path / "b")["parity"]["max_kld"] == 3.0
