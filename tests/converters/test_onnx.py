@@ -45,3 +45,35 @@ def test_truncated_onnx_is_a_clear_error(tiny_q_model, tmp_path):
     with pytest.raises(EdgelmError, match="corrupt"):
         OnnxRuntime(out).logits([1, 2, 3])
 
+
+
+def _graph_signature(folder):
+    """Every initializer's bytes and every node's op, name, inputs, outputs and attributes."""
+    import onnx_ir as ir
+
+    m = ir.load(str(folder / "model.onnx"))
+    inits = {k: v.const_value.tobytes() for k, v in m.graph.initializers.items()}
+    nodes = sorted((n.op_type, n.name, tuple(v.name if v is not None else "" for v in n.inputs),
+                    tuple(o.name for o in n.outputs), tuple(sorted((k, str(a.value)) for k, a in n.attributes.items())))
+                   for n in m.graph)
+    return inits, nodes, [o.name for o in m.graph.outputs]
+
+
+@pytest.mark.parametrize("preset, precision", [("gptq-int4-g32", "int8"), ("int8", "int4")])
+def test_the_float_rest_is_quantized_apart_with_the_same_result(quantized, tmp_path, preset, precision):
+    """edgelm's builder quantizes what a checkpoint left float on a model of those nodes alone (not a copy of the
+    whole graph); the ONNX it writes equals the builder's own, tensor for tensor and node for node."""
+    import subprocess
+    import sys
+
+    from edgelm.converters.onnx import build_onnx
+
+    folder, _ = quantized(preset)
+    build_onnx(folder, tmp_path / "ours", precision, tmp_path)
+    own = ("import runpy, sys\nimport edgelm.converters.onnx_builder as b\n"
+           "b.patch_nope_layers(); b.patch_longrope_type(); b.patch_gemma3()\n"
+           "runpy.run_module('onnxruntime_genai.models.builder', run_name='__main__', alter_sys=True)\n")
+    r = subprocess.run([sys.executable, "-c", own, "-i", str(folder), "-o", str(tmp_path / "theirs"), "-p", precision,
+                        "-e", "cpu", "-c", str(tmp_path / "cache")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert _graph_signature(tmp_path / "ours") == _graph_signature(tmp_path / "theirs")
