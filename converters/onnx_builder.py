@@ -115,22 +115,17 @@ def patch_nbits_subgraph() -> None:
                 or getattr(self, "tied_quantized_embeddings", False)):
             return original(self)  # names resolved across the whole graph: the builder's own way
         # a model of the candidate nodes alone; the tensors are shared, not copied
-        values: dict[str, ir.Value] = {}
-
-        def twin(v: ir.Value, initializer: bool) -> ir.Value:
-            if v.name not in values:
-                values[v.name] = ir.Value(name=v.name, type=v.type, shape=v.shape,
-                                          const_value=v.const_value if initializer else None)
-            return values[v.name]
-
+        values: dict[str, ir.Value] = {}  # name -> its twin in the small model
         sub_nodes, inputs, inits = [], [], []
         for n in nodes:
             ins = []
             for i, v in enumerate(n.inputs):
-                is_weight = i == _weight_index(n) or v.const_value is not None
-                new = twin(v, is_weight)
-                (inits if is_weight else inputs).append(new) if new not in inits + inputs else None
-                ins.append(new)
+                if v.name not in values:
+                    is_weight = i == _weight_index(n) or v.const_value is not None
+                    values[v.name] = ir.Value(name=v.name, type=v.type, shape=v.shape,
+                                              const_value=v.const_value if is_weight else None)
+                    (inits if is_weight else inputs).append(values[v.name])
+                ins.append(values[v.name])
             outs = [ir.Value(name=o.name, type=o.type, shape=o.shape) for o in n.outputs]
             sub_nodes.append(ir.Node(n.domain, n.op_type, ins, attributes=[ir.Attr(a.name, a.type, a.value)
                                                                             for a in n.attributes.values()],

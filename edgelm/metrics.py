@@ -274,16 +274,24 @@ def code_blocks(answer: str) -> list[str]:
     return [body for lang, body in _FENCE.findall(answer) if lang.lower() in ("", "python", "py", "python3")]
 
 
+def _parse(code: str) -> ast.Module | None:
+    try:
+        return ast.parse(code)
+    except (SyntaxError, ValueError):
+        return None
+
+
+def _functions(tree: ast.AST, name: str = "") -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    """The function definitions in a tree, at any depth, in walk order (only those called ``name`` if given)."""
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.name == (name or n.name)]
+
+
 def defines_function(answer: str) -> bool:
     """Whether the answer's first code block parses as Python and defines a function (at any depth)."""
     blocks = code_blocks(answer)
-    if not blocks:
-        return False
-    try:
-        tree = ast.parse(blocks[0])
-    except (SyntaxError, ValueError):
-        return False
-    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(tree))
+    tree = _parse(blocks[0]) if blocks else None
+    return tree is not None and bool(_functions(tree))
 
 
 # A unit of 2-80 characters (holding a letter or digit) said 4+ times in a row over 64+ characters, or one line
@@ -317,12 +325,8 @@ def parse_function_source(source: str, name: str = ""):
 
     lines = source.splitlines()
     for text in (source, lines[0] + "\n" + textwrap.dedent("\n".join(lines[1:])) if len(lines) > 1 else source):
-        try:
-            tree = ast.parse(text)
-        except (SyntaxError, ValueError):
-            continue
-        return next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-                     and n.name == (name or n.name)), None)
+        if (tree := _parse(text)) is not None:
+            return next(iter(_functions(tree, name)), None)
     return None
 
 
@@ -374,18 +378,15 @@ class AnswerCheck:
         return {**asdict(self), "score": round(self.score, 6)}
 
 
-def _answer_code(answer: str, name: str) -> str | None:
-    """The first Python block that defines ``name``, else the first block; an answer without fences counts as one
-    block when it parses."""
-    blocks = code_blocks(answer) or [answer]
-    for b in blocks:
-        try:
-            tree = ast.parse(b)
-        except (SyntaxError, ValueError):
-            continue
-        if any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name for n in ast.walk(tree)):
-            return b
-    return blocks[0] if code_blocks(answer) else None
+def _answer_code(answer: str, name: str) -> tuple[str, ast.Module | None]:
+    """(code, its tree or None if it doesn't parse): the first Python block that defines ``name``, else the first
+    block; an answer without fences counts as one block when it parses."""
+    fenced = code_blocks(answer)
+    trees = [(b, _parse(b)) for b in fenced or [answer]]
+    for b, tree in trees:
+        if tree is not None and _functions(tree, name):
+            return b, tree
+    return trees[0] if fenced else (answer, None)
 
 
 def _doctest_program(code: str, name: str, docstring: str) -> str | None:
@@ -421,15 +422,10 @@ def check_answer(kind: str, reference: str, answer: str, ended: bool, *, tests: 
         prose = re.sub(r"```.*?(```|\Z)", " ", answer, flags=re.S)
         return AnswerCheck(kind, bool(answer.strip()), bool(name) and name in answer,
                            len(prose.split()) >= MIN_EXPLAIN_WORDS, ended, loop_free)
-    code = _answer_code(answer, name)
-    try:
-        tree = ast.parse(code) if code is not None else None
-    except (SyntaxError, ValueError):
-        tree = None
+    code, tree = _answer_code(answer, name)
     if tree is None:
         return AnswerCheck(kind, False, False, False, ended, loop_free)
-    mine = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-                 and n.name == name), None)
+    mine = next(iter(_functions(tree, name)), None)
     params = mine is not None and fn is not None and parameter_names(mine) == parameter_names(fn)
     result, detail = None, ""
     if mine is not None:

@@ -11,7 +11,6 @@ process of its own; it is not a security boundary against a determined attacker.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import shutil
 import signal
@@ -20,9 +19,9 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-log = logging.getLogger(__name__)
 
-# runs before the program: no socket can be made or resolved, and the program can't fork a shell
+# runs before the program: no socket can be made or resolved, and os.system, fork, exec* and kill raise
+# (subprocess still starts children; they share the process group the timeout kills, and the limits)
 PRELUDE = '''\
 import socket as _s
 def _no_network(*a, **k):
@@ -84,9 +83,8 @@ def run_python(program: str, *, timeout: float = 10.0, memory_mib: int = 1024) -
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            with_group = getattr(os, "killpg", None)
             try:
-                with_group(proc.pid, signal.SIGKILL) if with_group else proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)  # its group (_limits made it a session leader)
             except ProcessLookupError:
                 pass
             proc.communicate()

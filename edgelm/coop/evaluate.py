@@ -64,7 +64,7 @@ def _cloud_answer(cloud, q, max_tokens: int) -> tuple[str, bool]:
 
 @dataclass
 class Judged:
-    source: str  # file:line of the function
+    source: str  # the query's source (Query.source): file:line, an instruction's key or a HumanEval task id
     prompt_tokens: int
     device: float  # quality of the device's answer
     cloud: float | None  # quality of the cloud's answer (None: the cloud failed, see ``error``)
@@ -122,9 +122,9 @@ class Journal:
 def judge(device, cloud, queries, *, max_tokens: int = 48, routers: Sequence[Any] = (), progress: bool = True,
           journal: Journal | None = None) -> list[Judged]:
     """Both answers and every router's score for each query (greedy; chat queries through the chat template and the
-    cloud's chat API). A cloud failure is recorded
-    with the query (``error``) and the run goes on; at the end, any failure is one EdgelmError that says how many
-    failed, why, and that ``--resume`` retries just those (the others are kept in the journal)."""
+    cloud's chat API). A cloud failure is recorded with the query (``error``) and the run goes on; at the end, any
+    failure is one EdgelmError that says how many failed, why, and that ``--resume`` retries just those (the others
+    are kept in the journal)."""
     from tqdm import tqdm
 
     from edgelm.cloud import CloudError
