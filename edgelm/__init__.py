@@ -17,6 +17,8 @@ _LAZY = {
     "run_demo": "edgelm.demo",
     "DemoConfig": "edgelm.demo",
     "EdgelmError": "edgelm.errors",
+    "qat": "edgelm.qat.api",
+    "QatConfig": "edgelm.qat.config",
     "quantize": "edgelm.quant.api",
     "QuantizeResult": "edgelm.quant.api",
     "export": "edgelm.artifact.api",

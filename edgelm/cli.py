@@ -93,6 +93,20 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qat(args: argparse.Namespace) -> int:
+    from edgelm.qat.api import qat
+    from edgelm.qat.config import QatConfig
+
+    res = qat(_from_args(QatConfig, args))
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    q = res.manifest.get("quality") or {}
+    print(f"quantized: {res.student_dir}")
+    print(f"val perplexity: {res.val_student.ppl:.3f} on the grid ({res.tokens_seen:,} tokens, {res.steps} steps)"
+          + (f"; against {args.model}: KLD {q['kld']:.4f}, top-1 agreement {q['top1_agree']:.3f}" if q else ""))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from edgelm.distill.api import evaluate
 
@@ -363,6 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="train a student from a teacher with logit KD")
     add_dataclass_args(d, DistillConfig)
     d.set_defaults(func=cmd_distill)
+
+    from edgelm.qat.config import STUDENT_FLAGS, QatConfig
+
+    qa = sub.add_parser("qat", help="quantization-aware KD: train a model onto a preset's exact grids, for export")
+    qa.add_argument("model", help="the float model: HF folder, built-in name or hub id")
+    add_dataclass_args(qa, QatConfig, skip=("model", *STUDENT_FLAGS))
+    qa.set_defaults(func=cmd_qat)
 
     e = sub.add_parser("eval", help="perplexity and top-1 accuracy of a model on a corpus split")
     e.add_argument("model", help="HF folder, .gguf, built-in name or hub id")

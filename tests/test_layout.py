@@ -1,7 +1,7 @@
 """The package reads as the pipeline: every import points down it, never up.
 
 Layers, bottom to top (a module may import its own layer and the ones below):
-    core (errors, registry, fsutil, manifest, metrics, report) → data → models → distill → quant → converters →
+    core (errors, registry, fsutil, manifest, metrics, report) → data → models → distill → quant → qat → converters →
     artifact → runtimes → bench | coop → app → demo → cli
 Upward dependencies that are real (the export check runs the artifact in its runtime) go through a registry by name
 (``TARGET.runtime`` → ``RUNTIMES``), not through an import.
@@ -23,6 +23,7 @@ LAYERS = [
     ("models", ["edgelm.models"]),
     ("distill", ["edgelm.distill"]),
     ("quant", ["edgelm.quant"]),
+    ("qat", ["edgelm.qat"]),
     ("converters", ["edgelm.converters"]),
     ("artifact", ["edgelm.artifact"]),
     ("runtimes", ["edgelm.runtimes"]),

@@ -145,6 +145,10 @@ class DistillConfig:
 
         KD_LOSSES.get(self.loss)  # unknown name -> error listing the known ones
 
+    def train_mode(self) -> Any:
+        """What changes the trainer's student and output (edgelm.qat's QatMode); None: plain distillation."""
+        return None
+
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["data"] = list(self.data)

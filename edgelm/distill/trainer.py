@@ -133,10 +133,10 @@ class _Metrics:
                 f.write(json.dumps(rec) + "\n")
 
 
-def _finished(run: Path, cfg: DistillConfig) -> DistillResult | None:
-    """The result of a run that already finished with this config (its student is newer than its last checkpoint):
+def _finished(run: Path, cfg: DistillConfig, output: str) -> DistillResult | None:
+    """The result of a run that already finished with this config (its output is newer than its last checkpoint):
     --resume has nothing left to train."""
-    m = read_manifest(run / "student")  # checks the student's files against it
+    m = read_manifest(run / output)  # checks the output's files against it
     if m is None:
         return None
     t = m.get("training", {})
@@ -147,7 +147,7 @@ def _finished(run: Path, cfg: DistillConfig) -> DistillResult | None:
         return None
     log.info("%s finished at step %d with this config: nothing to resume (val ppl %.3f)", run, t["steps"],
              m["val"]["student"]["ppl"])
-    return DistillResult(run / "student", run, t["steps"], t["tokens_seen"], LMScore(**m["val"]["student"]),
+    return DistillResult(run / output, run, t["steps"], t["tokens_seen"], LMScore(**m["val"]["student"]),
                          LMScore(**m["val"]["teacher"]), m)
 
 
@@ -157,20 +157,22 @@ def distill(cfg: DistillConfig) -> DistillResult:
     zoo, continued or resumed; parallel wrapping; optimizer), then the loop of step / evaluate / checkpoint, and the
     final student folder with its manifest."""
     cfg.validate()
+    mode = cfg.train_mode()  # None, or a mode that changes the student and the output (edgelm.qat)
+    output = mode.output if mode is not None else "student"
     device = _pick_device(cfg)
     dist = _Dist.init(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = Path(cfg.out)
-    if cfg.resume and (done := _finished(run, cfg)) is not None:
+    if cfg.resume and (done := _finished(run, cfg, output)) is not None:
         return done
-    state = _setup(cfg, run, dist)
+    state = _setup(cfg, run, dist, output)
     torch.manual_seed(cfg.seed)
     data = _Data.load(cfg, dist, state, device)
-    return _Trainer(cfg, run, device, dist, data, state).train()
+    return _Trainer(cfg, run, device, dist, data, state, mode).train()
 
 
-def _setup(cfg: DistillConfig, run: Path, dist: _Dist) -> dict[str, Any] | None:
+def _setup(cfg: DistillConfig, run: Path, dist: _Dist, output: str) -> dict[str, Any] | None:
     """Setup: the checkpoint state to resume from (None for a fresh run); refuses to clobber a run without --force."""
     state: dict[str, Any] | None = None
     if cfg.resume:
@@ -183,7 +185,7 @@ def _setup(cfg: DistillConfig, run: Path, dist: _Dist) -> dict[str, Any] | None:
             raise EdgelmError(f"--resume with a different config ({'; '.join(diff)}); use the original flags or a new --out")
         state["checkpoint"] = str(ckpts[-1])
         log.info("resuming from %s (step %d)", ckpts[-1], state["step"])
-    elif ((run / "student").exists() or checkpoints(run)) and not cfg.force:
+    elif ((run / output).exists() or checkpoints(run)) and not cfg.force:
         raise EdgelmError(f"{run} already holds a run; pass --resume to continue it or --force to start over")
     elif cfg.force and dist.main:
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
@@ -265,8 +267,8 @@ class _Trainer:
     """Student, optimizer and the training loop of one run."""
 
     def __init__(self, cfg: DistillConfig, run: Path, device: torch.device, dist: _Dist, data: _Data,
-                 state: dict[str, Any] | None) -> None:
-        self.cfg, self.run, self.device, self.dist, self.data = cfg, run, device, dist, data
+                 state: dict[str, Any] | None, mode: Any = None) -> None:
+        self.cfg, self.run, self.device, self.dist, self.data, self.mode = cfg, run, device, dist, data, mode
         self.student, self.build_info = self._student(state)
         self.student.to(device, torch.float32).train()  # fp32 master weights, whatever the teacher is held in
         data.teacher.to(device)
@@ -337,9 +339,11 @@ class _Trainer:
     def _student(self, state: dict[str, Any] | None):
         """The student to train: from the checkpoint, an existing folder, a zoo shape, or pruned from the teacher."""
         cfg, data = self.cfg, self.data
+        prepare = None if self.mode is None else self.mode.prepare
         if state is not None:
             student = model_from_state(state["student_config"], state["model"], what=f"checkpoint {state['checkpoint']}",
-                                       fix="start without --resume")
+                                       fix="start without --resume",
+                                       prepare=prepare and (lambda m: prepare(m, resume=True)))
             build_info = state["build_info"]
         elif cfg.student:
             student, stok, _ = load_model(cfg.student)
@@ -354,6 +358,8 @@ class _Trainer:
         if student.config.vocab_size != data.teacher.config.vocab_size:
             raise EdgelmError(f"tokenizer mismatch: student vocab {student.config.vocab_size} vs teacher "
                               f"{data.teacher.config.vocab_size}")
+        if prepare is not None and state is None:
+            prepare(student, resume=False)
         return student, build_info
 
     def _wrap(self, student):
@@ -378,8 +384,12 @@ class _Trainer:
 
     def _optimizer(self):
         """AdamW (no weight decay on norms and biases), linear warmup then cosine decay."""
-        decay = [p for p in self.student.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.student.parameters() if p.ndim < 2]
+        def skip(name: str, p: torch.nn.Parameter) -> bool:
+            return p.ndim < 2 or (self.mode is not None and self.mode.no_decay(name))
+
+        named = list(self.student.named_parameters())
+        decay = [p for n, p in named if not skip(n, p)]
+        no_decay = [p for n, p in named if skip(n, p)]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.cfg.lr, betas=(0.9, 0.95), fused=self.device.type == "cuda",
@@ -540,7 +550,7 @@ class _Trainer:
         if dist.main and cfg.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.total_steps, initial=self.step_no, desc="distill", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=self.total_steps, initial=self.step_no, desc=self.mode.name if self.mode is not None else "distill", unit="step", dynamic_ncols=True)
         t_start = time.perf_counter()
         last = {"loss": float("nan")}
         step_s: list[float] = []
@@ -606,7 +616,7 @@ class _Trainer:
         """The final evaluation and the student folder with its manifest."""
         cfg, dist, data, student = self.cfg, self.dist, self.data, self.student
         val_student = self.evaluate()
-        student_dir = self.run / "student"
+        student_dir = self.run / (self.mode.output if self.mode is not None else "student")
         cache: dict[str, Any] = {}
         if self.tcache is not None:
             tc = self.tcache
@@ -618,34 +628,36 @@ class _Trainer:
         tokens = self.step_no * self.tokens_per_step
         if dist.main:
             tsrc = data.source
+            fields = dict(
+                source={"teacher": tsrc.spec, "teacher_kind": tsrc.kind, "teacher_sha256": tsrc.sha256, **tsrc.info},
+                data={"corpus": data.corpus.spec.describe(), "val_frac": data.corpus.spec.val_frac,
+                      "test_frac": data.corpus.spec.test_frac, "splits": data.counts},
+                student={"params": self.n_student, "teacher_params": self.n_teacher,
+                         "layers": student.config.num_hidden_layers,
+                         "intermediate_size": student.config.intermediate_size,
+                         "hidden_size": student.config.hidden_size,
+                         "heads": student.config.num_attention_heads, **self.build_info},
+                training={"steps": self.step_no, "tokens_seen": tokens, "world_size": dist.world,
+                          "time_budget": self.sized,
+                          "device": self.device.type, "precision": "bf16" if self.bf16 else "fp32",
+                          "precision_reason": self.precision.reason, "teacher_dtype": data.teacher_dtype,
+                          "bf16_speedup": self.precision.bf16_speedup,
+                          "fused_head_loss": self.fused, "final_loss": final_loss, "teacher_cache": cache,
+                          "chat": {"mix": cfg.chat_mix, "answers": len(data.chat),
+                                   "finished": sum(a.finished for a in data.chat),
+                                   "teacher": cfg.chat_teacher_url or "local"},
+                          "wall_s_this_process": round(wall, 1), "config": cfg.as_dict()},
+                val={"student": val_student.as_dict(), "teacher": self.teacher_val.as_dict(),
+                     "seqs": len(data.val), "seq_len": cfg.seq_len},
+            )
             with atomic_dir(student_dir, overwrite=True) as tmp:
-                student.save_pretrained(tmp, state_dict=final_state)
-                data.tok.save_pretrained(tmp)
-                manifest = write_manifest(
-                    tmp, "student",
-                    source={"teacher": tsrc.spec, "teacher_kind": tsrc.kind, "teacher_sha256": tsrc.sha256,
-                            **tsrc.info},
-                    data={"corpus": data.corpus.spec.describe(), "val_frac": data.corpus.spec.val_frac,
-                          "test_frac": data.corpus.spec.test_frac, "splits": data.counts},
-                    student={"params": self.n_student, "teacher_params": self.n_teacher,
-                             "layers": student.config.num_hidden_layers,
-                             "intermediate_size": student.config.intermediate_size,
-                             "hidden_size": student.config.hidden_size,
-                             "heads": student.config.num_attention_heads, **self.build_info},
-                    training={"steps": self.step_no, "tokens_seen": tokens, "world_size": dist.world,
-                              "time_budget": self.sized,
-                              "device": self.device.type, "precision": "bf16" if self.bf16 else "fp32",
-                              "precision_reason": self.precision.reason, "teacher_dtype": data.teacher_dtype,
-                              "bf16_speedup": self.precision.bf16_speedup,
-                              "fused_head_loss": self.fused, "final_loss": final_loss, "teacher_cache": cache,
-                              "chat": {"mix": cfg.chat_mix, "answers": len(data.chat),
-                                       "finished": sum(a.finished for a in data.chat),
-                                       "teacher": cfg.chat_teacher_url or "local"},
-                              "wall_s_this_process": round(wall, 1), "config": cfg.as_dict()},
-                    val={"student": val_student.as_dict(), "teacher": self.teacher_val.as_dict(),
-                         "seqs": len(data.val), "seq_len": cfg.seq_len},
-                )
-            log.info("student written to %s (val ppl %.3f, teacher %.3f)", student_dir, val_student.ppl,
+                if self.mode is not None:  # the mode's own output (QAT: the quantized checkpoint)
+                    manifest = self.mode.write(tmp, student, data.tok, fields)
+                else:
+                    student.save_pretrained(tmp, state_dict=final_state)
+                    data.tok.save_pretrained(tmp)
+                    manifest = write_manifest(tmp, "student", **fields)
+            log.info("%s written to %s (val ppl %.3f, teacher %.3f)", student_dir.name, student_dir, val_student.ppl,
                      self.teacher_val.ppl)
         dist.barrier()
         return DistillResult(student_dir, self.run, self.step_no, tokens, val_student, self.teacher_val, manifest)

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,13 +164,17 @@ def load_model(spec: str | os.PathLike, *, dtype: str = "float32"):
     return model, load_tokenizer(source), source
 
 
-def model_from_state(config: dict[str, Any], state: dict[str, Any], *, what: str, fix: str):
+def model_from_state(config: dict[str, Any], state: dict[str, Any], *, what: str, fix: str,
+                     prepare: Callable[[Any], None] | None = None):
     """A causal LM built from a config dict (``config.to_dict()``) and loaded with ``state``, which may leave out a
-    tied lm_head; refuses weights that do not fit, naming ``what`` they came from and ``fix``."""
+    tied lm_head; refuses weights that do not fit, naming ``what`` they came from and ``fix``. ``prepare`` changes
+    the built model before the state loads (QAT's fake quantizers, whose parameters the state holds)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(**config)
     model = AutoModelForCausalLM.from_config(cfg)
+    if prepare is not None:
+        prepare(model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()):
         raise EdgelmError(f"{what} does not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]}); {fix}")
