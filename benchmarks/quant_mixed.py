@@ -115,8 +115,7 @@ def main() -> None:
     if "student" in a.models and not Path(a.student, "config.json").is_file():
         sys.exit(f"benchmarks/quant_mixed.py: no student at {a.student}; pass --student")
 
-    from edgelm.bench.api import bench
-    from edgelm.bench.config import BenchConfig
+    from edgelm.bench.api import DecodeSpeeds
     from edgelm.manifest import read_manifest
     from edgelm.metrics import pareto_front
     from edgelm.quant.api import quantize_mixed_sweep
@@ -145,25 +144,15 @@ def main() -> None:
         rows += anchors + mixed
     quality_s = time.perf_counter() - t0
 
-    # decode tok/s by "artifact path|threads", kept in --out: a --reuse run measures only what is missing, and
-    # --no-speed shows what was measured before (speed wants a quiet machine; quality does not)
-    cache = Path(a.out) / "speed.json"
-    speed: dict[str, float] = json.loads(cache.read_text()) if a.reuse and cache.is_file() else {}
-
-    def key(path: str, t: int) -> str:
-        return f"{Path(path).resolve()}|{t}"
-
-    todo = [r.path for r in rows if not r.error and any(key(r.path, t) not in speed for t in a.threads)]
-    if a.speed and todo:
-        res = bench(BenchConfig(models=tuple(todo), threads=tuple(a.threads), repeat=a.repeat, progress=False))
-        for r in res.rows:
-            if r.get("tg_tps_mean"):
-                speed[key(r["path"], r["threads"])] = r["tg_tps_mean"]
-        cache.write_text(json.dumps(speed, indent=1))
+    # decode tok/s kept in --out: a --reuse run measures only what is missing, and --no-speed shows what was
+    # measured before (speed wants a quiet machine; quality does not)
+    speed = DecodeSpeeds(Path(a.out) / "speed.json", reuse=a.reuse)
+    if a.speed:
+        speed.measure([r.path for r in rows if not r.error], tuple(a.threads), a.repeat)
     wall = time.perf_counter() - t0
 
     def tps(r, t):
-        return speed.get(key(r.path, t))
+        return speed(r.path, t)
 
     docs = Path(a.docs)
     docs.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,8 @@ class DemoConfig:
     calib_samples: int = 64  # GPTQ calibration sequences from the train split
     calib_seqlen: int = 512  # tokens per calibration sequence
     check_seqs: int = 16  # val sequences (of seq_len tokens) in each artifact's quality check
+    # QAT of the app's artifact from its GPTQ codes, self-distilled (edgelm qat), timed like --minutes (0 skips)
+    qat_minutes: float = 2.0
     bench: bool = True  # benchmark every artifact and the PyTorch student, each in its own process (--no-bench skips)
     bench_repeat: int = 3  # measured runs per bench row
     route: bool = True  # serve the teacher as a local cloud and judge the routers (--no-route skips)
@@ -77,6 +79,10 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     out = Path(cfg.out)
     budget = " and ".join(filter(None, (f"{cfg.minutes:g} min" if cfg.minutes else "",
                                         f"{cfg.max_tokens:,} tokens" if cfg.max_tokens else "")))
+    if cfg.qat_minutes < 0:
+        from edgelm.errors import EdgelmError
+
+        raise EdgelmError(f"--qat-minutes must be at least 0 (0 skips QAT), got {cfg.qat_minutes:g}")
     log.info("[1/6] distill: %s -> %d layers, MLP %d, %s", cfg.teacher, cfg.layers, cfg.intermediate_size,
              f"at most {budget}" if budget else "no budget")
     dcfg = DistillConfig(
@@ -108,6 +114,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         rows = export_suite(str(res.student_dir), plan, out / "export", calib_samples=cfg.calib_samples,
                             calib_seqlen=cfg.calib_seqlen, eval_seqs=cfg.check_seqs, eval_seqlen=cfg.seq_len,
                             label="student", reuse=cfg.resume)
+        if cfg.qat_minutes:
+            rows += qat_step(cfg, out, res.student_dir)
     bench = None
     if rows and cfg.bench:
         bench = bench_artifacts(cfg, out, res.student_dir, rows)
@@ -186,6 +194,46 @@ def demo_plan(quant: str, app_quant: str = "") -> list[tuple[str, str]]:
     return list(dict.fromkeys(p for p in plan if p[0]))  # --app-quant "" or a preset already listed: once
 
 
+QAT_PREFIX = "qat-"  # the QAT artifact's folders beside the GPTQ ones: export/qat-gguf-PRESET
+
+
+def qat_step(cfg: DemoConfig, out: Path, student: Path) -> list:
+    """`edgelm qat` of the student onto the app preset's grid, from the GPTQ checkpoint the export step made
+    (self-distillation, --qat-minutes), exported to GGUF with its exact check. A failure is a row, not fatal."""
+    import shutil
+
+    from edgelm.artifact.suite import ArtifactRow, export_suite
+    from edgelm.distill.trainer import checkpoints
+    from edgelm.errors import EdgelmError
+    from edgelm.qat.api import qat
+
+    preset = cfg.app_quant or cfg.quant
+    start = out / "export" / f"quantized-{preset}"
+    label = "student QAT"
+    run = out / "qat"
+    try:
+        if not (start / "edgelm.json").is_file():
+            raise EdgelmError(f"no checked {preset} checkpoint of the student to start from")
+        log.info("[3/6] qat: %s from its GPTQ codes, %g min", preset, cfg.qat_minutes)
+        resume = cfg.resume and bool(checkpoints(run) or (run / "quantized").is_dir())
+        res = qat(model=str(student), start=str(start), quant=preset, max_minutes=cfg.qat_minutes,
+                  max_tokens=cfg.max_tokens or None, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                  eval_every=cfg.eval_every, ckpt_every=cfg.eval_every * 2, out=str(run), threads=cfg.threads,
+                  resume=resume, force=not resume, progress=cfg.progress)
+        folder = out / "export" / f"quantized-{QAT_PREFIX}{preset}"
+        if not resume or not folder.is_dir():  # a new QAT checkpoint: its artifacts are made again
+            for old in (folder, out / "export" / f"{QAT_PREFIX}gguf-{preset}"):
+                shutil.rmtree(old, ignore_errors=True)
+            shutil.copytree(res.student_dir, folder)
+    except EdgelmError as e:
+        log.warning("QAT step failed: %s", e)
+        nan = float("nan")
+        return [ArtifactRow(label, preset, "gguf", "", nan, nan, nan, nan, nan, nan, 0, 0.0, error=str(e))]
+    return export_suite(str(student), [(preset, "gguf")], out / "export", calib_samples=cfg.calib_samples,
+                        calib_seqlen=cfg.calib_seqlen, eval_seqs=cfg.check_seqs, eval_seqlen=cfg.seq_len,
+                        label=label, reuse=True, prefix=QAT_PREFIX)
+
+
 def write_export_section(report: Path, rows, out: Path) -> None:
     from edgelm.report import plot_quant, quant_table, update_section
 
@@ -196,6 +244,10 @@ def write_export_section(report: Path, rows, out: Path) -> None:
         note = (f"\nllama.cpp fell back to other types on {', '.join(f'{r.fallbacks} tensors of {r.preset}' for r in fallbacks)}"
                 " (the student keeps the teacher's hidden size 576, not a multiple of K-quants' 256); "
                 "each artifact's edgelm.json lists them.\n")
+    qat = next((r for r in rows if "QAT" in r.model), None)
+    if qat is not None:
+        note += (f"\n`{qat.model}`: the {qat.preset} checkpoint after `edgelm qat` (the student self-distilled on that "
+                 "grid from its GPTQ codes; `qat/quantized/edgelm.json` holds the run), packed exactly like GPTQ's.\n")
     body = f"""## Deployable artifacts
 
 Each artifact was checked against the fp32 PyTorch student in its own runtime (llama.cpp for GGUF, ONNX Runtime
@@ -271,8 +323,9 @@ def app_step(cfg: DemoConfig, out: Path, rows):
     from edgelm.errors import EdgelmError
 
     ok = [r for r in rows if not r.error]
-    ggufs = [r.path for r in sorted((r for r in ok if r.target == "gguf"),
-                                    key=lambda r: (r.preset != cfg.app_quant, r.preset != cfg.quant, r.model_mib))]
+    ggufs = [r.path for r in sorted((r for r in ok if r.target == "gguf"),  # the QAT codes before GPTQ's
+                                    key=lambda r: (r.preset != cfg.app_quant, "QAT" not in r.model,
+                                                   r.preset != cfg.quant, r.model_mib))]
     if not ggufs:
         return StepSkipped("no checked GGUF artifact")
     onnx = [r.path for r in ok if r.target == "onnx" and r.preset in (cfg.quant, "gptq-mixed")]

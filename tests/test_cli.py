@@ -96,6 +96,12 @@ def test_demo_refuses_an_unknown_preset_before_training(flag, tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_demo_refuses_negative_qat_minutes_before_training(tmp_path):
+    msg = _one_line_error(run_cli("demo", "--qat-minutes", "-1", "--out", str(tmp_path / "d")))
+    assert "--qat-minutes must be at least 0 (0 skips QAT), got -1" in msg
+    assert not (tmp_path / "d").exists()
+
+
 def test_missing_budget(tmp_path):
     msg = _one_line_error(run_cli("distill", "--out", str(tmp_path / "r")))
     assert "--max-steps" in msg

@@ -93,6 +93,9 @@ def test_demo_writes_a_report(tmp_path):
             # dequantized checkpoint beyond a tie: either is named in the row, and nothing is left behind
             assert re.search(r"quality check failed: KL divergence|pack check failed: \d/\d prompts greedy-identical",
                              row.group(2)) and not folder.exists(), row.group(2)
+    # step 3 also trains the app's preset with QAT (1,024 tokens here) and exports it beside GPTQ's
+    assert re.search(r"\| student QAT \| gptq-int4-g32-all \| gguf \|", report), report
+    assert json.loads((tmp_path / "demo" / "qat" / "quantized" / "edgelm.json").read_text())["qat"]["tokens"] >= 1024
     # step 2: the chat measure and three answers of teacher and student side by side
     chat = json.loads((tmp_path / "demo" / "chat.json").read_text())
     assert chat["instructions"] == 3 and set(chat["scores"]) == {"teacher", "student"}

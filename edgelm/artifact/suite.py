@@ -49,23 +49,26 @@ def _row(label: str, preset, target: str, out: Path, m: dict[str, Any], seconds:
 
 def export_suite(model: str, plan: Sequence[tuple[str, str]], out_root: str | Path, *, data: tuple[str, ...] = (),
                  calib_samples: int = 128, calib_seqlen: int = 512, eval_seqs: int = 32, eval_seqlen: int = 256,
-                 threads: int = 1, label: str | None = None, reuse: bool = False) -> list[ArtifactRow]:
+                 threads: int = 1, label: str | None = None, reuse: bool = False,
+                 prefix: str = "") -> list[ArtifactRow]:
     """Export ``model`` for every (preset, target) in ``plan`` under ``out_root``; a failed pair becomes an error row.
 
     ``reuse``: keep an artifact already in ``out_root`` whose manifest (sha256 checked) has this preset and a
-    passed check, instead of exporting it again.
+    passed check, instead of exporting it again; and a quantized checkpoint already there instead of quantizing
+    (a QAT run's, say). ``prefix``: of the folder names (``{prefix}{target}-{preset}``, ``quantized-{prefix}{preset}``),
+    for another checkpoint of the same preset beside the first.
     """
     from edgelm.quant.hessian import reuse_hessians
 
     with reuse_hessians():  # the mixed plans (and an importance matrix) of one model: one calibration pass
         return _export_all(model, plan, Path(out_root), data=data, calib_samples=calib_samples,
                            calib_seqlen=calib_seqlen, eval_seqs=eval_seqs, eval_seqlen=eval_seqlen, threads=threads,
-                           label=label, reuse=reuse)
+                           label=label, reuse=reuse, prefix=prefix)
 
 
 def _export_all(model: str, plan: Sequence[tuple[str, str]], out_root: Path, *, data: tuple[str, ...],
                 calib_samples: int, calib_seqlen: int, eval_seqs: int, eval_seqlen: int, threads: int,
-                label: str | None, reuse: bool) -> list[ArtifactRow]:
+                label: str | None, reuse: bool, prefix: str = "") -> list[ArtifactRow]:
     from edgelm.artifact.api import export
     from edgelm.errors import EdgelmError
     from edgelm.manifest import read_manifest
@@ -78,7 +81,7 @@ def _export_all(model: str, plan: Sequence[tuple[str, str]], out_root: Path, *, 
         preset = get_preset(preset_name)
         t0 = time.perf_counter()
         src, q_seconds = model, 0.0
-        done = out_root / f"{target}-{preset_name}"
+        done = out_root / f"{prefix}{target}-{preset_name}"
         if reuse and (done / "edgelm.json").is_file():
             m = read_manifest(done)
             if m and m["preset"]["name"] == preset_name and m["parity"].get("passed"):
@@ -87,7 +90,7 @@ def _export_all(model: str, plan: Sequence[tuple[str, str]], out_root: Path, *, 
                 continue
         try:
             if preset.weight_only:
-                folder = out_root / f"quantized-{preset_name}"
+                folder = out_root / f"quantized-{prefix}{preset_name}"
                 prior = read_manifest(folder) if reuse and (folder / "edgelm.json").is_file() else None
                 if prior and prior["preset"]["name"] == preset_name and preset_name not in quantized:
                     quantized[preset_name] = (folder, float(prior.get("quantize_seconds", 0)))
@@ -96,7 +99,7 @@ def _export_all(model: str, plan: Sequence[tuple[str, str]], out_root: Path, *, 
                                    calib_seqlen=calib_seqlen, eval_seqs=0, force=True)
                     quantized[preset_name] = (folder, res.seconds)
                 src, q_seconds = str(quantized[preset_name][0]), quantized[preset_name][1]
-            out = out_root / f"{target}-{preset_name}"
+            out = out_root / f"{prefix}{target}-{preset_name}"
             log.info("== %s: %s -> %s", label or model, preset_name, target)
             r = export(model=src, target=target, quant=preset_name, out=out, force=True, data=data,
                        calib_samples=calib_samples, calib_seqlen=calib_seqlen, eval_seqs=eval_seqs,

@@ -226,3 +226,33 @@ def write_outputs(result: BenchResult, config: BenchConfig) -> None:
         from edgelm.report import plot_bench
 
         plot_bench(result.rows, Path(config.plot))
+
+
+class DecodeSpeeds:
+    """Decode tok/s of artifacts, measured by :func:`bench` (one process per row) and kept in a JSON file by
+    resolved path and thread count, so that a benchmark rerun measures only what is missing (speed wants a quiet
+    machine; quality does not)."""
+
+    def __init__(self, cache: str | Path, *, reuse: bool = True) -> None:
+        self.cache = Path(cache)
+        self.tps: dict[str, float] = json.loads(self.cache.read_text()) if reuse and self.cache.is_file() else {}
+
+    @staticmethod
+    def key(path: str | Path, threads: int) -> str:
+        return f"{Path(path).resolve()}|{threads}"
+
+    def measure(self, paths: list[str], threads: tuple[int, ...], repeat: int = 3) -> None:
+        """Bench every path not yet measured at some thread count (at all of them: one bench run), and save; a
+        figure already kept stays as it was."""
+        todo = [p for p in paths if any(self.key(p, t) not in self.tps for t in threads)]
+        if not todo:
+            return
+        res = bench(BenchConfig(models=tuple(todo), threads=tuple(threads), repeat=repeat, progress=False))
+        for r in res.rows:
+            if r.get("tg_tps_mean"):
+                self.tps.setdefault(self.key(r["path"], r["threads"]), r["tg_tps_mean"])
+        self.cache.parent.mkdir(parents=True, exist_ok=True)
+        self.cache.write_text(json.dumps(self.tps, indent=1))
+
+    def __call__(self, path: str | Path, threads: int) -> float | None:
+        return self.tps.get(self.key(path, threads))

@@ -191,9 +191,12 @@ def _start_manifest(cfg: "QatConfig", preset: str) -> dict[str, Any]:
         raise EdgelmError(f"--start {cfg.start} was quantized with {name}, whose grid is not {preset}'s: pass "
                           f"--quant {name.split('+')[0]}, or quantize with --quant {preset}")
     src, theirs = resolve(cfg.model), m.get("source") or {}
-    if (src.sha256 and theirs.get("sha256") and src.sha256 != theirs["sha256"]) or (
-            not (src.sha256 and theirs.get("sha256")) and Path(str(theirs.get("spec"))).resolve() != Path(src.spec).resolve()
-            and theirs.get("spec") != src.spec):
+    if src.sha256 and theirs.get("sha256"):  # the weights' digest where both have one, else the spec
+        same = src.sha256 == theirs["sha256"]
+    else:
+        spec = str(theirs.get("spec"))
+        same = spec == src.spec or Path(spec).resolve() == Path(src.spec).resolve()
+    if not same:
         raise EdgelmError(f"--start {cfg.start} was quantized from {theirs.get('spec')}, not {cfg.model}; pass the "
                           "model it was quantized from")
     return m

@@ -19,6 +19,10 @@ from edgelm.quant.grids import BLOCK, BlockType, grid_params
 
 SCALE_MODES = ("learned", "weights")  # QatConfig.scales: trained per-group scales, or recomputed from the weights
 TINY = 2.0**-24  # the smallest fp16 magnitude (a subnormal): a scale never rounds to zero
+# Learned scales are s0 * exp(SCALE_RATE * t), t trained from 0: Adam moves every parameter by about lr per step, which
+# on a raw scale (~1e-3, a tenth of the weights it scales) changed it by 2% a step and wrecked the grid within 20 steps
+# on SmolLM2-135M at lr 5e-5; in log space each step changes a scale by about SCALE_RATE * lr of itself.
+SCALE_RATE = 10.0
 
 
 def _fp16(s: torch.Tensor) -> torch.Tensor:
@@ -31,22 +35,23 @@ def _fp16(s: torch.Tensor) -> torch.Tensor:
 class GridFakeQuant(nn.Module):
     """One matrix [out, in] on one block type's grid: ``W = s[o, g] * (q - z[o, g])``, groups of 32 columns.
 
-    ``mode`` "learned": the scales [out, G] are parameters trained with the weights (LSQ: the gradient reaches them
-    through the straight-through round); the zeros stay where they started. "weights": scales and zeros are
+    ``mode`` "learned": the scales [out, G] are trained with the weights (LSQ: the gradient reaches them through the
+    straight-through round), in log space; the zeros stay where they started. "weights": scales and zeros are
     recomputed from the current weights at every forward (ggml's rule, no search) and not trained."""
 
     def __init__(self, btype: BlockType, scale: torch.Tensor, zero: torch.Tensor, mode: str = "learned") -> None:
         super().__init__()
         self.btype, self.mode = btype, mode
         self.maxq = 2**btype.bits - 1
+        self.register_buffer("scale0", scale.detach().float().clone())  # [out, G], the starting scales
         if mode == "learned":
-            self.scale = nn.Parameter(scale.detach().float().clone())  # [out, G]
+            self.log_scale = nn.Parameter(torch.zeros_like(self.scale0))  # [out, G], in units of 1 / SCALE_RATE
         self.register_buffer("zero", zero.detach().float().clone())  # [out, G], integers
 
     def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale as stored, zero), each [out, G], for the weight ``w`` [out, in]."""
         if self.mode == "learned":
-            return _fp16(self.scale), self.zero
+            return _fp16(self.scale0 * torch.exp(SCALE_RATE * self.log_scale)), self.zero
         with torch.no_grad():
             out_f, in_f = w.shape
             s, z = grid_params(w.detach().float().reshape(out_f, in_f // BLOCK, BLOCK), self.btype.bits,

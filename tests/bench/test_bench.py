@@ -71,3 +71,17 @@ def test_bad_bench_input(tmp_path, artifacts):
 def test_every_row_failing_is_a_failed_run(tmp_path):
     r = run_cli("bench", str(tmp_path / "missing"), *SMALL)
     assert r.returncode == 1 and "does not exist" in r.stdout
+
+
+def test_decode_speeds_measure_only_what_is_missing(artifacts, tmp_path):
+    from edgelm.bench.api import DecodeSpeeds
+
+    cache = tmp_path / "speed.json"
+    onnx = str(artifacts["onnx"])
+    cache.write_text(json.dumps({DecodeSpeeds.key(onnx, 1): 123.0}))
+    speeds = DecodeSpeeds(cache)
+    speeds.measure([onnx], (1,), repeat=1)  # already there: nothing runs, nothing changes
+    assert speeds(onnx, 1) == 123.0 and speeds(onnx, 2) is None
+    speeds.measure([onnx], (1, 2), repeat=1)  # 2 threads is missing: measured and kept
+    assert speeds(onnx, 1) == 123.0 and speeds(onnx, 2) > 0
+    assert DecodeSpeeds(cache)(onnx, 2) == speeds(onnx, 2) and DecodeSpeeds(cache, reuse=False)(onnx, 1) is None

@@ -47,7 +47,7 @@ def test_qat_trains_onto_the_grid_and_writes_the_codes_it_used(tiny_q_model, tin
     assert [e["step"] for e in _evals(tmp_path / "r")] == [0, 12, 24]
     m = read_manifest(res.student_dir)
     assert m["kind"] == "quantized" and m["preset"]["name"] == "gptq-int4-g32-all"
-    assert m["qat"]["tokens"] == 24 * 4 * 64 and m["qat"]["start"] is None and m["qat"]["scales"] == "learned"
+    assert m["qat"]["tokens"] == 24 * 4 * 64 and m["qat"]["start"] is None and m["qat"]["scales"] == "weights"
     assert m["source"]["spec"] == str(tiny_q_model) and m["training"]["config"]["quant"] == "gptq-int4-g32-all"
     assert m["plan"]["summary"].startswith("15 x Q4_0,") and m["plan"]["predicted_kld"] is None
     assert 0 < m["quality"]["kld"] and m["quality"]["top1_agree"] <= 1
@@ -68,7 +68,8 @@ def test_qat_from_a_gptq_start_begins_at_its_values(tiny_q_model, tiny_corpus, q
     from transformers import AutoTokenizer
 
     start, _ = quantized("gptq-int4-g32-all")
-    res = qat(**_args(tiny_q_model, tiny_corpus, tmp_path / "r", start=str(start), max_steps=4, eval_every=0))
+    res = qat(**_args(tiny_q_model, tiny_corpus, tmp_path / "r", start=str(start), max_steps=4, eval_every=0,
+                      scales="learned"))
     tok = AutoTokenizer.from_pretrained(start)
     gptq = score_lm(load_quantized_model(start), val_sequences(tok, (str(tiny_corpus),), "text", 8, 64), batch_size=4)
     first = _evals(tmp_path / "r")[0]
@@ -106,7 +107,7 @@ def test_qat_kill_and_resume_gives_the_same_codes(tiny_q_model, tiny_corpus, tmp
     (dict(quant="int8"), "int8 has groups of -1 columns"),
     (dict(quant="fp16"), "which fp16 (cast) does not use"),
     (dict(quant="gptq-mixed"), "gptq-mixed picks a type per tensor from measured sensitivity: quantize first"),
-    (dict(scales="minmax"), "--scales must be learned or weights"),
+    (dict(scales="minmax"), "--scales must be weights or learned"),
     (dict(fsdp=True), "QAT runs under DDP, not FSDP"),
 ])
 def test_a_preset_qat_cannot_train_onto_is_refused_before_training(tiny_q_model, tiny_corpus, tmp_path, kw, error):
@@ -181,3 +182,14 @@ def test_the_qat_checkpoint_exports_exactly(target, qat_run, tiny_corpus, tmp_pa
         ref = arch.permute_rows(ql.dequantize().numpy(), gname, src.config["num_attention_heads"],
                                 src.config["num_key_value_heads"])
         assert got[gname][0] == "Q4_0" and np.array_equal(got[gname][1], ref), f"{gname}: not the QAT codes"
+
+
+def test_qat_keeps_a_mixed_starts_types(tiny_q_model, tiny_corpus, quantized, tmp_path):
+    start, _ = quantized("gptq-mixed")
+    res = qat(**_args(tiny_q_model, tiny_corpus, tmp_path / "r", start=str(start), quant="gptq-mixed", max_steps=2,
+                      eval_every=0, ckpt_every=0))
+    planned = read_manifest(start)["plan"]["tensors"]
+    m = read_manifest(res.student_dir)
+    assert {n: t["type"] for n, t in m["plan"]["tensors"].items()} == {n: t["type"] for n, t in planned.items()}
+    assert m["preset"] == read_manifest(start)["preset"]  # export takes it with the start's --quant
+    assert len({t["type"] for t in planned.values()}) > 1, "the tiny model's plan mixes types"
