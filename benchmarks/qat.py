@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -131,7 +130,7 @@ def main() -> None:
     models = {**MODELS, "student": a.student}
     register_imatrix()
 
-    from edgelm.bench.api import DecodeSpeeds
+    from edgelm.bench.api import DecodeSpeeds, machine_info
     from edgelm.manifest import read_manifest
     from edgelm.qat.api import qat
     from edgelm.qat.config import QatConfig
@@ -170,7 +169,6 @@ def main() -> None:
         if not r.error:
             model = models[r.model.split(" ")[0]]
             tests[r.path] = test_quality(model, r.path, a.eval_seqs, a.eval_seqlen)
-    quality_s = time.perf_counter() - t0
 
     # decode tok/s kept in --out: a --reuse run measures only what is missing, and --no-speed shows what was
     # measured before (speed wants a quiet machine; quality does not)
@@ -241,8 +239,9 @@ def main() -> None:
              f"tg tok/s ({' / '.join(str(t) for t in a.threads)} thr)", "error"]
     body = f"""## QAT onto the all-Q4_0 grid (`benchmarks/qat.py`)
 
-`{cmd}` on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {wall / 60:.1f} min (quality
-{quality_s / 60:.1f} min). `edgelm qat MODEL --start GPTQ --quant {PRESET}`: self-distillation against the model's
+`{cmd}` on {machine_info()['cpu']}, {os.cpu_count()} cores, {wall / 60:.1f} min for this invocation (`--reuse`
+keeps finished QAT runs and checked artifacts; each QAT run's own time is in its line below). The three all-Q4_0 GGUFs hold the same types and bytes, so their decode speeds
+differ by noise alone (rows run one after another). `edgelm qat MODEL --start GPTQ --quant {PRESET}`: self-distillation against the model's
 own fp32 probabilities (top 256 cached), lr {lr:g}, batch {a.batch_size} × 256 tokens, train split only. Every row is
 a GGUF in llama.cpp against the fp32 PyTorch model: val {a.eval_seqs} × {a.eval_seqlen} (the mixed-precision
 table's sequences) and test {a.eval_seqs} × {a.eval_seqlen}. Decode: `edgelm bench`, {a.repeat} runs, one process
@@ -276,6 +275,7 @@ def _plot(lines: list[dict], path: Path) -> Path:
         ax.plot(xs, [c["ppl"] - ln["fp_ppl"] for c in ln["curve"]], marker="o", ms=3, label=ln["label"])
         ax.axhline((ln["gptq_ppl"] - ln["fp_ppl"]) * (1 - RECOVERY), ls=":", lw=1, color=ax.lines[-1].get_color())
     ax.set_xscale("symlog", linthresh=10_000)
+    ax.set_xlim(left=0)
     ax.set_xlabel("QAT tokens")
     ax.set_ylabel("val ΔPPL against fp32 (PyTorch)")
     ax.set_title("QAT recovery (dotted: the 75% goal)")
