@@ -269,6 +269,7 @@ class _Trainer:
     def __init__(self, cfg: DistillConfig, run: Path, device: torch.device, dist: _Dist, data: _Data,
                  state: dict[str, Any] | None, mode: Any = None) -> None:
         self.cfg, self.run, self.device, self.dist, self.data, self.mode = cfg, run, device, dist, data, mode
+        self.output, self.label = (mode.output, mode.name) if mode is not None else ("student", "distill")
         self.student, self.build_info = self._student(state)
         self.student.to(device, torch.float32).train()  # fp32 master weights, whatever the teacher is held in
         data.teacher.to(device)
@@ -550,7 +551,7 @@ class _Trainer:
         if dist.main and cfg.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.total_steps, initial=self.step_no, desc=self.mode.name if self.mode is not None else "distill", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=self.total_steps, initial=self.step_no, desc=self.label, unit="step", dynamic_ncols=True)
         t_start = time.perf_counter()
         last = {"loss": float("nan")}
         step_s: list[float] = []
@@ -616,7 +617,7 @@ class _Trainer:
         """The final evaluation and the student folder with its manifest."""
         cfg, dist, data, student = self.cfg, self.dist, self.data, self.student
         val_student = self.evaluate()
-        student_dir = self.run / (self.mode.output if self.mode is not None else "student")
+        student_dir = self.run / self.output
         cache: dict[str, Any] = {}
         if self.tcache is not None:
             tc = self.tcache

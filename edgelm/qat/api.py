@@ -130,6 +130,7 @@ class QatMode:
         from edgelm.manifest import write_manifest
         from edgelm.models.loader import resolve
         from edgelm.models.qformat import save_quantized
+        from edgelm.quant.mixed import save_mixed
         from edgelm.quant.quality import quality_vs_reference
 
         student.to("cpu")
@@ -141,8 +142,6 @@ class QatMode:
         plan = None
         if p.method == "mixed":
             plan = _plan(student, qlinears)
-            from edgelm.quant.mixed import save_mixed
-
             save_mixed(tmp, student, tok, plan, qlinears, p.group_size)
         else:
             save_quantized(tmp, student, tok, qlinears, {"bits": p.bits, "group_size": p.group_size, "sym": p.sym,
