@@ -45,7 +45,7 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls: type, skip: Sequence[str
         flag = "--" + f.name.replace("_", "-")
         ann = str(f.type)
         default = f.default
-        h = helps.get(f.name, "")
+        h = helps.get(f.name, "").replace("%", "%%")  # argparse formats help strings with %
         if ann == "bool":
             if default:
                 p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=h)

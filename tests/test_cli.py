@@ -25,6 +25,16 @@ def test_help_lists_commands():
         assert cmd in r.stdout
 
 
+def test_every_command_prints_its_help():
+    from edgelm.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert "qat" in commands
+    for name, sub in commands.items():
+        assert sub.format_help(), name  # a '%' in a field's comment broke argparse's formatting once
+
+
 def test_every_distill_flag_is_an_api_argument():
     import dataclasses
 

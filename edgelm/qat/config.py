@@ -24,13 +24,11 @@ STUDENT_FLAGS = ("student", "zoo", "layers", "intermediate_size", "hidden_size",
 class QatConfig(DistillConfig):
     model: str = ""  # the float model to train onto the grid: HF folder, built-in name or hub id
     quant: str = "gptq-int4-g32-all"  # preset whose 32-wide block grids it trains onto (edgelm list quants)
-    # an `edgelm quantize` folder of MODEL with that preset, as the starting grid (GPTQ's codes and scales; a mixed
-    # plan's types); default: round-to-nearest with a per-group scale search
-    start: str = ""
-    # weights (each group's scale recomputed from its weights every step, ggml's rule) or learned (trained with the
-    # weights, LSQ, from the start's): on SmolLM2-135M from GPTQ, 20 steps took val ppl 15.41 -> 14.78 with weights,
-    # 15.40 -> 15.47 learned (docs/results.md, section qat)
-    scales: str = "weights"
+    # (GPTQ's codes and scales; a mixed plan's types)
+    start: str = ""  # an `edgelm quantize` folder of MODEL with that preset to start from (default: a range search)
+    # (on SmolLM2-135M from GPTQ, 20 steps took val ppl 15.41 -> 14.78 with weights, 15.40 -> 15.47 learned;
+    # docs/results.md, section qat_goals)
+    scales: str = "weights"  # weights (recomputed from them each step, ggml's rule) or learned (LSQ, in log space)
     teacher: str = ""  # KD teacher (default: MODEL itself, self-distillation against its float probabilities)
     lr: float = 2e-4  # peak AdamW learning rate (20 steps on SmolLM2-135M: 44% of the ΔPPL back at 2e-4, 20% at 5e-5)
     warmup_steps: int = 5  # linear warmup steps
