@@ -17,7 +17,7 @@ from torch import nn
 from edgelm.models.qformat import QLinear
 from edgelm.quant.grids import BLOCK, BlockType, grid_params
 
-SCALE_MODES = ("learned", "weights")  # QatConfig.scales: trained per-group scales, or recomputed from the weights
+SCALE_MODES = ("weights", "learned")  # QatConfig.scales: recomputed from the weights, or trained per-group scales
 TINY = 2.0**-24  # the smallest fp16 magnitude (a subnormal): a scale never rounds to zero
 # Learned scales are s0 * exp(SCALE_RATE * t), t trained from 0: Adam moves every parameter by about lr per step, which
 # on a raw scale (~1e-3, a tenth of the weights it scales) changed it by 2% a step and wrecked the grid within 20 steps
@@ -39,14 +39,14 @@ class GridFakeQuant(nn.Module):
     straight-through round), in log space; the zeros stay where they started. "weights": scales and zeros are
     recomputed from the current weights at every forward (ggml's rule, no search) and not trained."""
 
-    def __init__(self, btype: BlockType, scale: torch.Tensor, zero: torch.Tensor, mode: str = "learned") -> None:
+    def __init__(self, btype: BlockType, scale: torch.Tensor, zero: torch.Tensor, mode: str = "weights") -> None:
         super().__init__()
         self.btype, self.mode = btype, mode
         self.maxq = 2**btype.bits - 1
-        self.register_buffer("scale0", scale.detach().float().clone())  # [out, G], the starting scales
-        if mode == "learned":
+        if mode == "learned":  # recomputed scales need neither: the weights give them
+            self.register_buffer("scale0", scale.detach().float().clone())  # [out, G], the starting scales
             self.log_scale = nn.Parameter(torch.zeros_like(self.scale0))  # [out, G], in units of 1 / SCALE_RATE
-        self.register_buffer("zero", zero.detach().float().clone())  # [out, G], integers
+            self.register_buffer("zero", zero.detach().float().clone())  # [out, G], integers
 
     def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale as stored, zero), each [out, G], for the weight ``w`` [out, in]."""
