@@ -34,6 +34,21 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: str 
                           timeout=timeout, cwd=cwd)
 
 
+def kill_when(args: list[str], path: Path, timeout: float = 300) -> None:
+    """Run ``edgelm ARGS`` in a child, SIGKILL it as soon as ``path`` exists, and check it was killed mid-run."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgelm", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     from edgelm.data.corpus import stdlib_root

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from edgelm.distill.api import distill
 from edgelm.errors import EdgelmError, TrainingDiverged
 from edgelm.manifest import read_manifest
-from tests.conftest import run_cli
+from tests.conftest import kill_when, run_cli
 
 
 def _args(teacher, corpus, out, **kw) -> dict:
@@ -61,15 +61,8 @@ def test_kill_and_resume_gives_the_same_weights(tiny_teacher, tiny_corpus, tmp_p
     """A run SIGKILLed after its first checkpoint, then resumed, ends bit-identical to an uninterrupted run."""
     full = distill(**_args(tiny_teacher, tiny_corpus, tmp_path / "full"))
     args = _cli_args(_args(tiny_teacher, tiny_corpus, tmp_path / "killed"))
-    proc = subprocess.Popen([sys.executable, "-m", "edgelm", "distill", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "killed" / "checkpoints" / "step-0000004"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when(["distill", *args], ckpt)
     assert not (tmp_path / "killed" / "student").exists()
     r = run_cli("distill", *args, "--resume")
     assert r.returncode == 0, r.stderr

@@ -3,10 +3,6 @@ exactly."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +12,7 @@ from safetensors.torch import load_file
 from edgelm.errors import EdgelmError
 from edgelm.manifest import read_manifest
 from edgelm.qat.api import qat
-from tests.conftest import run_cli
+from tests.conftest import kill_when, run_cli
 from tests.distill.test_trainer import _cli_args
 
 
@@ -81,15 +77,7 @@ def test_qat_from_a_gptq_start_begins_at_its_values(tiny_q_model, tiny_corpus, q
 def test_qat_kill_and_resume_gives_the_same_codes(tiny_q_model, tiny_corpus, tmp_path):
     full = qat(**_args(tiny_q_model, tiny_corpus, tmp_path / "full"))
     args = _cli_args({k: v for k, v in _args(tiny_q_model, tiny_corpus, tmp_path / "killed").items() if k != "model"})
-    cmd = [sys.executable, "-m", "edgelm", "qat", str(tiny_q_model), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "killed" / "checkpoints" / "step-0000004"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when(["qat", str(tiny_q_model), *args], tmp_path / "killed" / "checkpoints" / "step-0000004")
     r = run_cli("qat", str(tiny_q_model), *args, "--resume")
     assert r.returncode == 0, r.stderr
     a = load_file(full.student_dir / "model.safetensors")
