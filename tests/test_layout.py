@@ -98,3 +98,13 @@ def test_no_import_path_tricks():
     bad = [str(p.relative_to(ROOT)) for p in files
            if "sys.path.insert" in p.read_text(encoding="utf-8") or '"PYTHONPATH"' in p.read_text(encoding="utf-8")]
     assert not bad, bad
+
+
+def test_every_package_is_in_the_wheel():
+    """pyproject lists the packages by hand (converters/ and runtimes/ install under edgelm.): a new folder missing
+    from that list imports here (editable install) but not from a wheel, which only the slow wheel test would see."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    on_disk = {module_name(p) for p in sources() if p.name == "__init__.py"}
+    assert on_disk <= listed, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(on_disk - listed)}"
