@@ -102,3 +102,6 @@ QUANTS: Registry = Registry("quant preset", builtins="edgelm.quant.presets")
 TARGETS: Registry = Registry("export target", builtins="edgelm.artifact.targets")
 RUNTIMES: Registry = Registry("runtime", builtins="edgelm.runtimes.builtin")
 ROUTERS: Registry = Registry("router", builtins=("edgelm.coop.routers", "edgelm.coop.learn"))
+# `edgelm bench --device` kinds; the browser's lives with the app (it serves a page)
+DEVICES: Registry = Registry("bench device", builtins=("edgelm.bench.devices", "edgelm.bench.remote",
+                                                        "edgelm.app.benchpage"))

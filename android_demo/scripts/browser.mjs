@@ -86,6 +86,15 @@ try {
         seen = await page.evaluate(() => ({ ...window.edgelmApp.last,
           error: document.getElementById('error').textContent, badge: document.getElementById('route').textContent,
           stats: document.getElementById('stats').textContent }));
+      } else if (step.do === 'throttle') {  // DevTools CPU throttling of the page (1: none), as a slower phone
+        if (!out.cdp) out.cdp = await context.newCDPSession(page);
+        await out.cdp.send('Emulation.setCPUThrottlingRate', { rate: step.rate });
+        seen = step.rate;
+      } else if (step.do === 'bench') {  // the bench page of `edgelm bench --device browser`, until it is done
+        await page.goto(step.url);
+        await page.waitForFunction(() => window.edgelmBench && window.edgelmBench.done, null,
+                                   { timeout: step.timeout || 600000, polling: 500 });
+        seen = await page.evaluate(() => ({ error: window.edgelmBench.error, rows: window.edgelmBench.rows.length }));
       } else if (step.do === 'screenshot') {
         await page.screenshot({ path: step.path, fullPage: false });
         seen = step.path;

@@ -82,9 +82,10 @@ export class WllamaDevice {
     this.loadSeconds = 0;
   }
 
-  async load({ threads = 1, context = 2048, onProgress } = {}) {
+  /** `files`: the model's blobs when already fetched (the bench page times the runtime's load alone). */
+  async load({ threads = 1, context = 2048, onProgress, files = null } = {}) {
     const t0 = performance.now();
-    const blob = (await modelFiles(this.entry, onProgress))[this.entry.file];
+    const blob = (files || await modelFiles(this.entry, onProgress))[this.entry.file];
     const wasm = (kind) => new URL(`./vendor/wllama/${kind}/wllama.wasm`, import.meta.url).href;
     // loaded on first use: an app built from ONNX artifacts only ships no wllama
     const { Wllama } = await import('./vendor/wllama/index.js');
@@ -102,6 +103,36 @@ export class WllamaDevice {
     this.context = this.wllama.getLoadedContextInfo().n_ctx;
     this.threads = this.wllama.getNumThreads();
     this.loadSeconds = (performance.now() - t0) / 1000;
+  }
+
+  async encode(text) {
+    return Array.from(await this.wllama.tokenize(text, false));
+  }
+
+  /**
+   * One timed greedy run for the bench page: prefill `ids`, then `nGen` tokens (end-of-generation ignored, so every
+   * run makes them all). Seconds: prefill (ids in -> logits out), ttft (-> first token), decode (first -> last).
+   */
+  async benchRun(ids, nGen) {
+    const w = this.wllama;
+    await w.kvClear();
+    await w.samplingInit(GREEDY);
+    const t0 = performance.now();
+    await w.decode(ids, {});
+    const t1 = performance.now();
+    let { token } = await w.samplingSample();
+    const t2 = performance.now();
+    for (let i = 1; i < nGen; i++) {
+      await w.decode([token], {});
+      ({ token } = await w.samplingSample());
+    }
+    const t3 = performance.now();
+    return { prefillS: (t1 - t0) / 1000, ttftS: (t2 - t0) / 1000, decodeS: (t3 - t2) / 1000 };
+  }
+
+  async unload() {
+    if (this.wllama) await this.wllama.exit();
+    this.wllama = null;
   }
 
   /**

@@ -32,9 +32,9 @@ export class OrtDevice {
     this.loadSeconds = 0;
   }
 
-  async load({ threads = 1, onProgress } = {}) {
+  async load({ threads = 1, onProgress, files = null } = {}) {
     const t0 = performance.now();
-    const blobs = await modelFiles(this.entry, onProgress);
+    const blobs = files || await modelFiles(this.entry, onProgress);
     const json = async (name) => JSON.parse(await blobs[name].text());
     this.config = (await json('genai_config.json')).model;
     this.tokenizer = new Tokenizer(await json('tokenizer.json'), await json('tokenizer_config.json'));
@@ -93,6 +93,26 @@ export class OrtDevice {
     }
     const logits = out[this.outNames.logits];
     return { logits: logits.data, T, V: logits.dims[2], present };
+  }
+
+  /** The bench page's timed greedy run; the same contract as WllamaDevice.benchRun (device.js). */
+  async benchRun(ids, nGen) {
+    const t0 = performance.now();
+    let { logits, T, V, present } = await this.forward(ids, null, 0);
+    const t1 = performance.now();
+    let { id } = topLogprobs(logits, (T - 1) * V, V, 1);
+    const t2 = performance.now();
+    for (let i = 1, pastLen = ids.length; i < nGen; i++, pastLen++) {
+      ({ logits, present } = await this.forward([id], present, pastLen));
+      ({ id } = topLogprobs(logits, 0, V, 1));
+    }
+    const t3 = performance.now();
+    return { prefillS: (t1 - t0) / 1000, ttftS: (t2 - t0) / 1000, decodeS: (t3 - t2) / 1000 };
+  }
+
+  async unload() {
+    if (this.session) await this.session.release();
+    this.session = null;
   }
 
   /** Greedy completion, streamed; the same contract as WllamaDevice.complete (device.js). */

@@ -14,7 +14,7 @@ self.addEventListener('fetch', (event) => {
   const url = new URL(event.request.url);
   if (event.request.method !== 'GET' || url.origin !== self.location.origin) return;
   const path = url.pathname;
-  if (path.includes('/v1/') || path.endsWith('/edgelm-serve.json')) return;  // live only
+  if (path.includes('/v1/') || path.includes('/edgelm-bench/') || path.endsWith('/edgelm-serve.json')) return;  // live
   if (path.includes('/models/')) {  // large and checked by sha256: cache first
     event.respondWith(caches.match(event.request).then((hit) => hit || fetch(event.request)));
     return;

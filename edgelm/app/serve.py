@@ -12,7 +12,7 @@ import logging
 import mimetypes
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from edgelm.app.config import AppServeConfig
 from edgelm.errors import EdgelmError
@@ -43,11 +43,13 @@ def check_app(folder: str | Path) -> dict[str, Any]:
 
 
 def create_server(folder: str | Path, *, cloud: str = "", cloud_key: str | None = None, api_key: str | None = None,
-                  cors_origins: tuple[str, ...] = (), max_body_bytes: int = 1 << 20, max_tokens_limit: int = 2048):
+                  cors_origins: tuple[str, ...] = (), max_body_bytes: int = 1 << 20, max_tokens_limit: int = 2048,
+                  routes: Sequence[Any] = ()):
     """The Starlette app: static files from ``folder``, the OpenAI paths of /v1 proxied to ``cloud``,
     /edgelm-serve.json for the page. ``cors_origins``: pages elsewhere that may call it (the Android app's WebView is
     http://localhost). Bodies over ``max_body_bytes`` are a 413; a completion's ``max_tokens`` over
-    ``max_tokens_limit`` is a 400, and one that asks for none is sent with that limit."""
+    ``max_tokens_limit`` is a 400, and one that asks for none is sent with that limit. ``routes``: more Starlette
+    routes, before the static files (the bench page's)."""
     import httpx
     from starlette.applications import Starlette
     from starlette.datastructures import MutableHeaders
@@ -154,6 +156,7 @@ def create_server(folder: str | Path, *, cloud: str = "", cloud_key: str | None 
     return Starlette(routes=[Route("/v1/{path:path}", proxy, methods=methods),
                              Route("/edgelm-serve.json", info),
                              Route("/openapi.json", openapi),
+                             *routes,
                              Mount("/", StaticFiles(directory=str(folder), html=True))],
                      middleware=[Middleware(CORSMiddleware, allow_origins=list(cors_origins),
                                             allow_methods=["GET", "POST"], allow_headers=["authorization",

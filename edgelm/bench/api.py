@@ -26,10 +26,12 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "edgelm-bench/1"
 # Every row has these keys (None where not measured). Units are in the names.
-ROW_FIELDS = ("model", "path", "format", "preset", "runtime", "threads", "size_bytes", "load_s",
+ROW_FIELDS = ("model", "path", "format", "preset", "device", "runtime", "threads", "size_bytes", "load_s",
               "pp_tps_mean", "pp_tps_std", "tg_tps_mean", "tg_tps_std", "ttft_ms_mean", "ttft_ms_std",
-              "peak_rss_bytes", "ppl", "ppl_ref", "dppl", "kld", "top1_agree", "overhead_ms_per_token",
-              "overhead_pct", "reference", "error")
+              "peak_rss_bytes", "page_memory_bytes", "tg_tps_runs", "ppl", "ppl_ref", "dppl", "kld", "top1_agree",
+              "overhead_ms_per_token", "overhead_pct", "reference", "notes", "error",
+              # llama-bench's names for the same figures (avg_ts/stddev_ts: decode, its tg test)
+              "n_prompt", "n_gen", "n_threads", "model_size", "avg_ts", "stddev_ts", "test_time", "cpu_info")
 
 
 @dataclass
@@ -49,18 +51,30 @@ class BenchResult:
 
         quality = any(r.get("kld") is not None for r in self.rows)
         overhead = any(r.get("overhead_pct") is not None for r in self.rows)
-        heads = ["model", "preset", "runtime", "threads", "MiB", "pp t/s", "tg t/s", "TTFT ms", "peak RSS MiB"]
+        devices = any(r.get("device") not in (None, "local") for r in self.rows)
+        page = any(r.get("page_memory_bytes") is not None for r in self.rows)
+        sustained = any(r.get("tg_tps_runs") for r in self.rows)
+        heads = ["model", "preset", *(["device"] if devices else []), "runtime", "threads", "MiB", "pp t/s",
+                 "tg t/s", "TTFT ms", "peak RSS MiB", *(["page MiB"] if page else []),
+                 *(["sustained tg t/s (first → last, min)"] if sustained else [])]
         heads += ["ppl", "ΔPPL", "KLD", "top-1 agree"] if quality else []
         heads += ["overhead/token"] if overhead else []
         heads += ["error"]
         rows = []
         for r in self.rows:
-            row = [r["model"], r.get("preset") or "", r.get("runtime") or "", f(r.get("threads"), "d"),
+            row = [r["model"], r.get("preset") or "", *([r.get("device") or ""] if devices else []),
+                   r.get("runtime") or "", f(r.get("threads"), "d"),
                    f(r["size_bytes"] / 2**20 if r.get("size_bytes") else None, ".1f"),
                    _pm(r, "pp_tps", ".1f"), _pm(r, "tg_tps", ".1f"), _pm(r, "ttft_ms", ".1f"),
                    f(r["peak_rss_bytes"] / 2**20 if r.get("peak_rss_bytes") else None, ".0f")]
+            if page:
+                row += [f(r["page_memory_bytes"] / 2**20 if r.get("page_memory_bytes") else None, ".0f")]
+            if sustained:
+                t = r.get("tg_tps_runs") or []
+                row += [f"{t[0]:.1f} → {t[-1]:.1f}, {min(t):.1f}" if t else ""]
             if quality:
-                row += [f(r.get("ppl"), ".3f"), f(r.get("dppl"), "+.3f"), f(r.get("kld"), ".4f"), f(r.get("top1_agree"), ".3f")]
+                row += [f(r.get("ppl"), ".3f"), f(r.get("dppl"), "+.3f"), f(r.get("kld"), ".4f"),
+                        f(r.get("top1_agree"), ".3f")]
             if overhead:
                 row += [f(r.get("overhead_pct"), "+.1f") + ("%" if r.get("overhead_pct") is not None else "")]
             row += [r.get("error") or ""]
@@ -72,7 +86,7 @@ class BenchResult:
         w = csv.DictWriter(buf, fieldnames=list(ROW_FIELDS), lineterminator="\n")
         w.writeheader()
         for r in self.rows:
-            w.writerow({k: r.get(k) for k in ROW_FIELDS})
+            w.writerow({k: json.dumps(r[k]) if isinstance(r.get(k), list) else r.get(k) for k in ROW_FIELDS})
         return buf.getvalue()
 
 
@@ -165,54 +179,40 @@ def _run_worker(spec: dict[str, Any], work: Path, timeout: float) -> dict[str, A
 
 
 def bench(config: BenchConfig | None = None, **kwargs: Any) -> BenchResult:
-    """Benchmark ``config.models``; see BenchConfig for the knobs. Writes --json/--csv/--plot when given."""
+    """Benchmark ``config.models`` on ``config.device`` (this machine by default); see BenchConfig for the knobs.
+    Writes --json/--csv/--plot when given, and only when the run got that far (a refused device writes nothing)."""
     from dataclasses import replace
+
+    from edgelm.bench.devices import open_device
 
     config = replace(config or BenchConfig(), **{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
     config.validate()
     specs = plan(config)
-    result = BenchResult(header={**machine_info(), "config": config.as_dict()})
+    header = {**machine_info(), "config": config.as_dict()}
     if config.dry_run:
-        result.rows = [{k: s.get(k) for k in ROW_FIELDS} for s in specs]
-        return result
-    from tqdm import tqdm
-
-    with tempfile.TemporaryDirectory(prefix="edgelm-bench-") as tmp:
-        work = Path(tmp)
-        refs: dict[str, str | dict] = {}
-        if config.quality:
-            for ref in sorted({s["reference"] for s in specs if not s.get("error") and s.get("reference")}):
-                d = work / f"ref-{len(refs)}"
-                d.mkdir()
-                log.info("reference logits: %s (%d x %d tokens, %s split)", ref, config.eval_seqs, config.eval_seqlen,
-                         config.split)
-                res = _run_worker({"kind": "reference", "model": ref, "data": list(config.data), "split": config.split,
-                                   "seqs": config.eval_seqs, "seqlen": config.eval_seqlen, "out": str(d)},
-                                  work, config.timeout)
-                refs[ref] = res if "error" in res else str(d)
-        bar = tqdm(specs, desc="bench", unit="row", disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
-        for s in bar:
-            row = {k: s.get(k) for k in ROW_FIELDS}
-            if s.get("error"):
-                result.rows.append(row)
-                continue
-            bar.set_description(f"{s['model']} / {s['runtime']} / {s['threads'] or 'auto'} thr")
-            spec = {"model": s["path"], "runtime": s["runtime"], "threads": s["threads"], "data": list(config.data),
-                    "split": config.split, "prompt_len": config.prompt_len, "gen_len": config.gen_len,
-                    "repeat": config.repeat, "overhead": config.overhead}
-            ref = refs.get(s.get("reference") or "")
-            if config.quality and isinstance(ref, str):
-                spec["reference_dir"] = ref
-            res = _run_worker(spec, work, config.timeout)
-            if config.quality and isinstance(ref, dict) and "error" not in res:
-                res["error"] = f"quality skipped: reference {s.get('reference')} failed: {ref['error']}"
-            elif config.quality and ref is None and "error" not in res:
-                res["error"] = "quality skipped: no reference in the manifest; pass --reference"
-            row.update({k: v for k, v in res.items() if k in ROW_FIELDS})
-            result.rows.append(row)
-        bar.close()
+        return BenchResult(header=header, rows=[{k: s.get(k) for k in ROW_FIELDS} for s in specs])
+    with open_device(config) as device:
+        device.check(specs)  # refuses, in one line, what the device cannot run (before anything is pushed)
+        rows = device.run(specs, config)
+        header["devices"] = device.facts()
+    result = BenchResult(header=header, rows=[finish_row(r, header["devices"], config) for r in rows])
     write_outputs(result, config)
     return result
+
+
+def finish_row(row: dict[str, Any], devices: list[dict[str, Any]], config: BenchConfig) -> dict[str, Any]:
+    """Every field present, and llama-bench's names filled from edgelm's (LLAMA_BENCH_FIELDS), so dashboards that
+    read llama-bench's JSON read these rows too."""
+    out = {k: row.get(k) for k in ROW_FIELDS}
+    facts = next((d for d in devices if d.get("id") == out["device"]), devices[0] if devices else {})
+    out["device"] = out["device"] or facts.get("id")
+    out["cpu_info"] = out["cpu_info"] or facts.get("cpu")
+    if not out.get("error"):
+        out["n_prompt"] = out["n_prompt"] or config.prompt_len
+        out["n_gen"] = out["n_gen"] or config.gen_len
+        out["n_threads"], out["model_size"] = out["threads"], out["size_bytes"]
+        out["avg_ts"], out["stddev_ts"] = out["tg_tps_mean"], out["tg_tps_std"]
+    return out
 
 
 def write_outputs(result: BenchResult, config: BenchConfig) -> None:

@@ -26,6 +26,16 @@ class BenchConfig:
     csv: str = ""  # write the rows as CSV
     plot: str = ""  # write a plot: decode tok/s against size (and against ΔPPL with --quality)
     timeout: float = 1800.0  # seconds one row may take before it is reported as failed
+    device: str = "local"  # where the rows run: local, browser[:PORT], ssh://[USER@]HOST[:PORT], qemu-aarch64, rpc://HOST:PORT
+    sustained: int = 0  # also decode N times in a row and report each run's tok/s (thermal throttling shows as a fall)
+    wait: float = 300.0  # seconds to wait for a device: a browser to open the bench page, ssh or rpc to connect
+    browsers: int = 1  # --device browser: how many browsers must post results before the table is written
+    host: str = "127.0.0.1"  # --device browser: address the bench page listens on (0.0.0.0 for a phone on the LAN)
+    serve_key_env: str = "EDGELM_SERVE_API_KEY"  # --device browser beyond loopback: variable with the page's key
+    serve_key_file: str = ""  # or a file with it; a key is required when --host is not loopback
+    insecure: bool = False  # --device browser: serve a non-loopback --host without a key
+    remote_dir: str = ""  # --device ssh:// : the folder on the device for the runner and artifacts (~/.cache/edgelm-bench)
+    ssh_config: str = ""  # --device ssh:// : an ssh_config file (ssh -F) with the key, known hosts or jump host to use
     dry_run: bool = False  # list what would run, then stop
     progress: bool = True  # progress bar on stderr
 
@@ -40,6 +50,10 @@ class BenchConfig:
         for t in self.threads:
             if t < 1:
                 raise EdgelmError(f"--threads must be whole numbers >= 1, got {t}")
+        if self.sustained < 0 or self.browsers < 1 or self.wait <= 0:
+            raise EdgelmError("--sustained must be >= 0, --browsers >= 1 and --wait > 0")
+        if self.device != "local" and (self.quality or self.overhead):
+            raise EdgelmError(f"--quality and --overhead run on this machine only; drop them for --device {self.device}")
         if self.split not in ("train", "val", "test"):
             raise EdgelmError(f"--split must be train, val or test, got {self.split!r}")
         return self

@@ -83,6 +83,8 @@ def bench_row(spec: dict[str, Any]) -> dict[str, Any]:
     for name, vals in (("pp_tps", pp), ("tg_tps", tg), ("ttft_ms", ttft)):
         ms = mean_std(vals)
         row[f"{name}_mean"], row[f"{name}_std"] = ms.mean, ms.std
+    if spec.get("sustained"):  # decode again and again: each run's tok/s, in order (a fall is throttling)
+        row["tg_tps_runs"] = [rt.generate(ids, cfg).decode_tokens_per_s for _ in range(spec["sustained"])]
     row["peak_rss_bytes"] = peak_rss_bytes()
     if spec.get("overhead") and hasattr(rt, "native_greedy"):
         ours, bare = [], []

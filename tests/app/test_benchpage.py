@@ -1,0 +1,92 @@
+"""`edgelm bench --device browser`: the bench page in Debian's chromium (Pixel 7 emulation), the rows posted back to
+the CLI's server on 127.0.0.1; DevTools CPU throttling (4x) must read slower than none."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from edgelm.bench.api import bench
+from edgelm.errors import EdgelmError
+
+
+def _wait_port(port: int, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > end:
+                raise TimeoutError(f"nothing listens on {port}") from None
+            time.sleep(0.2)
+
+
+def _bench_in_browser(browser, tmp_path, models, rate: float, **kw):
+    """bench(--device browser) in a thread while the browser, throttled ``rate`` times, runs the page."""
+    from edgelm.coop.localcloud import free_port
+
+    port = free_port()
+    out = tmp_path / f"bench-{rate}.json"
+    got: dict = {}
+
+    def run():
+        try:
+            got["res"] = bench(models=tuple(models), device=f"browser:{port}", json=str(out), progress=False,
+                               wait=120, **kw)
+        except Exception as e:  # noqa: BLE001 - handed to the test's thread
+            got["err"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    _wait_port(port)
+    browser.step("throttle", rate=rate)
+    seen = browser.step("bench", url=f"http://127.0.0.1:{port}/bench.html", timeout=900)["seen"]
+    t.join(timeout=120)
+    browser.step("throttle", rate=1)
+    if "err" in got:
+        raise got["err"]
+    assert not seen["error"], seen
+    return got["res"], json.loads(out.read_text())
+
+
+def test_browser_rows_and_throttling(browser, artifacts, tiny_corpus, tmp_path):
+    models = [str(artifacts["llamacpp"]), str(artifacts["onnx"])]
+    common = dict(threads=(1,), prompt_len=32, gen_len=16, repeat=2, data=(str(tiny_corpus),))
+    fast, data = _bench_in_browser(browser, tmp_path, models, 1, sustained=3, **common)
+    (dev,) = data["header"]["devices"]
+    assert dev["kind"] == "browser" and "Pixel 7" in dev["user_agent"] and dev["cross_origin_isolated"] is True
+    assert dev["cores"] >= 1
+    assert [(r["model"], r["runtime"]) for r in fast.rows] == [("gguf", "wllama"), ("onnx", "onnxruntime-web")]
+    for r in fast.rows:
+        assert not r["error"], r["error"]
+        assert r["device"] == dev["id"] and r["threads"] == 1 and r["n_prompt"] == 32 and r["n_gen"] == 16
+        assert r["load_s"] > 0 and r["pp_tps_mean"] > 0 and r["tg_tps_mean"] > 0 and r["ttft_ms_mean"] > 0
+        assert len(r["tg_tps_runs"]) == 3 and r["avg_ts"] == r["tg_tps_mean"]
+        assert r["peak_rss_bytes"] is None and "RSS" in r["notes"]  # a page cannot read it: empty, with the reason
+        if r["runtime"] == "wllama":  # its memory is in a worker the browser's measure leaves out: empty, and why
+            assert r["page_memory_bytes"] is None and "wllama's WebAssembly memory" in r["notes"]
+        else:
+            assert r["page_memory_bytes"] > r["size_bytes"], r  # the model is in the page's WebAssembly memory
+    slow, _ = _bench_in_browser(browser, tmp_path, models[:1], 4, **common)
+    assert slow.rows[0]["tg_tps_mean"] < fast.rows[0]["tg_tps_mean"], (slow.rows[0], fast.rows[0])
+
+
+def test_browser_refusals(artifacts, tmp_path, monkeypatch):
+    out = tmp_path / "b.json"
+    with pytest.raises(EdgelmError, match="opened the bench page within 1 s"):
+        from edgelm.coop.localcloud import free_port
+
+        bench(models=(str(artifacts["llamacpp"]),), device=f"browser:{free_port()}", wait=1, json=str(out),
+              progress=False)
+    monkeypatch.delenv("EDGELM_SERVE_API_KEY", raising=False)
+    with pytest.raises(EdgelmError, match="set EDGELM_SERVE_API_KEY"):
+        bench(models=(str(artifacts["llamacpp"]),), device="browser", host="0.0.0.0", json=str(out), progress=False)
+    with pytest.raises(EdgelmError, match="runs gguf, onnx artifacts"):
+        bench(models=(str(artifacts["tvm"]),), device="browser", json=str(out), progress=False)
+    with pytest.raises(EdgelmError, match="write browser or browser:PORT"):
+        bench(models=(str(artifacts["llamacpp"]),), device="browser:x", json=str(out), progress=False)
+    assert not out.exists()
