@@ -10,7 +10,7 @@ NO_AMX := -mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16
 LLAMA_CMAKE := -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DCMAKE_C_FLAGS=$(NO_AMX) -DCMAKE_CXX_FLAGS=$(NO_AMX)
 ARM64_ROOT := build/arm64-root
 
-.PHONY: demo test app-deps cross-gxx llama-quantize bench-app bench-mixed bench-tvm tvm-aarch64 bench-distill bench-quant bench-runtimes bench-route clean
+.PHONY: demo test app-deps cross-gxx sshd llama-bench llama-quantize bench-app bench-mixed bench-tvm tvm-aarch64 bench-distill bench-quant bench-runtimes bench-route clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,7 @@ app-deps: $(APP_STAMP)
 # `llama-quantize` on PATH, edgelm uses that one.
 LLAMA_CPP_PYTHON := $(shell sed -n 's/.*llama-cpp-python\[server\]==\([0-9.]*\).*/\1/p' pyproject.toml)
 LQ_BUILD := build/llama-quantize
+HOST_ARCH := $(shell uname -m)
 $(VENV)/bin/llama-quantize: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	rm -rf $(LQ_BUILD) && mkdir -p $(LQ_BUILD)
@@ -54,10 +55,36 @@ $(VENV)/bin/llama-quantize: pyproject.toml
 	tar xzf $(LQ_BUILD)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LQ_BUILD)
 	cmake -S $(LQ_BUILD)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $(LQ_BUILD)/cmake -DCMAKE_BUILD_TYPE=Release \
 		-DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
-		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >$(LQ_BUILD)/cmake.log 2>&1
-	cmake --build $(LQ_BUILD)/cmake --target llama-quantize -j $$(nproc) >$(LQ_BUILD)/build.log 2>&1 || { tail -20 $(LQ_BUILD)/build.log; exit 1; }
+		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF $(LLAMA_CMAKE) >$(LQ_BUILD)/cmake.log 2>&1
+	cmake --build $(LQ_BUILD)/cmake --target llama-quantize llama-bench -j $$(nproc) >$(LQ_BUILD)/build.log 2>&1 || { tail -20 $(LQ_BUILD)/build.log; exit 1; }
+	cp $(LQ_BUILD)/cmake/bin/llama-bench $(VENV)/bin/llama-bench-$(HOST_ARCH)
 	cp $(LQ_BUILD)/cmake/bin/llama-quantize $@
 	rm -rf $(LQ_BUILD)
+
+# llama.cpp's llama-bench for aarch64 boards and phones (static: it runs on any aarch64 Linux, Termux's included),
+# cross-compiled with Debian's g++ from the same llama.cpp; `edgelm bench --device ssh://` pushes it. ~7 min.
+LB_BUILD := build/llama-bench-aarch64
+$(VENV)/bin/llama-bench-aarch64: pyproject.toml | cross-gxx
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	rm -rf $(LB_BUILD) && mkdir -p $(LB_BUILD)
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(LB_BUILD)
+	tar xzf $(LB_BUILD)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LB_BUILD)
+	cmake -S $(LB_BUILD)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $(LB_BUILD)/cmake -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 -DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc \
+		-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++ -DCMAKE_EXE_LINKER_FLAGS=-static -DGGML_NATIVE=OFF \
+		-DGGML_OPENMP=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >$(LB_BUILD)/cmake.log 2>&1
+	cmake --build $(LB_BUILD)/cmake --target llama-bench -j $$(nproc) >$(LB_BUILD)/build.log 2>&1 || { tail -20 $(LB_BUILD)/build.log; exit 1; }
+	cp $(LB_BUILD)/cmake/bin/llama-bench $@
+	rm -rf $(LB_BUILD)
+
+llama-bench: $(VENV)/bin/llama-quantize $(VENV)/bin/llama-bench-aarch64
+
+# `edgelm bench --device ssh://`'s tests talk to a real OpenSSH server on 127.0.0.1 (Debian's openssh-server).
+sshd:
+	@test -x /usr/sbin/sshd || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends openssh-server openssh-client >/dev/null; } \
+		|| echo "warning: could not install openssh-server; the ssh bench tests will fail"
 
 llama-quantize: $(VENV)/bin/llama-quantize
 
@@ -70,7 +97,7 @@ cross-gxx:
 		apt-get install -y -qq --no-install-recommends g++-aarch64-linux-gnu >/dev/null; } \
 		|| echo "warning: could not install g++-aarch64-linux-gnu; the aarch64 test will fail"
 
-test: $(STAMP) $(APP_STAMP) $(VENV)/bin/llama-quantize cross-gxx $(ARM64_ROOT)/.done
+test: $(STAMP) $(APP_STAMP) $(VENV)/bin/llama-quantize $(VENV)/bin/llama-bench-aarch64 sshd cross-gxx $(ARM64_ROOT)/.done
 	$(PY) -m pytest
 
 bench-distill: $(STAMP)

@@ -240,8 +240,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"  {r['model']}: {what}")
         return 0
     h = res.header
-    print(f"edgelm bench on {h['cpu']} ({h['physical_cores']} cores); prompt {cfg.prompt_len}, gen {cfg.gen_len}, "
-          f"{cfg.repeat} runs per row (mean ± std)\n")
+    where = [f"{h['cpu']} ({h['physical_cores']} cores)"] if cfg.device == "local" else [
+        f"{d['id']}: {d.get('cpu') or d.get('user_agent', '?')} ({d.get('logical_cores') or d.get('cores') or '?'} "
+        f"cores{', emulated' if d.get('emulated') else ''})" for d in h.get("devices", [])]
+    print(f"edgelm bench on {'; '.join(where)}; prompt {cfg.prompt_len}, gen {cfg.gen_len}, {cfg.repeat} runs per "
+          "row (mean ± std)\n")
     print(res.table())
     for path in (cfg.json, cfg.csv, cfg.plot):
         if path:

@@ -3,6 +3,9 @@ emulation (an arm64 Python under qemu-user, the aarch64 apache-tvm wheel), where
 
     python -m edgelm.runtimes.tvm_greedy ARTIFACT 1,2,3 16     # prints the 16 greedy ids after the prompt as JSON
     python runtimes/tvm_greedy.py ARTIFACT 1,2,3 16            # the same, as a plain script
+    python tvm_greedy.py --bench ARTIFACT 1,2,3 16 3 0 2       # timings as JSON: gen 16, 3 runs, 0 sustained, 2 threads
+
+The --bench form is what `edgelm bench --device ssh://` (and qemu-aarch64) runs on a device for TVM rows.
 
 Session is the one home of the VM and KV-cache calls (runtimes/tvmrt.py uses it too); kept free of edgelm imports.
 """
@@ -64,7 +67,7 @@ class Session:
         self._add(self.kv, 0)
         self.length = 0
 
-    def forward(self, fn: str, ids) -> "np.ndarray":
+    def forward(self, fn: str, ids) -> np.ndarray:
         """Append ``ids`` (at most ``chunk``) to the sequence through ``fn``; returns its logits [1, s or 1, V]."""
         import numpy as np
         import tvm
@@ -113,5 +116,47 @@ def greedy(folder: str | Path, prompt: list[int], n: int, threads: int = 1) -> l
     return out
 
 
+def bench(folder: str | Path, prompt: list[int], n: int, repeat: int, sustained: int, threads: int) -> dict:
+    """Load, one warm-up, then ``repeat`` timed greedy runs (and ``sustained`` more, decode only): seconds of the load,
+    and per run of the prefill (ids in -> logits out), the first token and the decode (first -> last token)."""
+    import os
+    import time
+
+    import numpy as np
+
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    t0 = time.perf_counter()
+    folder = Path(folder)
+    cfg = json.loads((folder / "tvm_config.json").read_text())
+    s = Session(folder / "model.so", cfg, read_safetensors(folder / "params.safetensors"),
+                int(cfg["decoder"]["context"]))
+    import tvm
+
+    tvm.get_global_func("runtime.config_threadpool")(-3, threads)
+    load_s = time.perf_counter() - t0
+
+    def run(k: int) -> tuple[float, float, float]:
+        a = time.perf_counter()
+        logits = s.prefill(prompt)[-1][0, -1]  # [V]
+        b = time.perf_counter()
+        tok = int(np.argmax(logits))
+        c = time.perf_counter()
+        for _ in range(k - 1):
+            tok = int(np.argmax(s.forward("decode", [tok])[0, -1]))
+        return b - a, c - a, time.perf_counter() - c
+
+    run(min(n, 8))  # warm-up
+    runs = [run(n) for _ in range(repeat)]
+    more = [run(n)[2] for _ in range(sustained)]
+    return {"load_s": load_s, "prefill_s": [r[0] for r in runs], "ttft_s": [r[1] for r in runs],
+            "decode_s": [r[2] for r in runs], "sustained_decode_s": more,
+            "threads": int(tvm.get_global_func("runtime.NumThreads")()), "tvm": tvm.__version__}
+
+
 if __name__ == "__main__":
-    print(json.dumps(greedy(sys.argv[1], [int(t) for t in sys.argv[2].split(",")], int(sys.argv[3]))))
+    if sys.argv[1] == "--bench":
+        folder, ids, n, repeat, sustained, threads = sys.argv[2:8]
+        print(json.dumps(bench(folder, [int(t) for t in ids.split(",")], int(n), int(repeat), int(sustained),
+                               int(threads))))
+    else:
+        print(json.dumps(greedy(sys.argv[1], [int(t) for t in sys.argv[2].split(",")], int(sys.argv[3]))))

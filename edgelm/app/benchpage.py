@@ -73,7 +73,7 @@ class BrowserDevice(BenchDevice):
         self.tmp = tempfile.TemporaryDirectory(prefix="edgelm-bench-page-")
 
     @classmethod
-    def open(cls, config: BenchConfig) -> "BrowserDevice":
+    def open(cls, config: BenchConfig) -> BrowserDevice:
         from edgelm.cloud import read_key
         from edgelm.coop.api import is_loopback
 

@@ -35,11 +35,13 @@ class BenchConfig:
     serve_key_file: str = ""  # or a file with it; a key is required when --host is not loopback
     insecure: bool = False  # --device browser: serve a non-loopback --host without a key
     remote_dir: str = ""  # --device ssh:// : the folder on the device for the runner and artifacts (~/.cache/edgelm-bench)
+    qemu_root: str = "build/arm64-root"  # --device qemu-aarch64: an arm64 root with Python and apache-tvm (make tvm-aarch64), for TVM rows
+    device_python: str = "python3"  # --device ssh:// : the device's Python for TVM rows (with apache-tvm and numpy)
     ssh_config: str = ""  # --device ssh:// : an ssh_config file (ssh -F) with the key, known hosts or jump host to use
     dry_run: bool = False  # list what would run, then stop
     progress: bool = True  # progress bar on stderr
 
-    def validate(self) -> "BenchConfig":
+    def validate(self) -> BenchConfig:
         if not self.models:
             raise EdgelmError("nothing to benchmark; pass one or more artifact folders, HF folders or .gguf files")
         for name in ("prompt_len", "gen_len", "repeat", "eval_seqs", "eval_seqlen"):

@@ -11,7 +11,6 @@ Every device returns the same rows (``ROW_FIELDS``); what a device cannot measur
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import tempfile
@@ -31,7 +30,7 @@ def scheme_of(spec: str) -> str:
     return spec.split("://", 1)[0] if "://" in spec else spec.split(":", 1)[0]
 
 
-def open_device(config: BenchConfig) -> "BenchDevice":
+def open_device(config: BenchConfig) -> BenchDevice:
     name = scheme_of(config.device)
     if name not in DEVICES:
         raise EdgelmError(f"--device {config.device!r}: unknown device kind {name!r}; use one of "
@@ -51,7 +50,7 @@ class BenchDevice:
     formats: tuple[str, ...] = ()  # artifact formats it runs
 
     @classmethod
-    def open(cls, config: BenchConfig) -> "BenchDevice":
+    def open(cls, config: BenchConfig) -> BenchDevice:
         raise NotImplementedError
 
     def check(self, specs: list[dict[str, Any]]) -> None:
@@ -70,17 +69,17 @@ class BenchDevice:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "BenchDevice":
+    def __enter__(self) -> BenchDevice:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def progress_bar(specs: list[Any], config: BenchConfig, desc: str = "bench"):
+def progress_bar(specs: list[Any], config: BenchConfig, desc: str = "bench", unit: str = "row"):
     from tqdm import tqdm
 
-    return tqdm(specs, desc=desc, unit="row", disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(specs, desc=desc, unit=unit, disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
 
 
 @DEVICES.register
@@ -91,7 +90,7 @@ class LocalDevice(BenchDevice):
     formats = ("gguf", "onnx", "tvm", "hf")
 
     @classmethod
-    def open(cls, config: BenchConfig) -> "LocalDevice":
+    def open(cls, config: BenchConfig) -> LocalDevice:
         if config.device != "local":
             raise EdgelmError(f"--device {config.device!r}: this machine is plain 'local'")
         return cls()
@@ -145,6 +144,3 @@ class LocalDevice(BenchDevice):
             bar.close()
         return rows
 
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))

@@ -34,7 +34,7 @@ ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
 PROBE = r"""
 echo "arch=$(uname -m)"
 echo "system=$(uname -sr)"
-echo "cores=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)"
+echo "cores=$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc)"
 cpu=$(grep -m1 -E '^(model name|Model|Hardware)[[:space:]]*:' /proc/cpuinfo 2>/dev/null | cut -d: -f2-)
 [ -z "$cpu" ] && cpu=$(lscpu 2>/dev/null | grep -m1 'Model name' | cut -d: -f2-)
 echo "cpu=$cpu"
@@ -164,21 +164,21 @@ def probe(shell: Shell, timeout: float) -> Facts:
                  home=one("home") or ".", thermal=thermal)
 
 
-# one llama-bench in the background while its VmHWM is read every 0.1 s (the last read is the peak: VmHWM only
-# grows); prints the peak, the exit status, llama-bench's JSON and the tail of its stderr, between markers
+# one runner in the background while its VmHWM is read every 0.05 s (the last read is the peak: VmHWM only grows);
+# prints the peak, the exit status, the runner's JSON and the tail of its stderr, between markers
 RUN = r"""cd {dir} || exit 3
-{prefix}./{runner} {args} -o json > out.json 2> err.log &
+{cmd} > out.json 2> err.log &
 pid=$!; hwm=""
-while kill -0 $pid 2>/dev/null; do h=$(grep VmHWM /proc/$pid/status 2>/dev/null) && hwm=$h; sleep 0.1; done
+while kill -0 $pid 2>/dev/null; do h=$(grep VmHWM /proc/$pid/status 2>/dev/null) && hwm=$h; sleep 0.05; done
 wait $pid; rc=$?
 echo "@@hwm $hwm"; echo "@@rc $rc"; cat out.json; echo "@@err"; tail -n 5 err.log; rm -f out.json err.log
 """
 
 
-def parse_run(out: str) -> tuple[int, int | None, list[dict[str, Any]], str]:
-    """(exit status, peak RSS bytes or None, llama-bench's records, its stderr's tail) from RUN's output."""
-    hwm = re.search(r"^@@hwm VmHWM:\s*(\d+)\s*kB", out, re.M)
-    rc = re.search(r"^@@rc (\d+)", out, re.M)
+def parse_run(out: str) -> tuple[int, int | None, Any, str]:
+    """(exit status, peak RSS bytes or None, the runner's JSON, its stderr's tail) from RUN's output."""
+    hwm = re.search(r"^@@hwm VmHWM:\s*(\d+)\s*kB", out, re.MULTILINE)
+    rc = re.search(r"^@@rc (\d+)", out, re.MULTILINE)
     body, _, err = out.partition("@@err")
     body = body[body.find("\n", rc.end()) + 1:] if rc else ""
     try:
@@ -189,10 +189,11 @@ def parse_run(out: str) -> tuple[int, int | None, list[dict[str, Any]], str]:
 
 
 class ShellDevice(BenchDevice):
-    """The rows of GGUF artifacts through llama-bench on a device reached by a :class:`Shell`."""
+    """Rows on a device reached by a :class:`Shell`: GGUF through llama-bench, TVM through runtimes/tvm_greedy.py
+    (``--bench``) under the device's Python with apache-tvm and numpy."""
 
-    formats = ("gguf",)
-    runtime = "llama-bench"
+    formats = ("gguf", "tvm")
+    python = "python3"  # the device's Python, for TVM rows
 
     def __init__(self, shell: Shell, facts: Facts, config: BenchConfig, cache: str) -> None:
         self.shell, self.info, self.config, self.cache = shell, facts, config, cache
@@ -204,21 +205,52 @@ class ShellDevice(BenchDevice):
                  **({"emulated": True} if self.shell.exec_prefix else {})}]
 
     def check(self, specs: list[dict[str, Any]]) -> None:
+        from edgelm.converters.tvm import ARCHES, elf_machine
+
         super().check(specs)
-        if runner_binary(self.info.arch) is None:
+        live = [s for s in specs if not s.get("error")]
+        if any(s["format"] == "gguf" for s in live) and runner_binary(self.info.arch) is None:
             raise EdgelmError(f"{self.shell.label} is {self.info.arch} and there is no llama-bench-{self.info.arch} "
                               "here; build it with `make llama-bench` (x86_64 and aarch64)")
-        bad = [s for s in specs if s.get("runtime") not in (None, "llamacpp") and not s.get("error")]
+        bad = [s for s in live if s.get("runtime") != {"gguf": "llamacpp", "tvm": "tvm"}[s["format"]]]
         if bad:
-            raise EdgelmError(f"--device {self.name} runs GGUF through llama-bench; drop --runtimes {bad[0]['runtime']}")
+            raise EdgelmError(f"--device {self.name} runs GGUF through llama-bench and TVM through its runtime; drop "
+                              f"--runtimes {bad[0]['runtime']}")
+        tvm_rows = [s for s in live if s["format"] == "tvm"]
+        for s in tvm_rows:  # a library for another CPU is refused here, before anything is pushed
+            machine = elf_machine(Path(s["path"]) / "model.so")
+            arch = next((a.name for a in ARCHES.values() if a.e_machine == machine), f"ELF machine {machine}")
+            if arch.replace("-", "_") != self.info.arch:
+                raise EdgelmError(f"{s['path']} is built for {arch} and {self.shell.label} is {self.info.arch}; "
+                                  f"export it with --arch {self.info.arch.replace('_', '-')}")
+        if tvm_rows:
+            out = self.shell.run(f"{self.python} -c 'import numpy, tvm; print(tvm.__version__)'", timeout=600)
+            have = out.stdout.decode(errors="replace").strip() if out.returncode == 0 else None
+            want = json.loads((Path(tvm_rows[0]["path"]) / "tvm_config.json").read_text()).get("tvm")
+            if have is None:
+                raise EdgelmError(f"{self.shell.label}: TVM rows run under the device's {self.python.split()[-1]}, "
+                                  f"which cannot import tvm and numpy; pip install apache-tvm=={want} numpy there")
+            if have != want:
+                raise EdgelmError(f"{tvm_rows[0]['path']} was built with TVM {want} and {self.shell.label} has TVM "
+                                  f"{have}; install apache-tvm=={want} there")
 
-    def _model_file(self, s: dict[str, Any]) -> Path:
+    def _files(self, s: dict[str, Any]) -> list[Path]:
+        """What a row needs on the device; the first is the model (GGUF: the file; TVM: the library)."""
         p = Path(s["path"])
-        return p if p.is_file() else p / "model.gguf"
+        if s["format"] == "tvm":
+            return [p / "model.so", p / "params.safetensors", p / "tvm_config.json"]
+        return [p if p.is_file() else p / "model.gguf"]
 
-    def push(self, files: list[Path]) -> dict[Path, str]:
-        """Each file into ``cache/SHA256/NAME`` on the device unless already there; their device paths."""
-        names = {f: f"{self.cache}/{sha256_of(f)[:16]}/{f.name}" for f in files}
+    def _key(self, files: list[Path]) -> str:
+        """The cache folder of files that belong together: named by their contents."""
+        h = hashlib.sha256()
+        for f in files:
+            h.update(sha256_of(f).encode())
+        return h.hexdigest()[:16]
+
+    def push(self, groups: list[list[Path]]) -> dict[Path, str]:
+        """Each group of files into ``cache/KEY/`` on the device unless already there; their device paths."""
+        names = {f: f"{self.cache}/{self._key(g)}/{f.name}" for g in groups for f in g}
         listing = self.shell.check(" ".join(f"[ -f {shlex.quote(p)} ] && echo {shlex.quote(p)};"
                                             for p in names.values()) + " true", "looking for cached files")
         have = set(listing.split())
@@ -230,7 +262,7 @@ class ShellDevice(BenchDevice):
             if free is not None and free < need * 1.05 + (16 << 20):
                 raise EdgelmError(f"{self.shell.label} has {free / 2**20:.1f} MiB free under {self.cache} but the "
                                   f"runner and artifacts need {need / 2**20:.1f} MiB; free space on the device")
-        for f in progress_bar(todo, self.config, desc="push"):
+        for f in progress_bar(todo, self.config, desc="push", unit="file"):
             dest = names[f]
             # .part then mv: an interrupted push never leaves a file that looks complete
             self.shell.check(f"mkdir -p {shlex.quote(str(Path(dest).parent))} && cat > {shlex.quote(dest)}.part && "
@@ -239,51 +271,92 @@ class ShellDevice(BenchDevice):
         return names
 
     def run(self, specs: list[dict[str, Any]], config: BenchConfig) -> list[dict[str, Any]]:
+        from edgelm.runtimes import tvm_greedy
+
         live = [s for s in specs if not s.get("error")]
-        runner = runner_binary(self.info.arch)
-        where = self.push([runner, *dict.fromkeys(self._model_file(s) for s in live)])
+        runners = []
+        if any(s["format"] == "gguf" for s in live):
+            runners.append([runner_binary(self.info.arch)])
+        if any(s["format"] == "tvm" for s in live):
+            runners.append([Path(tvm_greedy.__file__)])
+        where = self.push([*runners, *(self._files(s) for s in live)])
         rows: list[dict[str, Any]] = []
         bar = progress_bar(specs, config)
         for s in bar:
-            row = dict(s, device=self.shell.label, runtime=self.runtime)
+            row = dict(s, device=self.shell.label)
             if s.get("error"):
                 rows.append(row)
                 continue
-            model = self._model_file(s)
-            threads = s.get("threads") or self.info.cores or 1
-            bar.set_description(f"{s['model']} / {self.runtime} / {threads} thr")
-            row.update(threads=threads, size_bytes=model.stat().st_size, test_time=utc_now())
-            row.update(self._row(where[runner], where[model], threads, config))
+            files = self._files(s)
+            threads = s.get("threads")  # None: the runner's own pick (llama-bench: the physical cores)
+            bar.set_description(f"{s['model']} / {s['format']} / {threads or 'auto'} thr")
+            row.update(size_bytes=sum(f.stat().st_size for f in files if f.suffix != ".json"), test_time=utc_now())
+            try:
+                if s["format"] == "tvm":
+                    row.update(self._tvm_row(where[Path(tvm_greedy.__file__)], where[files[0]], s, threads, config))
+                else:
+                    row.update(self._gguf_row(where[runners[0][0]], where[files[0]], threads, config))
+            except _RowFailed as e:
+                row["error"] = str(e)
             rows.append(row)
         bar.close()
         return rows
 
-    def _llama_bench(self, runner: str, model: str, args: str, timeout: float) -> tuple[int | None, list[dict]]:
-        d, name = str(Path(runner).parent), Path(runner).name
-        script = RUN.format(dir=shlex.quote(d), prefix=self.shell.exec_prefix, runner=name,
-                            args=f"-m {shlex.quote(model)} {args}")
+    def _run(self, where: str, cmd: str, timeout: float, what: str) -> tuple[int | None, Any]:
+        """``cmd`` in the device folder ``where``: (peak RSS, its JSON output); _RowFailed with the reason."""
         try:
-            r = self.shell.run(script, timeout=timeout)
+            r = self.shell.run(RUN.format(dir=shlex.quote(where), cmd=cmd), timeout=timeout)
         except subprocess.TimeoutExpired:
             raise _RowFailed(f"timed out after {timeout:.0f} s (--timeout)") from None
         if r.returncode != 0:
             raise _RowFailed(self.shell.reason(r))
         rc, hwm, records, err = parse_run(r.stdout.decode(errors="replace"))
         if rc != 0 or not records:
-            raise _RowFailed(f"llama-bench exited {rc}: {err.splitlines()[-1] if err else 'no output'}")
+            raise _RowFailed(f"{what} exited {rc}: {err.splitlines()[-1] if err else 'no output'}")
         return hwm, records
 
-    def _row(self, runner: str, model: str, threads: int, config: BenchConfig) -> dict[str, Any]:
-        try:
-            hwm, records = self._llama_bench(runner, model, f"-p {config.prompt_len} -n {config.gen_len} "
-                                             f"-r {config.repeat} -t {threads}", config.timeout)
-            runs = None
-            if config.sustained:
-                _, sus = self._llama_bench(runner, model, f"-p 0 -n {config.gen_len} -r {config.sustained} "
-                                           f"-t {threads}", config.timeout)
-                runs = next((r.get("samples_ts") for r in sus if r.get("n_gen")), None)
-        except _RowFailed as e:
-            return {"error": str(e)}
+    def _llama_bench(self, runner: str, model: str, args: str, timeout: float) -> tuple[int | None, list[dict]]:
+        cmd = f"{self.shell.exec_prefix}./{Path(runner).name} -m {shlex.quote(model)} {args} -o json"
+        return self._run(str(Path(runner).parent), cmd, timeout, "llama-bench")
+
+    def _tvm_row(self, runner: str, lib: str, s: dict[str, Any], threads: int | None,
+                 config: BenchConfig) -> dict[str, Any]:
+        from edgelm.bench.worker import prompt_ids
+        from edgelm.metrics import mean_std
+        from edgelm.runtimes.text import TextTokenizer
+
+        class _Tok:  # what prompt_ids needs of a runtime
+            encode = TextTokenizer.from_folder(Path(s["path"])).encode
+
+        ids = prompt_ids(_Tok, tuple(config.data), config.split, config.prompt_len)
+        n = threads or self.info.cores or 1
+        cmd = (f"{self.python} {shlex.quote(runner)} --bench {shlex.quote(str(Path(lib).parent))} "
+               f"{','.join(map(str, ids))} {config.gen_len} {config.repeat} {config.sustained} {n}")
+        hwm, r = self._run(str(Path(lib).parent), cmd, config.timeout, "the TVM runner")
+        out: dict[str, Any] = {"runtime": "tvm", "threads": r["threads"], "load_s": r["load_s"],
+                               "peak_rss_bytes": hwm}
+        for key, vals in (("pp_tps", [len(ids) / t for t in r["prefill_s"]]),
+                          ("tg_tps", [(config.gen_len - 1) / t for t in r["decode_s"]]),
+                          ("ttft_ms", [t * 1e3 for t in r["ttft_s"]])):
+            ms = mean_std(vals)
+            out[f"{key}_mean"], out[f"{key}_std"] = ms.mean, ms.std
+        if r["sustained_decode_s"]:
+            out["tg_tps_runs"] = [(config.gen_len - 1) / t for t in r["sustained_decode_s"]]
+        notes = [f"TVM {r['tvm']} runtime under the device's Python (runtimes/tvm_greedy.py --bench)"]
+        if self.shell.exec_prefix:
+            notes.append("emulated: qemu-user on this machine, not the device's speed; RSS includes the emulator")
+        out["notes"] = "; ".join(notes)
+        return out
+
+    def _gguf_row(self, runner: str, model: str, threads: int | None, config: BenchConfig) -> dict[str, Any]:
+        t = f" -t {threads}" if threads else ""
+        hwm, records = self._llama_bench(runner, model, f"-p {config.prompt_len} -n {config.gen_len} "
+                                         f"-r {config.repeat}{t}", config.timeout)
+        runs = None
+        if config.sustained:
+            _, sus = self._llama_bench(runner, model, f"-p 0 -n {config.gen_len} -r {config.sustained}{t}",
+                                       config.timeout)
+            runs = next((r.get("samples_ts") for r in sus if r.get("n_gen")), None)
         pp = next((r for r in records if r.get("n_prompt") and not r.get("n_gen")), {})
         tg = next((r for r in records if r.get("n_gen") and not r.get("n_prompt")), {})
         first = records[0]
@@ -291,8 +364,9 @@ class ShellDevice(BenchDevice):
                  f"first token; llama.cpp {first.get('build_commit', '?')}"]
         if self.shell.exec_prefix:
             notes.append("emulated: qemu-user on this machine, not the device's speed; RSS includes the emulator")
-        return {"pp_tps_mean": pp.get("avg_ts"), "pp_tps_std": pp.get("stddev_ts"), "tg_tps_mean": tg.get("avg_ts"),
+        return {"runtime": "llama-bench", "pp_tps_mean": pp.get("avg_ts"), "pp_tps_std": pp.get("stddev_ts"), "tg_tps_mean": tg.get("avg_ts"),
                 "tg_tps_std": tg.get("stddev_ts"), "peak_rss_bytes": hwm, "tg_tps_runs": runs,
+                "threads": first.get("n_threads"),
                 "cpu_info": first.get("cpu_info"), "notes": "; ".join(notes)}
 
 
@@ -307,10 +381,12 @@ class SshDevice(ShellDevice):
     name = "ssh"
 
     @classmethod
-    def open(cls, config: BenchConfig) -> "SshDevice":
+    def open(cls, config: BenchConfig) -> SshDevice:
         shell = SshShell(config.device, config)
         facts = probe(shell, timeout=config.wait)
-        return cls(shell, facts, config, config.remote_dir or f"{facts.home.rstrip('/')}/.cache/edgelm-bench")
+        dev = cls(shell, facts, config, config.remote_dir or f"{facts.home.rstrip('/')}/.cache/edgelm-bench")
+        dev.python = config.device_python
+        return dev
 
 
 @DEVICES.register
@@ -321,7 +397,7 @@ class QemuDevice(ShellDevice):
     name = "qemu-aarch64"
 
     @classmethod
-    def open(cls, config: BenchConfig) -> "QemuDevice":
+    def open(cls, config: BenchConfig) -> QemuDevice:
         import tempfile
 
         if config.device != cls.name:
@@ -335,6 +411,8 @@ class QemuDevice(ShellDevice):
         facts.arch, facts.cpu = "aarch64", f"{Path(qemu).name} on {facts.cpu}"
         dev = cls(shell, facts, config, str(home / "cache"))
         dev.home = home
+        root = Path(config.qemu_root).resolve()  # qemu -L: the root's files first (its stdlib, its wheels)
+        dev.python = f"{shlex.quote(qemu)} -L {shlex.quote(str(root))} {shlex.quote(str(root / 'usr/bin/python3.11'))}"
         return dev
 
     def close(self) -> None:

@@ -55,14 +55,19 @@ def reference_logits(spec: dict[str, Any]) -> dict[str, Any]:
             ref = np.lib.format.open_memmap(out / "logits.npy", mode="w+", dtype=np.float32, shape=(len(seqs), *row.shape))
         ref[i] = row
     ref.flush()
-    return {"seqs": int(len(seqs)), "seqlen": int(seqs.shape[1]), "vocab": int(ref.shape[-1])}
+    return {"seqs": len(seqs), "seqlen": int(seqs.shape[1]), "vocab": int(ref.shape[-1])}
 
 
 def bench_row(spec: dict[str, Any]) -> dict[str, Any]:
     """Load, warm up, then ``repeat`` timed generations; optionally overhead and quality."""
     import numpy as np
 
-    from edgelm.metrics import compare_logits, mean_std, peak_rss_bytes, tokens_per_second
+    from edgelm.metrics import (
+        compare_logits,
+        mean_std,
+        peak_rss_bytes,
+        tokens_per_second,
+    )
     from edgelm.runtimes.api import load
     from edgelm.runtimes.sampling import GenerationConfig
 
