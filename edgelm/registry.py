@@ -104,4 +104,4 @@ RUNTIMES: Registry = Registry("runtime", builtins="edgelm.runtimes.builtin")
 ROUTERS: Registry = Registry("router", builtins=("edgelm.coop.routers", "edgelm.coop.learn"))
 # `edgelm bench --device` kinds; the browser's lives with the app (it serves a page)
 DEVICES: Registry = Registry("bench device", builtins=("edgelm.bench.devices", "edgelm.bench.remote",
-                                                        "edgelm.app.benchpage"))
+                                                        "edgelm.bench.rpc", "edgelm.app.benchpage"))

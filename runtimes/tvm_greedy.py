@@ -44,18 +44,29 @@ class Session:
     """One sequence in a TVM artifact's paged KV cache: the Relax VM, its params and the cache calls. The TVM runtime
     (runtimes/tvmrt.py) and greedy() below both drive the artifact through it."""
 
-    def __init__(self, library: str | Path, cfg: dict, arrays: dict, context: int) -> None:
+    def __init__(self, library: str | Path, cfg: dict, arrays: dict, context: int, remote=None) -> None:
+        """``remote``: a TVM RPC session (tvm.rpc.connect): the library is uploaded and runs there."""
         import numpy as np
         import tvm
         from tvm import relax
 
-        self.dev = tvm.cpu()
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self.dev)
+        if remote is not None:
+            remote.upload(str(library))
+            self.dev, module = remote.cpu(), remote.load_module(Path(library).name)
+        else:
+            self.dev, module = tvm.cpu(), tvm.runtime.load_module(str(library))
+        self.vm = relax.VirtualMachine(module, self.dev)
         self.params = [tvm.runtime.tensor(np.ascontiguousarray(arrays[k]), self.dev) for k in cfg["params"]]
+        self._item = None
+        if remote is not None:  # one Array object on the device, as the shapes below
+            self.params = remote.get_function("ffi.Array")(*self.params)
+            self._item = remote.get_function("ffi.ArrayGetItem")
         self.chunk = int(cfg["decoder"]["prefill_chunk"])  # the most tokens one prefill call takes
-        S = self._S = tvm.runtime.ShapeTuple
+        # shapes are built where the VM runs: an RPC call cannot carry a local Shape object, only a remote one
+        S = self._S = (lambda dims: remote.get_function("ffi.Shape")(*dims)) if remote is not None \
+            else tvm.runtime.ShapeTuple
         self.kv = self.vm["create_kv_cache"](S([1]), S([context]), S([self.chunk]), S([PAGE_SIZE]), S([0]))
-        f = tvm.get_global_func
+        f = remote.get_function if remote is not None else tvm.get_global_func
         self._add, self._clear = f("vm.builtin.kv_state_add_sequence"), f("vm.builtin.kv_state_clear")
         self._begin, self._end = f("vm.builtin.kv_state_begin_forward"), f("vm.builtin.kv_state_end_forward")
         self._popn = f("vm.builtin.kv_state_popn")
@@ -67,17 +78,21 @@ class Session:
         self._add(self.kv, 0)
         self.length = 0
 
-    def forward(self, fn: str, ids) -> np.ndarray:
-        """Append ``ids`` (at most ``chunk``) to the sequence through ``fn``; returns its logits [1, s or 1, V]."""
+    def forward(self, fn: str, ids, read: bool = True) -> np.ndarray | None:
+        """Append ``ids`` (at most ``chunk``) to the sequence through ``fn``; returns its logits [1, s or 1, V]
+        (None with ``read`` False: they stay on the device)."""
         import numpy as np
         import tvm
 
         x = tvm.runtime.tensor(np.asarray([ids], dtype=np.int32), self.dev)  # [1, s]
         self._begin(self.kv, self._S([0]), self._S([len(ids)]))
-        logits, self.kv = self.vm[fn](x, self.kv, self.params)
+        out = self.vm[fn](x, self.kv, self.params)
+        if self._item is not None:  # a remote (logits, kv) tuple: its items fetched by reference
+            out = (self._item(out, 0), self._item(out, 1))
+        logits, self.kv = out
         self._end(self.kv)
         self.length += len(ids)
-        return logits.numpy()
+        return logits.numpy() if read else None
 
     def prefill(self, ids, fn: str = "prefill") -> list:
         """Start the sequence afresh with ``ids``, in chunks; returns each chunk's logits."""
@@ -116,23 +131,27 @@ def greedy(folder: str | Path, prompt: list[int], n: int, threads: int = 1) -> l
     return out
 
 
-def bench(folder: str | Path, prompt: list[int], n: int, repeat: int, sustained: int, threads: int) -> dict:
+def bench(folder: str | Path, prompt: list[int], n: int, repeat: int, sustained: int, threads: int,
+          remote=None) -> dict:
     """Load, one warm-up, then ``repeat`` timed greedy runs (and ``sustained`` more, decode only): seconds of the load,
-    and per run of the prefill (ids in -> logits out), the first token and the decode (first -> last token)."""
+    and per run of the prefill (ids in -> logits out), the first token and the decode (first -> last token).
+    ``remote`` (a TVM RPC session): the library runs there, timed from here; decode then feeds the first token back
+    each step instead of reading every step's logits over the link (the speed is the same, the text is not)."""
     import os
     import time
 
     import numpy as np
+    import tvm
 
-    os.environ["TVM_NUM_THREADS"] = str(threads)
     t0 = time.perf_counter()
     folder = Path(folder)
     cfg = json.loads((folder / "tvm_config.json").read_text())
+    if remote is None:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
     s = Session(folder / "model.so", cfg, read_safetensors(folder / "params.safetensors"),
-                int(cfg["decoder"]["context"]))
-    import tvm
-
-    tvm.get_global_func("runtime.config_threadpool")(-3, threads)
+                int(cfg["decoder"]["context"]), remote=remote)
+    get = remote.get_function if remote is not None else tvm.get_global_func
+    get("runtime.config_threadpool")(-3, threads)
     load_s = time.perf_counter() - t0
 
     def run(k: int) -> tuple[float, float, float]:
@@ -142,15 +161,17 @@ def bench(folder: str | Path, prompt: list[int], n: int, repeat: int, sustained:
         tok = int(np.argmax(logits))
         c = time.perf_counter()
         for _ in range(k - 1):
-            tok = int(np.argmax(s.forward("decode", [tok])[0, -1]))
+            out = s.forward("decode", [tok], read=remote is None)
+            tok = tok if out is None else int(np.argmax(out[0, -1]))
         return b - a, c - a, time.perf_counter() - c
 
     run(min(n, 8))  # warm-up
     runs = [run(n) for _ in range(repeat)]
     more = [run(n)[2] for _ in range(sustained)]
+    s.close()
     return {"load_s": load_s, "prefill_s": [r[0] for r in runs], "ttft_s": [r[1] for r in runs],
             "decode_s": [r[2] for r in runs], "sustained_decode_s": more,
-            "threads": int(tvm.get_global_func("runtime.NumThreads")()), "tvm": tvm.__version__}
+            "threads": int(get("runtime.NumThreads")()), "tvm": tvm.__version__}
 
 
 if __name__ == "__main__":
