@@ -151,7 +151,7 @@ class BrowserDevice(BenchDevice):
 
         from edgelm.app.serve import create_server
 
-        app = create_server(app_dir, api_key=self.key, routes=self._routes(plan))
+        app = create_server(app_dir, api_key=self.key, routes=self._routes(plan), isolation=self.config.isolation)
         config = uvicorn.Config(app, host=self.config.host, port=self.port, log_level="warning", lifespan="off")
         self.server = uvicorn.Server(config)
         thread = threading.Thread(target=self.server.run, daemon=True, name="edgelm-bench-page")

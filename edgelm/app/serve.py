@@ -44,12 +44,13 @@ def check_app(folder: str | Path) -> dict[str, Any]:
 
 def create_server(folder: str | Path, *, cloud: str = "", cloud_key: str | None = None, api_key: str | None = None,
                   cors_origins: tuple[str, ...] = (), max_body_bytes: int = 1 << 20, max_tokens_limit: int = 2048,
-                  routes: Sequence[Any] = ()):
+                  routes: Sequence[Any] = (), isolation: bool = True):
     """The Starlette app: static files from ``folder``, the OpenAI paths of /v1 proxied to ``cloud``,
     /edgelm-serve.json for the page. ``cors_origins``: pages elsewhere that may call it (the Android app's WebView is
     http://localhost). Bodies over ``max_body_bytes`` are a 413; a completion's ``max_tokens`` over
     ``max_tokens_limit`` is a 400, and one that asks for none is sent with that limit. ``routes``: more Starlette
-    routes, before the static files (the bench page's)."""
+    routes, before the static files (the bench page's). ``isolation`` False leaves out COOP/COEP, as a plain web host
+    would (the page then runs its runtimes on one thread)."""
     import httpx
     from starlette.applications import Starlette
     from starlette.datastructures import MutableHeaders
@@ -143,7 +144,8 @@ def create_server(folder: str | Path, *, cloud: str = "", cloud_key: str | None 
             async def send_with_headers(msg):
                 if msg["type"] == "http.response.start":
                     h = MutableHeaders(scope=msg)
-                    h.update(ISOLATION)
+                    if isolation:
+                        h.update(ISOLATION)
                     if scope["path"] in NO_CACHE:
                         h["Cache-Control"] = "no-cache"
                 await send(msg)

@@ -34,6 +34,7 @@ class BenchConfig:
     serve_key_env: str = "EDGELM_SERVE_API_KEY"  # --device browser beyond loopback: variable with the page's key
     serve_key_file: str = ""  # or a file with it; a key is required when --host is not loopback
     insecure: bool = False  # --device browser: serve a non-loopback --host without a key
+    isolation: bool = True  # --device browser: serve cross-origin isolated (threads); --no-isolation: as a plain web host
     remote_dir: str = ""  # --device ssh:// : the folder on the device for the runner and artifacts (~/.cache/edgelm-bench)
     qemu_root: str = "build/arm64-root"  # --device qemu-aarch64: an arm64 root with Python and apache-tvm (make tvm-aarch64), for TVM rows
     device_python: str = "python3"  # --device ssh:// : the device's Python for TVM rows (with apache-tvm and numpy)

@@ -3,9 +3,6 @@ the CLI's server on 127.0.0.1; DevTools CPU throttling (4x) must read slower tha
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 
 import pytest
 
@@ -13,44 +10,12 @@ from edgelm.bench.api import bench
 from edgelm.errors import EdgelmError
 
 
-def _wait_port(port: int, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > end:
-                raise TimeoutError(f"nothing listens on {port}") from None
-            time.sleep(0.2)
-
-
 def _bench_in_browser(browser, tmp_path, models, rate: float, **kw):
-    """bench(--device browser) in a thread while the browser, throttled ``rate`` times, runs the page."""
-    from edgelm.coop.localcloud import free_port
+    from edgelm.app.browser import bench_in_browser
 
-    port = free_port()
     out = tmp_path / f"bench-{rate}.json"
-    got: dict = {}
-
-    def run():
-        try:
-            got["res"] = bench(models=tuple(models), device=f"browser:{port}", json=str(out), progress=False,
-                               wait=120, **kw)
-        except Exception as e:  # noqa: BLE001 - handed to the test's thread
-            got["err"] = e
-
-    t = threading.Thread(target=run)
-    t.start()
-    _wait_port(port)
-    browser.step("throttle", rate=rate)
-    seen = browser.step("bench", url=f"http://127.0.0.1:{port}/bench.html", timeout=900)["seen"]
-    t.join(timeout=120)
-    browser.step("throttle", rate=1)
-    if "err" in got:
-        raise got["err"]
-    assert not seen["error"], seen
-    return got["res"], json.loads(out.read_text())
+    res = bench_in_browser(browser, rate, models=tuple(models), json=str(out), progress=False, wait=120, **kw)
+    return res, json.loads(out.read_text())
 
 
 def test_browser_rows_and_throttling(browser, artifacts, tiny_corpus, tmp_path):
@@ -71,8 +36,12 @@ def test_browser_rows_and_throttling(browser, artifacts, tiny_corpus, tmp_path):
             assert r["page_memory_bytes"] is None and "wllama's WebAssembly memory" in r["notes"]
         else:
             assert r["page_memory_bytes"] > r["size_bytes"], r  # the model is in the page's WebAssembly memory
-    slow, _ = _bench_in_browser(browser, tmp_path, models[:1], 4, **common)
-    assert slow.rows[0]["tg_tps_mean"] < fast.rows[0]["tg_tps_mean"], (slow.rows[0], fast.rows[0])
+    # throttled 4x, and served as a plain web host would (no isolation: wllama runs one thread whatever is asked)
+    slow, data = _bench_in_browser(browser, tmp_path, models[:1], 4, isolation=False, **{**common, "threads": (2,)})
+    (r,) = slow.rows
+    assert data["header"]["devices"][0]["cross_origin_isolated"] is False
+    assert r["threads"] == 1 and "asked for 2 threads, the runtime runs 1" in r["notes"]
+    assert r["tg_tps_mean"] < fast.rows[0]["tg_tps_mean"], (r, fast.rows[0])
 
 
 def test_browser_refusals(artifacts, tmp_path, monkeypatch):

@@ -3,14 +3,12 @@ key, a port of its own, stopped by the fixture), and `--device qemu-aarch64` run
 qemu-user. Nothing here dials beyond loopback."""
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,6 @@ from edgelm.bench.api import bench
 from edgelm.bench.remote import runner_binary
 from edgelm.errors import EdgelmError
 
-SSHD = "/usr/sbin/sshd"
 HOST_ARCH = platform.machine()
 
 
@@ -32,47 +29,13 @@ def need(why: str | None) -> None:
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
-    """A real sshd on a free loopback port, accepting one throwaway key; yields (device spec, ssh_config path)."""
-    from edgelm.coop.localcloud import free_port
+    """A real sshd on a free loopback port, accepting one throwaway key (edgelm.bench.loopback)."""
+    from edgelm.bench.loopback import SSHD, LoopbackSshd
 
-    need(None if Path(SSHD).is_file() else "openssh-server is missing (apt-get install openssh-server)")
+    need(None if Path(SSHD).is_file() else "openssh-server is missing (make sshd)")
     need(None if runner_binary(HOST_ARCH) else f"llama-bench-{HOST_ARCH} is missing (make llama-bench)")
-    d = tmp_path_factory.mktemp("sshd")
-    for name in ("host", "user", "stranger"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    (d / "authorized_keys").write_text((d / "user.pub").read_text())
-    port = free_port()
-    (d / "sshd_config").write_text(f"""Port {port}
-ListenAddress 127.0.0.1
-HostKey {d / 'host'}
-AuthorizedKeysFile {d / 'authorized_keys'}
-PidFile {d / 'sshd.pid'}
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-StrictModes no
-UsePAM no
-""")
-    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation folder
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=open(d / "sshd.log", "w"))
-    for key in ("user", "stranger"):
-        (d / f"config-{key}").write_text(f"""Host 127.0.0.1
-  IdentityFile {d / key}
-  IdentitiesOnly yes
-  UserKnownHostsFile {d / 'known_hosts'}
-  StrictHostKeyChecking accept-new
-""")
-    spec = f"ssh://{getpass.getuser()}@127.0.0.1:{port}"
-    end = time.monotonic() + 30
-    while subprocess.run(["ssh", "-F", str(d / "config-user"), "-p", str(port), "-o", "BatchMode=yes",
-                          f"{getpass.getuser()}@127.0.0.1", "true"], capture_output=True).returncode != 0:
-        if proc.poll() is not None or time.monotonic() > end:
-            proc.kill()
-            pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()[-1000:]}")
-        time.sleep(0.3)
-    yield {"spec": spec, "config": str(d / "config-user"), "stranger": str(d / "config-stranger"), "port": port}
-    proc.terminate()
-    proc.wait(timeout=30)
+    with LoopbackSshd(tmp_path_factory.mktemp("sshd")) as d:
+        yield {"spec": d.spec, "config": d.config, "stranger": d.stranger}
 
 
 def test_ssh_rows_are_llama_bench_figures_with_the_devices_facts(sshd, artifacts, tmp_path):

@@ -2,10 +2,7 @@
 root (an aarch64 device, emulated) and one running natively (x86-64)."""
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
@@ -14,35 +11,19 @@ from edgelm.errors import EdgelmError
 from tests.bench.test_remote import need, tvm_aarch64  # noqa: F401 - the aarch64 library fixture
 from tests.conftest import ROOT
 
-SERVER = Path(__file__).with_name("rpc_server.py")
-
-
-def _server(cmd: list[str]):
-    from edgelm.coop.localcloud import free_port
-
-    port = free_port()
-    proc = subprocess.Popen([*cmd, str(SERVER), str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    end = time.monotonic() + 180  # python and tvm under qemu take a while to import
-    line = ""
-    while "ready" not in line:
-        line = proc.stdout.readline()
-        if proc.poll() is not None or time.monotonic() > end:
-            proc.kill()
-            pytest.fail(f"the RPC server did not start: {proc.stderr.read()[-1000:]}")
-    return proc, f"rpc://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
 def rpc_aarch64():
     import shutil
 
+    from edgelm.bench.loopback import LoopbackRpc
+
     root = ROOT / "build" / "arm64-root"
     need(None if (root / ".done").is_file() else "build/arm64-root is missing (make tvm-aarch64)")
     need(None if shutil.which("qemu-aarch64-static") else "qemu-user-static is missing")
-    proc, spec = _server(["qemu-aarch64-static", "-L", str(root), str(root / "usr/bin/python3.11")])
-    yield spec
-    proc.kill()
-    proc.wait(timeout=30)
+    with LoopbackRpc.qemu_aarch64(root) as srv:
+        yield srv.spec
 
 
 def test_rpc_rows_from_an_aarch64_server(rpc_aarch64, tvm_aarch64, tiny_corpus, tmp_path):  # noqa: F811
@@ -66,12 +47,11 @@ def test_rpc_refusals(rpc_aarch64, artifacts, tvm_aarch64, tmp_path):  # noqa: F
     with pytest.raises(EdgelmError, match=f"is built for x86-64 and {rpc_aarch64} is aarch64; export it with --arch "
                                           "aarch64"):
         bench(models=(str(artifacts["tvm"]),), device=rpc_aarch64, json=str(out), progress=False)
-    proc, native = _server([sys.executable])
-    try:
-        with pytest.raises(EdgelmError, match=f"is built for aarch64 and {native} is x86_64"):
-            bench(models=(str(tvm_aarch64),), device=native, json=str(out), progress=False)
-    finally:
-        proc.kill()
+    from edgelm.bench.loopback import LoopbackRpc
+
+    with LoopbackRpc([sys.executable]) as native:
+        with pytest.raises(EdgelmError, match=f"is built for aarch64 and {native.spec} is x86_64"):
+            bench(models=(str(tvm_aarch64),), device=native.spec, json=str(out), progress=False)
     with pytest.raises(EdgelmError, match="could not connect to the TVM RPC server"):
         bench(models=(str(tvm_aarch64),), device=f"rpc://127.0.0.1:{free_port()}", json=str(out), progress=False)
     with pytest.raises(EdgelmError, match="runs tvm artifacts"):

@@ -1,4 +1,5 @@
-"""A TVM RPC server serving from this process: ``python rpc_server.py PORT`` (127.0.0.1 only).
+"""A TVM RPC server serving from this process: ``python rpc_server.py PORT`` (127.0.0.1 only); a plain script (it
+runs under an arm64 Python that has tvm but not edgelm), started by edgelm.bench.loopback.LoopbackRpc.
 
 tvm.exec.rpc_server starts a helper interpreter (PopenWorker) by executing sys.executable again, which under
 qemu-user without binfmt_misc (an aarch64 Python on this x86-64 machine) fails with "Exec format error"; its
