@@ -20,7 +20,7 @@ def test_bench_every_backend_with_quality(artifacts, tmp_path):
     models = [str(artifacts[b]) for b in ("llamacpp", "onnx", "torch")] + [str(broken), str(tmp_path / "missing")]
     out = tmp_path / "b"
     r = run_cli("bench", *models, *SMALL, "--threads", "1", "--quality", "--eval-seqs", "2", "--eval-seqlen", "32",
-                "--overhead", "--json", f"{out}.json", "--csv", f"{out}.csv", "--plot", f"{out}.png", timeout=900)
+                "--overhead", "--sustained", "2", "--json", f"{out}.json", "--csv", f"{out}.csv", "--plot", f"{out}.png", timeout=900)
     assert r.returncode == 0, r.stderr
     assert "| model | preset | runtime | threads | MiB | pp t/s | tg t/s | TTFT ms | peak RSS MiB | ppl" in r.stdout
     doc = json.loads((tmp_path / "b.json").read_text())
@@ -28,6 +28,8 @@ def test_bench_every_backend_with_quality(artifacts, tmp_path):
     h = doc["header"]
     assert {"cpu", "physical_cores", "memory_bytes", "libraries", "edgelm_version", "config"} <= set(h)
     assert h["config"]["gen_len"] == 8 and "llama-cpp-python" in h["libraries"]
+    (dev,) = h["devices"]  # --device local (the default): this machine
+    assert dev["id"] == "local" and dev["cpu"] == h["cpu"] and dev["logical_cores"] == h["logical_cores"]
     rows = doc["rows"]
     assert [r["runtime"] for r in rows[:3]] == ["llamacpp", "onnx", "torch"]
     for row in rows[:3]:
@@ -35,7 +37,10 @@ def test_bench_every_backend_with_quality(artifacts, tmp_path):
         assert row["threads"] == 1 and row["tg_tps_mean"] > 0 and row["tg_tps_std"] >= 0 and row["pp_tps_mean"] > 0
         assert row["ttft_ms_mean"] > 0 and row["peak_rss_bytes"] > 0 and row["size_bytes"] > 0
         assert row["kld"] < 1e-3 and abs(row["dppl"]) < 0.01 * row["ppl_ref"]  # fp32 artifacts of the reference
-        assert row["overhead_pct"] is not None
+        assert row["overhead_pct"] is not None and row["device"] == "local" and row["test_time"]
+        assert len(row["tg_tps_runs"]) == 2 and min(row["tg_tps_runs"]) > 0
+        assert (row["n_prompt"], row["n_gen"], row["avg_ts"], row["model_size"]) == (
+            h["config"]["prompt_len"], 8, row["tg_tps_mean"], row["size_bytes"])
     torch_row = rows[2]
     assert torch_row["kld"] == 0 and torch_row["top1_agree"] == 1  # the reference itself
     assert "does not match the sha256" in rows[3]["error"] and "does not exist" in rows[4]["error"]
