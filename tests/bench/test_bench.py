@@ -22,7 +22,8 @@ def test_bench_every_backend_with_quality(artifacts, tmp_path):
     r = run_cli("bench", *models, *SMALL, "--threads", "1", "--quality", "--eval-seqs", "2", "--eval-seqlen", "32",
                 "--overhead", "--sustained", "2", "--json", f"{out}.json", "--csv", f"{out}.csv", "--plot", f"{out}.png", timeout=900)
     assert r.returncode == 0, r.stderr
-    assert "| model | preset | runtime | threads | MiB | pp t/s | tg t/s | TTFT ms | peak RSS MiB | ppl" in r.stdout
+    assert ("| model | preset | runtime | threads | MiB | pp t/s | tg t/s | TTFT ms | peak RSS MiB | sustained tg t/s "
+            "(first → last, min) | ppl") in r.stdout
     doc = json.loads((tmp_path / "b.json").read_text())
     assert doc["schema"] == SCHEMA
     h = doc["header"]
