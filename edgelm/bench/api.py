@@ -31,7 +31,7 @@ ROW_FIELDS = ("model", "path", "format", "preset", "device", "runtime", "threads
               "peak_rss_bytes", "page_memory_bytes", "tg_tps_runs", "ppl", "ppl_ref", "dppl", "kld", "top1_agree",
               "overhead_ms_per_token", "overhead_pct", "reference", "notes", "error",
               # llama-bench's names for the same figures (avg_ts/stddev_ts: decode, its tg test)
-              "n_prompt", "n_gen", "n_threads", "model_size", "avg_ts", "stddev_ts", "test_time", "cpu_info")
+              "n_prompt", "n_gen", "n_threads", "model_size", "test_time", "cpu_info", "avg_ts", "stddev_ts")
 
 
 @dataclass
