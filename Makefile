@@ -98,7 +98,7 @@ cross-gxx:
 		|| echo "warning: could not install g++-aarch64-linux-gnu; the aarch64 test will fail"
 
 test: $(STAMP) $(APP_STAMP) $(VENV)/bin/llama-quantize $(VENV)/bin/llama-bench-aarch64 sshd cross-gxx $(ARM64_ROOT)/.done
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=30
 
 bench-distill: $(STAMP)
 	$(PY) benchmarks/distill_quality.py

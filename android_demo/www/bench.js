@@ -16,13 +16,6 @@ async function api(path, body) {
   return r.json();
 }
 
-const mean = (xs) => xs.reduce((a, b) => a + b, 0) / xs.length;
-const std = (xs) => {  // the sample standard deviation (0 for one run), as edgelm.metrics.mean_std
-  if (xs.length < 2) return 0;
-  const m = mean(xs);
-  return Math.sqrt(xs.reduce((a, x) => a + (x - m) ** 2, 0) / (xs.length - 1));
-};
-
 async function facts() {
   const f = { user_agent: navigator.userAgent, cores: navigator.hardwareConcurrency || null,
               device_memory_gib: navigator.deviceMemory || null, cross_origin_isolated: self.crossOriginIsolated,
@@ -81,19 +74,14 @@ async function runRow(plan, entry, files, threads) {
     await dev.benchRun(ids, Math.min(plan.gen_len, 8));  // warm-up
     const runs = [];
     for (let i = 0; i < plan.repeat; i++) runs.push(await dev.benchRun(ids, plan.gen_len));
-    const pp = runs.map((r) => ids.length / r.prefillS);
-    const tg = runs.map((r) => (plan.gen_len - 1) / r.decodeS);
-    const ttft = runs.map((r) => r.ttftS * 1000);
-    Object.assign(row, { pp_tps_mean: mean(pp), pp_tps_std: std(pp), tg_tps_mean: mean(tg), tg_tps_std: std(tg),
-                         ttft_ms_mean: mean(ttft), ttft_ms_std: std(ttft) });
-    if (plan.sustained) {
-      row.tg_tps_runs = [];
-      for (let i = 0; i < plan.sustained; i++) {
-        $('status').textContent = `${entry.name}, ${threads} thread(s): sustained decode ${i + 1}/${plan.sustained}`;
-        const r = await dev.benchRun(ids, plan.gen_len);
-        row.tg_tps_runs.push((plan.gen_len - 1) / r.decodeS);
-      }
+    const sustained = [];
+    for (let i = 0; i < plan.sustained; i++) {
+      $('status').textContent = `${entry.name}, ${threads} thread(s): sustained decode ${i + 1}/${plan.sustained}`;
+      sustained.push((await dev.benchRun(ids, plan.gen_len)).decodeS);
     }
+    // seconds only: edgelm computes the figures (edgelm.metrics), as for every other device
+    row.timings = { n_prompt: ids.length, prefill_s: runs.map((r) => r.prefillS), ttft_s: runs.map((r) => r.ttftS),
+                    decode_s: runs.map((r) => r.decodeS), sustained_decode_s: sustained };
     const [bytes, why] = await pageMemory(dev);
     row.page_memory_bytes = bytes;
     row.notes.push(why || 'page_memory_bytes: the whole page (JS and WebAssembly) after the runs, not a peak');
@@ -127,9 +115,9 @@ async function main() {
       $('status').textContent = `row ${n}: ${name}, ${threads} thread(s)…`;
       const row = await runRow(plan, entry, files, threads);
       row.test_time = new Date().toISOString().replace(/\.\d+Z$/, 'Z');
-      state.rows.push(row);
-      show(row);
-      await api('row', { browser: plan.browser, row });
+      const figures = await api('row', { browser: plan.browser, row });  // the row as edgelm computed it
+      state.rows.push(figures);
+      show(figures);
     }
   }
   await api('done', { browser: plan.browser });

@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8765
 PROMPT_CHARS = 16384  # of the split's text: enough for any --prompt-len the page's tokenizer cuts it to
-ROW_KEYS = ("model", "threads", "load_s", "pp_tps_mean", "pp_tps_std", "tg_tps_mean", "tg_tps_std", "ttft_ms_mean",
-            "ttft_ms_std", "page_memory_bytes", "tg_tps_runs", "notes", "error", "test_time")
+ROW_KEYS = ("model", "threads", "load_s", "page_memory_bytes", "notes", "error", "test_time")  # what a page posts
+TIMINGS = ("prefill_s", "ttft_s", "decode_s", "sustained_decode_s")  # per run, seconds
 
 
 def lan_address() -> str:
@@ -39,6 +39,19 @@ def lan_address() -> str:
             return s.getsockname()[0]
         except OSError:
             return "127.0.0.1"
+
+
+def page_row(posted: dict[str, Any], gen_len: int) -> dict[str, Any]:
+    """A row from what the page posted: its fields, and the figures computed here from its seconds."""
+    from edgelm.bench.devices import timed_row
+
+    row = {k: posted.get(k) for k in ROW_KEYS}
+    t = posted.get("timings")
+    if not row.get("error"):
+        seconds = {k: [float(x) for x in t[k]] for k in TIMINGS}
+        row.update({k: v for k, v in timed_row(int(t["n_prompt"]), gen_len,
+                                               {**seconds, "threads": row["threads"], "load_s": row["load_s"]}).items()})
+    return row
 
 
 class _Session:
@@ -137,9 +150,13 @@ class BrowserDevice(BenchDevice):
                 if what == "hello" and isinstance(body.get("facts"), dict):
                     s.facts[bid] = {**{k: v for k, v in body["facts"].items() if isinstance(k, str)}, "id": bid}
                 elif what == "row" and isinstance(body.get("row"), dict):
-                    s.rows[bid].append({k: body["row"].get(k) for k in ROW_KEYS})
-                    log.info("%s: %s, %s thread(s): %s tok/s", bid, body["row"].get("model"),
-                             body["row"].get("threads"), body["row"].get("tg_tps_mean"))
+                    try:
+                        row = page_row(body["row"], plan["gen_len"])
+                    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                        return JSONResponse({"error": "a row without its timings"}, 400)
+                    s.rows[bid].append(row)
+                    log.info("%s: %s, %s thread(s): %s tok/s", bid, row["model"], row["threads"], row.get("tg_tps_mean"))
+                    return JSONResponse(row)
                 elif what == "done" and bid in s.rows:
                     s.done[bid] = body.get("error")
             return JSONResponse({"ok": True})

@@ -76,6 +76,33 @@ class BenchDevice:
         self.close()
 
 
+def artifact_prompt(folder: str | Path, config: BenchConfig) -> list[int]:
+    """The row's prompt ids for a device that runs no edgelm: the split's first ``prompt_len`` tokens, in the
+    artifact's own tokenizer (the same text every local row reads)."""
+    from edgelm.bench.worker import prompt_ids
+    from edgelm.runtimes.text import TextTokenizer
+
+    class _Encoder:  # what prompt_ids needs of a runtime
+        encode = TextTokenizer.from_folder(Path(folder)).encode
+
+    return prompt_ids(_Encoder, tuple(config.data), config.split, config.prompt_len)
+
+
+def timed_row(n_prompt: int, gen_len: int, r: dict[str, Any]) -> dict[str, Any]:
+    """Row figures from a runner's seconds (runtimes/tvm_greedy.py's bench): per run prefill_s, ttft_s, decode_s,
+    and sustained_decode_s; the same arithmetic as a local row's (edgelm.metrics)."""
+    from edgelm.metrics import mean_std, tokens_per_second
+
+    row: dict[str, Any] = {"threads": r["threads"], "load_s": r["load_s"]}
+    for key, vals in (("pp_tps", [tokens_per_second(n_prompt, t) for t in r["prefill_s"]]),
+                      ("tg_tps", [tokens_per_second(gen_len - 1, t) for t in r["decode_s"]]),
+                      ("ttft_ms", [t * 1e3 for t in r["ttft_s"]])):
+        ms = mean_std(vals)
+        row[f"{key}_mean"], row[f"{key}_std"] = ms.mean, ms.std
+    row["tg_tps_runs"] = [tokens_per_second(gen_len - 1, t) for t in r["sustained_decode_s"]] or None
+    return row
+
+
 def progress_bar(specs: list[Any], config: BenchConfig, desc: str = "bench", unit: str = "row"):
     from tqdm import tqdm
 

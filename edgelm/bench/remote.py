@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.bench.config import BenchConfig
-from edgelm.bench.devices import BenchDevice, progress_bar, utc_now
+from edgelm.bench.devices import BenchDevice, artifact_prompt, progress_bar, timed_row, utc_now
 from edgelm.errors import EdgelmError
 from edgelm.registry import DEVICES
 
@@ -321,27 +321,12 @@ class ShellDevice(BenchDevice):
 
     def _tvm_row(self, runner: str, lib: str, s: dict[str, Any], threads: int | None,
                  config: BenchConfig) -> dict[str, Any]:
-        from edgelm.bench.worker import prompt_ids
-        from edgelm.metrics import mean_std
-        from edgelm.runtimes.text import TextTokenizer
-
-        class _Tok:  # what prompt_ids needs of a runtime
-            encode = TextTokenizer.from_folder(Path(s["path"])).encode
-
-        ids = prompt_ids(_Tok, tuple(config.data), config.split, config.prompt_len)
+        ids = artifact_prompt(s["path"], config)
         n = threads or self.info.cores or 1
         cmd = (f"{self.python} {shlex.quote(runner)} --bench {shlex.quote(str(Path(lib).parent))} "
                f"{','.join(map(str, ids))} {config.gen_len} {config.repeat} {config.sustained} {n}")
         hwm, r = self._run(str(Path(lib).parent), cmd, config.timeout, "the TVM runner")
-        out: dict[str, Any] = {"runtime": "tvm", "threads": r["threads"], "load_s": r["load_s"],
-                               "peak_rss_bytes": hwm}
-        for key, vals in (("pp_tps", [len(ids) / t for t in r["prefill_s"]]),
-                          ("tg_tps", [(config.gen_len - 1) / t for t in r["decode_s"]]),
-                          ("ttft_ms", [t * 1e3 for t in r["ttft_s"]])):
-            ms = mean_std(vals)
-            out[f"{key}_mean"], out[f"{key}_std"] = ms.mean, ms.std
-        if r["sustained_decode_s"]:
-            out["tg_tps_runs"] = [(config.gen_len - 1) / t for t in r["sustained_decode_s"]]
+        out = {"runtime": "tvm", "peak_rss_bytes": hwm, **timed_row(len(ids), config.gen_len, r)}
         notes = [f"TVM {r['tvm']} runtime under the device's Python (runtimes/tvm_greedy.py --bench)"]
         if self.shell.exec_prefix:
             notes.append("emulated: qemu-user on this machine, not the device's speed; RSS includes the emulator")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.bench.config import BenchConfig
-from edgelm.bench.devices import BenchDevice, progress_bar, utc_now
+from edgelm.bench.devices import BenchDevice, artifact_prompt, progress_bar, timed_row, utc_now
 from edgelm.errors import EdgelmError
 from edgelm.registry import DEVICES
 
@@ -77,10 +77,7 @@ class RpcDevice(BenchDevice):
                                   f"--arch {self.arch.replace('_', '-')}")
 
     def run(self, specs: list[dict[str, Any]], config: BenchConfig) -> list[dict[str, Any]]:
-        from edgelm.bench.worker import prompt_ids
-        from edgelm.metrics import mean_std
         from edgelm.runtimes import tvm_greedy
-        from edgelm.runtimes.text import TextTokenizer
 
         rows = []
         bar = progress_bar(specs, config)
@@ -92,11 +89,7 @@ class RpcDevice(BenchDevice):
             folder = Path(s["path"])
             threads = s.get("threads") or 1
             bar.set_description(f"{s['model']} / tvm over rpc / {threads} thr")
-
-            class _Tok:  # what prompt_ids needs of a runtime
-                encode = TextTokenizer.from_folder(folder).encode
-
-            ids = prompt_ids(_Tok, tuple(config.data), config.split, config.prompt_len)
+            ids = artifact_prompt(folder, config)
             row.update(test_time=utc_now(), runtime="tvm",
                        size_bytes=sum((folder / f).stat().st_size for f in ("model.so", "params.safetensors")))
             try:
@@ -106,13 +99,7 @@ class RpcDevice(BenchDevice):
                 row["error"] = f"the device failed: {str(e).strip().splitlines()[-1][:300]}"
                 rows.append(row)
                 continue
-            for key, vals in (("pp_tps", [len(ids) / t for t in r["prefill_s"]]),
-                              ("tg_tps", [(config.gen_len - 1) / t for t in r["decode_s"]]),
-                              ("ttft_ms", [t * 1e3 for t in r["ttft_s"]])):
-                ms = mean_std(vals)
-                row[f"{key}_mean"], row[f"{key}_std"] = ms.mean, ms.std
-            row.update(threads=r["threads"], load_s=r["load_s"], notes=NOTES,
-                       tg_tps_runs=[(config.gen_len - 1) / t for t in r["sustained_decode_s"]] or None)
+            row.update(timed_row(len(ids), config.gen_len, r), notes=NOTES)
             rows.append(row)
         bar.close()
         return rows
