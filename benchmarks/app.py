@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = ["gguf-gptq-int4-g32", "gguf-llamacpp-q4_0", "gguf-gptq-int8", "gguf-llamacpp-q8_0", "onnx-gptq-int4-g32"]
+DEFAULT = ["gguf-gptq-int4-g32-all", "gguf-gptq-int4-g32", "gguf-llamacpp-q4_0", "gguf-gptq-int8", "gguf-llamacpp-q8_0", "onnx-gptq-int4-g32"]
 
 
 def main() -> None:

@@ -242,7 +242,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     h = res.header
     where = [f"{h['cpu']} ({h['physical_cores']} cores)"] if cfg.device == "local" else [
         f"{d['id']}: {d.get('cpu') or d.get('user_agent', '?')} ({d.get('logical_cores') or d.get('cores') or '?'} "
-        f"cores{', emulated' if d.get('emulated') else ''})" for d in h.get("devices", [])]
+        f"cores{', emulated' if d.get('emulated') else ''})" for d in h.get("devices", [])] or [cfg.device]
     print(f"edgelm bench on {'; '.join(where)}; prompt {cfg.prompt_len}, gen {cfg.gen_len}, {cfg.repeat} runs per "
           "row (mean ± std)\n")
     print(res.table())

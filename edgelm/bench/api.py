@@ -189,8 +189,12 @@ def bench(config: BenchConfig | None = None, **kwargs: Any) -> BenchResult:
     config.validate()
     specs = plan(config)
     header = {**machine_info(), "config": config.as_dict()}
-    if config.dry_run:
-        return BenchResult(header=header, rows=[{k: s.get(k) for k in ROW_FIELDS} for s in specs])
+    if config.dry_run or all(s.get("error") for s in specs):  # nothing to run: no device is reached
+        header["devices"] = []
+        result = BenchResult(header=header, rows=[{k: s.get(k) for k in ROW_FIELDS} for s in specs])
+        if not config.dry_run:
+            write_outputs(result, config)
+        return result
     with open_device(config) as device:
         device.check(specs)  # refuses, in one line, what the device cannot run (before anything is pushed)
         rows = device.run(specs, config)
