@@ -257,7 +257,8 @@ class ShellDevice(BenchDevice):
         todo = [f for f, p in names.items() if p not in have]
         need = sum(f.stat().st_size for f in todo)
         if need:
-            df = self.shell.check(f"mkdir -p {self.cache} && df -Pk {self.cache} | tail -n 1", "reading free space")
+            q = shlex.quote(self.cache)
+            df = self.shell.check(f"mkdir -p {q} && df -Pk {q} | tail -n 1", "reading free space")
             free = int(df.split()[3]) * 1024 if len(df.split()) > 3 and df.split()[3].isdigit() else None
             if free is not None and free < need * 1.05 + (16 << 20):
                 raise EdgelmError(f"{self.shell.label} has {free / 2**20:.1f} MiB free under {self.cache} but the "
