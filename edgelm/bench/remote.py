@@ -335,25 +335,28 @@ class ShellDevice(BenchDevice):
         return out
 
     def _gguf_row(self, runner: str, model: str, threads: int | None, config: BenchConfig) -> dict[str, Any]:
+        # prefill from an empty context, decode after the prompt (llama-bench -d: the depth its tests start at), as
+        # edgelm's own rows measure them; llama-bench's plain tg test would decode from an empty context
         t = f" -t {threads}" if threads else ""
-        hwm, records = self._llama_bench(runner, model, f"-p {config.prompt_len} -n {config.gen_len} "
-                                         f"-r {config.repeat}{t}", config.timeout)
+        p, g = config.prompt_len, config.gen_len
+        hwm, records = self._llama_bench(runner, model, f"-p {p} -n {g} -d 0,{p} -r {config.repeat}{t}",
+                                         config.timeout)
         runs = None
         if config.sustained:
-            _, sus = self._llama_bench(runner, model, f"-p 0 -n {config.gen_len} -r {config.sustained}{t}",
+            _, sus = self._llama_bench(runner, model, f"-p 0 -n {g} -d {p} -r {config.sustained}{t}",
                                        config.timeout)
             runs = next((r.get("samples_ts") for r in sus if r.get("n_gen")), None)
-        pp = next((r for r in records if r.get("n_prompt") and not r.get("n_gen")), {})
-        tg = next((r for r in records if r.get("n_gen") and not r.get("n_prompt")), {})
+        pp = next((r for r in records if r.get("n_prompt") and not r.get("n_gen") and not r.get("n_depth")), {})
+        tg = next((r for r in records if r.get("n_gen") and not r.get("n_prompt") and r.get("n_depth") == p), {})
         first = records[0]
-        notes = ["load_s and TTFT: llama-bench times prefill (pp) and decode (tg) apart, not the load or the "
-                 f"first token; llama.cpp {first.get('build_commit', '?')}"]
+        notes = [f"llama.cpp's llama-bench ({first.get('build_commit', '?')}): prefill at depth 0, decode at depth "
+                 f"{p} (-d); load_s and TTFT: it times prefill and decode apart, not the load or the first token"]
         if self.shell.exec_prefix:
             notes.append("emulated: qemu-user on this machine, not the device's speed; RSS includes the emulator")
-        return {"runtime": "llama-bench", "pp_tps_mean": pp.get("avg_ts"), "pp_tps_std": pp.get("stddev_ts"), "tg_tps_mean": tg.get("avg_ts"),
-                "tg_tps_std": tg.get("stddev_ts"), "peak_rss_bytes": hwm, "tg_tps_runs": runs,
-                "threads": first.get("n_threads"),
-                "cpu_info": first.get("cpu_info"), "notes": "; ".join(notes)}
+        return {"runtime": "llama-bench", "pp_tps_mean": pp.get("avg_ts"), "pp_tps_std": pp.get("stddev_ts"),
+                "tg_tps_mean": tg.get("avg_ts"), "tg_tps_std": tg.get("stddev_ts"), "peak_rss_bytes": hwm,
+                "tg_tps_runs": runs, "threads": first.get("n_threads"), "cpu_info": first.get("cpu_info"),
+                "notes": "; ".join(notes)}
 
 
 class _RowFailed(Exception):

@@ -58,7 +58,7 @@ def test_ssh_rows_are_llama_bench_figures_with_the_devices_facts(sshd, artifacts
         # llama-bench's own field names, filled alike
         assert (r["n_prompt"], r["n_gen"], r["n_threads"], r["model_size"]) == (64, 64, r["threads"], size)
         assert r["avg_ts"] == r["tg_tps_mean"] and r["cpu_info"] and r["test_time"]
-        assert r["load_s"] is None and r["ttft_ms_mean"] is None and "not the load or the first token" in r["notes"]
+        assert r["load_s"] is None and r["ttft_ms_mean"] is None and "not the load or the first token" in r["notes"] and "decode at depth 64" in r["notes"]
     pushed = sorted(p.relative_to(tmp_path / "device").as_posix() for p in (tmp_path / "device").rglob("*")
                     if p.is_file())
     assert sorted(Path(p).name for p in pushed) == sorted(["model.gguf", f"llama-bench-{HOST_ARCH}"])
