@@ -16,6 +16,7 @@ docs/results.md):
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
@@ -39,6 +40,8 @@ def main() -> None:
     p.add_argument("--root", default=str(ROOT / "build" / "arm64-root"), help="the arm64 root (make tvm-aarch64)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench-devices"))
     p.add_argument("--docs", default=str(ROOT / "docs"))
+    p.add_argument("--only", default="", help="rerun only the devices whose label contains this (local, browser, "
+                                              "ssh, qemu, rpc); the others' rows come from OUT/rows.json")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from edgelm.app.browser import Browser, bench_in_browser, browser_missing
@@ -57,29 +60,40 @@ def main() -> None:
         export(model=str(QUANTIZED), target="tvm", quant="gptq-int4-g32", arch="aarch64", out=str(tvm_arm), force=True)
     threads = tuple(int(t) for t in a.threads.split(","))
     common = dict(prompt_len=a.prompt_len, gen_len=a.gen_len, repeat=a.repeat, threads=threads, progress=False)
-    runs: list[tuple[str, list[dict]]] = []
+    kept = Path(a.out) / "rows.json"  # each device's rows, so that --only reruns one and the section keeps the rest
+    runs: dict[str, list[dict]] = json.loads(kept.read_text()) if a.only and kept.is_file() else {}
     t0 = time.perf_counter()
 
+    def want(label: str) -> bool:
+        return not a.only or a.only in label
+
     def add(label: str, res) -> None:
-        runs.append((label, res.rows))
+        runs[label] = res.rows
+        kept.write_text(json.dumps(runs, indent=1))
         logging.info("%s\n%s", label, res.table())
 
-    add("local", bench(models=(str(GGUF), str(ONNX), str(TVM)), sustained=a.sustained, **common))
-    with Browser() as browser:
-        for rate in (1, 4):
-            add(f"browser, Pixel 7 emulation, CPU throttling {rate}x",
-                bench_in_browser(browser, rate, models=(str(GGUF), str(ONNX)), sustained=a.sustained, **common))
-    with tempfile.TemporaryDirectory(prefix="edgelm-bench-devices-") as tmp, LoopbackSshd(Path(tmp) / "sshd") as d:
-        add("ssh://127.0.0.1 (this machine through sshd)",
-            bench(models=(str(GGUF), str(TVM)), device=d.spec, ssh_config=d.config, remote_dir=str(Path(tmp) / "dev"),
-                  device_python=sys.executable, sustained=a.sustained, **common))
+    if want("local"):
+        add("local", bench(models=(str(GGUF), str(ONNX), str(TVM)), sustained=a.sustained, **common))
+    if want("browser"):
+        with Browser() as browser:
+            for rate in (1, 4):
+                add(f"browser, Pixel 7 emulation, CPU throttling {rate}x",
+                    bench_in_browser(browser, rate, models=(str(GGUF), str(ONNX)), sustained=a.sustained, **common))
+    if want("ssh"):
+        with tempfile.TemporaryDirectory(prefix="edgelm-bench-devices-") as tmp, \
+                LoopbackSshd(Path(tmp) / "sshd") as d:
+            add("ssh://127.0.0.1 (this machine through sshd)",
+                bench(models=(str(GGUF), str(TVM)), device=d.spec, ssh_config=d.config,
+                      remote_dir=str(Path(tmp) / "dev"), device_python=sys.executable, sustained=a.sustained, **common))
     emulated = {**common, "repeat": 1, "gen_len": min(a.gen_len, 16)}  # tens of times slower: one short run
-    add("qemu-aarch64 (emulation)", bench(models=(str(GGUF), str(tvm_arm)), device="qemu-aarch64",
-                                          qemu_root=a.root, **emulated))
-    with LoopbackRpc.qemu_aarch64(a.root) as rpc:
-        add("rpc://127.0.0.1 (a TVM RPC server under qemu-aarch64: emulation)",
-            bench(models=(str(tvm_arm),), device=rpc.spec, **emulated))
-    _write(a, runs, time.perf_counter() - t0)
+    if want("qemu"):
+        add("qemu-aarch64 (emulation)", bench(models=(str(GGUF), str(tvm_arm)), device="qemu-aarch64",
+                                              qemu_root=a.root, **emulated))
+    if want("rpc"):
+        with LoopbackRpc.qemu_aarch64(a.root) as rpc:
+            add("rpc://127.0.0.1 (a TVM RPC server under qemu-aarch64: emulation)",
+                bench(models=(str(tvm_arm),), device=rpc.spec, **emulated))
+    _write(a, list(runs.items()), time.perf_counter() - t0)
 
 
 def _write(a, runs: list[tuple[str, list[dict]]], wall: float) -> None:

@@ -56,11 +56,12 @@ class Session:
         else:
             self.dev, module = tvm.cpu(), tvm.runtime.load_module(str(library))
         self.vm = relax.VirtualMachine(module, self.dev)
-        self.params = [tvm.runtime.tensor(np.ascontiguousarray(arrays[k]), self.dev) for k in cfg["params"]]
         self._item = None
-        if remote is not None:  # one Array object on the device, as the shapes below
-            self.params = remote.get_function("ffi.Array")(*self.params)
+        if remote is not None:
+            self.params = _remote_params(remote, cfg["params"], arrays)
             self._item = remote.get_function("ffi.ArrayGetItem")
+        else:
+            self.params = [tvm.runtime.tensor(np.ascontiguousarray(arrays[k]), self.dev) for k in cfg["params"]]
         self.chunk = int(cfg["decoder"]["prefill_chunk"])  # the most tokens one prefill call takes
         # shapes are built where the VM runs: an RPC call cannot carry a local Shape object, only a remote one
         S = self._S = (lambda dims: remote.get_function("ffi.Shape")(*dims)) if remote is not None \
@@ -111,6 +112,25 @@ class Session:
 
     def close(self) -> None:
         self.kv = self.vm = self.params = None
+
+
+def _remote_params(remote, names: list, arrays: dict):
+    """The params as an Array owned by the device, as MLC loads them: written here as TVM's tensor cache (raw),
+    uploaded, loaded there, and gathered there by name. (Tensors sent as RPC arguments arrive as views whose
+    shapes live only as long as the call: an Array made of them on the device reads garbage shapes later.)"""
+    import tempfile
+
+    import numpy as np
+    from tvm.contrib import tvmjs
+
+    with tempfile.TemporaryDirectory(prefix="edgelm-rpc-params-") as tmp:
+        tvmjs.dump_tensor_cache({k: np.ascontiguousarray(arrays[k]) for k in names}, tmp, encode_format="raw",
+                                show_progress=False)
+        for f in sorted(Path(tmp).iterdir()):
+            remote.upload(str(f), target=f.name)  # the session's own folder (a subfolder is not made there)
+    where = remote.get_function("tvm.rpc.server.workpath")("")
+    remote.get_function("vm.builtin.tensor_cache.load")(where, 1, 0)  # kDLCPU, device 0
+    return remote.get_function("vm.builtin.param_array_from_cache_by_name_unpacked")(*names)
 
 
 def greedy(folder: str | Path, prompt: list[int], n: int, threads: int = 1) -> list[int]:
