@@ -10,6 +10,7 @@ Beyond loopback (a phone on the LAN: ``--host 0.0.0.0``) the page's requests nee
 """
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import tempfile
@@ -26,6 +27,7 @@ from edgelm.registry import DEVICES
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8765
+MAX_POST_BYTES = 1 << 20  # a page's facts or one row: far less
 PROMPT_CHARS = 16384  # of the split's text: enough for any --prompt-len the page's tokenizer cuts it to
 ROW_KEYS = ("model", "threads", "load_s", "page_memory_bytes", "notes", "error", "test_time")  # what a page posts
 TIMINGS = ("prefill_s", "ttft_s", "decode_s", "sustained_decode_s")  # per run, seconds
@@ -116,6 +118,7 @@ class BrowserDevice(BenchDevice):
         from starlette.routing import Route
 
         from edgelm.coop.api import has_key
+        from edgelm.coop.httpsafe import Refusal, read_body
 
         s = self.session
 
@@ -140,7 +143,9 @@ class BrowserDevice(BenchDevice):
                 return bad
             what = req.path_params["what"]
             try:
-                body = await req.json()
+                body = json.loads(await read_body(req, MAX_POST_BYTES))
+            except Refusal as e:
+                return JSONResponse({"error": e.message}, e.status)
             except ValueError:
                 return JSONResponse({"error": "the body is not JSON"}, 400)
             bid = body.get("browser") if isinstance(body, dict) else None
@@ -150,6 +155,8 @@ class BrowserDevice(BenchDevice):
                 if what == "hello" and isinstance(body.get("facts"), dict):
                     s.facts[bid] = {**{k: v for k, v in body["facts"].items() if isinstance(k, str)}, "id": bid}
                 elif what == "row" and isinstance(body.get("row"), dict):
+                    if body["row"].get("model") not in plan["models"]:
+                        return JSONResponse({"error": "a row of a model this run did not plan"}, 400)
                     try:
                         row = page_row(body["row"], plan["gen_len"])
                     except (KeyError, TypeError, ValueError, ZeroDivisionError):

@@ -59,3 +59,30 @@ def test_browser_refusals(artifacts, tmp_path, monkeypatch):
     with pytest.raises(EdgelmError, match="write browser or browser:PORT"):
         bench(models=(str(artifacts["llamacpp"]),), device="browser:x", json=str(out), progress=False)
     assert not out.exists()
+
+
+def test_the_bench_server_takes_only_planned_rows_with_the_key():
+    """What a page may post: with the key, from a browser it planned, rows of planned models with their seconds."""
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from edgelm.app.benchpage import BrowserDevice
+    from edgelm.bench.config import BenchConfig
+
+    dev = BrowserDevice(BenchConfig(models=("m",), device="browser", gen_len=9), 1, "sekrit")
+    plan = {"models": ["m"], "gen_len": 9}
+    c = TestClient(Starlette(routes=dev._routes(plan)))
+    key = {"authorization": "Bearer sekrit"}
+    assert c.get("/edgelm-bench/plan").status_code == 401
+    bid = c.get("/edgelm-bench/plan", headers=key).json()["browser"]
+    assert c.get("/edgelm-bench/plan", headers=key).status_code == 409  # --browsers 1: one only
+    timings = {"n_prompt": 4, "prefill_s": [0.5], "ttft_s": [0.6], "decode_s": [2.0], "sustained_decode_s": []}
+    row = {"model": "m", "threads": 2, "load_s": 1.0, "timings": timings}
+    assert c.post("/edgelm-bench/row", json={"browser": "nobody", "row": row}, headers=key).status_code == 400
+    assert c.post("/edgelm-bench/row", json={"browser": bid, "row": {**row, "model": "x"}}, headers=key).status_code == 400
+    assert c.post("/edgelm-bench/row", json={"browser": bid, "row": {**row, "timings": {}}}, headers=key).status_code == 400
+    assert c.post("/edgelm-bench/row", content=b"x" * (2 << 20), headers=key).status_code == 413
+    got = c.post("/edgelm-bench/row", json={"browser": bid, "row": row}, headers=key).json()
+    assert (got["pp_tps_mean"], got["tg_tps_mean"], got["ttft_ms_mean"]) == (8.0, 4.0, 600.0)  # edgelm's arithmetic
+    assert dev.session.rows[bid] == [got]
+    dev.close()
