@@ -21,8 +21,8 @@ def test_builtins_are_imported_on_first_lookup_only():
 
     code = """
 import sys
-from edgelm.registry import ARCHS, KD_LOSSES, QUANTS, ROUTERS, RUNTIMES, STUDENT_ZOO, TARGETS, TEACHERS
-regs = (ARCHS, KD_LOSSES, QUANTS, ROUTERS, RUNTIMES, STUDENT_ZOO, TARGETS, TEACHERS)
+from edgelm.registry import ARCHS, DEVICES, KD_LOSSES, QUANTS, ROUTERS, RUNTIMES, STUDENT_ZOO, TARGETS, TEACHERS
+regs = (ARCHS, DEVICES, KD_LOSSES, QUANTS, ROUTERS, RUNTIMES, STUDENT_ZOO, TARGETS, TEACHERS)
 mods = [m for r in regs for m in r.builtins]
 assert mods and not [m for m in mods if m in sys.modules], [m for m in mods if m in sys.modules]
 KD_LOSSES.get("jsd")
@@ -61,9 +61,9 @@ def test_plugins_register_the_same_way_and_names_are_written_once():
 
 def test_builtins_register_under_their_own_names():
     """No registry entry is filed under a name other than its own ``name`` (where it has one)."""
-    from edgelm.registry import ARCHS, QUANTS, ROUTERS, RUNTIMES, TARGETS
+    from edgelm.registry import ARCHS, DEVICES, QUANTS, ROUTERS, RUNTIMES, TARGETS
 
-    for reg in (ARCHS, QUANTS, ROUTERS, RUNTIMES, TARGETS):
+    for reg in (ARCHS, DEVICES, QUANTS, ROUTERS, RUNTIMES, TARGETS):
         for key, obj in reg.items():
             assert obj.name == key, (reg.kind, key)
 
