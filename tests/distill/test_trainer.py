@@ -380,7 +380,8 @@ def test_a_time_budget_sizes_the_steps_from_the_measured_speed(tiny_teacher, tin
     tokens_per_step = 4 * 64
     assert b["step_s"] == pytest.approx(statistics.median(tokens_per_step / r["tok_s"] for r in train[1:SIZE_STEPS]),
                                         rel=1e-3)
-    assert b["steps"] == SIZE_STEPS + max(0, math.floor((0.05 * 60 - b["elapsed_s"]) / b["step_s"]))
+    # the trainer sized with the exact seconds; the manifest keeps them rounded, which can move the floor by one
+    assert abs(b["steps"] - SIZE_STEPS - max(0, math.floor((0.05 * 60 - b["elapsed_s"]) / b["step_s"]))) <= 1
     # a resume from a checkpoint after the sizing trains to the same step count without measuring again
     cut = tmp_path / "cut"
     shutil.copytree(res.run_dir, cut)
