@@ -55,14 +55,6 @@ def runner_binary(arch: str) -> Path | None:
     return None
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class Shell:
     """Runs sh scripts on the device; ``exec_prefix`` goes before the runner (qemu-user's, when emulated)."""
 
@@ -243,9 +235,11 @@ class ShellDevice(BenchDevice):
 
     def _key(self, files: list[Path]) -> str:
         """The cache folder of files that belong together: named by their contents."""
+        from edgelm.fsutil import sha256_file
+
         h = hashlib.sha256()
         for f in files:
-            h.update(sha256_of(f).encode())
+            h.update(sha256_file(f).encode())  # cached by the file's identity: a rerun does not read it again
         return h.hexdigest()[:16]
 
     def push(self, groups: list[list[Path]]) -> dict[Path, str]:
