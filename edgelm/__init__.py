@@ -19,6 +19,8 @@ _LAZY = {
     "EdgelmError": "edgelm.errors",
     "qat": "edgelm.qat.api",
     "QatConfig": "edgelm.qat.config",
+    "finetune": "edgelm.finetune.api",
+    "FinetuneConfig": "edgelm.finetune.config",
     "quantize": "edgelm.quant.api",
     "QuantizeResult": "edgelm.quant.api",
     "export": "edgelm.artifact.api",

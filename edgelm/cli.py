@@ -107,6 +107,22 @@ def cmd_qat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from edgelm.finetune.api import finetune
+    from edgelm.finetune.config import FinetuneConfig
+
+    res = finetune(_from_args(FinetuneConfig, args))
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    f = res.manifest.get("finetune") or {}
+    what = "model" if args.full else "adapter"
+    print(f"{what}: {res.student_dir}")
+    print(f"val perplexity on the new domain: {f.get('val_ppl_before', float('nan')):.3f} -> {res.val_student.ppl:.3f} "
+          f"({res.tokens_seen:,} tokens, {res.steps} steps"
+          + (f", {f['trainable_params']:,} trainable parameters)" if f else ")"))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from edgelm.distill.api import evaluate
 
@@ -387,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("model", help="the float model: HF folder, built-in name or hub id")
     add_dataclass_args(qa, QatConfig, skip=("model", *STUDENT_FLAGS))
     qa.set_defaults(func=cmd_qat)
+
+    from edgelm.finetune.config import STUDENT_FLAGS as FT_FLAGS, FinetuneConfig
+
+    ft = sub.add_parser("finetune", help="adapt a model to your own data: a LoRA adapter (PEFT), or --full")
+    ft.add_argument("model", help="HF folder, built-in name, hub id, or an `edgelm quantize`/`qat` folder")
+    add_dataclass_args(ft, FinetuneConfig, skip=("model", *FT_FLAGS))
+    ft.set_defaults(func=cmd_finetune)
 
     e = sub.add_parser("eval", help="perplexity and top-1 accuracy of a model on a corpus split")
     e.add_argument("model", help="HF folder, .gguf, built-in name or hub id")

@@ -1,7 +1,8 @@
 """The package reads as the pipeline: every import points down it, never up.
 
 Layers, bottom to top (a module may import its own layer and the ones below):
-    core (errors, registry, fsutil, manifest, metrics, report) → data → models → distill → quant → qat → converters →
+    core (errors, registry, fsutil, manifest, metrics, report) → data → models → distill → quant → qat → finetune →
+    converters →
     artifact → runtimes → bench | coop → app → demo → cli
 Upward dependencies that are real (the export check runs the artifact in its runtime) go through a registry by name
 (``TARGET.runtime`` → ``RUNTIMES``), not through an import.
@@ -24,6 +25,7 @@ LAYERS = [
     ("distill", ["edgelm.distill"]),
     ("quant", ["edgelm.quant"]),
     ("qat", ["edgelm.qat"]),
+    ("finetune", ["edgelm.finetune"]),
     ("converters", ["edgelm.converters"]),
     ("artifact", ["edgelm.artifact"]),
     ("runtimes", ["edgelm.runtimes"]),

@@ -290,6 +290,7 @@ class _Trainer:
         self.stream_state: dict[str, Any] | None = None  # the training stream's state after the last whole step
         self.tcache = self._teacher_cache()
         self.teacher_val: LMScore | None = None
+        self.val_start: LMScore | None = None  # the student's val score before its first step
         if state is not None:
             self._restore(state)
         self.kd_fn = KD_LOSSES.get(cfg.loss)
@@ -388,7 +389,7 @@ class _Trainer:
         def skip(name: str, p: torch.nn.Parameter) -> bool:
             return p.ndim < 2 or (self.mode is not None and self.mode.no_decay(name))
 
-        named = list(self.student.named_parameters())
+        named = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]  # LoRA: the adapters only
         decay = [p for n, p in named if not skip(n, p)]
         no_decay = [p for n, p in named if skip(n, p)]
         opt = torch.optim.AdamW(
@@ -412,6 +413,7 @@ class _Trainer:
             self.sized, self.total_steps = state["sized"], state["sized"]["steps"]
         self.stream_state = _numpy(state.get("stream"))
         self.teacher_val = LMScore(**state["teacher_val"])
+        self.val_start = LMScore(**state["val_start"]) if state.get("val_start") else None
 
     def _stream(self, state: dict[str, Any] | None):
         """The training sequences, as a cursor with ``state()``: every process reads the same global order and takes
@@ -460,7 +462,9 @@ class _Trainer:
                 "seqs_done": self.seqs_done, "rng": torch.get_rng_state(), "config": self.cfg.as_dict(),
                 "stream": _tensors(self.stream_state),
                 "student_config": self.student.config.to_dict(), "build_info": self.build_info,
-                "teacher_val": self.teacher_val.as_dict(), "split_stats": self.data.counts, "sized": self.sized,
+                "teacher_val": self.teacher_val.as_dict(),
+                "val_start": self.val_start.as_dict() if self.val_start else None, "split_stats": self.data.counts,
+                "sized": self.sized,
             }, tmp / "state.pt")
         if self.tcache is not None:
             self.tcache.flush()
@@ -540,7 +544,7 @@ class _Trainer:
             self.teacher_val = score_lm(self.data.teacher, self.data.val, batch_size=cfg.batch_size, device=self.device)
             tv = self.teacher_val
             self.metrics.write(event="teacher", step=0, val_nll=tv.nll, val_ppl=tv.ppl, val_top1=tv.top1)
-            self.evaluate()
+            self.val_start = self.evaluate()
         if self.bf16:
             self.data.teacher.to(torch.bfloat16)  # after its fp32 val score; only ever run forward
         stream = self._stream(self.stream_state)
@@ -649,6 +653,7 @@ class _Trainer:
                                    "teacher": cfg.chat_teacher_url or "local"},
                           "wall_s_this_process": round(wall, 1), "config": cfg.as_dict()},
                 val={"student": val_student.as_dict(), "teacher": self.teacher_val.as_dict(),
+                     "start": self.val_start.as_dict() if self.val_start else None,
                      "seqs": len(data.val), "seq_len": cfg.seq_len},
             )
             with atomic_dir(student_dir, overwrite=True) as tmp:
