@@ -589,3 +589,43 @@ def llamacpp_quantize_tool(src_gguf: Path, dst: Path, gguf_type: str, *, imatrix
         raise EdgelmError("llama-quantize did not report loading the importance matrix "
                           f"(log: {keep_log(log_path, 'llama-quantize')})")
     return int(found.group(1))
+
+
+def write_gguf_lora(adapter: "Adapter", cfg: dict[str, Any], path: Path, *, float_type: str = "F16") -> dict[str, Any]:
+    """A LoRA adapter as llama.cpp reads one (its convert_lora_to_gguf's layout): ``general.type`` adapter,
+    ``adapter.type`` lora and ``adapter.lora.alpha``; per adapted linear ``<gguf name>.lora_a`` [r, in] and
+    ``.lora_b`` [out, r], with B's rows in the arch's RoPE order as the base's q/k rows are. llama.cpp scales the
+    update by alpha / r, so the file's alpha is the adapter's scaling times r (rsLoRA included)."""
+    import gguf
+    import numpy as np
+
+    from edgelm.models.archs import get_arch
+
+    arch = get_arch(cfg.get("model_type"), str(adapter.folder))
+    names_of = NameMap(arch, int(cfg["num_hidden_layers"]))
+    n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    dtype = {"F32": np.float32, "F16": np.float16}[float_type]
+    writer = gguf.GGUFWriter(str(path), names_of.gguf_arch_name)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    scalings = {p.scaling for p in adapter.pairs}
+    if len(scalings) != 1:
+        raise EdgelmError(f"{adapter.folder} scales its modules differently (rank or alpha patterns); llama.cpp "
+                          "takes one alpha per adapter: merge it instead (--merge)")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(scalings.pop() * adapter.rank))
+    tensors = {}
+    for p in adapter.pairs:
+        gname = names_of(f"{p.module}.weight")
+        if gname is None:
+            raise EdgelmError(f"adapter {adapter.folder} adapts {p.module}, which has no tensor in llama.cpp's "
+                              f"{names_of.gguf_arch_name} graph; merge it instead (--merge)")
+        b = arch.permute_rows(p.b.float().numpy(), gname, n_head, n_kv)  # [out, r]
+        tensors[gname + ".lora_a"] = p.a.float().numpy().astype(dtype)  # [r, in]
+        tensors[gname + ".lora_b"] = np.ascontiguousarray(b).astype(dtype)
+    for name, a in tensors.items():
+        writer.add_tensor(name, a)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"tensors": len(tensors), "alpha": float(adapter.pairs[0].scaling * adapter.rank), "type": float_type}

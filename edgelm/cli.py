@@ -181,6 +181,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     res = export(_from_args(ExportConfig, args))
     m = res.manifest
+    if res.preset == "adapter":  # a LoRA adapter for --base's runtime
+        par = m.get("parity", {})
+        print(f"exported: {res.out} ({res.target} LoRA adapter, {m['total_bytes'] / 2**20:.2f} MiB, "
+              f"{100 * (m['share_of_base_bytes'] or 0):.1f}% of the base's bytes)")
+        print("check: skipped (--no-check)" if par.get("skipped") else
+              f"check: passed; KLD from PyTorch's base + adapter {par['kld']:.5f} (the base's own {par['base_kld']:.5f}"
+              f"; the adapter moves PyTorch by {par['adapter_effect_kld']:.4f}), greedy identical "
+              f"{par['greedy_identical']}/{par['greedy_prompts']}")
+        return 0
     print(f"exported: {res.out} ({res.target}, {res.preset}, {m['total_bytes'] / 2**20:.1f} MiB)")
     if m.get("plan"):
         print(f"types: {m['plan']['summary']}")

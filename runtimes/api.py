@@ -2,6 +2,7 @@
 manifest; ``open_artifact`` does the same for exported artifacts only."""
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -49,11 +50,13 @@ def _looks_like_hub_id(s: str) -> bool:
 
 
 def load(path: str | os.PathLike, *, runtime: str | None = None, threads: int | None = None,
-         context: int | None = None, keep_cache: bool = False):
+         context: int | None = None, keep_cache: bool = False, adapters: dict[str, str | os.PathLike] | None = None):
     """Open ``path`` (artifact folder, HF folder, .gguf, built-in name or hub id) with its runtime.
 
     ``runtime`` forces a backend (edgelm list runtimes); ``threads`` None picks per backend and logs the choice.
     ``keep_cache``: a prompt that starts with the last call's tokens prefills only the rest (a chat's next turn).
+    ``adapters``: name -> adapter artifact (`edgelm export ADAPTER --base path`), loaded over the base unmerged;
+    ``set_adapter(name)`` picks the one the next calls run with (none at first). Each is checked to be for this base.
     """
     from edgelm.registry import RUNTIMES
 
@@ -66,9 +69,32 @@ def load(path: str | os.PathLike, *, runtime: str | None = None, threads: int | 
     target = Path(path)
     if fmt == "gguf" and name == "torch" and target.is_dir():
         target = target / "model.gguf"
-    rt = cls(target if target.exists() else str(path), threads=threads, context=context)
+    kw = {}
+    if adapters:
+        if "adapters" not in inspect.signature(cls.__init__).parameters:
+            raise EdgelmError(f"the {name} runtime applies no LoRA adapters at run time; open the base with "
+                              "llamacpp (GGUF) or onnx, or merge the adapter (edgelm export ADAPTER --merge)")
+        kw["adapters"] = {n: _adapter_for(Path(a), fmt, target) for n, a in adapters.items()}
+    rt = cls(target if target.exists() else str(path), threads=threads, context=context, **kw)
     rt.keep_cache = keep_cache
     return rt
+
+
+def _adapter_for(adapter: Path, fmt: str, base: Path) -> Path:
+    """An adapter artifact's folder, refused in one line unless it was exported for the base file ``base`` opens."""
+    from edgelm.fsutil import sha256_file
+    from edgelm.manifest import read_manifest
+
+    m = read_manifest(adapter) if adapter.is_dir() else None
+    if not m or m.get("kind") != f"adapter-{fmt}":
+        raise EdgelmError(f"{adapter} is not a {fmt} adapter artifact; make one with edgelm export ADAPTER --base "
+                          f"{base}")
+    file = base / m["base"]["file"] if base.is_dir() else base
+    want = m["base"]["sha256"]
+    if not file.is_file() or sha256_file(file) != want:
+        raise EdgelmError(f"adapter {adapter} was exported for the base {m['base']['artifact']} (sha256 "
+                          f"{str(want)[:12]}), not for {base}; export it against this base, or load its own")
+    return adapter
 
 
 def open_artifact(folder: str | os.PathLike, *, threads: int | None = None, runtime: str | None = None):

@@ -133,6 +133,8 @@ class Runtime:
         self.keep_cache = False  # reuse the cache of the last call for a prompt that starts the same way
         self._held: list[int] = []  # the tokens in the KV cache, in order, as far as keep_cache may trust it
         self.last_cached = 0  # prompt tokens the last call found in the cache
+        self.adapters: dict[str, Path] = {}  # LoRA adapters loaded over the base, by name (backends that apply them)
+        self.adapter: str | None = None  # the one applied now (None: the base alone)
 
     # --- backend hooks -------------------------------------------------------------------------------------------
     def _prefill(self, ids: Sequence[int], max_new_tokens: int = 0) -> "np.ndarray":
@@ -159,6 +161,22 @@ class Runtime:
 
     def _close(self) -> None:
         pass
+
+    def _set_adapter(self, name: str | None) -> None:
+        """Apply the loaded adapter ``name`` (None: none) to the next calls."""
+        raise EdgelmError(f"the {self.name} runtime applies no LoRA adapters at run time; merge the adapter into a "
+                          "new artifact instead (edgelm export ADAPTER --merge)")
+
+    def set_adapter(self, name: str | None) -> None:
+        """Switch the LoRA adapter the next calls run with (None: the base alone). The base stays loaded; the KV
+        cache was made by the other weights, so the next prompt is prefilled afresh."""
+        if name == self.adapter:
+            return
+        if name is not None and name not in self.adapters:
+            raise EdgelmError(f"no adapter named {name!r} is loaded; loaded: {', '.join(self.adapters) or 'none'}")
+        self._set_adapter(name)
+        self.adapter = name
+        self._held = []
 
     def drop_cache(self) -> None:
         """Forget what the KV cache holds (a reply stopped mid-step): the next call prefills afresh."""
@@ -380,7 +398,8 @@ class Runtime:
 
     def info(self) -> dict[str, Any]:
         return {"runtime": self.name, "path": str(self.path), "threads": self.threads, "context": self.context,
-                "model_bytes": self.model_bytes}
+                "model_bytes": self.model_bytes, **({"adapters": list(self.adapters), "adapter": self.adapter}
+                                                    if self.adapters else {})}
 
     def close(self) -> None:
         self._close()

@@ -26,7 +26,8 @@ class LlamaCppRuntime(Runtime):
     extra = "llamacpp"
     formats = ("gguf",)
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, context: int | None = None) -> None:
+    def __init__(self, path: str | Path, *, threads: int | None = None, context: int | None = None,
+                 adapters: dict[str, Path] | None = None) -> None:
         require_llama_cpp()
         from llama_cpp import Llama
 
@@ -52,6 +53,33 @@ class LlamaCppRuntime(Runtime):
         self.file = file
         self.n_vocab = self.llm.n_vocab()
         self.n_past = 0
+        self._lora: dict[str, int] = {}  # adapter name -> llama.cpp's llama_adapter_lora pointer
+        for name, p in (adapters or {}).items():
+            self._load_adapter(name, Path(p))
+
+    def _load_adapter(self, name: str, path: Path) -> None:
+        """Load a GGUF LoRA adapter (an adapter artifact's adapter.gguf) over the base, not applied yet."""
+        import llama_cpp
+
+        file = path / "adapter.gguf" if path.is_dir() else path
+        ptr = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(file).encode("utf-8"))
+        if not ptr:
+            raise EdgelmError(f"llama.cpp could not load the LoRA adapter {file} over {self.file} (its tensors do "
+                              "not fit this base); export the adapter against this base")
+        self._lora[name] = ptr
+        self.adapters[name] = file
+
+    def _set_adapter(self, name: str | None) -> None:
+        import ctypes
+
+        import llama_cpp
+
+        n = 0 if name is None else 1
+        arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora[name] if name else None)
+        scales = (ctypes.c_float * 1)(1.0)
+        if llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, arr, n, scales):
+            raise EdgelmError(f"llama.cpp could not apply the adapter {name!r}")
+        self._reset()
 
     def _native_tokenizer(self) -> TextTokenizer:
         """llama.cpp's own vocab, for a bare .gguf. Pieces are read with a buffer that fits any token."""
@@ -149,6 +177,7 @@ class LlamaCppRuntime(Runtime):
         """Free llama.cpp's model and context now (its __del__ can fail at interpreter exit)."""
         llm = getattr(self, "llm", None)
         if llm is not None:
+            self._lora = {}  # llama.cpp frees the adapters with their model
             llm.close()
             self.llm = None
 

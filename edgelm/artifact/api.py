@@ -50,6 +50,9 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
     c = replace(config, **kwargs) if config is not None else ExportConfig(**kwargs)
     if not c.model or not c.out:
         raise EdgelmError("export needs a model and --out")
+    adapter = _adapter_route(c)
+    if adapter is not None:
+        return adapter
     target = TARGETS.get(c.target)
     preset = c.preset()
     if c.target not in preset.targets:
@@ -82,16 +85,19 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
                                   f"{prior['preset']['name']}, or export the fp32 model with --quant {preset.name}")
             src = Path(c.model)
             ref_spec = prior["source"]["spec"]
-            source = {**prior["source"], "quantized_folder": str(Path(c.model).resolve())}
+            source = {**prior["source"], "quantized_folder": str(Path(c.model).resolve()),
+                      "quantized_sha256": resolve(c.model).sha256}  # what an adapter trained on it binds to
             plan = prior.get("plan")
         else:
             if os.path.isdir(c.model):
-                read_manifest(c.model)  # refuses a folder whose files don't match its manifest
+                own = read_manifest(c.model)  # refuses a folder whose files don't match its manifest
             resolved = resolve(c.model)
             if resolved.kind == "hub":
                 resolved = replace(resolved, path=_hub_snapshot(resolved.spec))
             check_arch(resolved.path)
             source = {"spec": resolved.spec, "kind": resolved.kind, "sha256": resolved.sha256}
+            if os.path.isdir(c.model) and own and own.get("merged"):  # a LoRA adapter merged into its base
+                source["merged"] = own["merged"]
             if preset.weight_only:
                 src = work / "quantized"
                 src.mkdir()
@@ -134,6 +140,38 @@ def export(config: ExportConfig | None = None, **kwargs: Any) -> ExportResult:
                                   seconds=round(time.perf_counter() - t0, 2), **({"plan": plan} if plan else {}),
                                   **fields)
     return ExportResult(Path(c.out), c.target, preset.name, manifest)
+
+
+def _adapter_route(c: ExportConfig) -> ExportResult | None:
+    """A LoRA adapter as MODEL: exported for --base's runtime, or merged (--merge); None for a model. --base and
+    --merge mean nothing for a model, and an exported adapter is not merged again."""
+    from edgelm.artifact.adapter import ADAPTER_KIND, export_adapter, export_merged
+    from edgelm.finetune.adapter import is_adapter
+    from edgelm.manifest import read_manifest
+
+    m = read_manifest(c.model) if os.path.isdir(c.model) else None
+    kind = str((m or {}).get("kind", ""))
+    if kind.startswith(ADAPTER_KIND.format(target="")):
+        raise EdgelmError(f"{c.model} is an exported {m['target']} adapter, which {m['runtime']} applies unmerged; "
+                          "--merge and --base take the adapter folder edgelm finetune wrote "
+                          f"({(m.get('adapter') or {}).get('folder')})")
+    if not is_adapter(c.model):
+        if c.base or c.merge:
+            raise EdgelmError(f"--{'base' if c.base else 'merge'} applies to a LoRA adapter folder (edgelm finetune "
+                              f"--lora); {c.model} is a model")
+        return None
+    if c.base and c.merge:
+        raise EdgelmError("--base exports the adapter for a runtime that applies it unmerged; --merge bakes it into "
+                          "a new artifact: pass one of them")
+    if c.merge:
+        return export_merged(c.model, c)
+    if not c.base:
+        raise EdgelmError(f"{c.model} is a LoRA adapter: pass --base ARTIFACT (an exported GGUF or ONNX artifact of "
+                          "its base, whose runtime applies it) or --merge (a new full artifact)")
+    man = export_adapter(c.model, c.base, c.out, force=c.force, check=c.check, threads=c.threads, data=c.data,
+                         text_field=c.text_field, eval_seqs=c.eval_seqs, eval_seqlen=c.eval_seqlen,
+                         prompts=c.prompts, new_tokens=c.new_tokens)
+    return ExportResult(Path(c.out), man["target"], "adapter", man)
 
 
 def _check_disk(model: Path, preset, out: Path) -> None:

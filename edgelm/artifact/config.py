@@ -26,6 +26,8 @@ class ExportConfig(QuantizeConfig):
     arch: str = ""  # tvm: CPU to compile for, x86-64 or aarch64 (default: this machine's; --device aarch64 too)
     tune: int = 0  # tvm: meta-schedule trials (0: a stored database for these shapes if any, else dlight's rules)
     tuning_db: str = ""  # tvm: a tuning database folder to apply (an artifact's tuning/), ignored if for other shapes
+    base: str = ""  # MODEL is a LoRA adapter (edgelm finetune): the base artifact its runtime applies it over
+    merge: bool = False  # MODEL is a LoRA adapter: bake it into its base and export a new full artifact
     max_kld: float | None = None  # the quality gate's KL divergence bound, nats (default: the preset's; random weights)
 
     def __post_init__(self) -> None:

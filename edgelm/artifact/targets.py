@@ -82,12 +82,19 @@ class Target:
         the target has no decoder (the runtime check then stands alone)."""
         return None
 
-    def open(self, folder: Path, *, threads: int = 1, work: Path | None = None):
+    def export_adapter(self, adapter, base: Path, tmp: Path) -> dict[str, Any]:
+        """Write ``adapter`` (edgelm.finetune.adapter.Adapter) as this target's run-time adapter for the base artifact
+        ``base`` into ``tmp``; returns manifest fields. Targets whose runtime can't apply one refuse."""
+        raise EdgelmError(f"{self.name} artifacts can't apply a LoRA adapter at run time; bake it into a new "
+                          f"artifact: edgelm export ADAPTER --merge --target {self.name} --quant PRESET --out DIR")
+
+    def open(self, folder: Path, *, threads: int = 1, work: Path | None = None,
+             adapters: dict[str, Path] | None = None):
         """The artifact in its runtime (edgelm.runtimes), without the manifest check (export calls it on tmp, with
-        its work folder)."""
+        its work folder); ``adapters``: LoRA adapters to load over it, by name."""
         from edgelm.registry import RUNTIMES
 
-        return RUNTIMES.get(self.runtime)(folder, threads=threads)
+        return RUNTIMES.get(self.runtime)(folder, threads=threads, **({"adapters": adapters} if adapters else {}))
 
 
 class GgufTarget(Target):
@@ -154,6 +161,15 @@ class GgufTarget(Target):
         from edgelm.converters.source import read_source
 
         return read_back(folder / self.FILE, read_source(src))
+
+    ADAPTER_FILE = "adapter.gguf"
+
+    def export_adapter(self, adapter, base: Path, tmp: Path) -> dict[str, Any]:
+        """A GGUF LoRA adapter (llama.cpp's --lora format) for the base artifact ``base``."""
+        from edgelm.converters.gguf import write_gguf_lora
+
+        return {"file": self.ADAPTER_FILE, **write_gguf_lora(adapter, adapter.manifest["base_config"],
+                                                             tmp / self.ADAPTER_FILE)}
 
 
 

@@ -98,6 +98,7 @@ class FinetuneMode:
         cfg = self.cfg
         src = resolve(cfg.model)
         base = {"spec": src.spec, "kind": src.kind, "sha256": src.sha256, "path": src.path}
+        base_config = {k: v for k, v in student.config.to_dict().items() if k != "quantization_config"}
         n_all = sum(p.numel() for p in student.parameters())
         training = fields["training"]
         val = fields["val"]
@@ -125,5 +126,5 @@ class FinetuneMode:
         lora = {"method": "lora", "rank": cfg.rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                 "targets": list(cfg.targets), "trainable_params": n_lora, "base_params": n_all - n_lora,
                 "trainable_share": round(n_lora / (n_all - n_lora), 6)}
-        return write_manifest(tmp, "adapter", base=base, finetune={**lora, **run}, **rest)
+        return write_manifest(tmp, "adapter", base=base, base_config=base_config, finetune={**lora, **run}, **rest)
 
