@@ -24,6 +24,8 @@ from edgelm.report import progress
 if TYPE_CHECKING:
     import numpy as np
 
+    from edgelm.finetune.adapter import Adapter
+
     from edgelm.models.archs import Arch
     from edgelm.models.qformat import QLinear
     from edgelm.models.rope import Rope

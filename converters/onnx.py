@@ -18,6 +18,8 @@ from edgelm.errors import EdgelmError
 if TYPE_CHECKING:
     import numpy as np
 
+    from edgelm.finetune.adapter import Adapter
+
     from edgelm.converters.source import SourceWeights
 
 log = logging.getLogger(__name__)
@@ -180,3 +182,95 @@ def read_back(folder: Path, src: "SourceWeights"):
             ql = src.qlinears[x]
             yield x, w[start:start + ql.shape[0]], ql.dequantize().numpy()
             start += ql.shape[0]
+
+
+# LoRA (onnxruntime-genai's builder with ``adapter_path``): each adapted linear gets a MatMul through lora_A, one
+# through lora_B (already times alpha / r), and an Add. edgelm builds the base with zero adapters and makes those
+# weights graph inputs (their zero initializers stay as defaults), so an .onnx_adapter file overrides them per run.
+LORA_NAME = "{module}.lora_{ab}.MatMul.weight"  # the builder's initializer name; A [in, r], B [r, out]
+
+
+def onnx_module(hf_module: str) -> str:
+    """The builder's name of an HF linear: model.layers.0.self_attn.q_proj -> model.layers.0.attn.q_proj."""
+    return hf_module.replace(".self_attn.", ".attn.")
+
+
+def zero_adapter(adapter_folder: Path, out: Path) -> Path:
+    """A copy of a PEFT adapter folder with every weight zero: the builder's LoRA subgraphs, adding nothing."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(adapter_folder / "adapter_config.json", out / "adapter_config.json")
+    tensors = load_file(str(adapter_folder / "adapter_model.safetensors"))
+    save_file({k: torch.zeros_like(v) for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def expose_lora_inputs(model_path: Path) -> int:
+    """Make every LoRA initializer of the graph an input too (an overridable default), in place; returns how many.
+    The weights stay where the builder wrote them (external data untouched)."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    have = {i.name for i in m.graph.input}
+    n = 0
+    for t in m.graph.initializer:
+        if ".lora_A." in t.name or ".lora_B." in t.name:
+            if t.name not in have:
+                m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+                n += 1
+    if n:
+        onnx.save(m, str(model_path))
+    return n
+
+
+def lora_slots(model_path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
+    """The graph's LoRA inputs: name -> (shape, ONNX data type)."""
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    return {i.name: (tuple(inits[i.name].dims), inits[i.name].data_type) for i in m.graph.input
+            if i.name in inits and (".lora_A." in i.name or ".lora_B." in i.name)}
+
+
+def write_onnx_adapter(adapter: "Adapter", model_path: Path, out: Path) -> dict[str, Any]:
+    """``adapter`` as an .onnx_adapter file (onnxruntime's AdapterFormat) for the base graph ``model_path``: every
+    LoRA input of the graph gets a value, the adapter's (A transposed; B transposed and scaled), zero-padded to the
+    slot's rank, or zeros for a slot the adapter does not use. Refuses an adapter the slots can't hold."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import helper
+
+    slots = lora_slots(model_path)
+    if not slots:
+        raise EdgelmError(f"the ONNX base {model_path.parent} has no LoRA inputs; export it with --lora-like "
+                          f"{adapter.folder} so that adapters of that rank and those modules can apply")
+    values: dict[str, np.ndarray] = {}
+    for p in adapter.pairs:
+        mod = onnx_module(p.module)
+        for ab, w in (("A", p.a.float().numpy().T), ("B", (p.b.float() * p.scaling).numpy().T)):  # [in, r], [r, out]
+            name = LORA_NAME.format(module=mod, ab=ab)
+            if name not in slots:
+                raise EdgelmError(f"the ONNX base {model_path.parent} has no LoRA slot for {p.module}; export the "
+                                  f"base with --lora-like {adapter.folder} (its modules and rank)")
+            shape, dtype = slots[name]
+            r_axis = 1 if ab == "A" else 0
+            if w.shape[r_axis] > shape[r_axis] or w.shape[1 - r_axis] != shape[1 - r_axis]:
+                raise EdgelmError(f"{p.module}: the adapter's {ab} is {w.shape}, the base's slot {shape}; the slot's "
+                                  "rank must be at least the adapter's (export the base with --lora-like this adapter)")
+            pad = np.zeros(shape, dtype=helper.tensor_dtype_to_np_dtype(dtype))
+            pad[: w.shape[0], : w.shape[1]] = w
+            values[name] = pad
+    for name, (shape, dtype) in slots.items():
+        values.setdefault(name, np.zeros(shape, dtype=helper.tensor_dtype_to_np_dtype(dtype)))
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in values.items()})
+    fmt.export_adapter(str(out))
+    return {"slots": len(slots), "filled": 2 * len(adapter.pairs)}

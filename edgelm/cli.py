@@ -54,7 +54,9 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls: type, skip: Sequence[str
         elif ann.startswith("tuple"):
             # numbers may be comma-separated too; names and paths may not (a path can hold a comma)
             item: Callable[[str], Any] = _items(int) if ann.startswith("tuple[int") else str
-            p.add_argument(flag, nargs="+", type=item, default=list(default), metavar="X", help=h)
+            # an empty default gathers repeats (--adapter a=P --adapter b=Q); a default list is replaced whole
+            p.add_argument(flag, nargs="+", type=item, default=list(default), metavar="X", help=h,
+                           action="store" if default else "extend")
         else:
             typ: Callable[[str], Any] = int if ann.startswith("int") else float if ann.startswith("float") else str
             shown = "" if default is None or default == "" else f" (default: {default})"  # empty: the help says it
@@ -246,8 +248,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from edgelm.runtimes.chat import ChatSession, repl
 
     cfg = _generation_config(args)
+    from edgelm.coop.api import parse_adapters
+
+    adapters = parse_adapters(tuple(f"{a}={a}" if "=" not in a else a for a in args.adapter))
     with load(args.model, runtime=args.runtime, threads=args.threads, context=args.context,
-              keep_cache=not args.no_cache) as rt:
+              keep_cache=not args.no_cache, adapters=adapters) as rt:
+        if adapters:
+            rt.set_adapter(next(iter(adapters)))
         rt.apply_chat_template([{"role": "user", "content": "hi"}])  # no template: say so before the first turn
         return repl(ChatSession(rt, system=args.system, config=cfg), stats=args.stats)
 
@@ -466,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default="", help="system prompt (also /system TEXT in the chat)")
     c.add_argument("--no-cache", action="store_true", help="prefill the whole conversation every turn (no KV reuse)")
     c.add_argument("--stats", action="store_true", help="after each reply: tokens, cached tokens, TTFT and tok/s")
+    c.add_argument("--adapter", action="append", default=[], metavar="PATH",
+                   help="a LoRA adapter artifact (edgelm export ADAPTER --base MODEL) to chat with, applied unmerged")
     _add_generation_args(c)
     c.set_defaults(func=cmd_chat)
 

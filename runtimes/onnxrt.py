@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from edgelm.errors import EdgelmError, require
 from edgelm.runtimes.base import Runtime, check_threads, default_threads
@@ -28,7 +28,8 @@ class OnnxRuntime(Runtime):
     extra = "onnx"
     formats = ("onnx",)
 
-    def __init__(self, folder: str | Path, *, threads: int | None = None, context: int | None = None) -> None:
+    def __init__(self, folder: str | Path, *, threads: int | None = None, context: int | None = None,
+                 adapters: dict[str, Path] | None = None) -> None:
         check_threads(threads)
         folder = Path(folder)
         cfg_path = folder / "genai_config.json"
@@ -54,6 +55,30 @@ class OnnxRuntime(Runtime):
         self._og_model = None
         self._gen = None
         self.og_model  # load now, so the first generate's TTFT is not the load
+        self._lora: dict[str, Any] = {}  # name -> onnxruntime LoraAdapter (the InferenceSession's logits)
+        self._og_adapters = None  # onnxruntime-genai's Adapters over og_model (generation)
+        for name, p in (adapters or {}).items():
+            self._load_adapter(name, Path(p))
+
+    def _load_adapter(self, name: str, path: Path) -> None:
+        """Load an .onnx_adapter (an adapter artifact's) for both sessions, not applied yet."""
+        ort = require("onnxruntime", "onnx")
+        og = require("onnxruntime_genai", "onnx")
+        file = path / "adapter.onnx_adapter" if path.is_dir() else path
+        try:
+            la = ort.LoraAdapter()
+            la.Load(str(file))
+            if self._og_adapters is None:
+                self._og_adapters = og.Adapters(self.og_model)
+            self._og_adapters.load(str(file), name)
+        except Exception as e:
+            raise EdgelmError(f"onnxruntime could not load the adapter {file} ({str(e).splitlines()[0][:200]}); "
+                              "export it against this base") from None
+        self._lora[name] = la
+        self.adapters[name] = file
+
+    def _set_adapter(self, name: str | None) -> None:
+        self._gen = None  # a generator runs with the adapter it was made with
 
     # --- plain ONNX Runtime session: all-position logits ------------------------------------------------------------
     @property
@@ -63,6 +88,7 @@ class OnnxRuntime(Runtime):
             so = ort.SessionOptions()
             so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
+            so.log_severity_level = 3  # errors only: an adapter-ready base's LoRA inputs warn on every load
             try:
                 self._session = ort.InferenceSession(str(self.path / "model.onnx"), so, providers=["CPUExecutionProvider"])
             except Exception as e:
@@ -87,9 +113,16 @@ class OnnxRuntime(Runtime):
             elif inp.name.startswith("past_key_values"):
                 dtype = np.float16 if "float16" in inp.type else np.float32
                 feeds[inp.name] = np.zeros((1, self.n_kv, 0, self.head_dim), dtype=dtype)  # [B, kv, 0, hd]
+            elif ".lora_A." in inp.name or ".lora_B." in inp.name:
+                pass  # a LoRA weight: its zero default, or the active adapter's
             else:
                 raise EdgelmError(f"{self.path}/model.onnx has an input edgelm does not know: {inp.name}")
-        out = self.session.run(["logits"], feeds)[0]  # [1, T, V]
+        opts = None
+        if self.adapter is not None:
+            ort = require("onnxruntime", "onnx")
+            opts = ort.RunOptions()
+            opts.add_active_adapter(self._lora[self.adapter])
+        out = self.session.run(["logits"], feeds, opts)[0]  # [1, T, V]
         return out[0].astype(np.float32)
 
     # --- onnxruntime-genai: generation ----------------------------------------------------------------------------
@@ -99,7 +132,7 @@ class OnnxRuntime(Runtime):
             og = require("onnxruntime_genai", "onnx")
             cfg = og.Config(str(self.path))
             cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
-                "intra_op_num_threads": self.threads, "inter_op_num_threads": 1}}}}))
+                "intra_op_num_threads": self.threads, "inter_op_num_threads": 1, "log_severity_level": 3}}}}))
             try:
                 self._og_model = og.Model(cfg)
             except Exception as e:
@@ -111,7 +144,10 @@ class OnnxRuntime(Runtime):
         og = require("onnxruntime_genai", "onnx")
         params = og.GeneratorParams(self.og_model)
         params.set_search_options(max_length=max_length, min_length=min_length, do_sample=False)
-        return og.Generator(self.og_model, params)
+        gen = og.Generator(self.og_model, params)
+        if self.adapter is not None:
+            gen.set_active_adapter(self._og_adapters, self.adapter)
+        return gen
 
     def _prefill(self, ids: Sequence[int], max_new_tokens: int = 0) -> "np.ndarray":
         import numpy as np
@@ -175,4 +211,6 @@ class OnnxRuntime(Runtime):
         return list(gen.get_sequence(0))[len(ids):]
 
     def _close(self) -> None:
-        self._gen = self._og_model = self._session = None
+        self._gen = None
+        self._og_adapters = None  # before the model it was made for
+        self._og_model = self._session = None

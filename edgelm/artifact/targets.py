@@ -43,6 +43,10 @@ class Target:
 
     def check_options(self, config: ExportConfig) -> None:
         """Refuse, before any work, options this target can't honour (a missing toolchain, say)."""
+        if config.lora_like and self.name != "onnx":
+            raise EdgelmError(f"--lora-like gives an ONNX base LoRA inputs; {self.name} artifacts "
+                              + ("take GGUF LoRA adapters as they are (drop --lora-like)" if self.name == "gguf"
+                                 else "can't apply adapters at run time (merge them: --merge)"))
 
     def check_model(self, cfg: dict[str, Any], where: str) -> None:
         """Refuse, before any work (a quantization can take minutes), a model this target can't carry, from its
@@ -180,6 +184,14 @@ class OnnxTarget(Target):
     # the builder's own 8-bit lm_head, the embedding float; MatMulNBits (accuracy_level 4) rounds activations to 8 bits
     exact_atol, q8_float = None, ("lm_head",)
 
+    def check_options(self, config: ExportConfig) -> None:
+        super().check_options(config)
+        preset = config.preset()
+        if config.lora_like and preset.method not in ("none", "cast"):
+            raise EdgelmError(f"--lora-like needs a float ONNX base (--quant fp32): onnxruntime-genai's builder puts "
+                              f"LoRA over float linears only, not {preset.name}'s quantized ones; for adapters over a "
+                              "quantized base, export the base to gguf")
+
     def precision(self, preset: QuantPreset) -> str:
         if preset.method == "none":
             return "fp32"
@@ -200,9 +212,28 @@ class OnnxTarget(Target):
         if preset.method == "mixed" and _shared_4bit_head(src):
             # one GPTQ-calibrated 4-bit matrix for the lm_head (MatMulNBits) and the embedding (GatherBlockQuantized)
             precision, extra = "int4", {"shared_embeddings": "true"}
+        lora: dict[str, Any] = {}
+        if config.lora_like:  # the builder's LoRA subgraphs, from a zero copy of the adapter, as graph inputs
+            from edgelm.converters.onnx import expose_lora_inputs, zero_adapter
+            from edgelm.finetune.adapter import read_adapter
+
+            like = read_adapter(config.lora_like)
+            extra = {**(extra or {}), "adapter_path": str(zero_adapter(like.folder, work / "zero-adapter"))}
+            lora = {"rank": like.rank, "modules": len(like.pairs), "like": str(like.folder)}
         notes = build_onnx(src, tmp, precision, work, extra)
+        if lora:
+            lora["inputs"] = expose_lora_inputs(tmp / "model.onnx")
         return {"file": "model.onnx", "builder": "onnxruntime-genai", "precision": precision, "notes": notes,
-                "shared_embeddings": bool(extra), "ops": op_counts(tmp / "model.onnx")}
+                "shared_embeddings": bool((extra or {}).get("shared_embeddings")), "ops": op_counts(tmp / "model.onnx"),
+                **({"lora_slots": lora} if lora else {})}
+
+    ADAPTER_FILE = "adapter.onnx_adapter"
+
+    def export_adapter(self, adapter, base: Path, tmp: Path) -> dict[str, Any]:
+        """An .onnx_adapter (onnxruntime's AdapterFormat) filling the base's LoRA inputs."""
+        from edgelm.converters.onnx import write_onnx_adapter
+
+        return {"file": self.ADAPTER_FILE, **write_onnx_adapter(adapter, base / "model.onnx", tmp / self.ADAPTER_FILE)}
 
     def read_back(self, folder: Path, src: Path):
         from edgelm.converters.onnx import read_back
@@ -226,6 +257,7 @@ class TvmTarget(Target):
         from edgelm.converters.tvm import get_arch
         from edgelm.errors import require
 
+        super().check_options(config)
         require("tvm", "tvm")
         get_arch(config.arch)
         if config.tune < 0:

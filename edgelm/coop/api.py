@@ -37,7 +37,8 @@ def build_runtime(config: ServeConfig | None = None, **kwargs: Any):
         raise EdgelmError(f"--max-queue must be >= 1, got {c.max_queue}")
     with contextlib.ExitStack() as stack:  # closes what was opened if anything below fails
         # keep_cache: a conversation's next request prefills only its new turn
-        device = load(c.device, runtime=c.runtime or None, threads=c.threads, keep_cache=True)
+        device = load(c.device, runtime=c.runtime or None, threads=c.threads, keep_cache=True,
+                      adapters=parse_adapters(c.adapter))
         stack.callback(device.close)
         cloud = None
         if c.cloud_url and router.needs_cloud:
@@ -64,6 +65,19 @@ def build_runtime(config: ServeConfig | None = None, **kwargs: Any):
                                   total_deadline=c.total_deadline, max_queue=c.max_queue)
         stack.pop_all()  # the cooperative runtime owns them now: coop.close()
     return coop, state
+
+
+def parse_adapters(specs: tuple[str, ...]) -> dict[str, str]:
+    """--adapter NAME=PATH ... as {NAME: PATH}; a spec without a name, or a name twice, is refused in one line."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path:
+            raise EdgelmError(f"--adapter {spec!r}: write NAME=PATH (the name a request's model field picks)")
+        if name in out:
+            raise EdgelmError(f"--adapter: the name {name!r} is given twice; give each adapter its own name")
+        out[name.strip()] = path
+    return out
 
 
 def serve(config: ServeConfig | None = None, **kwargs: Any) -> None:

@@ -55,6 +55,7 @@ class Answer:
     completion_tokens: int = 0  # device tokens generated (0 for cloud answers)
     cloud_chars: int = 0  # characters of the text that came from the cloud (all of it, or a cut stream's part)
     finish_reason: str = "stop"
+    adapter: str | None = None  # the LoRA adapter the device ran with (None: the base)
 
     def metadata(self) -> dict[str, Any]:
         d = asdict(self)
@@ -162,21 +163,24 @@ class CooperativeRuntime:
                 self.cloud.close()
 
     def chat(self, messages: list[dict[str, str]], *, max_tokens: int = 128, private: bool = False,
-             stream: bool = False, **sampling: Any) -> Answer | CoopStream:
+             stream: bool = False, adapter: str | None = None, **sampling: Any) -> Answer | CoopStream:
+        """Answer a conversation; ``adapter``: the device's LoRA adapter to run with (None: the base)."""
         prompt = self.device.apply_chat_template(messages)
         text = "\n".join(str(m.get("content", "")) for m in messages)
-        return self._serve("chat", messages, prompt, text, max_tokens, private, stream, sampling)
+        return self._serve("chat", messages, prompt, text, max_tokens, private, stream, sampling, adapter)
 
     def complete(self, prompt: str, *, max_tokens: int = 128, private: bool = False, stream: bool = False,
-                 **sampling: Any) -> Answer | CoopStream:
-        return self._serve("completion", prompt, prompt, prompt, max_tokens, private, stream, sampling)
+                 adapter: str | None = None, **sampling: Any) -> Answer | CoopStream:
+        return self._serve("completion", prompt, prompt, prompt, max_tokens, private, stream, sampling, adapter)
 
     # --- internals -------------------------------------------------------------------------------------------------
-    def _serve(self, kind, request, prompt, text, max_tokens, private, stream, sampling):
+    def _serve(self, kind, request, prompt, text, max_tokens, private, stream, sampling, adapter=None):
         from edgelm.runtimes.sampling import GenerationConfig
 
         GenerationConfig(max_new_tokens=max_tokens).with_options(**sampling)  # validate before queueing
-        it = self._run(kind, request, prompt, text, max_tokens, private, sampling)
+        if adapter is not None and adapter not in self.device.adapters:
+            raise EdgelmError(f"no adapter named {adapter!r} is loaded; loaded: {', '.join(self.device.adapters) or 'none'}")
+        it = self._run(kind, request, prompt, text, max_tokens, private, sampling, adapter)
         if stream:
             return CoopStream(it)
         parts = []
@@ -198,11 +202,12 @@ class CooperativeRuntime:
         with self._queue_lock:
             self._queued -= 1
 
-    def _run(self, kind, request, prompt, text, max_tokens, private, sampling) -> Iterator[str | Answer]:
+    def _run(self, kind, request, prompt, text, max_tokens, private, sampling, adapter=None
+             ) -> Iterator[str | Answer]:
         t0 = time.perf_counter()
         flags = (["marked"] if private else []) + self.privacy.flags(text)
         ans = Answer(text="", routed_to="device", router=self.router.name, score=None, threshold=self.threshold,
-                     private=flags)
+                     private=flags, adapter=adapter)
         ids = self.device.encode(prompt, special=kind != "chat")  # a rendered chat holds its BOS already
         ans.prompt_tokens = len(ids)
         too_long = len(ids) >= self.device.context
@@ -218,6 +223,7 @@ class CooperativeRuntime:
             self._enter_queue()
             try:
                 with self._device_lock:
+                    self.device.set_adapter(adapter)  # a switch: the next prompt prefills afresh, the base stays
                     decision = self.router.score(self.device, ids)
                     if decision.draft:  # the router ran the prompt on the device: that is where the cache counted
                         ans.cached_tokens = self.device.last_cached
@@ -248,7 +254,7 @@ class CooperativeRuntime:
                     ids = self.device.encode(prompt + "".join(sent), special=kind != "chat")
                     max_tokens = max(1, max_tokens - len(self.device.encode("".join(sent), special=False)))
                     decision = None
-        yield from self._device_answer(ids, max_tokens, sampling, decision, ans)
+        yield from self._device_answer(ids, max_tokens, sampling, decision, ans, adapter)
         self.metrics.observe(ans, time.perf_counter() - t0)
         yield ans
 
@@ -266,7 +272,8 @@ class CooperativeRuntime:
             payload = {"prompt": request, "max_tokens": max_tokens, **params}
             yield from self.cloud.stream("completions", payload, total, first)
 
-    def _device_answer(self, ids, max_tokens, sampling, decision, ans: Answer) -> Iterator[str]:
+    def _device_answer(self, ids, max_tokens, sampling, decision, ans: Answer, adapter: str | None = None
+                       ) -> Iterator[str]:
         from edgelm.runtimes.sampling import GenerationConfig
 
         cfg = GenerationConfig(max_new_tokens=max_tokens).with_options(**sampling)
@@ -278,6 +285,7 @@ class CooperativeRuntime:
         try:
             with self._device_lock:
                 td = time.perf_counter()
+                self.device.set_adapter(adapter)
                 if draft:
                     head = [t for t in draft if t not in stop]
                     yield self.device.decode(head)

@@ -43,7 +43,8 @@ class Message(BaseModel):
 
 
 class _Body(BaseModel):
-    """What both endpoints read; other fields OpenAI clients send (model, n, user, ...) are ignored."""
+    """What both endpoints read; other fields OpenAI clients send (n, user, ...) are ignored. ``model`` picks a LoRA
+    adapter by its --adapter name; the server's own name, or none, is the base."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # json.loads reads NaN and Infinity
 
@@ -56,6 +57,7 @@ class _Body(BaseModel):
     repetition_penalty: Optional[Number] = None
     stop: Optional[Union[Word, list[Word]]] = None
     stream: StrictBool = False
+    model: Optional[StrictStr] = None
     edgelm: Optional[dict[str, Any]] = None  # {"private": true}
 
     def sampling(self) -> dict[str, Any]:
@@ -106,11 +108,13 @@ def _reason(e: ValidationError) -> str:
         return "'stream' must be true or false"
     if field == "edgelm":
         return "'edgelm' must be an object"
+    if field == "model":
+        return "'model' must be a string"
     return "the body must be a JSON object" if not field else f"'{field}': {err['msg']}"
 
 
-def parse_request(body: Any, kind: str) -> tuple[Any, int, dict[str, Any], bool, bool]:
-    """(messages or prompt, max_tokens, sampling, stream, private) or BadRequest with the reason."""
+def parse_request(body: Any, kind: str) -> tuple[Any, int, dict[str, Any], bool, bool, str | None]:
+    """(messages or prompt, max_tokens, sampling, stream, private, model) or BadRequest with the reason."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     try:
@@ -119,7 +123,8 @@ def parse_request(body: Any, kind: str) -> tuple[Any, int, dict[str, Any], bool,
         raise BadRequest(_reason(e)) from None
     request: Any = ([m.model_dump() for m in req.messages] if isinstance(req, ChatBody) else req.prompt)
     max_tokens = req.max_tokens or req.max_completion_tokens or 128
-    return request, max_tokens, req.sampling(), req.stream, bool((req.edgelm or {}).get("private", False))
+    return (request, max_tokens, req.sampling(), req.stream, bool((req.edgelm or {}).get("private", False)),
+            req.model)
 
 
 def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_key: str | None = None,
@@ -157,20 +162,20 @@ def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_ke
         choice = ({"index": 0, "message": {"role": "assistant", "content": ans.text}, "finish_reason": ans.finish_reason}
                   if kind == "chat" else {"index": 0, "text": ans.text, "finish_reason": ans.finish_reason})
         return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
-                "model": model_name, "choices": [choice],
+                "model": ans.adapter or model_name, "choices": [choice],
                 "usage": {"prompt_tokens": ans.prompt_tokens, "completion_tokens": ans.completion_tokens,
                           "total_tokens": ans.prompt_tokens + ans.completion_tokens,
                           "prompt_tokens_details": {"cached_tokens": ans.cached_tokens}},
                 "edgelm": ans.metadata()}
 
     def chunk(kind: str, delta: str | None, created: int, rid: str, finish: str | None = None,
-              meta: dict | None = None) -> str:
+              meta: dict | None = None, model: str | None = None) -> str:
         if kind == "chat":
             choice = {"index": 0, "delta": {"content": delta} if delta is not None else {}, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish}
         obj = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-               "created": created, "model": model_name, "choices": [choice]}
+               "created": created, "model": model or model_name, "choices": [choice]}
         if meta is not None:
             obj["edgelm"] = meta
         return f"data: {json.dumps(obj)}\n\n"
@@ -189,9 +194,14 @@ def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_ke
         except ValueError as e:
             return error(400, f"the body is not valid JSON ({e})", "invalid_request_error")
         try:
-            request, max_tokens, sampling, stream, private = parse_request(body, kind)
+            request, max_tokens, sampling, stream, private, model = parse_request(body, kind)
         except BadRequest as e:
             return error(400, str(e), "invalid_request_error")
+        adapters = coop.device.adapters
+        if model and model != model_name and model not in adapters:
+            return error(404, f"the model {model!r} does not exist here; models: {', '.join([model_name, *adapters])}",
+                         "invalid_request_error")
+        adapter = model if model in adapters else None
         if max_tokens > max_tokens_limit:
             return error(400, f"'max_tokens' is {max_tokens}, over this server's limit of {max_tokens_limit}; ask "
                               "for fewer tokens (the server's --max-tokens-limit)", "invalid_request_error")
@@ -201,7 +211,7 @@ def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_ke
         done = object()
         s: CoopStream | None = None
         try:
-            s = fn(request, max_tokens=max_tokens, private=private, stream=True, **sampling)
+            s = fn(request, max_tokens=max_tokens, private=private, stream=True, adapter=adapter, **sampling)
             it = iter(s)
             if not stream:
                 def collect():
@@ -228,11 +238,11 @@ def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_ke
         def events() -> Iterator[str]:  # runs in detached_stream's thread, never waiting for the client
             try:
                 if first is not done:
-                    yield chunk(kind, first, created, rid)
+                    yield chunk(kind, first, created, rid, model=adapter)
                     for delta in it:
-                        yield chunk(kind, delta, created, rid)
+                        yield chunk(kind, delta, created, rid, model=adapter)
                 a = s.answer
-                yield chunk(kind, None, created, rid, a.finish_reason, a.metadata())
+                yield chunk(kind, None, created, rid, a.finish_reason, a.metadata(), model=adapter)
                 yield "data: [DONE]\n\n"
             finally:
                 s.close()
@@ -254,7 +264,9 @@ def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_ke
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "edgelm"}]}
+        return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "edgelm",
+                                            **({"parent": model_name} if m != model_name else {})}
+                                           for m in [model_name, *coop.device.adapters]]}
 
     @app.get("/health")
     async def health():  # open to anyone who reaches the server: liveness only, nothing about the setup
@@ -262,7 +274,8 @@ def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_ke
 
     @app.get("/info")
     async def info():  # behind the key, as everything else: what this server runs
-        return {"device": str(coop.device.path), "runtime": coop.device.name, "router": coop.router.name,
+        return {"device": str(coop.device.path), "runtime": coop.device.name, "adapters": list(coop.device.adapters),
+                "router": coop.router.name,
                 "threshold": coop.threshold if abs(coop.threshold) != float("inf") else str(coop.threshold),
                 "cloud": coop.cloud.cfg.url if coop.cloud else None,
                 "cloud_breaker_open": coop.cloud.breaker_open if coop.cloud else None,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 DOMAIN_FILES = 40
+CHECK = dict(eval_seqs=4, eval_seqlen=64, prompts=2, new_tokens=8, threads=1)  # small export checks
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +39,33 @@ def lora_run(tmp_path_factory, tiny_teacher, tiny_domain):
 
     return finetune(**ft_args(tiny_teacher, tiny_domain, tmp_path_factory.mktemp("lora-run"), max_steps=32,
                               lr=1e-2, lora_alpha=8.0, ckpt_every=0, eval_every=0))
+
+
+@pytest.fixture(scope="session")
+def gguf_base(tmp_path_factory, tiny_teacher, tiny_domain):
+    """tiny_teacher as an fp32 GGUF artifact."""
+    from edgelm.artifact.api import export
+
+    out = tmp_path_factory.mktemp("base") / "gguf"
+    export(model=str(tiny_teacher), target="gguf", quant="fp32", out=out, data=(str(tiny_domain),), **CHECK)
+    return out
+
+
+@pytest.fixture(scope="session")
+def gguf_adapter(tmp_path_factory, lora_run, gguf_base, tiny_domain):
+    from edgelm.artifact.api import export
+
+    out = tmp_path_factory.mktemp("adapter") / "gguf"
+    res = export(model=str(lora_run.student_dir), base=str(gguf_base), out=out, data=(str(tiny_domain),), **CHECK)
+    return out, res
+
+
+@pytest.fixture(scope="session")
+def onnx_base(tmp_path_factory, tiny_teacher, tiny_domain, lora_run):
+    """tiny_teacher as an fp32 ONNX artifact with LoRA inputs shaped like lora_run's adapter."""
+    from edgelm.artifact.api import export
+
+    out = tmp_path_factory.mktemp("base") / "onnx"
+    export(model=str(tiny_teacher), target="onnx", quant="fp32", out=out, data=(str(tiny_domain),),
+           lora_like=str(lora_run.student_dir), **CHECK)
+    return out

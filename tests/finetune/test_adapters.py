@@ -8,26 +8,7 @@ from edgelm.errors import EdgelmError
 from edgelm.manifest import read_manifest
 from tests.conftest import run_cli
 
-CHECK = dict(eval_seqs=4, eval_seqlen=64, prompts=2, new_tokens=8, threads=1)
-
-
-@pytest.fixture(scope="session")
-def gguf_base(tmp_path_factory, tiny_teacher, tiny_domain):
-    """tiny_teacher as an fp32 GGUF artifact."""
-    from edgelm.artifact.api import export
-
-    out = tmp_path_factory.mktemp("base") / "gguf"
-    export(model=str(tiny_teacher), target="gguf", quant="fp32", out=out, data=(str(tiny_domain),), **CHECK)
-    return out
-
-
-@pytest.fixture(scope="session")
-def gguf_adapter(tmp_path_factory, lora_run, gguf_base, tiny_domain):
-    from edgelm.artifact.api import export
-
-    out = tmp_path_factory.mktemp("adapter") / "gguf"
-    res = export(model=str(lora_run.student_dir), base=str(gguf_base), out=out, data=(str(tiny_domain),), **CHECK)
-    return out, res
+from tests.finetune.conftest import CHECK
 
 
 def test_a_gguf_adapter_passes_its_check_and_is_bound_to_its_base(gguf_adapter, gguf_base):
@@ -113,3 +94,41 @@ def test_merge_bakes_the_adapter_into_a_tvm_artifact(lora_run, tiny_domain, tmp_
     m = read_manifest(res.out)
     assert m["kind"] == "export-tvm" and m["parity"]["passed"]
     assert m["source"]["merged"]["adapter"] == str(lora_run.student_dir)
+
+
+def test_an_onnx_adapter_applies_over_an_adapter_ready_base(onnx_base, lora_run, tiny_domain, tmp_path):
+    from edgelm.artifact.api import export
+    from edgelm.runtimes.api import load
+
+    bm = read_manifest(onnx_base)
+    assert bm["lora_slots"]["inputs"] == 2 * 7 * 4 and bm["parity"]["passed"], "zero adapters: the base is exact"
+    res = export(model=str(lora_run.student_dir), base=str(onnx_base), out=tmp_path / "a", data=(str(tiny_domain),),
+                 **CHECK)
+    p = res.manifest["parity"]
+    assert res.manifest["kind"] == "adapter-onnx" and p["passed"] and (tmp_path / "a" / "adapter.onnx_adapter").is_file()
+    assert p["greedy_identical"] == p["greedy_prompts"] and p["max_abs_logit_diff"] < 1e-3
+    assert p["adapter_effect_kld"] > 1000 * max(p["kld"], 1e-7)
+    with load(onnx_base, threads=1, adapters={"numpy": tmp_path / "a"}) as rt:
+        ids = rt.encode("import numpy as np\n")
+        base = rt.greedy(ids, 8)
+        rt.set_adapter("numpy")
+        adapted, logits = rt.greedy(ids, 8), rt.logits(ids)
+        rt.set_adapter(None)
+        assert rt.greedy(ids, 8) == base and adapted != base
+        assert int(logits[-1].argmax()) == adapted[0], "the session's logits and genai's loop run the same adapter"
+
+
+def test_onnx_adapters_need_an_adapter_ready_float_base(lora_run, tiny_teacher, tiny_domain, tmp_path):
+    from edgelm.artifact.api import export
+
+    plain = tmp_path / "plain"
+    export(model=str(tiny_teacher), target="onnx", quant="fp32", out=plain, data=(str(tiny_domain),), **CHECK)
+    with pytest.raises(EdgelmError, match="has no LoRA inputs; export it with --lora-like"):
+        export(model=str(lora_run.student_dir), base=str(plain), out=tmp_path / "a", data=(str(tiny_domain),))
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(EdgelmError, match="--lora-like needs a float ONNX base"):
+        export(model=str(tiny_teacher), target="onnx", quant="int4-g32", out=tmp_path / "b",
+               lora_like=str(lora_run.student_dir))
+    with pytest.raises(EdgelmError, match="--lora-like gives an ONNX base LoRA inputs; gguf artifacts take GGUF"):
+        export(model=str(tiny_teacher), target="gguf", quant="fp32", out=tmp_path / "b",
+               lora_like=str(lora_run.student_dir))
