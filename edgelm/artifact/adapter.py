@@ -37,7 +37,12 @@ def bound_to(adapter, base_manifest: dict[str, Any], where: str) -> None:
     """Refuse an adapter whose base weights are not the ones the artifact holds (by sha256)."""
     src = base_manifest.get("source") or {}
     theirs = adapter.base.get("sha256")
-    mine = {src.get("sha256"), src.get("quantized_sha256")} - {None}
+    qsha = src.get("quantized_sha256")
+    if qsha is None and src.get("quantized_folder") and os.path.isdir(src["quantized_folder"]):
+        from edgelm.models.loader import resolve  # an artifact exported before the manifest kept its digest
+
+        qsha = resolve(src["quantized_folder"]).sha256
+    mine = {src.get("sha256"), qsha} - {None}
     if theirs and mine:
         if theirs in mine:
             return

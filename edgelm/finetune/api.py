@@ -103,7 +103,7 @@ class FinetuneMode:
         training = fields["training"]
         val = fields["val"]
         run = {"tokens": training["tokens_seen"], "steps": training["steps"], "kd_teacher": cfg.kd_teacher or None,
-               "alpha": cfg.alpha, "val_ppl_before": val["start"]["ppl"], "val_ppl_after": val["student"]["ppl"]}
+               "kd_alpha": cfg.alpha, "val_ppl_before": val["start"]["ppl"], "val_ppl_after": val["student"]["ppl"]}
         rest = {k: v for k, v in fields.items() if k not in ("student", "source")}
         if cfg.full:
             student.save_pretrained(tmp)

@@ -53,9 +53,6 @@ class FinetuneConfig(DistillConfig):
     def validate(self) -> None:
         if not self.model:
             raise EdgelmError("finetune needs a model: edgelm finetune MODEL --data CORPUS --max-tokens N")
-        if not self.data:
-            raise EdgelmError("finetune needs the new domain's text: --data FILES_OR_FOLDERS (the stdlib is what "
-                              "the student was distilled on)")
         if self.alpha > 0 and not self.kd_teacher:
             raise EdgelmError(f"--alpha {self.alpha} weighs KD from a teacher: add --teacher MODEL, or drop --alpha")
         if self.lora and self.full:

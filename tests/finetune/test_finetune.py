@@ -91,3 +91,26 @@ def test_the_cli_refuses_a_missing_target_without_a_traceback(tiny_teacher, tiny
                 "--out", str(tmp_path / "r"), "--no-progress")
     assert r.returncode != 0 and "--targets w_pack: no such linear" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "r" / "adapter").exists()
+
+
+def test_lora_under_torchrun_matches_one_process(tiny_teacher, tiny_domain, tmp_path):
+    """DDP on the CPU (gloo, 2 processes): the same global batch trains the same adapter."""
+    import os
+    import subprocess
+    import sys
+
+    single = finetune(**ft_args(tiny_teacher, tiny_domain, tmp_path / "single", max_steps=4, lr=3e-3, ckpt_every=0))
+    args = _cli_args({k: v for k, v in ft_args(tiny_teacher, tiny_domain, tmp_path / "ddp", max_steps=4, lr=3e-3,
+                                               ckpt_every=0, batch_size=2).items() if k != "model"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                        "edgelm", "finetune", str(tiny_teacher), *args], capture_output=True, text=True, env=env,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = read_manifest(tmp_path / "ddp" / "adapter")
+    assert m["training"]["world_size"] == 2 and m["finetune"]["tokens"] == single.manifest["finetune"]["tokens"]
+    a = load_file(single.student_dir / "adapter_model.safetensors")
+    b = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=k)
