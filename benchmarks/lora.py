@@ -327,6 +327,7 @@ def write(res: dict, cmd: str) -> None:
 
 
 def main() -> None:
+    global OUT
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--tokens", type=int, default=49152, help="training tokens per run")
@@ -335,7 +336,6 @@ def main() -> None:
     p.add_argument("--reuse", action="store_true", help="reuse finished runs and artifacts in --out")
     p.add_argument("--out", default=str(OUT), help="run folder (default: runs/bench-lora)")
     args = p.parse_args()
-    global OUT
     OUT = Path(args.out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("torchao", "torch.utils._pytree", "gguf", "httpx", "httpcore"):

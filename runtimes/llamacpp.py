@@ -61,8 +61,14 @@ class LlamaCppRuntime(Runtime):
         """Load a GGUF LoRA adapter (an adapter artifact's adapter.gguf) over the base, not applied yet."""
         import llama_cpp
 
+        import tempfile
+
+        from edgelm.fsutil import capture_fds
+
         file = path / "adapter.gguf" if path.is_dir() else path
-        ptr = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(file).encode("utf-8"))
+        # llama.cpp logs each adapted tensor's buffer type; kept off the terminal
+        with tempfile.NamedTemporaryFile(prefix="edgelm-lora-", suffix=".log") as f, capture_fds(f.name):
+            ptr = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(file).encode("utf-8"))
         if not ptr:
             raise EdgelmError(f"llama.cpp could not load the LoRA adapter {file} over {self.file} (its tensors do "
                               "not fit this base); export the adapter against this base")
