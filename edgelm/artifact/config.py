@@ -28,9 +28,8 @@ class ExportConfig(QuantizeConfig):
     tuning_db: str = ""  # tvm: a tuning database folder to apply (an artifact's tuning/), ignored if for other shapes
     base: str = ""  # MODEL is a LoRA adapter (edgelm finetune): the base artifact its runtime applies it over
     merge: bool = False  # MODEL is a LoRA adapter: bake it into its base and export a new full artifact
-    # onnx: give the base LoRA inputs shaped like this adapter folder's (its modules, its rank or more), zero by
-    # default, so that .onnx_adapter files of that shape apply at run time (onnxruntime-genai's adapter support)
-    lora_like: str = ""
+    # (zero by default; .onnx_adapter files of that shape, or a lower rank, fill them at run time)
+    lora_like: str = ""  # onnx: give the base LoRA inputs shaped like this adapter folder's (its modules and rank)
     max_kld: float | None = None  # the quality gate's KL divergence bound, nats (default: the preset's; random weights)
 
     def __post_init__(self) -> None:

@@ -10,9 +10,8 @@ class ServeConfig:
     device: str = ""  # the on-device model: an artifact folder, HF folder or .gguf
     runtime: str = ""  # force the device runtime (edgelm list runtimes)
     threads: int | None = None  # device runtime threads (default: its own pick)
-    # LoRA adapters over the device model, NAME=PATH (adapter artifacts of edgelm export ADAPTER --base DEVICE); a
-    # request's "model" field picks one by NAME, the base by the server's own name (or none)
-    adapter: tuple[str, ...] = ()
+    # (adapter artifacts of edgelm export ADAPTER --base DEVICE; the base is the server's own name, or none)
+    adapter: tuple[str, ...] = ()  # LoRA adapters over the device model, NAME=PATH; a request's "model" picks one
     cloud_url: str = ""  # OpenAI-compatible cloud, e.g. http://127.0.0.1:8001/v1 (none: device only)
     cloud_model: str = ""  # model name sent to the cloud
     api_key_env: str = "EDGELM_CLOUD_API_KEY"  # environment variable with the cloud API key

@@ -198,7 +198,9 @@ def create_app(coop: "CooperativeRuntime", *, model_name: str = "edgelm", api_ke
         except BadRequest as e:
             return error(400, str(e), "invalid_request_error")
         adapters = coop.device.adapters
-        if model and model != model_name and model not in adapters:
+        # with adapters loaded, a name that is none of them is refused (not answered by the base); without, any
+        # name is the one model, as llama-server takes it
+        if adapters and model and model != model_name and model not in adapters:
             return error(404, f"the model {model!r} does not exist here; models: {', '.join([model_name, *adapters])}",
                          "invalid_request_error")
         adapter = model if model in adapters else None

@@ -64,6 +64,8 @@ def test_an_adapter_for_another_base_is_refused(gguf_adapter, lora_run, tiny_q_m
     export(model=str(tiny_q_model), target="gguf", quant="fp32", out=other, data=(str(tiny_corpus),), **CHECK)
     with pytest.raises(EdgelmError, match="was exported for the base .* not for"):
         load(other, adapters={"numpy": gguf_adapter[0]})
+    r = run_cli("chat", str(other), "--adapter", str(gguf_adapter[0]), "--threads", "1")
+    assert r.returncode != 0 and "was exported for the base" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("export", str(lora_run.student_dir), "--base", str(other), "--out", str(tmp_path / "a"))
     assert r.returncode != 0 and "was trained on" in r.stderr and "export the adapter against an artifact of its " \
         "own base" in r.stderr and "Traceback" not in r.stderr
