@@ -73,18 +73,21 @@ def test_an_adapter_for_another_base_is_refused(gguf_adapter, lora_run, tiny_q_m
 
 
 def test_bad_adapter_exports_are_one_line(gguf_adapter, lora_run, gguf_base, tiny_teacher, tmp_path):
+    from edgelm.artifact.api import export
+
+    r = run_cli("export", str(lora_run.student_dir), "--out", str(tmp_path / "a"))
+    assert r.returncode != 0 and "is a LoRA adapter: pass --base" in r.stderr and "Traceback" not in r.stderr
     cases = [
-        (["export", str(lora_run.student_dir), "--out", str(tmp_path / "a")], "is a LoRA adapter: pass --base"),
-        (["export", str(gguf_adapter[0]), "--merge", "--target", "tvm", "--out", str(tmp_path / "a")],
-         "is an exported gguf adapter, which llamacpp applies unmerged"),
-        (["export", str(lora_run.student_dir), "--merge", "--base", str(gguf_base), "--out", str(tmp_path / "a")],
-         "pass one of them"),
-        (["export", str(tiny_teacher), "--merge", "--out", str(tmp_path / "a")], "--merge applies to a LoRA adapter"),
+        (dict(model=str(gguf_adapter[0]), merge=True, target="tvm"), "is an exported gguf adapter, which llamacpp "
+         "applies unmerged"),
+        (dict(model=str(lora_run.student_dir), merge=True, base=str(gguf_base)), "pass one of them"),
+        (dict(model=str(tiny_teacher), merge=True), "--merge applies to a LoRA adapter"),
     ]
-    for args, error in cases:
-        r = run_cli(*args)
-        assert r.returncode != 0 and error in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
-        assert not (tmp_path / "a").exists()
+    for kw, error in cases:
+        with pytest.raises(EdgelmError) as e:
+            export(out=str(tmp_path / "a"), **kw)
+        assert error in str(e.value), kw
+    assert not (tmp_path / "a").exists()
 
 
 def test_merge_bakes_the_adapter_into_a_tvm_artifact(lora_run, tiny_domain, tmp_path):

@@ -67,9 +67,14 @@ def test_serve_switches_adapters_per_request(gguf_base, gguf_adapter, second_ada
 
 
 def test_serve_refuses_a_bad_adapter_spec_in_one_line(gguf_base, gguf_adapter, tmp_path):
+    from edgelm.coop.api import build_runtime
+    from edgelm.errors import EdgelmError
     from tests.conftest import run_cli
 
-    for spec, error in [(str(gguf_adapter[0]), "write NAME=PATH"),
-                        (f"x={tmp_path}", "is not a gguf adapter artifact")]:
-        r = run_cli("serve", "--device", str(gguf_base), "--router", "always-device", "--adapter", spec)
-        assert r.returncode != 0 and error in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run_cli("serve", "--device", str(gguf_base), "--router", "always-device", "--adapter", str(gguf_adapter[0]))
+    assert r.returncode != 0 and "write NAME=PATH" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with pytest.raises(EdgelmError, match="is not a gguf adapter artifact"):
+        build_runtime(device=str(gguf_base), router="always-device", adapter=(f"x={tmp_path}",))
+    with pytest.raises(EdgelmError, match="the name 'x' is given twice"):
+        build_runtime(device=str(gguf_base), router="always-device",
+                      adapter=(f"x={gguf_adapter[0]}", f"x={gguf_adapter[0]}"))
