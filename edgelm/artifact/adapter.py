@@ -83,8 +83,10 @@ def export_adapter(adapter_dir: str | os.PathLike, base: str | os.PathLike, out:
                                    new_tokens=new_tokens)
         else:
             log.warning("--no-check: the adapter was not compared with PyTorch; its manifest says so")
-        adapter_bytes = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
-        base_bytes = base_file.stat().st_size if base_file.is_file() else bm.get("total_bytes")
+        adapter_bytes = (tmp / fields["file"]).stat().st_size
+        # the model's files (ONNX keeps its weights in model.onnx.data), not the tokenizer beside them
+        base_bytes = sum(f["size"] for n, f in (bm.get("files") or {}).items() if n.startswith(bm.get("file") or "\0"))
+        base_bytes = base_bytes or bm.get("total_bytes")
         return write_manifest(
             tmp, ADAPTER_KIND.format(target=target.name), target=target.name, runtime=target.runtime,
             base={"artifact": str(base.resolve()), "file": bm.get("file"),
