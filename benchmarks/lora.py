@@ -103,7 +103,8 @@ def quality(args) -> dict:
                       "train_s": r.get("train_s")}
     base_params = lora["finetune"]["base_params"]
     gain_lora, gain_full = before - rows["lora-r16"]["val"], before - rows["full"]["val"]
-    return {"rows": rows, "base_params": base_params, "recovered_share": gain_lora / gain_full if gain_full > 0 else None,
+    return {"rows": rows, "base_params": base_params,
+            "recovered_share": gain_lora / gain_full if gain_full > 0 else None,
             "trainable_share": rows["lora-r16"]["trainable"] / base_params, "merged": str(merged),
             "lora_dir": lora["dir"]}
 
@@ -188,7 +189,7 @@ def serve_switch(gguf: Path, adapters: dict[str, str], rounds: int) -> dict:
     that prefills the same prompt afresh on the adapter it already has, and of one whose prompt is cached."""
     import httpx
 
-    from edgelm.coop.localcloud import free_port, wait_http
+    from edgelm.netutil import free_port, stop_process, wait_http
 
     port = free_port()
     t0 = time.perf_counter()
@@ -220,8 +221,7 @@ def serve_switch(gguf: Path, adapters: dict[str, str], rounds: int) -> dict:
         prompt_tokens = httpx.post(f"{url}/v1/completions", timeout=60, json={
             "model": a, "prompt": body, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc, 30)
     return {"start_s": start_s, "prompt_tokens": prompt_tokens,
             **{k: statistics.median(v) for k, v in out.items()}}
 
@@ -243,7 +243,8 @@ def runtime(args, quality_res: dict, recovery_res: dict) -> dict:
         speed[threads] = {
             **timed({"llama.cpp unmerged": (gguf, {"a": rec_adapter}, "a"), "llama.cpp merged": (merged_gguf, {}, None),
                      "llama.cpp base alone": (gguf, {}, None)}, threads, args.rounds),
-            **timed({"onnx unmerged": (onnx_base, {"a": str(onnx_adapter)}, "a"), "onnx merged": (onnx_merged, {}, None),
+            **timed({"onnx unmerged": (onnx_base, {"a": str(onnx_adapter)}, "a"),
+                     "onnx merged": (onnx_merged, {}, None),
                      "onnx lora base, no adapter": (onnx_base, {}, None)}, threads, args.rounds)}
     sizes = {}
     for name, adapter, base in (("gguf (Q4_0 base)", Path(rec_adapter), gguf), ("onnx (fp32 base)", onnx_adapter,
@@ -302,7 +303,7 @@ def cpu_name() -> str:
 def write(res: dict) -> None:
     q, rc, rt = res.get("quality"), res.get("recovery"), res.get("runtime")
     cmds = "; ".join(f"{k}: `{v}`" for k, v in res.get("commands", {}).items())
-    parts = [f"## LoRA adapters: a new domain, accuracy recovery, run-time cost (`benchmarks/lora.py`)\n",
+    parts = ["## LoRA adapters: a new domain, accuracy recovery, run-time cost (`benchmarks/lora.py`)\n",
              f"On {cpu_name()} (2 cores), model `{res['model']}`, {res['tokens']:,} training tokens per run (batch "
              f"4 x 256). Domain: numpy's Python source split by file as the stdlib corpus is. Measured by {cmds}.\n"]
     goals = []

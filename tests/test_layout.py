@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"edgelm": "edgelm", "converters": "edgelm.converters", "runtimes": "edgelm.runtimes"}
 LAYERS = [
     ("core", ["edgelm", "edgelm.errors", "edgelm.registry", "edgelm.fsutil", "edgelm.manifest", "edgelm.metrics",
-              "edgelm.report", "edgelm.cloud", "edgelm.sandbox"]),
+              "edgelm.report", "edgelm.cloud", "edgelm.sandbox", "edgelm.netutil"]),
     ("data", ["edgelm.data"]),
     ("models", ["edgelm.models"]),
     ("distill", ["edgelm.distill"]),

@@ -49,7 +49,8 @@ def bound_to(adapter, base_manifest: dict[str, Any], where: str) -> None:
     elif str(adapter.base.get("spec")) in (src.get("spec"), src.get("quantized_folder")):
         return
     raise EdgelmError(f"adapter {adapter.folder} was trained on {adapter.base.get('spec')} (sha256 "
-                      f"{str(theirs)[:12]}), but {where} was exported from {src.get('quantized_folder') or src.get('spec')}"
+                      f"{str(theirs)[:12]}), but {where} was exported from "
+                      f"{src.get('quantized_folder') or src.get('spec')}"
                       f" (sha256 {str(src.get('quantized_sha256') or src.get('sha256'))[:12]}); export the adapter "
                       "against an artifact of its own base")
 

@@ -9,17 +9,10 @@ import time
 from pathlib import Path
 
 from edgelm.errors import EdgelmError
+from edgelm.netutil import free_port, stop_process
 
 SSHD = "/usr/sbin/sshd"
 RPC_SERVER = Path(__file__).with_name("rpc_server.py")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LoopbackSshd:
@@ -35,7 +28,7 @@ class LoopbackSshd:
             if not (d / name).is_file():
                 subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
         (d / "authorized_keys").write_text((d / "user.pub").read_text())
-        self.port = _free_port()
+        self.port = free_port()
         (d / "sshd_config").write_text(
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nAuthorizedKeysFile "
             f"{d / 'authorized_keys'}\nPidFile {d / 'sshd.pid'}\nPasswordAuthentication no\n"
@@ -59,11 +52,7 @@ class LoopbackSshd:
             time.sleep(0.3)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc, 30)
 
     def __enter__(self) -> "LoopbackSshd":
         return self
@@ -77,7 +66,7 @@ class LoopbackRpc:
     ROOT ROOT/usr/bin/python3.11 for an emulated aarch64 device); ``spec`` is the --device."""
 
     def __init__(self, python: list[str], timeout: float = 180) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.proc = subprocess.Popen([*python, str(RPC_SERVER), str(self.port)], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         end = time.monotonic() + timeout  # python and tvm under qemu take a while to import
@@ -101,8 +90,7 @@ class LoopbackRpc:
         return cls([qemu, "-L", str(root), str(root / "usr/bin/python3.11")])
 
     def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=30)
+        stop_process(self.proc, 30, kill=True)
 
     def __enter__(self) -> "LoopbackRpc":
         return self

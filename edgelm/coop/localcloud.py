@@ -13,12 +13,7 @@ import time
 from pathlib import Path
 
 from edgelm.errors import EdgelmError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from edgelm.netutil import free_port, stop_process, wait_http  # noqa: F401  (free_port: imported from here too)
 
 
 class LocalCloud:
@@ -64,13 +59,7 @@ class LocalCloud:
 
     def stop(self) -> None:
         try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(10)
+            stop_process(self.proc, 10)
         finally:
             self._log_file.close()
 
@@ -79,22 +68,6 @@ class LocalCloud:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
-    import httpx
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1.0).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer in {timeout} s")
 
 
 class FaultProxy:

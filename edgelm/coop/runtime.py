@@ -179,7 +179,8 @@ class CooperativeRuntime:
 
         GenerationConfig(max_new_tokens=max_tokens).with_options(**sampling)  # validate before queueing
         if adapter is not None and adapter not in self.device.adapters:
-            raise EdgelmError(f"no adapter named {adapter!r} is loaded; loaded: {', '.join(self.device.adapters) or 'none'}")
+            raise EdgelmError(f"no adapter named {adapter!r} is loaded; loaded: "
+                              f"{', '.join(self.device.adapters) or 'none'}")
         it = self._run(kind, request, prompt, text, max_tokens, private, sampling, adapter)
         if stream:
             return CoopStream(it)
