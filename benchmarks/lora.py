@@ -168,11 +168,16 @@ def timed(setups: dict, threads: int, rounds: int) -> dict[str, float]:
     from edgelm.runtimes.api import load
 
     rts = {n: load(a, threads=threads, adapters=ad or None) for n, (a, ad, _) in setups.items()}
+    for n, (_, _, use) in setups.items():
+        rts[n].set_adapter(use)
+    return interleaved(rts, rounds)
+
+
+def interleaved(rts: dict, rounds: int) -> dict[str, float]:
+    """Median decode tok/s of each open runtime, one warm-up each, then ``rounds`` rounds in turn; closes them."""
     try:
-        for n, (_, _, use) in setups.items():
-            rts[n].set_adapter(use)
         prompt = rts[next(iter(rts))].encode("import numpy as np\n\n\ndef moving_average(x, n):\n")
-        out: dict[str, list[float]] = {n: [] for n in setups}
+        out: dict[str, list[float]] = {n: [] for n in rts}
         for n, rt in rts.items():
             decode_tps(rt, prompt, 8)  # warm-up
         for _ in range(rounds):
@@ -281,16 +286,7 @@ def adapter_structure(gguf: Path, adapter_dir: Path, rounds: int) -> dict[str, f
         rts[name] = load(gguf, threads=1)
         rts[name]._load_adapter("x", f)  # a bare GGUF LoRA: no artifact manifest to bind (speed only)
         rts[name].set_adapter("x")
-    try:
-        prompt = rts["none"].encode("import numpy as np\n\n\ndef moving_average(x, n):\n")
-        out: dict[str, list[float]] = {n: [] for n in rts}
-        for _ in range(rounds):
-            for n, rt in rts.items():
-                out[n].append(decode_tps(rt, prompt))
-    finally:
-        for rt in rts.values():
-            rt.close()
-    return {n: statistics.median(v) for n, v in out.items()}
+    return interleaved(rts, rounds)
 
 
 def cpu_name() -> str:
