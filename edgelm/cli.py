@@ -119,7 +119,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     f = res.manifest.get("finetune") or {}
     what = "model" if args.full else "adapter"
     print(f"{what}: {res.student_dir}")
-    print(f"val perplexity on the new domain: {f.get('val_ppl_before', float('nan')):.3f} -> {res.val_student.ppl:.3f} "
+    before = f.get("val_ppl_before")
+    print(f"val perplexity on the new domain: {'?' if before is None else f'{before:.3f}'} -> {res.val_student.ppl:.3f} "
           f"({res.tokens_seen:,} tokens, {res.steps} steps"
           + (f", {f['trainable_params']:,} trainable parameters)" if f else ")"))
     return 0

@@ -109,9 +109,12 @@ class FinetuneMode:
         training = fields["training"]
         val = fields["val"]
         run = {"tokens": training["tokens_seen"], "steps": training["steps"], "kd_teacher": cfg.kd_teacher or None,
-               "kd_alpha": cfg.alpha, "val_ppl_before": val["start"]["ppl"], "val_ppl_after": val["student"]["ppl"]}
+               "kd_alpha": cfg.alpha, "val_ppl_before": (val.get("start") or {}).get("ppl"),
+               "val_ppl_after": val["student"]["ppl"]}
         rest = {k: v for k, v in fields.items() if k not in ("student", "source")}
         if cfg.full:
+            if getattr(student.config, "quantization_config", None) is not None:
+                del student.config.quantization_config  # a quantized base trained whole is a float model now
             student.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             return write_manifest(tmp, "student", base=base, finetune={"method": "full", "trainable_params": n_all,
