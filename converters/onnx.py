@@ -190,6 +190,11 @@ def read_back(folder: Path, src: "SourceWeights"):
 LORA_NAME = "{module}.lora_{ab}.MatMul.weight"  # the builder's initializer name; A [in, r], B [r, out]
 
 
+def is_lora_input(name: str) -> bool:
+    """A LoRA weight of the builder's graph (an adapter-ready base's input)."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
 def onnx_module(hf_module: str) -> str:
     """The builder's name of an HF linear: model.layers.0.self_attn.q_proj -> model.layers.0.attn.q_proj."""
     return hf_module.replace(".self_attn.", ".attn.")
@@ -219,10 +224,9 @@ def expose_lora_inputs(model_path: Path) -> int:
     have = {i.name for i in m.graph.input}
     n = 0
     for t in m.graph.initializer:
-        if ".lora_A." in t.name or ".lora_B." in t.name:
-            if t.name not in have:
-                m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-                n += 1
+        if is_lora_input(t.name) and t.name not in have:
+            m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            n += 1
     if n:
         onnx.save(m, str(model_path))
     return n
@@ -235,7 +239,7 @@ def lora_slots(model_path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
     m = onnx.load(str(model_path), load_external_data=False)
     inits = {t.name: t for t in m.graph.initializer}
     return {i.name: (tuple(inits[i.name].dims), inits[i.name].data_type) for i in m.graph.input
-            if i.name in inits and (".lora_A." in i.name or ".lora_B." in i.name)}
+            if i.name in inits and is_lora_input(i.name)}
 
 
 def write_onnx_adapter(adapter: "Adapter", model_path: Path, out: Path) -> dict[str, Any]:

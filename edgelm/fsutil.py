@@ -135,6 +135,15 @@ def capture_fds(log_path: str | os.PathLike) -> Iterator[None]:
             os.close(saved[1])
 
 
+@contextlib.contextmanager
+def quiet_fds(prefix: str = "edgelm-") -> Iterator[None]:
+    """capture_fds into a throwaway log: a library's C-level chatter kept off the user's terminal."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(prefix=prefix, suffix=".log") as f, capture_fds(f.name):
+        yield
+
+
 def peak_rss_mib() -> float:
     """The largest resident set this process, or a child it waited for (GPTQ, the ONNX builder), has had: MiB."""
     import resource

@@ -81,7 +81,8 @@ def load(path: str | os.PathLike, *, runtime: str | None = None, threads: int | 
 
 
 def _adapter_for(adapter: Path, fmt: str, base: Path) -> Path:
-    """An adapter artifact's folder, refused in one line unless it was exported for the base file ``base`` opens."""
+    """An adapter artifact's adapter file, refused in one line unless it was exported for the base file ``base``
+    opens."""
     from edgelm.fsutil import sha256_file
     from edgelm.manifest import read_manifest
 
@@ -94,7 +95,7 @@ def _adapter_for(adapter: Path, fmt: str, base: Path) -> Path:
     if not file.is_file() or sha256_file(file) != want:
         raise EdgelmError(f"adapter {adapter} was exported for the base {m['base']['artifact']} (sha256 "
                           f"{str(want)[:12]}), not for {base}; export it against this base, or load its own")
-    return adapter
+    return adapter / m["file"]
 
 
 def open_artifact(folder: str | os.PathLike, *, threads: int | None = None, runtime: str | None = None):

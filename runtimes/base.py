@@ -172,11 +172,15 @@ class Runtime:
         cache was made by the other weights, so the next prompt is prefilled afresh."""
         if name == self.adapter:
             return
-        if name is not None and name not in self.adapters:
-            raise EdgelmError(f"no adapter named {name!r} is loaded; loaded: {', '.join(self.adapters) or 'none'}")
+        self.require_adapter(name)
         self._set_adapter(name)
         self.adapter = name
-        self._held = []
+        self.drop_cache()
+
+    def require_adapter(self, name: str | None) -> None:
+        """Refuse, in one line, an adapter name that is not loaded (None, the base, always is)."""
+        if name is not None and name not in self.adapters:
+            raise EdgelmError(f"no adapter named {name!r} is loaded; loaded: {', '.join(self.adapters) or 'none'}")
 
     def drop_cache(self) -> None:
         """Forget what the KV cache holds (a reply stopped mid-step): the next call prefills afresh."""

@@ -57,17 +57,13 @@ class LlamaCppRuntime(Runtime):
         for name, p in (adapters or {}).items():
             self._load_adapter(name, Path(p))
 
-    def _load_adapter(self, name: str, path: Path) -> None:
-        """Load a GGUF LoRA adapter (an adapter artifact's adapter.gguf) over the base, not applied yet."""
+    def _load_adapter(self, name: str, file: Path) -> None:
+        """Load a GGUF LoRA adapter file over the base, not applied yet."""
         import llama_cpp
 
-        import tempfile
+        from edgelm.fsutil import quiet_fds
 
-        from edgelm.fsutil import capture_fds
-
-        file = path / "adapter.gguf" if path.is_dir() else path
-        # llama.cpp logs each adapted tensor's buffer type; kept off the terminal
-        with tempfile.NamedTemporaryFile(prefix="edgelm-lora-", suffix=".log") as f, capture_fds(f.name):
+        with quiet_fds("edgelm-lora-"):  # llama.cpp logs each adapted tensor's buffer type
             ptr = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(file).encode("utf-8"))
         if not ptr:
             raise EdgelmError(f"llama.cpp could not load the LoRA adapter {file} over {self.file} (its tensors do "

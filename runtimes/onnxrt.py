@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from edgelm.converters.onnx import is_lora_input
 from edgelm.errors import EdgelmError, require
 from edgelm.runtimes.base import Runtime, check_threads, default_threads
 from edgelm.runtimes.sampling import GenerationConfig
@@ -60,11 +61,10 @@ class OnnxRuntime(Runtime):
         for name, p in (adapters or {}).items():
             self._load_adapter(name, Path(p))
 
-    def _load_adapter(self, name: str, path: Path) -> None:
-        """Load an .onnx_adapter (an adapter artifact's) for both sessions, not applied yet."""
+    def _load_adapter(self, name: str, file: Path) -> None:
+        """Load an .onnx_adapter file for both sessions, not applied yet."""
         ort = require("onnxruntime", "onnx")
         og = require("onnxruntime_genai", "onnx")
-        file = path / "adapter.onnx_adapter" if path.is_dir() else path
         try:
             la = ort.LoraAdapter()
             la.Load(str(file))
@@ -113,7 +113,7 @@ class OnnxRuntime(Runtime):
             elif inp.name.startswith("past_key_values"):
                 dtype = np.float16 if "float16" in inp.type else np.float32
                 feeds[inp.name] = np.zeros((1, self.n_kv, 0, self.head_dim), dtype=dtype)  # [B, kv, 0, hd]
-            elif ".lora_A." in inp.name or ".lora_B." in inp.name:
+            elif is_lora_input(inp.name):
                 pass  # a LoRA weight: its zero default, or the active adapter's
             else:
                 raise EdgelmError(f"{self.path}/model.onnx has an input edgelm does not know: {inp.name}")

@@ -35,6 +35,8 @@ def base_artifact(path: str | os.PathLike) -> dict[str, Any]:
 
 def bound_to(adapter, base_manifest: dict[str, Any], where: str) -> None:
     """Refuse an adapter whose base weights are not the ones the artifact holds (by sha256)."""
+    from edgelm.models.loader import same_weights
+
     src = base_manifest.get("source") or {}
     theirs = adapter.base.get("sha256")
     qsha = src.get("quantized_sha256")
@@ -46,7 +48,8 @@ def bound_to(adapter, base_manifest: dict[str, Any], where: str) -> None:
     if theirs and mine:
         if theirs in mine:
             return
-    elif str(adapter.base.get("spec")) in (src.get("spec"), src.get("quantized_folder")):
+    elif any(same_weights(None, adapter.base.get("spec"), None, s)
+             for s in (src.get("spec"), src.get("quantized_folder"))):
         return
     raise EdgelmError(f"adapter {adapter.folder} was trained on {adapter.base.get('spec')} (sha256 "
                       f"{str(theirs)[:12]}), but {where} was exported from "
@@ -79,7 +82,7 @@ def export_adapter(adapter_dir: str | os.PathLike, base: str | os.PathLike, out:
         fields = target.export_adapter(ad, base, tmp)
         parity: dict[str, Any] = {"skipped": True}
         if check:
-            parity = check_adapter(target, base, bm, ad, tmp, threads=threads, data=data, text_field=text_field,
+            parity = check_adapter(target, base, bm, ad, tmp / fields["file"], threads=threads, data=data, text_field=text_field,
                                    eval_seqs=eval_seqs, eval_seqlen=eval_seqlen, prompts=prompts,
                                    new_tokens=new_tokens)
         else:
@@ -99,21 +102,24 @@ def export_adapter(adapter_dir: str | os.PathLike, base: str | os.PathLike, out:
             parity=parity, seconds=round(time.perf_counter() - t0, 2), **fields)
 
 
-def check_adapter(target, base: Path, bm: dict[str, Any], ad, tmp: Path, *, threads: int, data, text_field,
+def check_adapter(target, base: Path, bm: dict[str, Any], ad, file: Path, *, threads: int, data, text_field,
                   eval_seqs, eval_seqlen, prompts, new_tokens) -> dict[str, Any]:
     """The adapted artifact against PyTorch's base + adapter: greedy tokens (up to ties) and a KL divergence no more
     than twice the base artifact's own from its PyTorch reference (plus a slack). The adapter's own effect (its
     KL divergence from the base, in PyTorch) is recorded: a check that passes with no effect checks nothing."""
     from edgelm.artifact.check import TIE_SHARE, ParityError, _greedy_same
-    from edgelm.finetune.adapter import load_base, merge_into
+    import copy
+
+    from edgelm.finetune.adapter import merge_into
+    from edgelm.models.loader import load_model
     from edgelm.quant.quality import quality_vs_reference, val_sequences
 
     src = bm.get("source") or {}
     ref_spec = src.get("quantized_folder") or src.get("spec")  # what the base artifact runs, in PyTorch
-    ref_base, tok, _ = load_base(ref_spec)
-    merged, _, _ = load_base(ref_spec)
+    ref_base, tok, _ = load_model(ref_spec)  # a quantized folder loads dequantized: the grid the artifact holds
+    merged = copy.deepcopy(ref_base)
     merge_into(merged, ad)
-    rt = target.open(base, threads=threads, adapters={"adapter": tmp})
+    rt = target.open(base, threads=threads, adapters={"adapter": file})
     try:
         n_ctx = min(eval_seqlen, rt.context)
         evals = dict(data=data, text_field=text_field, n=eval_seqs, seq_len=n_ctx, tokenizer=tok)

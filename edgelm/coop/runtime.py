@@ -178,9 +178,7 @@ class CooperativeRuntime:
         from edgelm.runtimes.sampling import GenerationConfig
 
         GenerationConfig(max_new_tokens=max_tokens).with_options(**sampling)  # validate before queueing
-        if adapter is not None and adapter not in self.device.adapters:
-            raise EdgelmError(f"no adapter named {adapter!r} is loaded; loaded: "
-                              f"{', '.join(self.device.adapters) or 'none'}")
+        self.device.require_adapter(adapter)  # before queueing
         it = self._run(kind, request, prompt, text, max_tokens, private, sampling, adapter)
         if stream:
             return CoopStream(it)

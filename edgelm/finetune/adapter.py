@@ -48,9 +48,6 @@ class Adapter:
     def rank(self) -> int:
         return int(self.config["r"])
 
-    def nbytes(self) -> int:
-        return sum(p.a.numel() * p.a.element_size() + p.b.numel() * p.b.element_size() for p in self.pairs)
-
 
 def is_adapter(folder: str | os.PathLike) -> bool:
     """A folder holding a PEFT LoRA adapter (edgelm's or anyone's)."""
@@ -90,16 +87,14 @@ def read_adapter(folder: str | os.PathLike) -> Adapter:
     return Adapter(folder, m, cfg, pairs)
 
 
-def check_base(adapter: Adapter, sha256: str | None, spec: str, *, what: str = "base") -> None:
+def check_base(adapter: Adapter, sha256: str | None, spec: str) -> None:
     """Refuse an adapter on a base it was not trained on (by the weights' sha256, else by spec)."""
+    from edgelm.models.loader import same_weights
+
     theirs = adapter.base
-    if sha256 and theirs.get("sha256"):
-        same = sha256 == theirs["sha256"]
-    else:
-        same = str(theirs.get("spec")) == spec or Path(str(theirs.get("spec"))).resolve() == Path(spec).resolve()
-    if not same:
+    if not same_weights(sha256, spec, theirs.get("sha256"), theirs.get("spec")):
         raise EdgelmError(f"adapter {adapter.folder} was trained on {theirs.get('spec')} (sha256 "
-                          f"{str(theirs.get('sha256'))[:12]}), not on {what} {spec} (sha256 {str(sha256)[:12]}); "
+                          f"{str(theirs.get('sha256'))[:12]}), not on base {spec} (sha256 {str(sha256)[:12]}); "
                           "pass the base it was trained on, or train an adapter for this one")
 
 
@@ -121,22 +116,14 @@ def merge_into(model, adapter: Adapter) -> None:
             w.copy_((w.float() + p.delta()).to(w.dtype))
 
 
-def load_base(spec: str, *, dtype: str = "float32"):
-    """(model, tokenizer, source) of an adapter's base: HF folder, built-in, hub id, or a quantized folder (loaded
-    dequantized: the exact grid the artifact holds)."""
-    from edgelm.models.loader import load_model
-
-    return load_model(spec, dtype=dtype)
-
-
 def merged_model(adapter: Adapter, base: str | None = None):
     """(model, tokenizer, source): the adapter's base (or ``base``, checked to be it) with the adapter merged in."""
-    from edgelm.models.loader import resolve
+    from edgelm.models.loader import load_model, resolve
 
     spec = base or str(adapter.base["spec"])
     src = resolve(spec)
     check_base(adapter, src.sha256, src.spec)
-    model, tok, _ = load_base(spec)
+    model, tok, _ = load_model(spec)  # a quantized base loads dequantized
     merge_into(model, adapter)
     return model, tok, src
 

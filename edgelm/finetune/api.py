@@ -55,14 +55,12 @@ def inject_lora(model, *, rank: int, alpha: float, dropout: float, targets: tupl
     if rank >= narrow:
         raise EdgelmError(f"--rank {rank} is not below the narrowest adapted matrix side ({narrow}); a LoRA update "
                           f"that wide is a full fine-tune: lower --rank or use --full")
-    import tempfile
-
-    from edgelm.fsutil import capture_fds
+    from edgelm.fsutil import quiet_fds
 
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
                      task_type="CAUSAL_LM")
     # PEFT's dispatch imports GPTQModel where it is installed, which prints a banner: kept off the user's terminal
-    with tempfile.NamedTemporaryFile(prefix="edgelm-peft-", suffix=".log") as f, capture_fds(f.name):
+    with quiet_fds("edgelm-peft-"):
         inject_adapter_in_model(cfg, model)
     for n, p in model.named_parameters():
         p.requires_grad_(".lora_" in n)

@@ -181,6 +181,16 @@ def model_from_state(config: dict[str, Any], state: dict[str, Any], *, what: str
     return model
 
 
+def same_weights(sha256: str | None, spec: Any, other_sha256: str | None, other_spec: Any) -> bool:
+    """Two sources hold the same weights: by the weights' sha256 where both have one, else by spec (as given, or as
+    the same path)."""
+    if sha256 and other_sha256:
+        return sha256 == other_sha256
+    if not spec or not other_spec:
+        return False
+    return str(spec) == str(other_spec) or Path(str(spec)).resolve() == Path(str(other_spec)).resolve()
+
+
 def check_same_tokenizer(teacher_tok, student_tok, student_name: str) -> None:
     """Logit KD needs the same vocabulary in the same order."""
     tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()

@@ -177,7 +177,7 @@ def _start_manifest(cfg: "QatConfig", preset: str) -> dict[str, Any]:
     import os
 
     from edgelm.manifest import read_manifest
-    from edgelm.models.loader import resolve
+    from edgelm.models.loader import resolve, same_weights
 
     if not os.path.isdir(cfg.start):
         raise EdgelmError(f"--start {cfg.start} is not a folder; pass an `edgelm quantize` output folder")
@@ -190,12 +190,7 @@ def _start_manifest(cfg: "QatConfig", preset: str) -> dict[str, Any]:
         raise EdgelmError(f"--start {cfg.start} was quantized with {name}, whose grid is not {preset}'s: pass "
                           f"--quant {name.split('+')[0]}, or quantize with --quant {preset}")
     src, theirs = resolve(cfg.model), m.get("source") or {}
-    if src.sha256 and theirs.get("sha256"):  # the weights' digest where both have one, else the spec
-        same = src.sha256 == theirs["sha256"]
-    else:
-        spec = str(theirs.get("spec"))
-        same = spec == src.spec or Path(spec).resolve() == Path(src.spec).resolve()
-    if not same:
+    if not same_weights(src.sha256, src.spec, theirs.get("sha256"), theirs.get("spec")):
         raise EdgelmError(f"--start {cfg.start} was quantized from {theirs.get('spec')}, not {cfg.model}; pass the "
                           "model it was quantized from")
     return m
